@@ -1,0 +1,1 @@
+"""Entry points and configs: `python -m experiments.run --config=experiments/configs/<stage>.py`."""

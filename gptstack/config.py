@@ -1,0 +1,216 @@
+"""Typed, validated configuration for the model, the device mesh and the optimizer.
+
+- Configs are frozen, slotted dataclasses; an invalid combination fails at construction with a
+  `ConfigError` that names the field, so nothing expensive starts on a bad config.
+- `from_dict` is the one place an `ml_collections.ConfigDict` (or any mapping) becomes typed; an
+  unknown key is an error, never silently ignored. Model code never sees ml_collections.
+- `PRESETS` holds the model sizes, from a toy up to the two reference rows of the "State of GPT"
+  talk (GPT-3 175B and LLaMA 65B).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, Literal
+
+FAMILIES = ('gpt', 'llama')
+DTYPES = ('float32', 'bfloat16')
+RULE_PRESETS = ('dp', 'fsdp', 'fsdp_tp')
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and what was expected."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def _from_mapping(cls, values: Mapping[str, Any] | Any, **overrides):
+    """Builds dataclass `cls` from a mapping (or ConfigDict), rejecting unknown keys by name."""
+    if hasattr(values, 'to_dict'):
+        values = values.to_dict()
+    values = {**dict(values), **overrides}
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    _require(not unknown,
+             f'{cls.__name__}: unknown key(s) {unknown}; expected some of {sorted(known)}')
+    return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class GPTConfig:
+    """Shape and architecture of a decoder-only transformer.
+
+    `family='gpt'` is the GPT-2/GPT-3 layout (learned positions, LayerNorm, GELU, optional biases);
+    `family='llama'` is the LLaMA layout (RoPE, RMSNorm, SwiGLU, grouped-query attention through
+    `n_kv_head`). Derived sizes (`d_ff`, `n_kv_head`) are filled in by `__post_init__`.
+    """
+
+    vocab_size: int
+    n_layer: int
+    d_model: int
+    n_head: int
+    max_seq_len: int
+    family: Literal['gpt', 'llama'] = 'gpt'
+    # Key/value heads for grouped-query attention; None means one per query head (plain MHA).
+    n_kv_head: int | None = None
+    # MLP hidden width; None means 4*d_model (gpt) or LLaMA's rounded 8/3*d_model (llama).
+    d_ff: int | None = None
+    # LLaMA rounds the SwiGLU width up to a multiple of this (256 in the paper).
+    ffn_multiple_of: int = 256
+    # Biases on the linear layers and norms (GPT-2/3 have them; LLaMA does not).
+    use_bias: bool = True
+    # Share the token embedding with the output projection (GPT-2 does, LLaMA does not).
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    rope_theta: float = 10_000.0
+    # Standard deviation of the normal initializer; residual projections get /sqrt(2*n_layer).
+    init_std: float = 0.02
+    # Parameter storage dtype and activation/compute dtype; logits and softmax are always float32.
+    param_dtype: str = 'float32'
+    dtype: str = 'float32'
+    # Recompute each block's activations in the backward pass instead of storing them.
+    remat: bool = False
+
+    def __post_init__(self):
+        for name in ('vocab_size', 'n_layer', 'd_model', 'n_head', 'max_seq_len'):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and value > 0,
+                     f'GPTConfig.{name}={value!r}: expected a positive integer')
+        _require(self.family in FAMILIES,
+                 f'GPTConfig.family={self.family!r}: expected one of {FAMILIES}')
+        _require(self.d_model % self.n_head == 0,
+                 f'GPTConfig.n_head={self.n_head} must divide d_model={self.d_model}')
+        if self.n_kv_head is None:
+            object.__setattr__(self, 'n_kv_head', self.n_head)
+        _require(isinstance(self.n_kv_head, int) and self.n_kv_head > 0,
+                 f'GPTConfig.n_kv_head={self.n_kv_head!r}: expected a positive integer')
+        _require(self.n_head % self.n_kv_head == 0,
+                 f'GPTConfig.n_kv_head={self.n_kv_head} must divide n_head={self.n_head}')
+        if self.family == 'llama':
+            _require(self.head_dim % 2 == 0,
+                     f'GPTConfig: RoPE needs an even head_dim, got d_model/n_head={self.head_dim}')
+        if self.d_ff is None:
+            object.__setattr__(self, 'd_ff', self._default_d_ff())
+        _require(isinstance(self.d_ff, int) and self.d_ff > 0,
+                 f'GPTConfig.d_ff={self.d_ff!r}: expected a positive integer')
+        _require(self.norm_eps > 0, f'GPTConfig.norm_eps={self.norm_eps}: expected > 0')
+        for name in ('param_dtype', 'dtype'):
+            _require(getattr(self, name) in DTYPES,
+                     f'GPTConfig.{name}={getattr(self, name)!r}: expected one of {DTYPES}')
+
+    def _default_d_ff(self) -> int:
+        if self.family == 'gpt':
+            return 4 * self.d_model
+        hidden = int(2 * 4 * self.d_model / 3)
+        return self.ffn_multiple_of * math.ceil(hidden / self.ffn_multiple_of)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    @classmethod
+    def from_dict(cls, values, **overrides) -> GPTConfig:
+        return _from_mapping(cls, values, **overrides)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> GPTConfig:
+        """The named size from `PRESETS`, with fields overridden (derived sizes follow)."""
+        _require(name in PRESETS, f'model preset {name!r}: expected one of {sorted(PRESETS)}')
+        return _from_mapping(cls, PRESETS[name], **overrides)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class MeshConfig:
+    """Device mesh `('data', 'fsdp', 'tensor')`; one axis may be -1 to take the remaining devices.
+
+    `rules` picks how logical axis names map onto mesh axes (see `gptstack.sharding.RULES`).
+    """
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+    rules: Literal['dp', 'fsdp', 'fsdp_tp'] = 'fsdp'
+
+    def __post_init__(self):
+        for name in ('data', 'fsdp', 'tensor'):
+            value = getattr(self, name)
+            _require(isinstance(value, int) and (value == -1 or value >= 1),
+                     f'MeshConfig.{name}={value!r}: expected a positive integer or -1 (fill)')
+        _require(self.shape.count(-1) <= 1,
+                 f'MeshConfig: at most one axis may be -1, got data={self.data}, '
+                 f'fsdp={self.fsdp}, tensor={self.tensor}')
+        _require(self.rules in RULE_PRESETS,
+                 f'MeshConfig.rules={self.rules!r}: expected one of {RULE_PRESETS}')
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.data, self.fsdp, self.tensor)
+
+    @classmethod
+    def from_dict(cls, values, **overrides) -> MeshConfig:
+        return _from_mapping(cls, values, **overrides)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OptimConfig:
+    """AdamW with linear warmup, cosine decay, global-norm clipping and gradient accumulation."""
+
+    lr: float = 3e-4
+    # Final learning rate as a fraction of `lr` at the end of the cosine.
+    end_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    total_steps: int = 1000
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    # Decoupled weight decay on matrices only (biases, norm scales stay undecayed).
+    weight_decay: float = 0.1
+    # Clip the global gradient norm to this value; 0 disables clipping.
+    grad_clip: float = 1.0
+    # Micro-batches per step: the batch is split and gradients summed inside one jitted step.
+    accum_steps: int = 1
+
+    def __post_init__(self):
+        _require(self.lr > 0, f'OptimConfig.lr={self.lr}: expected > 0')
+        _require(0 <= self.end_lr_ratio <= 1,
+                 f'OptimConfig.end_lr_ratio={self.end_lr_ratio}: expected in [0, 1]')
+        _require(isinstance(self.total_steps, int) and self.total_steps >= 1,
+                 f'OptimConfig.total_steps={self.total_steps!r}: expected a positive integer')
+        _require(isinstance(self.warmup_steps, int) and 0 <= self.warmup_steps < self.total_steps,
+                 f'OptimConfig.warmup_steps={self.warmup_steps!r}: expected an integer in '
+                 f'[0, total_steps={self.total_steps})')
+        _require(self.grad_clip >= 0, f'OptimConfig.grad_clip={self.grad_clip}: expected >= 0')
+        _require(self.weight_decay >= 0,
+                 f'OptimConfig.weight_decay={self.weight_decay}: expected >= 0')
+        _require(isinstance(self.accum_steps, int) and self.accum_steps >= 1,
+                 f'OptimConfig.accum_steps={self.accum_steps!r}: expected a positive integer')
+
+    @classmethod
+    def from_dict(cls, values, **overrides) -> OptimConfig:
+        return _from_mapping(cls, values, **overrides)
+
+
+# --- size presets -------------------------------------------------------------------------------
+# Published totals: GPT-2 small 124M, GPT-3 175B (Brown et al. 2020, Table 2.1),
+# LLaMA 7B / 65B (Touvron et al. 2023, Table 2).
+_LLAMA = dict(family='llama', use_bias=False, tie_embeddings=False)
+PRESETS: dict[str, dict[str, Any]] = {
+    # A few hundred thousand parameters: unit tests and smoke runs.
+    'toy': dict(vocab_size=1024, n_layer=2, d_model=96, n_head=4, max_seq_len=128),
+    'toy-llama': dict(vocab_size=1024, n_layer=2, d_model=128, n_head=8, n_kv_head=4,
+                      max_seq_len=128, ffn_multiple_of=32, **_LLAMA),
+    # The CPU default: the peer benchmark's shape (13.9M parameters with an 8192 vocab).
+    'mini': dict(vocab_size=8192, n_layer=6, d_model=384, n_head=6, max_seq_len=256),
+    'gpt2-124m': dict(vocab_size=50257, n_layer=12, d_model=768, n_head=12, max_seq_len=1024),
+    'gpt2-350m': dict(vocab_size=50257, n_layer=24, d_model=1024, n_head=16, max_seq_len=1024),
+    'gpt3-175b': dict(vocab_size=50257, n_layer=96, d_model=12288, n_head=96, max_seq_len=2048),
+    'llama-7b': dict(vocab_size=32000, n_layer=32, d_model=4096, n_head=32, max_seq_len=2048,
+                     norm_eps=1e-6, **_LLAMA),
+    'llama-65b': dict(vocab_size=32000, n_layer=80, d_model=8192, n_head=64, max_seq_len=2048,
+                      norm_eps=1e-6, **_LLAMA),
+}

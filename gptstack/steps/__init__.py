@@ -1,0 +1,1 @@
+"""One jitted step function per training stage."""

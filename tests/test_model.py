@@ -1,0 +1,94 @@
+"""Model properties: causality, documents, heads: `python -m pytest -q tests/test_model.py`."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gptstack import model as gpt_model
+from gptstack.config import GPTConfig
+
+FAMILIES = ['toy', 'toy-llama']
+
+
+def build(preset, cls=gpt_model.GPT):
+    with nnx.use_eager_sharding(False):
+        return cls(GPTConfig.preset(preset), rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope='module', params=FAMILIES)
+def lm(request):
+    model = build(request.param)
+    graphdef, params = nnx.split(model)
+    apply = jax.jit(lambda p, tok, pos, seg: nnx.merge(graphdef, p)(tok, pos, seg))
+    return lambda tok, pos=None, seg=None: np.asarray(apply(params, tok, pos, seg))
+
+
+def random_tokens(shape, seed=0):
+    return np.random.default_rng(seed).integers(0, 1024, size=shape).astype(np.int32)
+
+
+def test_logits_shape_and_dtype():
+    model = build('toy-llama')
+    logits = model(random_tokens((2, 16)))
+    assert logits.shape == (2, 16, 1024) and logits.dtype == jnp.float32
+
+
+def test_changing_a_token_never_changes_earlier_logits(lm):
+    tokens = random_tokens((2, 24))
+    base = lm(tokens)
+    for t in (0, 7, 23):
+        changed = tokens.copy()
+        changed[:, t] = (changed[:, t] + 1) % 1024
+        out = lm(changed)
+        np.testing.assert_array_equal(out[:, :t], base[:, :t])
+        assert not np.allclose(out[:, t], base[:, t])
+
+
+def test_segments_do_not_attend_to_each_other(lm):
+    # Row = document A (10 tokens) then document B (14 tokens), positions restarting at B.
+    a, b = random_tokens((1, 10), seed=1), random_tokens((1, 14), seed=2)
+    row = np.concatenate([a, b], axis=1)
+    segment_ids = np.array([[1] * 10 + [2] * 14], np.int32)
+    positions = np.array([list(range(10)) + list(range(14))], np.int32)
+    packed = lm(row, positions, segment_ids)
+    # Each document's logits equal those of the document run alone.
+    np.testing.assert_allclose(packed[:, :10], lm(a), atol=1e-5)
+    np.testing.assert_allclose(packed[:, 10:], lm(b), atol=1e-5)
+    # And changing document A leaves document B's logits untouched.
+    other = row.copy()
+    other[:, :10] = random_tokens((1, 10), seed=3)
+    np.testing.assert_array_equal(lm(other, positions, segment_ids)[:, 10:], packed[:, 10:])
+
+
+def test_forward_needs_no_rng_and_is_deterministic(lm):
+    tokens = random_tokens((1, 8))
+    np.testing.assert_array_equal(lm(tokens), lm(tokens))
+
+
+def test_score_model_shares_the_transformer_layout():
+    lm_params = nnx.state(build('toy'), nnx.Param)
+    score_model = build('toy', gpt_model.ScoreModel)
+    score_params = nnx.state(score_model, nnx.Param)
+    same = jax.tree.structure(lm_params['transformer']) == jax.tree.structure(
+        score_params['transformer'])
+    assert same
+    scores = score_model(random_tokens((3, 12)))
+    assert scores.shape == (3, 12) and scores.dtype == jnp.float32
+
+
+def test_rope_preserves_norm_and_relative_positions():
+    x = jax.random.normal(jax.random.key(0), (1, 1, 2, 8))
+    y3 = gpt_model.apply_rope(x, jnp.array([[3]]), 10_000.0)
+    np.testing.assert_allclose(jnp.linalg.norm(y3, axis=-1), jnp.linalg.norm(x, axis=-1),
+                               rtol=1e-5)
+    # <rope(q, m), rope(k, n)> depends only on m - n.
+    q, k = x[..., 0, :][:, :, None], x[..., 1, :][:, :, None]
+
+    def dot(m, n):
+        qm = gpt_model.apply_rope(q, jnp.array([[m]]), 10_000.0)
+        kn = gpt_model.apply_rope(k, jnp.array([[n]]), 10_000.0)
+        return float(jnp.sum(qm * kn))
+
+    np.testing.assert_allclose(dot(5, 2), dot(13, 10), rtol=1e-5)

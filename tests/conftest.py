@@ -34,3 +34,16 @@ def mesh_2x4():
 @pytest.fixture(scope='session')
 def mesh_8():
     return sharding.make_mesh(MeshConfig(fsdp=8))
+
+
+@pytest.fixture(scope='session')
+def tokenizer():
+    """A small BPE trained on a slice of the embedded corpus plus some non-ASCII text."""
+    import itertools
+
+    from gptstack.data import sources
+    from gptstack.data.tokenizer import train_tokenizer
+
+    docs = list(itertools.islice(sources.python_code_documents(), 40))
+    docs.append('Grüße aus Köln — naïve café. 日本語のテキスト。 Emoji: 🙂🚀\n' * 20)
+    return train_tokenizer(docs, vocab_size=640)

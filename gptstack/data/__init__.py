@@ -1,0 +1,1 @@
+"""Input pipelines: tokenizer, corpus readers, and per-stage datasets."""

@@ -124,7 +124,20 @@ class Attention(nnx.Module):
             self.v_bias_kh = _zeros((k, h), ('kv_heads', 'head_dim'), dtype)
             self.o_bias_d = _zeros((d,), ('embed',), dtype)
 
-    def __call__(self, x_btd: Array, positions_bt: Array, mask_bts: Array) -> Array:
+    def __call__(self, x_btd: Array, positions_bt: Array, mask_bts: Array,
+                 kv_cache: tuple[Array, Array] | None = None,
+                 cache_index: Array | int = 0) -> tuple[Array, tuple[Array, Array]]:
+        """Attention of the `T` new tokens over `S` keys.
+
+        Without `kv_cache` the keys are the new tokens themselves (`S = T`, training). With
+        `kv_cache = (k_bskh, v_bskh)` the new keys/values are written at `cache_index` and the
+        queries attend over the whole cache (`S` = cache length, generation); `mask_bts` says
+        which cache slots each query may see.
+
+        Returns:
+            `(y_btd, (k_bskh, v_bskh))`: the output and the keys/values attended over (the
+            updated cache when one was given).
+        """
         c = self.config
         dtype = x_btd.dtype
         q = jnp.einsum('BTD,DNH->BTNH', x_btd, self.q_weight_dnh[...].astype(dtype))
@@ -136,14 +149,19 @@ class Attention(nnx.Module):
         if c.family == 'llama':
             q = apply_rope(q, positions_bt, c.rope_theta)
             k = apply_rope(k, positions_bt, c.rope_theta)
+        if kv_cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k.astype(kv_cache[0].dtype),
+                                                    cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype),
+                                                    cache_index, axis=1)
         q = constrain(q, ('batch', 'seq', 'heads', 'head_dim'))
         k = constrain(k, ('batch', 'seq', 'kv_heads', 'head_dim'))
         v = constrain(v, ('batch', 'seq', 'kv_heads', 'head_dim'))
-        out_btnh = dot_product_attention(q, k, v, mask_bts)
+        out_btnh = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask_bts)
         y_btd = jnp.einsum('BTNH,NHD->BTD', out_btnh, self.o_weight_nhd[...].astype(dtype))
         if c.use_bias:
             y_btd = y_btd + self.o_bias_d[...].astype(dtype)
-        return y_btd
+        return y_btd, (k, v)
 
 
 class MLP(nnx.Module):
@@ -187,10 +205,14 @@ class Block(nnx.Module):
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x_btd: Array, positions_bt: Array, mask_bts: Array) -> Array:
-        x_btd = x_btd + self.attn(self.attn_norm(x_btd), positions_bt, mask_bts)
+    def __call__(self, x_btd: Array, positions_bt: Array, mask_bts: Array,
+                 kv_cache: tuple[Array, Array] | None = None, cache_index: Array | int = 0):
+        """Returns `(x_btd, (k, v))`; see `Attention.__call__` for the cache."""
+        attn_btd, kv = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, kv_cache,
+                                 cache_index)
+        x_btd = x_btd + attn_btd
         x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
-        return constrain(x_btd, ('batch', 'seq', 'embed'))
+        return constrain(x_btd, ('batch', 'seq', 'embed')), kv
 
 
 # --- the transformer and its heads --------------------------------------------------------------
@@ -215,28 +237,54 @@ class Transformer(nnx.Module):
     def __call__(self, tokens_bt: Array, positions_bt: Array | None = None,
                  segment_ids_bt: Array | None = None) -> Array:
         """Returns the final hidden states `[B, T, D]` in the compute dtype."""
-        c = self.config
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
         if segment_ids_bt is None:
             segment_ids_bt = jnp.ones_like(tokens_bt)
+        x_btd = self.embed(tokens_bt, positions_bt)
+        mask_bts = attention_mask(segment_ids_bt)
+        block_graphdef, block_params = nnx.split(self.blocks)
+
+        def layer(x_btd, params):
+            x_btd, _ = nnx.merge(block_graphdef, params)(x_btd, positions_bt, mask_bts)
+            return x_btd, None
+
+        if self.config.remat:
+            layer = jax.checkpoint(layer, prevent_cse=False)
+        x_btd, _ = jax.lax.scan(layer, x_btd, block_params)
+        return self.final_norm(x_btd)
+
+    def decode(self, tokens_bt: Array, positions_bt: Array, mask_bts: Array,
+               cache: tuple[Array, Array], cache_index: Array | int):
+        """Hidden states of `T` new tokens attending over a KV cache.
+
+        Args:
+            cache: `(k_lbskh, v_lbskh)`, one slice per layer; the new keys/values are written at
+                `cache_index` along `S`.
+            mask_bts: which of the `S` cache slots each new token may attend to.
+
+        Returns:
+            `(h_btd, updated cache)`.
+        """
+        x_btd = self.embed(tokens_bt, positions_bt)
+        block_graphdef, block_params = nnx.split(self.blocks)
+
+        def layer(x_btd, params_and_cache):
+            params, k_bskh, v_bskh = params_and_cache
+            return nnx.merge(block_graphdef, params)(x_btd, positions_bt, mask_bts,
+                                                     (k_bskh, v_bskh), cache_index)
+
+        x_btd, cache = jax.lax.scan(layer, x_btd, (block_params, *cache))
+        return self.final_norm(x_btd), cache
+
+    def embed(self, tokens_bt: Array, positions_bt: Array) -> Array:
+        c = self.config
         # Gather from a whole table: a table split on both dims makes XLA rematerialise it anyway.
         table_vd = constrain(self.token_embed_vd[...], (None, None))
         x_btd = jnp.take(table_vd, tokens_bt, axis=0).astype(c.dtype)
         if c.family == 'gpt':
             x_btd = x_btd + jnp.take(self.pos_embed_td[...], positions_bt, axis=0).astype(c.dtype)
-        x_btd = constrain(x_btd, ('batch', 'seq', 'embed'))
-        mask_bts = attention_mask(segment_ids_bt)
-
-        block_graphdef, block_params = nnx.split(self.blocks)
-
-        def layer(x_btd, params):
-            return nnx.merge(block_graphdef, params)(x_btd, positions_bt, mask_bts), None
-
-        if c.remat:
-            layer = jax.checkpoint(layer, prevent_cse=False)
-        x_btd, _ = jax.lax.scan(layer, x_btd, block_params)
-        return self.final_norm(x_btd)
+        return constrain(x_btd, ('batch', 'seq', 'embed'))
 
 
 class GPT(nnx.Module):
@@ -251,7 +299,22 @@ class GPT(nnx.Module):
 
     def __call__(self, tokens_bt: Array, positions_bt: Array | None = None,
                  segment_ids_bt: Array | None = None) -> Array:
-        h_btd = self.transformer(tokens_bt, positions_bt, segment_ids_bt)
+        return self.logits(self.transformer(tokens_bt, positions_bt, segment_ids_bt))
+
+    def decode(self, tokens_bt: Array, positions_bt: Array, mask_bts: Array,
+               cache: tuple[Array, Array], cache_index: Array | int):
+        """`(logits [B, T, V], updated cache)` of new tokens over a KV cache (generation)."""
+        h_btd, cache = self.transformer.decode(tokens_bt, positions_bt, mask_bts, cache,
+                                               cache_index)
+        return self.logits(h_btd), cache
+
+    def init_cache(self, batch_size: int, length: int) -> tuple[Array, Array]:
+        """Zeroed `(k, v)` caches of shape `[L, B, S, K, H]` in the compute dtype."""
+        c = self.config
+        shape = (c.n_layer, batch_size, length, c.n_kv_head, c.head_dim)
+        return jnp.zeros(shape, c.dtype), jnp.zeros(shape, c.dtype)
+
+    def logits(self, h_btd: Array) -> Array:
         if self.config.tie_embeddings:
             table_vd = self.transformer.token_embed_vd[...].astype(h_btd.dtype)
             logits_btv = jnp.einsum('BTD,VD->BTV', h_btd, table_vd,

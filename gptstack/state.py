@@ -55,6 +55,19 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh, rules: str,
     return TrainState(step=sharding.replicated(mesh), params=params, opt_state=opt_state)
 
 
+def _init_fn(model_fn: ModelFn, tx: optax.GradientTransformation):
+    def init(key: jax.Array) -> TrainState:
+        params = init_params(model_fn, key)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+    return init
+
+
+def abstract_train_state(model_fn: ModelFn, tx: optax.GradientTransformation) -> TrainState:
+    """The `TrainState` as ShapeDtypeStructs (a restore target once given shardings)."""
+    return jax.eval_shape(_init_fn(model_fn, tx), jax.random.key(0))
+
+
 def create_train_state(model_fn: ModelFn, tx: optax.GradientTransformation, mesh: Mesh,
                        rules: str, key: jax.Array):
     """Creates the train state born sharded over `mesh`.
@@ -64,11 +77,6 @@ def create_train_state(model_fn: ModelFn, tx: optax.GradientTransformation, mesh
         and the matching tree of NamedShardings (used as the step's in/out shardings).
     """
     graphdef, _ = abstract_model(model_fn)
-
-    def init(key):
-        params = init_params(model_fn, key)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-    shardings = state_shardings(jax.eval_shape(init, key), mesh, rules, tx)
-    state = jax.jit(init, out_shardings=shardings)(key)
+    shardings = state_shardings(abstract_train_state(model_fn, tx), mesh, rules, tx)
+    state = jax.jit(_init_fn(model_fn, tx), out_shardings=shardings)(key)
     return graphdef, state, shardings

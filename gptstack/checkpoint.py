@@ -1,0 +1,100 @@
+"""Checkpoints: the train state, the data-iterator state and run metadata, through orbax.
+
+- One orbax `CheckpointManager` per run under `<workdir>/checkpoints/`. Each step directory holds
+  `state` (the `TrainState`, written by every process for its own shards), `data` (the grain
+  iterator state, one small JSON per process) and `meta` (JSON: step, tokens seen, the resolved
+  config, the RNG seed, the tokenizer's sha256).
+- Saves are asynchronous: `save` returns once the state is copied to host memory and the write
+  goes on in the background; `wait` blocks until it is on disk.
+- Atomic: orbax writes into a temporary directory and renames it when complete, so a crash in the
+  middle of a save leaves the previous checkpoint as the latest one.
+- Keeps the last `keep` checkpoints plus the one with the best validation loss.
+- Restores onto any mesh: the caller passes the abstract state with the *new* shardings.
+- All randomness in gptstack is `fold_in(key(seed), step)`, so the seed in `meta` is the whole RNG
+  state.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as policies
+
+BEST_METRIC = 'val_loss'
+
+
+class Checkpointer:
+    """Saves and restores `{state, data, meta}` checkpoints of one run."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+        self.directory = pathlib.Path(directory).absolute()
+        preserve = policies.AnyPreservationPolicy([
+            policies.LatestN(n=keep),
+            policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], reverse=True, n=1,
+                           keep_checkpoints_without_metrics=False),
+        ])
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=ocp.CheckpointManagerOptions(
+                preservation_policy=preserve, enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True, create=True),
+            item_names=('state', 'data', 'meta'))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def path(self, step: int) -> pathlib.Path:
+        return self.directory / str(step)
+
+    def save(self, step: int, state, *, data_iterator: grain.DatasetIterator | None = None,
+             meta: dict | None = None, val_loss: float | None = None) -> None:
+        """Starts an asynchronous save of `state` (plus iterator state and metadata) at `step`."""
+        items = {'state': ocp.args.StandardSave(state),
+                 'meta': ocp.args.JsonSave({'step': int(step), **(meta or {})})}
+        if data_iterator is not None:
+            items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
+        metrics = None if val_loss is None else {BEST_METRIC: float(val_loss)}
+        self.manager.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=True)
+
+    def restore(self, step: int, abstract_state, *,
+                data_iterator: grain.DatasetIterator | None = None):
+        """Restores the state at `step` into the shardings of `abstract_state`.
+
+        Args:
+            abstract_state: pytree of `jax.ShapeDtypeStruct` with `sharding` set (see
+                `abstract_with_shardings`); it fixes the structure, dtypes and placement.
+            data_iterator: restored in place to continue with the next batch after `step`.
+
+        Returns:
+            `(state, meta)`.
+        """
+        items = {'state': ocp.args.StandardRestore(abstract_state),
+                 'meta': ocp.args.JsonRestore()}
+        if data_iterator is not None:
+            items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored['state'], restored['meta']
+
+    def read_meta(self, step: int) -> dict:
+        restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return restored['meta']
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_with_shardings(abstract_state, shardings):
+    """`ShapeDtypeStruct`s of `abstract_state` placed by the matching `shardings` tree."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract_state, shardings)

@@ -1,0 +1,119 @@
+"""Metrics: JSONL and TensorBoard writers (process 0 only), FLOP counts, peak FLOP/s and MFU.
+
+- `MetricsWriter` appends one JSON object per logged step to `metrics.jsonl` and the same scalars
+  to TensorBoard event files. On resume it first drops records past the restored step, so the file
+  reads as one uninterrupted history.
+- Model FLOPs per token follow the PaLM appendix B convention: `6 N + 12 L d T` for a training
+  step (forward + backward, attention included), where N counts the parameters that take part in
+  matmuls (the learned position table does not).
+- Peak FLOP/s comes from a table of accelerator specs; on CPUs it is measured with a large matmul
+  in the compute dtype, so CPU MFU is relative to what this machine's matmul reaches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptstack.config import GPTConfig
+
+# Dense bf16 peak per chip, from the vendors' spec sheets.
+PEAK_FLOPS = {
+    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5e': 197e12, 'TPU v5': 459e12,
+    'TPU v5p': 459e12, 'TPU v6 lite': 918e12, 'TPU v6e': 918e12, 'TPU7x': 2307e12,
+    'NVIDIA A100': 312e12, 'NVIDIA H100': 989e12, 'NVIDIA H200': 989e12, 'NVIDIA B200': 2250e12,
+}
+
+
+def matmul_params(config: GPTConfig) -> int:
+    """Parameters that take part in matmuls (N in 6N): all but norms, biases and positions."""
+    d, f, n_layer = config.d_model, config.d_ff, config.n_layer
+    attention = d * config.head_dim * (2 * config.n_head + 2 * config.n_kv_head)
+    mlp = (3 if config.family == 'llama' else 2) * d * f
+    head = config.vocab_size * d
+    return n_layer * (attention + mlp) + head
+
+
+def train_flops_per_token(config: GPTConfig, seq_len: int) -> float:
+    """Model FLOPs of one training token (forward and backward)."""
+    return 6 * matmul_params(config) + 12 * config.n_layer * config.d_model * seq_len
+
+
+def peak_flops_per_device(dtype: str = 'float32') -> tuple[float, str]:
+    """`(FLOP/s, where the number comes from)` for one local device."""
+    device = jax.local_devices()[0]
+    for kind, flops in PEAK_FLOPS.items():
+        if device.device_kind.startswith(kind):
+            return flops, f'spec sheet ({device.device_kind})'
+    return measure_matmul_flops(dtype), f'measured {dtype} matmul on {device.device_kind}'
+
+
+def measure_matmul_flops(dtype: str = 'float32', n: int = 2048, repeats: int = 3) -> float:
+    """Best-of-`repeats` FLOP/s of an n×n×n matmul (bf16 inputs accumulate in float32)."""
+    a = jnp.ones((n, n), dtype)
+    matmul = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+    matmul(a, a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best
+
+
+class MetricsWriter:
+    """Writes `metrics.jsonl` and TensorBoard events under `workdir` (process 0 only)."""
+
+    def __init__(self, workdir: str | os.PathLike, *, resume_step: int | None = None,
+                 enabled: bool | None = None):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.path = pathlib.Path(workdir) / 'metrics.jsonl'
+        self._tb = None
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line and json.loads(line)['step'] <= resume_step]
+            self.path.write_text(''.join(line + '\n' for line in kept))
+        elif resume_step is None and self.path.exists():
+            self.path.unlink()  # a fresh run starts a fresh history
+        from tensorboardX import SummaryWriter  # local: only process 0 needs it
+        self._tb = SummaryWriter(str(pathlib.Path(workdir) / 'tensorboard'))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {'step': int(step), **{k: _scalar(v) for k, v in metrics.items()}}
+        with open(self.path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+        for key, value in record.items():
+            if key != 'step' and isinstance(value, float | int):
+                self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _scalar(value):
+    value = np.asarray(value)
+    if value.dtype.kind in 'iub':
+        return int(value)
+    value = float(value)
+    return value if math.isfinite(value) else str(value)
+
+
+def read_metrics(workdir: str | os.PathLike) -> list[dict]:
+    """All records of a run's `metrics.jsonl`."""
+    path = pathlib.Path(workdir) / 'metrics.jsonl'
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]

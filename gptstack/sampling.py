@@ -1,0 +1,215 @@
+"""Generation: prefill a batch of prompts, then decode inside one jitted `lax.while_loop` with a
+preallocated KV cache. It serves evaluation, chat, best-of-N and RL rollouts alike, with the same
+model code, dtypes and sharding as training.
+
+- Prompts of different lengths share a batch: they are left-padded to a length bucket, padding
+  is masked out of attention, and positions count from each prompt's first real token. Every row
+  then writes its next token at the same cache slot.
+- Temperature, top-k and top-p are traced arguments (changing them does not recompile);
+  temperature 0 is greedy. One compiled program exists per (batch, prompt bucket, max new tokens).
+- Each row stops at its first stop token (kept, and scored); later slots are `pad` with mask 0.
+  The loop ends when every row has stopped or `max_new_tokens` is reached.
+- Returns per-token log-probabilities under the distribution actually sampled from (after
+  temperature, top-k, top-p) and under the unmodified model (what PPO's ratios and KL use).
+- Randomness is `fold_in(key, decode step)`: the same key gives the same samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from gptstack import sharding
+from gptstack.config import GPTConfig
+
+log = logging.getLogger(__name__)
+Array = jax.Array
+PROMPT_BUCKET = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each token: `temperature` 0 is greedy; `top_k` 0 and `top_p` 1 disable."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f'temperature={self.temperature}: expected >= 0')
+        if self.top_k < 0:
+            raise ValueError(f'top_k={self.top_k}: expected >= 0 (0 disables)')
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f'top_p={self.top_p}: expected in (0, 1]')
+
+
+def filter_logits(logits_bv: Array, temperature: Array, top_k: Array, top_p: Array) -> Array:
+    """Log-probabilities of the sampling distribution: logits / temperature restricted to the
+    `top_k` most likely tokens and to the smallest set whose probability reaches `top_p`.
+    With temperature 0 all mass goes to the argmax (greedy)."""
+    vocab = logits_bv.shape[-1]
+    greedy = temperature <= 0
+    scaled_bv = logits_bv / jnp.where(greedy, 1.0, temperature)
+    sorted_bv = jnp.sort(scaled_bv, axis=-1)[:, ::-1]
+    k = jnp.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
+    kth_b1 = jnp.take_along_axis(sorted_bv, jnp.broadcast_to(k - 1, (logits_bv.shape[0], 1)),
+                                 axis=-1)
+    # Nucleus: keep a sorted token when the mass strictly before it is still below top_p.
+    probs_sorted_bv = jax.nn.softmax(sorted_bv, axis=-1)
+    mass_before_bv = jnp.cumsum(probs_sorted_bv, axis=-1) - probs_sorted_bv
+    keep_sorted_bv = mass_before_bv < top_p
+    last_kept_b = jnp.sum(keep_sorted_bv, axis=-1, keepdims=True) - 1
+    nucleus_b1 = jnp.take_along_axis(sorted_bv, last_kept_b, axis=-1)
+    threshold_b1 = jnp.maximum(kth_b1, nucleus_b1)
+    threshold_b1 = jnp.where(greedy, sorted_bv[:, :1], threshold_b1)
+    masked_bv = jnp.where(scaled_bv >= threshold_b1, scaled_bv, -jnp.inf)
+    return jax.nn.log_softmax(masked_bv, axis=-1)
+
+
+class Sampler:
+    """Batched generation for one model: `sampler(params, prompts, key) -> dict`.
+
+    Args:
+        graphdef: the `GPT` graphdef (from `nnx.split`).
+        config: its `GPTConfig`.
+        mesh, rules: where the params live and how activations are sharded.
+        batch_size: rows per call (a shorter list of prompts is padded with dummy rows).
+        max_new_tokens: generation budget per row.
+        stop_ids: tokens that end a row (kept in the output).
+        pad_id: fills slots after a row stopped.
+    """
+
+    def __init__(self, graphdef: nnx.GraphDef, config: GPTConfig, mesh: Mesh, rules: str, *,
+                 batch_size: int, max_new_tokens: int, stop_ids: Sequence[int], pad_id: int):
+        if max_new_tokens >= config.max_seq_len:
+            raise ValueError(f'max_new_tokens={max_new_tokens} leaves no room for a prompt in '
+                             f'max_seq_len={config.max_seq_len}')
+        self.graphdef, self.config, self.mesh, self.rules = graphdef, config, mesh, rules
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.stop_ids = np.asarray(sorted(set(stop_ids)), np.int32)
+        self.pad_id = pad_id
+        self._batch_sharding = sharding.batch_sharding(mesh, rules, batch_size)
+        self._row_sharding = sharding.named_sharding(mesh, ('batch',), rules)
+        self._compiled: dict[int, callable] = {}
+        self.truncated_prompts = 0
+
+    def prompt_bucket(self, longest: int) -> int:
+        """Prompt lengths are rounded up to a multiple of `PROMPT_BUCKET` (capped by the
+        context), so a stream of prompts compiles only a few programs."""
+        limit = self.config.max_seq_len - self.max_new_tokens
+        return min(limit, PROMPT_BUCKET * math.ceil(max(longest, 1) / PROMPT_BUCKET))
+
+    def __call__(self, params: nnx.State, prompts: Sequence[Sequence[int]], key: Array,
+                 sampling: SamplingParams = SamplingParams()) -> dict[str, np.ndarray]:
+        """Generates a continuation of each prompt.
+
+        Returns (NumPy, one row per prompt):
+            tokens `[B, N]` int32, logprobs `[B, N]` (sampling distribution), model_logprobs
+            `[B, N]` (unmodified model), mask `[B, N]` (1 on generated tokens up to and including
+            the stop token), lengths `[B]` (number of generated tokens).
+        """
+        if not 0 < len(prompts) <= self.batch_size:
+            raise ValueError(f'got {len(prompts)} prompts for a sampler of batch size '
+                             f'{self.batch_size}')
+        bucket = self.prompt_bucket(max(len(p) for p in prompts))
+        tokens = np.full((self.batch_size, bucket), self.pad_id, np.int32)
+        lengths = np.ones(self.batch_size, np.int32)
+        for row, prompt in enumerate(prompts):
+            if not len(prompt):
+                raise ValueError(f'prompt {row} is empty; start it with <|endoftext|> at least')
+            if len(prompt) > bucket:
+                self.truncated_prompts += 1
+                log.warning('prompt %d has %d tokens; keeping the last %d (context %d, %d new)',
+                            row, len(prompt), bucket, self.config.max_seq_len,
+                            self.max_new_tokens)
+                prompt = prompt[-bucket:]
+            tokens[row, bucket - len(prompt):] = prompt
+            lengths[row] = len(prompt)
+        if bucket not in self._compiled:
+            self._compiled[bucket] = self._build(bucket)
+        out = self._compiled[bucket](
+            params, jax.device_put(tokens, self._batch_sharding),
+            jax.device_put(lengths, self._row_sharding), key,
+            jnp.float32(sampling.temperature), jnp.int32(sampling.top_k),
+            jnp.float32(sampling.top_p))
+        return {k: np.asarray(v)[:len(prompts)] for k, v in jax.device_get(out).items()}
+
+    def _build(self, prompt_len: int):
+        graphdef, mesh, rules = self.graphdef, self.mesh, self.rules
+        n_new, stop_ids, pad_id = self.max_new_tokens, jnp.asarray(self.stop_ids), self.pad_id
+        total = prompt_len + n_new
+
+        def generate(params, tokens_bp, lengths_b, key, temperature, top_k, top_p):
+            with sharding.activation_sharding(mesh, rules):
+                model = nnx.merge(graphdef, params)
+                batch = tokens_bp.shape[0]
+                pad_b = prompt_len - lengths_b
+                slots_s = jnp.arange(total)
+                # Cache slots a query may read: real prompt tokens, then everything generated.
+                valid_bs = slots_s[None, :] >= pad_b[:, None]
+                positions_bp = jnp.maximum(slots_s[None, :prompt_len] - pad_b[:, None], 0)
+                causal_ps = slots_s[None, :] <= slots_s[:prompt_len, None]
+                mask_bps = causal_ps[None] & valid_bs[:, None, :]
+                cache = model.init_cache(batch, total)
+                cache = tuple(sharding.constrain(c, (None, 'batch', 'seq', 'kv_heads',
+                                                     'head_dim')) for c in cache)
+                logits_bpv, cache = model.decode(tokens_bp, positions_bp, mask_bps, cache, 0)
+
+                def pick(logits_bv, step):
+                    log_probs_bv = filter_logits(logits_bv, temperature, top_k, top_p)
+                    step_key = jax.random.fold_in(key, step)
+                    token_b = jax.random.categorical(step_key, log_probs_bv, axis=-1)
+                    token_b = token_b.astype(jnp.int32)
+                    sampled_lp = jnp.take_along_axis(log_probs_bv, token_b[:, None], -1)[:, 0]
+                    model_lp = jnp.take_along_axis(jax.nn.log_softmax(logits_bv, axis=-1),
+                                                   token_b[:, None], -1)[:, 0]
+                    return token_b, sampled_lp, model_lp
+
+                out = dict(tokens=jnp.full((batch, n_new), pad_id, jnp.int32),
+                           logprobs=jnp.zeros((batch, n_new), jnp.float32),
+                           model_logprobs=jnp.zeros((batch, n_new), jnp.float32),
+                           mask=jnp.zeros((batch, n_new), jnp.int32))
+
+                def record(out, step, token_b, sampled_lp, model_lp, live_b):
+                    values = dict(tokens=jnp.where(live_b, token_b, pad_id),
+                                  logprobs=jnp.where(live_b, sampled_lp, 0.0),
+                                  model_logprobs=jnp.where(live_b, model_lp, 0.0),
+                                  mask=live_b.astype(jnp.int32))
+                    return {k: out[k].at[:, step].set(values[k]) for k in out}
+
+                token_b, sampled_lp, model_lp = pick(logits_bpv[:, -1], 0)
+                live_b = jnp.ones((batch,), bool)
+                out = record(out, 0, token_b, sampled_lp, model_lp, live_b)
+                done_b = jnp.isin(token_b, stop_ids)
+
+                def cond(carry):
+                    step, _, done_b, _, _ = carry
+                    return (step < n_new) & ~jnp.all(done_b)
+
+                def body(carry):
+                    step, token_b, done_b, cache, out = carry
+                    slot = prompt_len + step - 1  # where the previous token is written
+                    mask_b1s = (valid_bs & (slots_s[None, :] <= slot))[:, None, :]
+                    position_b1 = (lengths_b + step - 1)[:, None]
+                    logits_b1v, cache = model.decode(token_b[:, None], position_b1, mask_b1s,
+                                                     cache, slot)
+                    next_b, sampled_lp, model_lp = pick(logits_b1v[:, 0], step)
+                    out = record(out, step, next_b, sampled_lp, model_lp, ~done_b)
+                    done_b = done_b | jnp.isin(next_b, stop_ids)
+                    return step + 1, next_b, done_b, cache, out
+
+                carry = (jnp.int32(1), token_b, done_b, cache, out)
+                _, _, _, _, out = jax.lax.while_loop(cond, body, carry)
+                out['lengths'] = out['mask'].sum(axis=1)
+                return out
+
+        return jax.jit(generate)

@@ -1,0 +1,83 @@
+"""Checkpoints on other meshes, atomic saves: `python -m pytest -q tests/test_checkpoint.py`."""
+
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+from flax import nnx
+
+from gptstack import model as gpt_model
+from gptstack.checkpoint import Checkpointer, abstract_with_shardings
+from gptstack.config import GPTConfig, OptimConfig
+from gptstack.optim import make_optimizer
+from gptstack.state import abstract_train_state, create_train_state, state_shardings
+from gptstack.steps.pretrain import make_pretrain_step
+from tests.test_pretrain_step import B, packed_batch
+
+CONFIG = GPTConfig.preset('toy')
+
+
+def model_fn(rngs):
+    return gpt_model.GPT(CONFIG, rngs=rngs)
+
+
+def test_save_on_fsdp8_restore_on_2x4_and_one_device(tmp_path, mesh_8, mesh_2x4, mesh_1):
+    tx, schedule = make_optimizer(OptimConfig(lr=1e-3, warmup_steps=1, total_steps=20))
+    graphdef, state, shardings = create_train_state(model_fn, tx, mesh_8, 'fsdp',
+                                                    jax.random.key(0))
+    step = make_pretrain_step(graphdef, tx, schedule, mesh_8, 'fsdp', shardings, B)
+    state, _ = step(state, packed_batch(0))
+    checkpointer = Checkpointer(tmp_path / 'ckpt')
+    checkpointer.save(1, state, meta={'note': 'fsdp8'})
+    checkpointer.wait()
+    saved = jax.device_get(nnx.to_pure_dict(state.params))
+    _, expected = step(state, packed_batch(1))
+
+    abstract = abstract_train_state(model_fn, tx)
+    for mesh, rules in ((mesh_2x4, 'fsdp_tp'), (mesh_1, 'fsdp')):
+        target_shardings = state_shardings(abstract, mesh, rules, tx)
+        restored, meta = checkpointer.restore(1, abstract_with_shardings(abstract,
+                                                                         target_shardings))
+        assert meta == {'step': 1, 'note': 'fsdp8'}
+        leaf = restored.params['transformer']['blocks']['attn']['q_weight_dnh'].get_value()
+        assert leaf.sharding == target_shardings.params['transformer']['blocks']['attn'][
+            'q_weight_dnh'].get_value()
+        jax.tree.map(np.testing.assert_array_equal, saved,
+                     jax.device_get(nnx.to_pure_dict(restored.params)))
+        assert int(restored.step) == 1
+        other_step = make_pretrain_step(graphdef, tx, schedule, mesh, rules, target_shardings, B)
+        _, metrics = other_step(restored, packed_batch(1))
+        np.testing.assert_allclose(metrics['loss'], expected['loss'], rtol=1e-6)
+    checkpointer.close()
+
+
+CRASH_SCRIPT = textwrap.dedent('''
+    import os, sys
+    import jax, jax.numpy as jnp
+    from gptstack.checkpoint import Checkpointer
+    checkpointer = Checkpointer(sys.argv[1])
+    state = {'w': jnp.arange(10_000_000, dtype=jnp.float32)}
+    checkpointer.save(1, state)
+    checkpointer.wait()
+    checkpointer.save(2, {'w': state['w'] + 1})
+    os._exit(1)  # die while step 2 is still being written in the background
+''')
+
+
+def test_crash_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path):
+    directory = tmp_path / 'ckpt'
+    subprocess.run([sys.executable, '-c', CRASH_SCRIPT, str(directory)], check=False,
+                   timeout=120)
+    # The save of step 2 had started: its temporary directory is there, never renamed.
+    assert [p.name for p in directory.iterdir() if p.name.startswith('2')] == [
+        '2.orbax-checkpoint-tmp']
+    checkpointer = Checkpointer(directory)
+    assert checkpointer.latest_step() == 1
+    abstract = {'w': jax.ShapeDtypeStruct((10_000_000,), np.float32,
+                                          sharding=jax.sharding.SingleDeviceSharding(
+                                              jax.devices()[0]))}
+    state, _ = checkpointer.restore(1, abstract)
+    np.testing.assert_array_equal(state['w'], np.arange(10_000_000, dtype=np.float32))
+    checkpointer.close()

@@ -79,11 +79,9 @@ class MetricsWriter:
         if not self.enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line and json.loads(line)['step'] <= resume_step]
-            self.path.write_text(''.join(line + '\n' for line in kept))
-        elif resume_step is None and self.path.exists():
+        if resume_step is not None:
+            truncate_jsonl(self.path, resume_step)
+        elif self.path.exists():
             self.path.unlink()  # a fresh run starts a fresh history
         from tensorboardX import SummaryWriter  # local: only process 0 needs it
         self._tb = SummaryWriter(str(pathlib.Path(workdir) / 'tensorboard'))
@@ -117,3 +115,13 @@ def read_metrics(workdir: str | os.PathLike) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def truncate_jsonl(path: str | os.PathLike, last_step: int) -> None:
+    """Drops the records of a JSONL log whose `step` is past `last_step` (used on resume, so
+    steps redone after a restart are not logged twice)."""
+    path = pathlib.Path(path)
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines()
+                if line and json.loads(line)['step'] <= last_step]
+        path.write_text(''.join(line + '\n' for line in kept))

@@ -172,3 +172,10 @@ def describe(mesh: Mesh) -> str:
     """One line for logs: axis sizes and device kind."""
     sizes = ' x '.join(f'{name}={size}' for name, size in mesh.shape.items())
     return f'{sizes} over {mesh.devices.size} {np.ravel(mesh.devices)[0].platform} devices'
+
+
+def global_batch(local: dict, batch_sharding: NamedSharding) -> dict:
+    """This process's rows of a batch -> global arrays laid out by `batch_sharding` (on one
+    process this is a sharded device_put)."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+            for k, v in local.items()}

@@ -207,3 +207,17 @@ def make_eval_batches(source: TokenizedSource, seq_len: int, batch_size: int, *,
     return [to_model_batch({k: np.stack([r[k] for r in rows[i:i + batch_size]])
                             for k in ('tokens', 'tokens_segment_ids', 'tokens_positions')})
             for i in range(0, len(rows), batch_size)]
+
+
+def unigram_entropy(sources: list[TokenizedSource], vocab_size: int) -> float:
+    """Entropy (nats per token) of the mixture's unigram token distribution: the loss of the
+    best model that ignores context, a baseline any language model must beat."""
+    weights = np.asarray([s.spec.weight for s in sources], np.float64)
+    mixture = np.zeros(vocab_size, np.float64)
+    for weight, source in zip(weights / weights.sum(), sources, strict=True):
+        counts = np.zeros(vocab_size, np.int64)
+        for record in grain.sources.ArrayRecordDataSource([source.train_path]):
+            counts += np.bincount(np.frombuffer(record, np.int32), minlength=vocab_size)
+        mixture += weight * counts / counts.sum()
+    p = mixture[mixture > 0]
+    return float(-(p * np.log(p)).sum())

@@ -1,7 +1,8 @@
 """Corpus readers: text files, JSONL, directories and globs of both, and the embedded default.
 
-- A `.txt` file is one document; a `.jsonl` file holds one document per line in a string field
-  (`text` unless configured). A directory stands for every `.txt`/`.jsonl` file below it.
+- A `.txt` file is one document (BOM dropped, CRLF read as LF); a `.jsonl` file holds one
+  document per line in a string field (`text` unless configured). A directory stands for every
+  `.txt`/`.jsonl` file below it.
 - Malformed input raises `DataError` naming the file, the line and the field. With a skip budget
   (`max_skips > 0`) malformed records are skipped instead, counted by reason and logged, and the
   first record past the budget still raises. Blank JSONL lines are not records and are ignored.
@@ -30,9 +31,11 @@ log = logging.getLogger(__name__)
 
 EMBEDDED_PREFIX = 'embedded:'
 SUFFIXES = ('.txt', '.jsonl')
-# Standard-library folders that are test suites, demos or vendored packages, not library source.
+# Standard-library folders that are not library source written by people: test suites, demos,
+# vendored packages, generated codec tables (`encodings`) and the reference-manual text that the
+# prose corpus already holds (`pydoc_data`).
 _STDLIB_EXCLUDE = {'test', 'tests', 'idle_test', 'site-packages', 'dist-packages', 'turtledemo',
-                   '__pycache__', 'ensurepip'}
+                   '__pycache__', 'ensurepip', 'encodings', 'pydoc_data'}
 
 
 class DataError(ValueError):
@@ -118,8 +121,9 @@ def expand_paths(patterns: tuple[str, ...], source: str = '') -> list[pathlib.Pa
 
 
 def read_text_file(path: pathlib.Path, budget: SkipBudget) -> Iterator[str]:
-    """The whole file as one document."""
-    data = path.read_bytes()
+    """The whole file as one document (a UTF-8 byte-order mark is dropped and Windows line
+    endings become newlines, as Python's text mode does)."""
+    data = path.read_bytes().removeprefix(b'\xef\xbb\xbf')
     try:
         text = data.decode('utf-8')
     except UnicodeDecodeError as e:
@@ -129,7 +133,7 @@ def read_text_file(path: pathlib.Path, budget: SkipBudget) -> Iterator[str]:
     if not text.strip():
         budget.reject(DataError(f'{path}: empty document'), 'empty')
         return
-    yield text
+    yield text.replace('\r\n', '\n')
 
 
 def read_jsonl(path: pathlib.Path, field: str, budget: SkipBudget) -> Iterator[str]:
@@ -249,3 +253,20 @@ EMBEDDED = {'python_code': python_code_documents, 'python_prose': python_prose_d
 
 def describe_source(spec: SourceSpec) -> str:
     return f'{spec.name} (weight {spec.weight:g}): {", ".join(map(os.fspath, spec.paths))}'
+
+
+def specs_from_config(sources: Mapping) -> list[SourceSpec]:
+    """`{name: {paths: 'a,b', weight, text_field}}` (a config's `data.sources`) -> SourceSpecs."""
+    sources = sources.to_dict() if hasattr(sources, 'to_dict') else dict(sources)
+    if not sources:
+        raise DataError('data.sources is empty: name at least one corpus')
+    specs = []
+    for name, values in sources.items():
+        values = dict(values)
+        paths = values.pop('paths', None)
+        if not isinstance(paths, str) or not paths.strip():
+            raise DataError(f'data.sources.{name}.paths: expected a comma-separated string of '
+                            f'files, directories, globs or embedded:<name>, got {paths!r}')
+        specs.append(SourceSpec.from_dict(
+            {'name': name, 'paths': tuple(p.strip() for p in paths.split(',')), **values}))
+    return specs

@@ -8,7 +8,9 @@ A batch is a dict of `[B, T]` arrays:
     loss_mask    int32/float  1 where the target counts (0 on padding and document boundaries)
 
 The loss is the token-weighted mean over the whole global batch, computed from sums so that
-gradient accumulation and sharding do not change it.
+gradient accumulation and sharding do not change it. A step whose loss or gradient is not finite
+leaves the parameters and optimizer state untouched and reports `nonfinite = 1`; the host loop
+decides whether that stops the run.
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ def lm_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: dict[str, jax.Arra
     return losses.next_token_loss(logits_btv, batch['targets'], batch['loss_mask'])
 
 
+def keep_if_finite(finite: jax.Array, state: TrainState, params, opt_state) -> TrainState:
+    """The updated state, or the old parameters and optimizer state when the update is not
+    finite; the step counter advances either way (the batch was consumed)."""
+    params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                     (params, opt_state), (state.params, state.opt_state))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+
+
 def make_pretrain_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                        schedule: optax.Schedule, mesh: Mesh, rules: str,
                        state_shardings: TrainState, batch_size: int, accum_steps: int = 1):
@@ -40,7 +50,7 @@ def make_pretrain_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
 
     The state is donated (updated in place); the batch must be `batch_size` rows, split over the
     mesh's batch axes. Metrics are replicated float32 scalars: `loss` (mean nats per target
-    token), `tokens` (targets counted), `grad_norm` (before clipping) and `lr`.
+    token), `tokens` (targets counted), `grad_norm` (before clipping), `lr` and `nonfinite`.
     """
     if batch_size % accum_steps:
         raise ValueError(f'batch size {batch_size} is not divisible by accum_steps={accum_steps}')
@@ -53,10 +63,32 @@ def make_pretrain_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
             grads = jax.tree.map(lambda g: g / jnp.maximum(count, 1.0), grads)
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
             params = optax.apply_updates(state.params, updates)
-        metrics = {'loss': loss_sum / jnp.maximum(count, 1.0), 'tokens': count,
-                   'grad_norm': optax.tree.norm(grads), 'lr': schedule(state.step)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        loss, grad_norm = loss_sum / jnp.maximum(count, 1.0), optax.tree.norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        metrics = {'loss': loss, 'tokens': count, 'grad_norm': grad_norm,
+                   'lr': schedule(state.step), 'nonfinite': (~finite).astype(jnp.float32)}
+        return keep_if_finite(finite, state, params, opt_state), metrics
 
     return jax.jit(pretrain_step, in_shardings=(state_shardings, batch_sharding),
                    out_shardings=(state_shardings, sharding.replicated(mesh)),
                    donate_argnums=0)
+
+
+def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, rules: str, param_shardings,
+                   batch_size: int, token_bytes):
+    """Builds the jitted `eval_step(params, batch) -> {loss_sum, count, bytes}` (replicated).
+
+    `bytes` sums the UTF-8 bytes of the counted targets (`token_bytes[target]`), so that
+    `loss_sum / (ln 2 * bytes)` is bits per byte, comparable across tokenizers.
+    """
+    batch_sharding = sharding.batch_sharding(mesh, rules, batch_size)
+    token_bytes = jnp.asarray(token_bytes, jnp.float32)
+
+    def eval_step(params, batch):
+        with sharding.activation_sharding(mesh, rules):
+            loss_sum, count = lm_loss(graphdef, params, batch)
+        n_bytes = jnp.sum(token_bytes[batch['targets']] * batch['loss_mask'])
+        return {'loss_sum': loss_sum, 'count': count, 'bytes': n_bytes}
+
+    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding),
+                   out_shardings=sharding.replicated(mesh))

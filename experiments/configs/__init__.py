@@ -1,0 +1,1 @@
+"""One `get_config(arg)` file per stage; `common.py` holds what they share."""

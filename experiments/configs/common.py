@@ -1,0 +1,79 @@
+"""Pieces every stage config shares: argument parsing, model presets, data sources, meshes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+from ml_collections import config_dict
+
+from gptstack.config import PRESETS, GPTConfig, MeshConfig, OptimConfig
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parses `'size=mini,runlocal'` into a ConfigDict over `defaults` (a bare name means True).
+
+    Values take the type of their default; an unknown name is an error.
+    """
+    result = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or '').split(',')):
+        key, _, value = item.partition('=')
+        if key not in defaults:
+            raise ValueError(f'config argument {key!r}: expected one of {sorted(defaults)}')
+        default = defaults[key]
+        if not value:
+            value = True
+        elif isinstance(default, bool):
+            value = value.lower() in ('1', 'true', 'yes')
+        elif default is not None:
+            value = type(default)(value)
+        result[key] = value
+    return result
+
+
+def _typed_fields(cls, values: dict) -> ml_collections.ConfigDict:
+    """A ConfigDict with every field of dataclass `cls`; None values become typed placeholders
+    so that `--config.model.d_ff=1024` still parses as an int."""
+    out = ml_collections.ConfigDict()
+    for field in dataclasses.fields(cls):
+        value = values.get(field.name, field.default)
+        if value is None:
+            kind = {'int | None': int, 'float | None': float}.get(str(field.type), str)
+            value = config_dict.placeholder(kind)
+        out[field.name] = value
+    return out
+
+
+def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
+    """All `GPTConfig` fields of a preset; `vocab_size` None means "the tokenizer's"."""
+    if preset not in PRESETS:
+        raise ValueError(f'model preset {preset!r}: expected one of {sorted(PRESETS)}')
+    values = {**PRESETS[preset], **overrides}
+    return _typed_fields(GPTConfig, values)
+
+
+def mesh_config(**overrides) -> ml_collections.ConfigDict:
+    return _typed_fields(MeshConfig, overrides)
+
+
+def optim_config(**overrides) -> ml_collections.ConfigDict:
+    return _typed_fields(OptimConfig, overrides)
+
+
+def embedded_sources(code_weight: float = 0.8) -> ml_collections.ConfigDict:
+    """The zero-download default mixture: Python's standard library (code) and the English
+    prose that ships with Python."""
+    return ml_collections.ConfigDict({
+        'code': {'paths': 'embedded:python_code', 'weight': code_weight},
+        'prose': {'paths': 'embedded:python_prose', 'weight': round(1 - code_weight, 6)},
+    })
+
+
+def tokenizer_config(vocab_size: int = 8192) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        # An existing tokenizer.model to use; None trains one on the data sources.
+        'path': config_dict.placeholder(str),
+        'vocab_size': vocab_size,
+        # Lines sampled from the corpus to learn the merges from.
+        'max_lines': 300_000,
+    })

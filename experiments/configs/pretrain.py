@@ -1,0 +1,97 @@
+"""Stage 1: pretrain a GPT on a weighted mixture of corpora (next-token prediction).
+
+COMMAND (the default: embedded corpus, no downloads; 2-core CPU, about 10 minutes):
+  python -m experiments.run --config=experiments/configs/pretrain.py --workdir=workdirs/pretrain
+
+Trains a SentencePiece tokenizer (8192 tokens) on Python's standard library and the English
+prose that ships with Python, then a 4-layer, d=256 GPT-2-style model (6.8M parameters) for 1200
+steps of 16 x 256 tokens (4.9M tokens). Expected on a 2-core x86 laptop: validation loss about
+2.7 nats per token against a unigram entropy of about 6.2 nats, and samples that look like
+Python and like English documentation. The report is `<workdir>/report.md`.
+
+Args (after a colon, comma-separated):
+  size=<preset>   a model preset of gptstack.config.PRESETS instead of the default CPU model
+                  (e.g. size=mini is the 13.9M peer-benchmark shape; size=llama-7b for a pod);
+  runlocal        a tiny model for a few steps: a smoke test of the whole command (seconds).
+Any field can be overridden: --config.train.total_steps=3000 --config.optim.lr=1e-3.
+"""
+
+import ml_collections
+
+from experiments.configs import common
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, size='', runlocal=False)
+    config = ml_collections.ConfigDict()
+    config.stage = 'pretrain'
+    # Seeds parameter init, data order and sampling (every random draw is fold_in(seed, step)).
+    config.seed = 0
+
+    config.tokenizer = common.tokenizer_config(vocab_size=4096)
+
+    config.data = ml_collections.ConfigDict()
+    # The mixture: {name: {paths, weight}}; a weight is the source's share of training tokens.
+    config.data.sources = common.embedded_sources(code_weight=0.8)
+    # Tokens per row and rows per step (global, over all processes).
+    config.data.seq_len = 256
+    config.data.batch_size = 16
+    # Fraction of each source held out for validation.
+    config.data.val_fraction = 0.02
+    # Validation batches per source at each evaluation (the same batches every time).
+    config.data.eval_batches = 8
+    # Malformed records that may be skipped (counted and logged) before the run fails.
+    config.data.max_skips = 0
+    # Where tokenized corpora are cached; None means <workdir>/cache.
+    config.data.cache_dir = ml_collections.config_dict.placeholder(str)
+
+    if arg.size:
+        config.model = common.model_config(arg.size, vocab_size=None)
+    else:
+        config.model = common.model_config('mini', vocab_size=None, n_layer=4, d_model=256,
+                                           n_head=4)
+    config.model.max_seq_len = config.data.get_ref('seq_len')
+
+    config.train = ml_collections.ConfigDict()
+    config.train.total_steps = 300
+    config.train.log_every = 10
+    config.train.eval_every = 50
+    config.train.sample_every = 150
+    config.train.checkpoint_every = 50
+    # Checkpoints kept besides the best one by validation loss.
+    config.train.keep_checkpoints = 2
+    # A non-finite loss or gradient: 'stop', or 'skip' the batch (at most max_nonfinite_skips).
+    config.train.on_nonfinite = 'stop'
+    config.train.max_nonfinite_skips = 10
+
+    config.optim = common.optim_config(lr=2e-3, warmup_steps=30, weight_decay=0.1)
+    config.optim.total_steps = config.train.get_ref('total_steps')
+
+    config.mesh = common.mesh_config()
+
+    config.sample = ml_collections.ConfigDict()
+    # Prompts continued at every sampling point (each starts a new document).
+    config.sample.prompts = ('def fibonacci(n):\n', 'import os\n', 'The ', 'This module ')
+    config.sample.max_new_tokens = 64
+    config.sample.temperature = 0.8
+    config.sample.top_k = 50
+    config.sample.top_p = 0.95
+
+    if arg.runlocal:
+        config.tokenizer.vocab_size = 512
+        config.tokenizer.max_lines = 20_000
+        config.model = common.model_config('toy', vocab_size=None, n_layer=1, d_model=32,
+                                           n_head=2)
+        config.model.max_seq_len = config.data.get_ref('seq_len')
+        config.data.seq_len = 32
+        config.data.batch_size = 8
+        config.data.eval_batches = 2
+        config.train.total_steps = 2
+        config.train.log_every = 1
+        config.train.eval_every = 2
+        config.train.sample_every = 2
+        config.train.checkpoint_every = 1
+        config.optim.warmup_steps = 1
+        config.sample.max_new_tokens = 8
+        config.sample.prompts = ('def ', 'The ')
+    return config

@@ -1,0 +1,98 @@
+"""The entry point of every stage.
+
+    python -m experiments.run --config=experiments/configs/<stage>.py[:args] \
+        [--config.a.b=value ...] --workdir=DIR
+
+Parses the config (locked: an unknown key is an error), joins the multi-controller runtime when
+the launch environment describes several processes, logs versions and devices, writes the resolved
+config to `<workdir>/config.json` and dispatches to the stage named by `config.stage`. Exit code
+0 when the stage finished or was preempted and checkpointed; 1 with a one-line reason on bad
+configuration, bad data or divergence.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import platform
+import sys
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from experiments import pretrain, tokenizer
+from gptstack.config import ConfigError
+from gptstack.data.sources import DataError
+from gptstack.loop import TrainingDivergedError
+
+STAGES = {'tokenizer': tokenizer.run, 'pretrain': pretrain.run}
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Stage config: path.py[:args].',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of this run (checkpoints, metrics, '
+                                                'report); re-running with it resumes.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+log = logging.getLogger('experiments.run')
+
+
+def maybe_initialize_distributed() -> None:
+    """Calls `jax.distributed.initialize()` when the environment is multi-process: a TPU pod
+    slice, a SLURM job with several tasks, or an explicit JAX coordinator address."""
+    env = os.environ
+    multi = (env.get('JAX_COORDINATOR_ADDRESS')
+             or ',' in env.get('TPU_WORKER_HOSTNAMES', '')
+             or int(env.get('SLURM_NTASKS', '1')) > 1)
+    if multi:
+        jax.distributed.initialize()
+
+
+def log_environment(config) -> None:
+    import flax
+    import grain
+    import optax
+    import orbax.checkpoint
+
+    versions = {'python': platform.python_version(), 'jax': jax.__version__,
+                'flax': flax.__version__, 'optax': optax.__version__,
+                'orbax': orbax.checkpoint.__version__, 'grain': grain.__version__}
+    log.info('versions: %s', ' '.join(f'{k}={v}' for k, v in versions.items()))
+    log.info('process %d of %d; %d local / %d global %s devices (%s)', jax.process_index(),
+             jax.process_count(), jax.local_device_count(), jax.device_count(),
+             jax.default_backend(), jax.devices()[0].device_kind)
+    log.info('stage %s', config.stage)
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    config = _CONFIG.value
+    maybe_initialize_distributed()
+    logging.getLogger().setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
+    # orbax logs every file it writes through absl at INFO; keep its warnings only.
+    logging.getLogger('absl').setLevel(logging.WARNING)
+    # Sharded random numbers must not depend on the mesh (the default in recent jax; explicit).
+    jax.config.update('jax_threefry_partitionable', True)
+    if config.stage not in STAGES:
+        log.error('config.stage=%r: expected one of %s', config.stage, sorted(STAGES))
+        return 1
+    workdir = pathlib.Path(_WORKDIR.value).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    log_environment(config)
+    if jax.process_index() == 0:
+        (workdir / 'config.json').write_text(json.dumps(config.to_dict(), indent=1,
+                                                        default=str) + '\n')
+    try:
+        status = STAGES[config.stage](config, workdir)
+    except (ConfigError, DataError, TrainingDivergedError) as error:
+        log.error('%s: %s', type(error).__name__, error)
+        return 1
+    log.info('stage %s %s; workdir %s', config.stage, status, workdir)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(app.run(main))

@@ -1,0 +1,224 @@
+"""The one host training loop that every stage runs: batches -> jitted step -> metrics ->
+periodic evaluation -> periodic samples -> checkpoints.
+
+- Stages differ only in the step function, the batches and the optional `evaluate` / `sample`
+  callbacks; cadence, logging, checkpointing and preemption live here once.
+- Metrics of step k are fetched after step k+1 has been dispatched, so the host never stalls the
+  device just to log. Each logged value is the mean over the steps since the previous log.
+- The step itself refuses non-finite updates (it reports `nonfinite`); the loop then stops with
+  the step number and the last good checkpoint, or skips the batch when configured to, counting
+  skips up to a cap.
+- SIGTERM/SIGINT (preemption, Ctrl-C): the current step finishes, a checkpoint is written, and
+  the loop returns `'preempted'`; re-running the same command resumes. A second signal stops at
+  once.
+- Only process 0 shows the progress bar and writes metrics; every process takes part in
+  checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import pathlib
+import signal
+import time
+from collections.abc import Callable, Iterator
+
+import jax
+import numpy as np
+import tqdm
+
+from gptstack.checkpoint import Checkpointer
+from gptstack.metrics import MetricsWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """When the loop logs, evaluates, samples and saves (in steps; 0 disables)."""
+
+    total_steps: int
+    log_every: int = 10
+    eval_every: int = 200
+    sample_every: int = 0
+    checkpoint_every: int = 500
+    # What a non-finite loss or gradient does: 'stop' the run, or 'skip' the batch.
+    on_nonfinite: str = 'stop'
+    max_nonfinite_skips: int = 10
+
+    def __post_init__(self):
+        if self.on_nonfinite not in ('stop', 'skip'):
+            raise ValueError(f'train.on_nonfinite={self.on_nonfinite!r}: expected stop or skip')
+
+
+class TrainingDivergedError(RuntimeError):
+    """A non-finite loss or gradient that the configuration does not allow skipping."""
+
+
+@dataclasses.dataclass
+class LoopResult:
+    state: object
+    status: str  # 'finished' or 'preempted'
+    step: int
+    last_eval: dict
+    nonfinite_skips: int
+
+
+class _StopSignal:
+    """Turns the first SIGTERM/SIGINT into a request to stop after the current step."""
+
+    def __init__(self):
+        self.signal_name = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal_name = signal.Signals(signum).name
+        log.warning('%s received: finishing the current step, then saving a checkpoint',
+                    self.signal_name)
+        for sig, handler in self._previous.items():  # a second signal acts immediately
+            signal.signal(sig, handler)
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def train(*, state, step_fn: Callable, batches: Iterator[dict], config: LoopConfig,
+          checkpointer: Checkpointer, writer: MetricsWriter, workdir: str | pathlib.Path,
+          data_iterator=None, evaluate: Callable[[object], dict] | None = None,
+          sample: Callable[[object], list[dict]] | None = None,
+          checkpoint_meta: dict | None = None, tokens_per_step: int = 0,
+          flops_per_step: float = 0.0, peak_flops: float = 0.0,
+          wall_time_offset: float = 0.0) -> LoopResult:
+    """Runs `step_fn` from `state.step` to `config.total_steps`.
+
+    Args:
+        state: the train state; `state.step` says where to start (0, or a restored step).
+        step_fn: jitted `step(state, batch) -> (state, metrics)`; metrics may hold `nonfinite`.
+        batches: yields device-ready batches (the next one after `state.step`).
+        data_iterator: the grain iterator behind `batches`, saved with every checkpoint.
+        evaluate: `evaluate(state) -> {name: float}`; `val_loss` ranks the best checkpoint.
+        sample: `sample(state) -> [{'prompt', 'completion', ...}]`, written to samples.jsonl.
+        tokens_per_step, flops_per_step, peak_flops: for tokens/s and MFU (0 leaves them out).
+        wall_time_offset: seconds spent before a resume, so `wall_time` counts the whole run.
+    """
+    workdir = pathlib.Path(workdir)
+    is_main = jax.process_index() == 0
+    start = int(jax.device_get(state.step))
+    last_eval: dict = {}
+    skips = 0
+    pending = None
+    window_start, window_steps = None, 0
+    window_sums: dict[str, float] = {}
+    window_count = 0
+    clock_start = time.perf_counter()
+
+    def wall_time() -> float:
+        return wall_time_offset + time.perf_counter() - clock_start
+
+    def save(step: int, val_loss: float | None = None):
+        meta = {**(checkpoint_meta or {}), 'nonfinite_skips': skips, 'wall_time': wall_time()}
+        checkpointer.save(step, state, data_iterator=data_iterator, meta=meta, val_loss=val_loss)
+
+    def finish_step(step: int, metrics) -> None:
+        """Fetches a dispatched step's metrics, checks them, logs them at the cadence."""
+        nonlocal skips, window_start, window_steps, window_sums, window_count
+        metrics = {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+        skipped = bool(metrics.pop('nonfinite', 0.0))
+        if skipped:
+            if config.on_nonfinite == 'stop' or skips >= config.max_nonfinite_skips:
+                last = checkpointer.latest_step()
+                where = (f'the last good checkpoint is {checkpointer.path(last)} (step {last})'
+                         if last is not None else 'there is no checkpoint yet')
+                reason = ('' if config.on_nonfinite == 'stop' else
+                          f' after {skips} skipped batches (max_nonfinite_skips)')
+                raise TrainingDivergedError(
+                    f'non-finite loss or gradient at step {step}{reason}; '
+                    f'the update was not applied; {where}')
+            skips += 1
+            log.warning('non-finite loss or gradient at step %d: batch skipped (%d so far)',
+                        step, skips)
+        if not skipped:  # a skipped batch's loss is not finite: keep it out of the means
+            for key, value in metrics.items():
+                window_sums[key] = window_sums.get(key, 0.0) + value
+            window_count += 1
+        now = time.perf_counter()
+        if window_start is None:  # the first step includes compilation: time from its end
+            window_start = now
+        else:
+            window_steps += 1
+        if (config.log_every and step % config.log_every == 0) or step == config.total_steps:
+            # Means over the window; a window of only skipped batches logs no loss at all.
+            metrics = {k: v / window_count for k, v in window_sums.items()} if window_count else {}
+            window_sums, window_count = {}, 0
+            if window_steps:
+                elapsed = now - window_start
+                if tokens_per_step:
+                    metrics['tokens_per_sec'] = tokens_per_step * window_steps / elapsed
+                if flops_per_step and peak_flops:
+                    metrics['mfu'] = flops_per_step * window_steps / elapsed / peak_flops
+                metrics['step_time'] = elapsed / window_steps
+                window_start, window_steps = now, 0
+            metrics['nonfinite_skips'] = skips
+            metrics['wall_time'] = wall_time()
+            writer.write(step, metrics)
+            bar.set_postfix({k: f'{metrics[k]:.4g}' for k in ('loss', 'tokens_per_sec', 'mfu')
+                             if k in metrics}, refresh=False)
+
+    bar = tqdm.tqdm(total=config.total_steps, initial=start, unit='step', dynamic_ncols=True,
+                    disable=not is_main, desc='train')
+    status = 'finished'
+    with _StopSignal() as stop:
+        for step in range(start + 1, config.total_steps + 1):
+            state, metrics = step_fn(state, next(batches))
+            if pending is not None:
+                finish_step(*pending)
+            pending = (step, metrics)
+            bar.update(1)
+            evaluating = ((config.eval_every and step % config.eval_every == 0)
+                          or step == config.total_steps) and evaluate is not None
+            saving = ((config.checkpoint_every and step % config.checkpoint_every == 0)
+                      or step == config.total_steps or stop.signal_name)
+            if evaluating or saving or (config.sample_every and step % config.sample_every == 0):
+                finish_step(*pending)
+                pending = None
+            if evaluating:
+                last_eval = {k: float(v) for k, v in evaluate(state).items()}
+                writer.write(step, last_eval)
+                log.info('step %d: %s', step, ' '.join(f'{k}={v:.4g}'
+                                                        for k, v in last_eval.items()))
+            if sample is not None and ((config.sample_every and step % config.sample_every == 0)
+                                       or step == config.total_steps):
+                _write_samples(workdir, step, sample(state), is_main)
+            if saving:
+                save(step, last_eval.get('val_loss') if evaluating else None)
+            if stop.signal_name:
+                status = 'preempted'
+                break
+        if pending is not None:
+            finish_step(*pending)
+    bar.close()
+    checkpointer.wait()
+    final = int(jax.device_get(state.step))
+    if status == 'preempted':
+        log.warning('stopped by %s at step %d; checkpoint saved in %s. Re-run the same command '
+                    'to resume.', stop.signal_name, final, checkpointer.path(final))
+    return LoopResult(state, status, final, last_eval, skips)
+
+
+def _write_samples(workdir: pathlib.Path, step: int, samples: list[dict], is_main: bool) -> None:
+    if not is_main:
+        return
+    with open(workdir / 'samples.jsonl', 'a') as f:
+        for sample in samples:
+            f.write(json.dumps({'step': step, **sample}) + '\n')
+    for sample in samples[:3]:
+        log.info('sample at step %d: %r -> %r', step, sample.get('prompt'),
+                 sample.get('completion'))

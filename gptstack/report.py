@@ -1,0 +1,69 @@
+"""Run reports: `report.md` in the workdir with PNG plots drawn from `metrics.jsonl`.
+
+A stage builds its report from small pieces (`plot`, `table`, `code_block`) and `write`s it;
+plots use matplotlib's non-interactive backend and only process 0 writes.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt
+
+
+def plot(records: list[dict], series: dict[str, str], path: str | os.PathLike, *, title: str,
+         ylabel: str, hlines: dict[str, float] | None = None, logy: bool = False) -> str:
+    """Draws `{label: metric key}` against step from metric records; returns the file name."""
+    path = pathlib.Path(path)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, key in series.items():
+        points = [(r['step'], r[key]) for r in records
+                  if isinstance(r.get(key), int | float)]
+        if points:
+            steps, values = zip(*points, strict=True)
+            ax.plot(steps, values, label=label, marker='o' if len(points) < 30 else None,
+                    markersize=3)
+    for label, value in (hlines or {}).items():
+        ax.axhline(value, linestyle='--', linewidth=1, color='gray')
+        ax.annotate(label, (0.01, value), xycoords=('axes fraction', 'data'), fontsize=8,
+                    va='bottom', color='gray')
+    if logy:
+        ax.set_yscale('log')
+    ax.set_xlabel('step')
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(series) > 1 or hlines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A markdown table; floats are shown with 4 significant digits."""
+    def cell(x):
+        return f'{x:.4g}' if isinstance(x, float) else str(x)
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    lines += ['| ' + ' | '.join(cell(x) for x in row) + ' |' for row in rows]
+    return '\n'.join(lines)
+
+
+def code_block(text: str) -> str:
+    fence = '````' if '```' in text else '```'
+    return f'{fence}text\n{text}\n{fence}'
+
+
+def write(workdir: str | os.PathLike, title: str, sections: Sequence[tuple[str, str]]) -> str:
+    """Writes `<workdir>/report.md` from `(heading, markdown body)` sections; returns its path."""
+    path = pathlib.Path(workdir) / 'report.md'
+    parts = [f'# {title}\n']
+    parts += [f'## {heading}\n\n{body}\n' for heading, body in sections]
+    path.write_text('\n'.join(parts))
+    return str(path)

@@ -1,0 +1,78 @@
+"""The host loop's non-finite handling: `python -m pytest -q tests/test_loop.py`."""
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptstack import loop
+from gptstack.checkpoint import Checkpointer
+from gptstack.metrics import MetricsWriter, read_metrics
+from gptstack.steps.pretrain import keep_if_finite
+
+
+@flax.struct.dataclass
+class ToyState:
+    step: jax.Array
+    params: jax.Array
+
+
+def run_loop(tmp_path, bad_steps, **config):
+    """A loop over a fake step whose loss is NaN at `bad_steps` (it then keeps the params)."""
+    def step_fn(state, batch):
+        bad = jnp.isin(state.step + 1, jnp.asarray(bad_steps))
+        params = jnp.where(bad, state.params, state.params + batch)
+        metrics = {'loss': jnp.where(bad, jnp.nan, 1.0 / (state.step + 1)),
+                   'nonfinite': bad.astype(jnp.float32)}
+        return ToyState(step=state.step + 1, params=params), metrics
+
+    checkpointer = Checkpointer(tmp_path / 'ckpt', async_save=False)
+    writer = MetricsWriter(tmp_path, enabled=True)
+    try:
+        return loop.train(
+            state=ToyState(step=jnp.int32(0), params=jnp.zeros(())), step_fn=jax.jit(step_fn),
+            batches=iter(lambda: jnp.ones(()), None), checkpointer=checkpointer, writer=writer,
+            workdir=tmp_path, config=loop.LoopConfig(**{'total_steps': 8, 'log_every': 1,
+                                                        'checkpoint_every': 2, **config}))
+    finally:
+        writer.close()
+        checkpointer.close()
+
+
+def test_nonfinite_stops_and_names_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(loop.TrainingDivergedError) as error:
+        run_loop(tmp_path, [5])
+    assert str(error.value) == (
+        'non-finite loss or gradient at step 5; the update was not applied; the last good '
+        f'checkpoint is {tmp_path / "ckpt" / "4"} (step 4)')
+
+
+def test_nonfinite_batches_are_skipped_and_counted(tmp_path):
+    result = run_loop(tmp_path, [3, 6], on_nonfinite='skip', max_nonfinite_skips=2)
+    assert result.status == 'finished' and result.nonfinite_skips == 2
+    assert float(result.state.params) == 6.0  # 8 steps, 2 updates refused
+    logged = read_metrics(tmp_path)
+    assert [r['nonfinite_skips'] for r in logged][-1] == 2
+    assert all(np.isfinite(r['loss']) for r in logged if 'loss' in r)
+
+
+def test_too_many_skips_stop_the_run(tmp_path):
+    with pytest.raises(loop.TrainingDivergedError, match=r'at step 6 after 1 skipped batches'):
+        run_loop(tmp_path, [3, 6], on_nonfinite='skip', max_nonfinite_skips=1)
+
+
+def test_keep_if_finite_refuses_the_update():
+    @flax.struct.dataclass
+    class WithOpt:
+        step: jax.Array
+        params: jax.Array
+        opt_state: jax.Array
+
+    old = WithOpt(step=jnp.int32(4), params=jnp.ones(3), opt_state=jnp.zeros(3))
+    kept = keep_if_finite(jnp.bool_(False), old, jnp.full(3, jnp.nan), jnp.full(3, 9.0))
+    np.testing.assert_array_equal(kept.params, 1.0)
+    np.testing.assert_array_equal(kept.opt_state, 0.0)
+    assert int(kept.step) == 5
+    taken = keep_if_finite(jnp.bool_(True), old, jnp.full(3, 2.0), jnp.full(3, 9.0))
+    np.testing.assert_array_equal(taken.params, 2.0)

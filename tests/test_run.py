@@ -1,0 +1,148 @@
+"""The whole command: smoke run, kill -9 and resume, SIGTERM, config errors.
+
+Run: `python -m pytest -q tests/test_run.py`. Each test starts `python -m experiments.run` as a
+separate process on a small corpus written to a temporary directory.
+"""
+
+import itertools
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gptstack.data import sources
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def corpus(tmp_path_factory):
+    """A few standard-library files as code and a JSONL of docstrings as prose."""
+    root = tmp_path_factory.mktemp('corpus')
+    (root / 'code').mkdir()
+    for i, doc in enumerate(itertools.islice(sources.python_code_documents(), 25)):
+        (root / 'code' / f'{i:02d}.txt').write_text(doc)
+    with open(root / 'prose.jsonl', 'w') as f:
+        for doc in itertools.islice(sources.python_prose_documents(), 60):
+            f.write(json.dumps({'text': doc}) + '\n')
+    return root
+
+
+def command(corpus, workdir, *overrides, config='pretrain.py:runlocal'):
+    return [sys.executable, '-m', 'experiments.run',
+            f'--config=experiments/configs/{config}', f'--workdir={workdir}',
+            f'--config.data.sources.code.paths={corpus / "code"}',
+            f'--config.data.sources.prose.paths={corpus / "prose.jsonl"}', *overrides]
+
+
+def run(args, **kwargs):
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def metrics(workdir):
+    lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
+    return [json.loads(line) for line in lines if line]
+
+
+def losses(workdir):
+    return {r['step']: (r['loss'], r['grad_norm']) for r in metrics(workdir) if 'loss' in r}
+
+
+def test_two_step_smoke_run(corpus, tmp_path):
+    result = run(command(corpus, tmp_path / 'run'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    workdir = tmp_path / 'run'
+    for name in ('config.json', 'tokenizer.model', 'report.md', 'loss.png', 'samples.jsonl'):
+        assert (workdir / name).exists(), name
+    assert sorted(losses(workdir)) == [1, 2]
+    assert (workdir / 'checkpoints' / '2').is_dir()
+    assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
+    assert 'final validation loss' in (workdir / 'report.md').read_text()
+    # Running the finished command again resumes at the end and does no more steps.
+    again = run(command(corpus, tmp_path / 'run'))
+    assert again.returncode == 0 and 'resuming from' in again.stderr
+    assert sorted(losses(workdir)) == [1, 2]
+
+
+LONG = ('--config.train.total_steps=300', '--config.train.checkpoint_every=5',
+        '--config.train.eval_every=0', '--config.train.sample_every=0')
+
+
+def start_and_wait_for_checkpoint(args, workdir, step):
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 300
+    while not (pathlib.Path(workdir) / 'checkpoints' / str(step)).is_dir():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    return process
+
+
+def test_kill_9_then_resume_continues_exactly(corpus, tmp_path):
+    reference = run(command(corpus, tmp_path / 'reference', *LONG))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    workdir = tmp_path / 'killed'
+    process = start_and_wait_for_checkpoint(command(corpus, workdir, *LONG), workdir, 20)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL
+    before = losses(workdir)
+    assert max(before) < 300  # it really died mid-way
+
+    resumed = run(command(corpus, workdir, *LONG))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert 'resuming from' in resumed.stderr
+    after = losses(workdir)
+    # One record per step, and every loss equal to the uninterrupted run's, bit for bit.
+    assert [r['step'] for r in metrics(workdir) if 'loss' in r] == list(range(1, 301))
+    assert after == losses(tmp_path / 'reference')
+
+
+def test_sigterm_saves_the_current_step_and_exits_0(corpus, tmp_path):
+    workdir = tmp_path / 'preempted'
+    process = start_and_wait_for_checkpoint(command(corpus, workdir, *LONG), workdir, 10)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    assert 'Re-run the same command to resume' in stderr
+    last_logged = max(losses(workdir))
+    checkpoints = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()
+                         if p.name.isdigit())
+    assert checkpoints[-1] == last_logged < 300
+    assert not (workdir / 'report.md').exists()  # the stage is not finished
+
+
+@pytest.mark.parametrize('override, message', [
+    ('--config.optim.lrr=1', "'lrr'"),
+    ('--config.mesh.data=3', 'mesh: the fixed axes (data=3, tensor=1) multiply to 3, which '
+                             'does not divide the 8 available devices'),
+    ('--config.model.n_head=3', 'GPTConfig.n_head=3 must divide d_model=32'),
+    ('--config.data.sources.code.weight=-1', "data source 'code': weight=-1.0 must be > 0"),
+])
+def test_bad_config_fails_before_any_work(corpus, tmp_path, override, message):
+    workdir = tmp_path / 'bad'
+    result = run(command(corpus, workdir, override))
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr[-3000:]
+    assert not (workdir / 'cache').exists() and not (workdir / 'checkpoints').exists()
+
+
+def test_resume_refuses_a_different_model(corpus, tmp_path):
+    workdir = tmp_path / 'run'
+    assert run(command(corpus, workdir)).returncode == 0
+    result = run(command(corpus, workdir, '--config.model.d_model=64'))
+    assert result.returncode == 1
+    assert ('has a different model config: d_ff=128 there vs 256 here, d_model=32 there vs 64 '
+            'here') in result.stderr
+
+
+def test_environment_has_eight_devices():
+    # The subprocesses inherit XLA_FLAGS from conftest: they see the same 8 devices.
+    assert '--xla_force_host_platform_device_count=8' in os.environ['XLA_FLAGS']

@@ -48,7 +48,7 @@ def main():
     config = pretrain_config.get_config()
     specs = sources.specs_from_config(config.data.sources)
     seq_len, batch_size = config.data.seq_len, config.data.batch_size
-    results = {'machine': platform.processor() or platform.machine(), 'cpus': jax.device_count()}
+    results = {'machine': platform.processor() or platform.machine(), 'devices': jax.device_count()}
 
     documents, results['read_seconds'] = timed(
         lambda: [d for s in specs for d in sources.read_source(s, sources.SkipBudget())])
@@ -64,6 +64,7 @@ def main():
         next(iterator)
         _, seconds = timed(lambda: [next(iterator) for _ in range(args.batches)])
         results['pipeline_tokens_per_sec'] = args.batches * batch_size * seq_len / seconds
+        batch = next(iterator)
 
     # The training step of the default model, on this machine (one device: all cores).
     model_config = model_config_for(config, tokenizer)
@@ -73,7 +74,6 @@ def main():
         lambda rngs: gpt_model.GPT(model_config, rngs=rngs), tx, mesh, 'fsdp',
         jax.random.key(0))
     step = make_pretrain_step(graphdef, tx, schedule, mesh, 'fsdp', shardings, batch_size)
-    batch = next(iter(data.make_train_dataset(tokenized, seq_len, batch_size, seed=0)))
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     times = []

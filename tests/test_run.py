@@ -146,3 +146,17 @@ def test_resume_refuses_a_different_model(corpus, tmp_path):
 def test_environment_has_eight_devices():
     # The subprocesses inherit XLA_FLAGS from conftest: they see the same 8 devices.
     assert '--xla_force_host_platform_device_count=8' in os.environ['XLA_FLAGS']
+
+
+SHAKESPEARE = ROOT.parent / 'shared' / 'data' / 'tinyshakespeare' / 'input.txt'
+
+
+@pytest.mark.skipif(not SHAKESPEARE.exists(), reason='the shared datasets are not present')
+def test_shakespeare_config_runs_on_the_shared_file(tmp_path):
+    result = run([sys.executable, '-m', 'experiments.run',
+                  '--config=experiments/configs/pretrain_shakespeare.py:runlocal',
+                  f'--workdir={tmp_path}',
+                  f'--config.data.sources.shakespeare.paths={SHAKESPEARE}'])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / 'report.md').read_text()
+    assert '| shakespeare | 1 | 1 |' in report and 'document tails' in report

@@ -1,13 +1,15 @@
 """Stage 1: pretrain a GPT on a weighted mixture of corpora (next-token prediction).
 
-COMMAND (the default: embedded corpus, no downloads; 2-core CPU, about 10 minutes):
+COMMAND (the default: embedded corpus, no downloads; 2-core CPU, about 8 minutes):
   python -m experiments.run --config=experiments/configs/pretrain.py --workdir=workdirs/pretrain
 
-Trains a SentencePiece tokenizer (8192 tokens) on Python's standard library and the English
-prose that ships with Python, then a 4-layer, d=256 GPT-2-style model (6.8M parameters) for 1200
-steps of 16 x 256 tokens (4.9M tokens). Expected on a 2-core x86 laptop: validation loss about
-2.7 nats per token against a unigram entropy of about 6.2 nats, and samples that look like
-Python and like English documentation. The report is `<workdir>/report.md`.
+Trains a SentencePiece tokenizer (4096 tokens) on Python's standard library and the English
+prose that ships with Python, then a 4-layer, d=256 GPT-2-style model (4.3M parameters) for 300
+steps of 16 x 256 tokens (1.2M tokens) at about 3,000 tokens/s. Measured on a 2-core x86 VM
+(Python 3.11): validation loss 5.09 nats per token (2.30 bits per byte) against a unigram entropy
+of 6.28 nats, samples with Python's indentation, docstrings and keywords and English phrases.
+Longer runs keep improving: --config.train.total_steps=3000. The report is
+`<workdir>/report.md`.
 
 Args (after a colon, comma-separated):
   size=<preset>   a model preset of gptstack.config.PRESETS instead of the default CPU model

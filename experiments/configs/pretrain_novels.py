@@ -8,7 +8,8 @@ COMMAND (2-core CPU, about 15 minutes for the default 1200 steps; a TPU slice fo
 Every `.txt` file under the path is one novel; with more than 20 documents, whole novels are held
 out for validation. Expected after the default steps: validation loss about 4.6 nats per token;
 samples are English narrative with dialogue.
-Args: as experiments/configs/pretrain.py (e.g. `:size=gpt2-124m` on an accelerator).
+Args: as experiments/configs/pretrain.py (`size=<preset>`, e.g. gpt2-124m on an accelerator;
+`runlocal`).
 """
 
 from experiments.configs import pretrain

@@ -8,7 +8,7 @@ COMMAND (2-core CPU, about 10 minutes; the data lives outside the repository):
 The file is one document, so validation holds out the last 5% of it (as nanoGPT does). Expected:
 validation loss about 4.3 nats per token (2.1 bits per byte) after 1200 steps of 16 x 256
 tokens with a 2048-token vocabulary, samples in the shape of a play (speaker names, verse lines).
-Args: as experiments/configs/pretrain.py.
+Args: as experiments/configs/pretrain.py (`size=<preset>`, `runlocal`).
 """
 
 from experiments.configs import pretrain

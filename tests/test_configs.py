@@ -1,0 +1,48 @@
+"""Every stage config loads and builds: `python -m pytest -q tests/test_configs.py`."""
+
+import importlib
+import pathlib
+
+import pytest
+
+from experiments.configs import common
+from gptstack.config import GPTConfig, MeshConfig, OptimConfig
+from gptstack.data.sources import specs_from_config
+from gptstack.loop import LoopConfig
+
+CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / 'experiments' /
+                                  'configs').glob('*.py') if p.stem not in ('__init__', 'common'))
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+@pytest.mark.parametrize('arg', [None, 'runlocal'])
+def test_config_builds_typed_configs(name, arg):
+    module = importlib.import_module(f'experiments.configs.{name}')
+    if arg and 'runlocal' not in module.__doc__:
+        pytest.skip('no runlocal variant')
+    config = module.get_config(arg)
+    assert module.__doc__.lstrip().split('\n')[0], 'every config opens with a docstring'
+    assert 'COMMAND' in module.__doc__
+    specs = specs_from_config(config.data.sources)
+    assert abs(sum(s.weight for s in specs) - 1) < 1e-6 or len(specs) == 1
+    if 'model' in config:
+        model = GPTConfig.from_dict(config.model, vocab_size=config.tokenizer.vocab_size)
+        assert model.max_seq_len == config.data.seq_len
+        MeshConfig.from_dict(config.mesh)
+        OptimConfig.from_dict(config.optim)
+        LoopConfig(**{k: v for k, v in config.train.items() if k != 'keep_checkpoints'})
+
+
+def test_overrides_follow_references():
+    from experiments.configs import pretrain
+    config = pretrain.get_config()
+    config.train.total_steps = 1234
+    config.data.seq_len = 128
+    assert config.optim.total_steps == 1234 and config.model.max_seq_len == 128
+
+
+def test_parse_arg():
+    arg = common.parse_arg('size=mini,runlocal', size='', runlocal=False, steps=10)
+    assert arg.size == 'mini' and arg.runlocal is True and arg.steps == 10
+    with pytest.raises(ValueError, match="config argument 'sise'"):
+        common.parse_arg('sise=mini', size='')

@@ -160,3 +160,14 @@ def test_shakespeare_config_runs_on_the_shared_file(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = (tmp_path / 'report.md').read_text()
     assert '| shakespeare | 1 | 1 |' in report and 'document tails' in report
+
+
+def test_tokenizer_stage_then_pretraining_with_its_model(corpus, tmp_path):
+    result = run(command(corpus, tmp_path / 'tok', '--config.tokenizer.vocab_size=600',
+                         config='tokenizer.py'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    model = tmp_path / 'tok' / 'tokenizer.model'
+    assert 'bytes per token' in (tmp_path / 'tok' / 'report.md').read_text()
+    result = run(command(corpus, tmp_path / 'pre', f'--config.tokenizer.path={model}'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / 'pre' / 'tokenizer.model').read_bytes() == model.read_bytes()

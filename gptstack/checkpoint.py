@@ -82,6 +82,16 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored['state'], restored['meta']
 
+    def restore_params(self, step: int, abstract_params):
+        """Restores only `state.params` (no optimizer state is read): for sampling, evaluation
+        and initialising a later stage. `abstract_params` carries the target shardings."""
+        item = {'params': abstract_params}
+        restored = self.manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True)))
+        return restored['state']['params']
+
     def read_meta(self, step: int) -> dict:
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return restored['meta']

@@ -23,6 +23,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from gptstack.config import GPTConfig
@@ -76,14 +77,14 @@ def make_norm(config: GPTConfig) -> LayerNorm | RMSNorm:
     return RMSNorm(config) if config.family == 'llama' else LayerNorm(config)
 
 
-def apply_rope(x_btnh: Array, positions_bt: Array, theta: float) -> Array:
-    """Rotary position embedding (Su et al. 2021) in the split-halves layout."""
-    half = x_btnh.shape[-1] // 2
+def apply_rope(x_bnth: Array, positions_bt: Array, theta: float) -> Array:
+    """Rotary position embedding (Su et al. 2021) in the split-halves layout, heads first."""
+    half = x_bnth.shape[-1] // 2
     inv_freq_h = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
     angle_bth = positions_bt[..., None].astype(jnp.float32) * inv_freq_h
-    sin, cos = jnp.sin(angle_bth)[:, :, None, :], jnp.cos(angle_bth)[:, :, None, :]
-    x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_btnh.dtype)
+    sin, cos = jnp.sin(angle_bth)[:, None], jnp.cos(angle_bth)[:, None]
+    x1, x2 = jnp.split(x_bnth.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_bnth.dtype)
 
 
 def attention_mask(segment_ids_bt: Array) -> Array:
@@ -94,18 +95,32 @@ def attention_mask(segment_ids_bt: Array) -> Array:
     return causal_ts[None] & same_segment_bts
 
 
-def dot_product_attention(q_btnh: Array, k_bskh: Array, v_bskh: Array, mask_bts: Array) -> Array:
-    """Softmax attention with grouped-query heads (`N = K*G`); scores and softmax in float32."""
-    b, t, n, h = q_btnh.shape
-    k = k_bskh.shape[2]
-    q_btkgh = q_btnh.reshape(b, t, k, n // k, h)
-    scores_bkgts = jnp.einsum('BTKGH,BSKH->BKGTS', q_btkgh, k_bskh,
-                              preferred_element_type=jnp.float32) / math.sqrt(h)
-    scores_bkgts = jnp.where(mask_bts[:, None, None], scores_bkgts,
-                             jnp.finfo(jnp.float32).min)
-    probs_bkgts = jax.nn.softmax(scores_bkgts, axis=-1).astype(v_bskh.dtype)
-    out_btkgh = jnp.einsum('BKGTS,BSKH->BTKGH', probs_bkgts, v_bskh)
-    return out_btkgh.reshape(b, t, n, h)
+def dot_product_attention(q_bnth: Array, k_bksh: Array, v_bksh: Array, mask_bts: Array,
+                          cache: tuple[Array, Array, Array] | None = None) -> Array:
+    """Softmax attention with grouped-query heads (`N = K*G`); scores and softmax in float32.
+
+    Heads come before positions so that both matmuls are plain batched matmuls over (B, K)
+    with the contracted dimension in place; the `G` query heads that share a key/value head are
+    stacked along the query axis. With `cache = (k_bkch, v_bkch, mask_btc)` the queries also
+    attend to `C` cached positions, in one softmax with the new keys: the cache is only read,
+    never copied, which is what makes step-by-step decoding fast.
+    """
+    b, n, t, h = q_bnth.shape
+    k, g = k_bksh.shape[1], n // k_bksh.shape[1]
+    q_bkqh = q_bnth.reshape(b, k, g * t, h) / math.sqrt(h)  # query index q = g*T + t
+    blocks = [(k_bksh, v_bksh, mask_bts)] + ([cache] if cache is not None else [])
+    scores = []
+    for keys_bksh, _, mask in blocks:
+        scores_bkqs = jnp.einsum('BKQH,BKSH->BKQS', q_bkqh, keys_bksh.astype(q_bkqh.dtype),
+                                 preferred_element_type=jnp.float32)
+        mask_b1qs = jnp.tile(mask[:, None], (1, 1, g, 1))
+        scores.append(jnp.where(mask_b1qs, scores_bkqs, jnp.finfo(jnp.float32).min))
+    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(v_bksh.dtype)
+    splits = np.cumsum([keys.shape[2] for keys, _, _ in blocks])[:-1]
+    out_bkqh = sum(jnp.einsum('BKQS,BKSH->BKQH', p_bkqs, values.astype(p_bkqs.dtype))
+                   for p_bkqs, (_, values, _) in zip(jnp.split(probs, splits, axis=-1), blocks,
+                                                     strict=True))
+    return out_bkqh.reshape(b, n, t, h)
 
 
 class Attention(nnx.Module):
@@ -124,41 +139,32 @@ class Attention(nnx.Module):
             self.v_bias_kh = _zeros((k, h), ('kv_heads', 'head_dim'), dtype)
             self.o_bias_d = _zeros((d,), ('embed',), dtype)
 
-    def __call__(self, x_btd: Array, positions_bt: Array, mask_bts: Array,
-                 kv_cache: tuple[Array, Array] | None = None,
-                 cache_index: Array | int = 0) -> tuple[Array, tuple[Array, Array]]:
-        """Attention of the `T` new tokens over `S` keys.
-
-        Without `kv_cache` the keys are the new tokens themselves (`S = T`, training). With
-        `kv_cache = (k_bskh, v_bskh)` the new keys/values are written at `cache_index` and the
-        queries attend over the whole cache (`S` = cache length, generation); `mask_bts` says
-        which cache slots each query may see.
+    def __call__(self, x_btd: Array, positions_bt: Array, mask_btt: Array,
+                 cache: tuple[Array, Array, Array] | None = None):
+        """Attention of `T` tokens among themselves (`mask_btt`) and, when generating, also
+        over a cache `(k_bkch, v_bkch, mask_btc)` of earlier positions.
 
         Returns:
-            `(y_btd, (k_bskh, v_bskh))`: the output and the keys/values attended over (the
-            updated cache when one was given).
+            `(y_btd, (k_bkth, v_bkth))`: the output and these tokens' keys and values (for the
+            caller's cache).
         """
         c = self.config
         dtype = x_btd.dtype
-        q = jnp.einsum('BTD,DNH->BTNH', x_btd, self.q_weight_dnh[...].astype(dtype))
-        k = jnp.einsum('BSD,DKH->BSKH', x_btd, self.k_weight_dkh[...].astype(dtype))
-        v = jnp.einsum('BSD,DKH->BSKH', x_btd, self.v_weight_dkh[...].astype(dtype))
+        q = jnp.einsum('BTD,DNH->BNTH', x_btd, self.q_weight_dnh[...].astype(dtype))
+        k = jnp.einsum('BTD,DKH->BKTH', x_btd, self.k_weight_dkh[...].astype(dtype))
+        v = jnp.einsum('BTD,DKH->BKTH', x_btd, self.v_weight_dkh[...].astype(dtype))
         if c.use_bias:
-            q, k, v = (q + self.q_bias_nh[...].astype(dtype), k + self.k_bias_kh[...].astype(dtype),
-                       v + self.v_bias_kh[...].astype(dtype))
+            q = q + self.q_bias_nh[...].astype(dtype)[:, None]
+            k = k + self.k_bias_kh[...].astype(dtype)[:, None]
+            v = v + self.v_bias_kh[...].astype(dtype)[:, None]
         if c.family == 'llama':
             q = apply_rope(q, positions_bt, c.rope_theta)
             k = apply_rope(k, positions_bt, c.rope_theta)
-        if kv_cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(kv_cache[0], k.astype(kv_cache[0].dtype),
-                                                    cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(kv_cache[1], v.astype(kv_cache[1].dtype),
-                                                    cache_index, axis=1)
-        q = constrain(q, ('batch', 'seq', 'heads', 'head_dim'))
-        k = constrain(k, ('batch', 'seq', 'kv_heads', 'head_dim'))
-        v = constrain(v, ('batch', 'seq', 'kv_heads', 'head_dim'))
-        out_btnh = dot_product_attention(q, k.astype(dtype), v.astype(dtype), mask_bts)
-        y_btd = jnp.einsum('BTNH,NHD->BTD', out_btnh, self.o_weight_nhd[...].astype(dtype))
+        q = constrain(q, ('batch', 'heads', 'seq', 'head_dim'))
+        k = constrain(k, ('batch', 'kv_heads', 'seq', 'head_dim'))
+        v = constrain(v, ('batch', 'kv_heads', 'seq', 'head_dim'))
+        out_bnth = dot_product_attention(q, k, v, mask_btt, cache)
+        y_btd = jnp.einsum('BNTH,NHD->BTD', out_bnth, self.o_weight_nhd[...].astype(dtype))
         if c.use_bias:
             y_btd = y_btd + self.o_bias_d[...].astype(dtype)
         return y_btd, (k, v)
@@ -205,11 +211,10 @@ class Block(nnx.Module):
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x_btd: Array, positions_bt: Array, mask_bts: Array,
-                 kv_cache: tuple[Array, Array] | None = None, cache_index: Array | int = 0):
+    def __call__(self, x_btd: Array, positions_bt: Array, mask_btt: Array,
+                 cache: tuple[Array, Array, Array] | None = None):
         """Returns `(x_btd, (k, v))`; see `Attention.__call__` for the cache."""
-        attn_btd, kv = self.attn(self.attn_norm(x_btd), positions_bt, mask_bts, kv_cache,
-                                 cache_index)
+        attn_btd, kv = self.attn(self.attn_norm(x_btd), positions_bt, mask_btt, cache)
         x_btd = x_btd + attn_btd
         x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
         return constrain(x_btd, ('batch', 'seq', 'embed')), kv
@@ -237,44 +242,53 @@ class Transformer(nnx.Module):
     def __call__(self, tokens_bt: Array, positions_bt: Array | None = None,
                  segment_ids_bt: Array | None = None) -> Array:
         """Returns the final hidden states `[B, T, D]` in the compute dtype."""
+        return self.prefill(tokens_bt, positions_bt, segment_ids_bt)[0]
+
+    def prefill(self, tokens_bt: Array, positions_bt: Array | None = None,
+                segment_ids_bt: Array | None = None):
+        """Hidden states and every layer's keys and values `(k_lbkth, v_lbkth)` (the start of a
+        KV cache; XLA drops them when only the hidden states are used)."""
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
         if segment_ids_bt is None:
             segment_ids_bt = jnp.ones_like(tokens_bt)
         x_btd = self.embed(tokens_bt, positions_bt)
-        mask_bts = attention_mask(segment_ids_bt)
+        mask_btt = attention_mask(segment_ids_bt)
         block_graphdef, block_params = nnx.split(self.blocks)
 
         def layer(x_btd, params):
-            x_btd, _ = nnx.merge(block_graphdef, params)(x_btd, positions_bt, mask_bts)
-            return x_btd, None
+            return nnx.merge(block_graphdef, params)(x_btd, positions_bt, mask_btt)
 
         if self.config.remat:
             layer = jax.checkpoint(layer, prevent_cse=False)
-        x_btd, _ = jax.lax.scan(layer, x_btd, block_params)
-        return self.final_norm(x_btd)
+        x_btd, kv = jax.lax.scan(layer, x_btd, block_params)
+        return self.final_norm(x_btd), kv
 
-    def decode(self, tokens_bt: Array, positions_bt: Array, mask_bts: Array,
-               cache: tuple[Array, Array], cache_index: Array | int):
-        """Hidden states of `T` new tokens attending over a KV cache.
-
-        Args:
-            cache: `(k_lbskh, v_lbskh)`, one slice per layer; the new keys/values are written at
-                `cache_index` along `S`.
-            mask_bts: which of the `S` cache slots each new token may attend to.
+    def decode(self, tokens_bt: Array, positions_bt: Array, cache: tuple[Array, Array],
+               cache_mask_bc: Array, cache_index: Array | int):
+        """Hidden states of `T` new tokens that attend causally to each other and to the cache
+        slots where `cache_mask_bc` is true; their keys and values are then written into the
+        cache `(k_lbkch, v_lbkch)` at `cache_index`.
 
         Returns:
             `(h_btd, updated cache)`.
         """
         x_btd = self.embed(tokens_bt, positions_bt)
+        t = tokens_bt.shape[1]
+        mask_btt = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (tokens_bt.shape[0], t, t))
+        mask_btc = jnp.broadcast_to(cache_mask_bc[:, None], (*tokens_bt.shape,
+                                                             cache_mask_bc.shape[1]))
         block_graphdef, block_params = nnx.split(self.blocks)
 
         def layer(x_btd, params_and_cache):
-            params, k_bskh, v_bskh = params_and_cache
-            return nnx.merge(block_graphdef, params)(x_btd, positions_bt, mask_bts,
-                                                     (k_bskh, v_bskh), cache_index)
+            params, k_bkch, v_bkch = params_and_cache
+            return nnx.merge(block_graphdef, params)(x_btd, positions_bt, mask_btt,
+                                                     (k_bkch, v_bkch, mask_btc))
 
-        x_btd, cache = jax.lax.scan(layer, x_btd, (block_params, *cache))
+        x_btd, (k_lbkth, v_lbkth) = jax.lax.scan(layer, x_btd, (block_params, *cache))
+        at = (0, 0, 0, cache_index, 0)
+        cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), at)
+                      for c, new in zip(cache, (k_lbkth, v_lbkth), strict=True))
         return self.final_norm(x_btd), cache
 
     def embed(self, tokens_bt: Array, positions_bt: Array) -> Array:
@@ -301,18 +315,17 @@ class GPT(nnx.Module):
                  segment_ids_bt: Array | None = None) -> Array:
         return self.logits(self.transformer(tokens_bt, positions_bt, segment_ids_bt))
 
-    def decode(self, tokens_bt: Array, positions_bt: Array, mask_bts: Array,
-               cache: tuple[Array, Array], cache_index: Array | int):
+    def prefill(self, tokens_bt: Array, positions_bt: Array, segment_ids_bt: Array):
+        """`(logits [B, T, V], (k_lbkth, v_lbkth))`: a prompt's logits and its KV cache."""
+        h_btd, kv = self.transformer.prefill(tokens_bt, positions_bt, segment_ids_bt)
+        return self.logits(h_btd), kv
+
+    def decode(self, tokens_bt: Array, positions_bt: Array, cache: tuple[Array, Array],
+               cache_mask_bc: Array, cache_index: Array | int):
         """`(logits [B, T, V], updated cache)` of new tokens over a KV cache (generation)."""
-        h_btd, cache = self.transformer.decode(tokens_bt, positions_bt, mask_bts, cache,
+        h_btd, cache = self.transformer.decode(tokens_bt, positions_bt, cache, cache_mask_bc,
                                                cache_index)
         return self.logits(h_btd), cache
-
-    def init_cache(self, batch_size: int, length: int) -> tuple[Array, Array]:
-        """Zeroed `(k, v)` caches of shape `[L, B, S, K, H]` in the compute dtype."""
-        c = self.config
-        shape = (c.n_layer, batch_size, length, c.n_kv_head, c.head_dim)
-        return jnp.zeros(shape, c.dtype), jnp.zeros(shape, c.dtype)
 
     def logits(self, h_btd: Array) -> Array:
         if self.config.tie_embeddings:

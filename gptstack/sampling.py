@@ -56,13 +56,20 @@ def filter_logits(logits_bv: Array, temperature: Array, top_k: Array, top_p: Arr
     """Log-probabilities of the sampling distribution: logits / temperature restricted to the
     `top_k` most likely tokens and to the smallest set whose probability reaches `top_p`.
     With temperature 0 all mass goes to the argmax (greedy)."""
-    vocab = logits_bv.shape[-1]
     greedy = temperature <= 0
     scaled_bv = logits_bv / jnp.where(greedy, 1.0, temperature)
+    vocab = logits_bv.shape[-1]
+    # Sorting the vocabulary is the costly part: only do it when a filter is on.
+    needs_filter = greedy | ((top_k > 0) & (top_k < vocab)) | (top_p < 1)
+    return jax.lax.cond(needs_filter, _filtered_log_probs, lambda s, *_: jax.nn.log_softmax(s),
+                        scaled_bv, greedy, top_k, top_p)
+
+
+def _filtered_log_probs(scaled_bv: Array, greedy: Array, top_k: Array, top_p: Array) -> Array:
+    batch, vocab = scaled_bv.shape
     sorted_bv = jnp.sort(scaled_bv, axis=-1)[:, ::-1]
     k = jnp.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
-    kth_b1 = jnp.take_along_axis(sorted_bv, jnp.broadcast_to(k - 1, (logits_bv.shape[0], 1)),
-                                 axis=-1)
+    kth_b1 = jnp.take_along_axis(sorted_bv, jnp.broadcast_to(k - 1, (batch, 1)), axis=-1)
     # Nucleus: keep a sorted token when the mass strictly before it is still below top_p.
     probs_sorted_bv = jax.nn.softmax(sorted_bv, axis=-1)
     mass_before_bv = jnp.cumsum(probs_sorted_bv, axis=-1) - probs_sorted_bv
@@ -153,16 +160,18 @@ class Sampler:
                 model = nnx.merge(graphdef, params)
                 batch = tokens_bp.shape[0]
                 pad_b = prompt_len - lengths_b
-                slots_s = jnp.arange(total)
-                # Cache slots a query may read: real prompt tokens, then everything generated.
-                valid_bs = slots_s[None, :] >= pad_b[:, None]
-                positions_bp = jnp.maximum(slots_s[None, :prompt_len] - pad_b[:, None], 0)
-                causal_ps = slots_s[None, :] <= slots_s[:prompt_len, None]
-                mask_bps = causal_ps[None] & valid_bs[:, None, :]
-                cache = model.init_cache(batch, total)
-                cache = tuple(sharding.constrain(c, (None, 'batch', 'seq', 'kv_heads',
-                                                     'head_dim')) for c in cache)
-                logits_bpv, cache = model.decode(tokens_bp, positions_bp, mask_bps, cache, 0)
+                slots_c = jnp.arange(total)
+                # Cache slots holding real tokens: the prompt after its padding, then everything
+                # generated (written at slot prompt_len + step - 1 by decode step `step`).
+                valid_bc = slots_c[None, :] >= pad_b[:, None]
+                positions_bp = jnp.maximum(slots_c[None, :prompt_len] - pad_b[:, None], 0)
+                segment_ids_bp = valid_bc[:, :prompt_len].astype(jnp.int32)
+                logits_bpv, (k_lbkph, v_lbkph) = model.prefill(tokens_bp, positions_bp,
+                                                               segment_ids_bp)
+                # The cache: the prompt's keys/values followed by room for n_new tokens.
+                cache = tuple(sharding.constrain(
+                    jnp.pad(kv, ((0, 0), (0, 0), (0, 0), (0, n_new), (0, 0))),
+                    (None, 'batch', 'kv_heads', 'seq', 'head_dim')) for kv in (k_lbkph, v_lbkph))
 
                 def pick(logits_bv, step):
                     log_probs_bv = filter_logits(logits_bv, temperature, top_k, top_p)
@@ -198,10 +207,10 @@ class Sampler:
                 def body(carry):
                     step, token_b, done_b, cache, out = carry
                     slot = prompt_len + step - 1  # where the previous token is written
-                    mask_b1s = (valid_bs & (slots_s[None, :] <= slot))[:, None, :]
+                    cache_mask_bc = valid_bc & (slots_c[None, :] < slot)
                     position_b1 = (lengths_b + step - 1)[:, None]
-                    logits_b1v, cache = model.decode(token_b[:, None], position_b1, mask_b1s,
-                                                     cache, slot)
+                    logits_b1v, cache = model.decode(token_b[:, None], position_b1, cache,
+                                                     cache_mask_bc, slot)
                     next_b, sampled_lp, model_lp = pick(logits_b1v[:, 0], step)
                     out = record(out, step, next_b, sampled_lp, model_lp, ~done_b)
                     done_b = done_b | jnp.isin(next_b, stop_ids)

@@ -79,12 +79,12 @@ def test_score_model_shares_the_transformer_layout():
 
 
 def test_rope_preserves_norm_and_relative_positions():
-    x = jax.random.normal(jax.random.key(0), (1, 1, 2, 8))
+    x = jax.random.normal(jax.random.key(0), (1, 2, 1, 8))  # [B, N, T, H]
     y3 = gpt_model.apply_rope(x, jnp.array([[3]]), 10_000.0)
     np.testing.assert_allclose(jnp.linalg.norm(y3, axis=-1), jnp.linalg.norm(x, axis=-1),
                                rtol=1e-5)
     # <rope(q, m), rope(k, n)> depends only on m - n.
-    q, k = x[..., 0, :][:, :, None], x[..., 1, :][:, :, None]
+    q, k = x[:, :1], x[:, 1:]
 
     def dot(m, n):
         qm = gpt_model.apply_rope(q, jnp.array([[m]]), 10_000.0)

@@ -171,3 +171,14 @@ def test_tokenizer_stage_then_pretraining_with_its_model(corpus, tmp_path):
     result = run(command(corpus, tmp_path / 'pre', f'--config.tokenizer.path={model}'))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / 'pre' / 'tokenizer.model').read_bytes() == model.read_bytes()
+
+
+def test_sample_command_continues_a_prompt(corpus, tmp_path):
+    assert run(command(corpus, tmp_path)).returncode == 0
+    result = run([sys.executable, '-m', 'experiments.sample', f'--workdir={tmp_path}',
+                  '--prompt=def f(x):', '--num_samples=3', '--max_new_tokens=5',
+                  '--temperature=0'])
+    assert result.returncode == 0, result.stderr[-3000:]
+    samples = result.stdout.split('--- sample ')[1:]
+    assert len(samples) == 3 and all('def f(x):' in s for s in samples)
+    assert samples[0].split('\n', 1)[1] == samples[1].split('\n', 1)[1]  # greedy: identical

@@ -118,3 +118,46 @@ def test_top_k_one_and_zero_temperature_are_greedy():
         assert np.allclose(log_probs.max(-1), 0.0, atol=1e-5)
     top3 = np.asarray(filter_logits(logits, 1.0, 3, 1.0))
     assert (np.isfinite(top3).sum(-1) == 3).all()
+
+
+def test_rows_stop_early_and_nothing_after_the_stop_is_scored(mesh_1):
+    config, graphdef, params = build('toy', mesh_1)
+    prompts = [[5, 6, 7], [100, 200], [42] * 9, [7]]
+    kwargs = dict(batch_size=4, max_new_tokens=10, pad_id=PAD)
+    free = Sampler(graphdef, config, mesh_1, 'fsdp', stop_ids=[], **kwargs)(
+        params, prompts, jax.random.key(3))
+    stop = int(free['tokens'][0, 2])  # the 3rd token row 0 generates becomes the stop token
+    out = Sampler(graphdef, config, mesh_1, 'fsdp', stop_ids=[stop], **kwargs)(
+        params, prompts, jax.random.key(3))
+    for row in range(4):
+        generated = free['tokens'][row].tolist()
+        expected = generated.index(stop) + 1 if stop in generated else 10
+        n = int(out['lengths'][row])
+        assert n == expected
+        assert out['tokens'][row, :n].tolist() == generated[:n]
+        assert (out['mask'][row, :n] == 1).all() and (out['mask'][row, n:] == 0).all()
+        assert (out['tokens'][row, n:] == PAD).all()
+        assert (out['logprobs'][row, n:] == 0).all() and (out['model_logprobs'][row, n:] == 0).all()
+    assert out['lengths'][0] == 3 and out['lengths'].max() == 10
+
+
+def test_no_recompilation_within_a_prompt_bucket(mesh_1):
+    config, graphdef, params = build('toy', mesh_1)
+    sampler = Sampler(graphdef, config, mesh_1, 'fsdp', batch_size=2, max_new_tokens=4,
+                      stop_ids=[STOP], pad_id=PAD)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **kw: compiles.append(event)
+        if event == '/jax/core/compile/backend_compile_duration' else None)
+    rng = np.random.default_rng(0)
+    sampler(params, [[5]], jax.random.key(0))  # compiles the bucket-64 program once
+    before = len(compiles)
+    assert before > 0  # the listener does see compilations
+    for i in range(20):
+        lengths = rng.integers(1, 64, size=2)
+        prompts = [rng.integers(10, 1000, size=n).tolist() for n in lengths]
+        sampler(params, prompts[: 1 + i % 2], jax.random.key(i),
+                SamplingParams(temperature=float(rng.uniform(0, 2)), top_k=int(i % 5),
+                               top_p=float(rng.uniform(0.5, 1))))
+    assert len(compiles) == before
+    assert list(sampler._compiled) == [64]

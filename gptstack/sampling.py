@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -106,7 +106,7 @@ class Sampler:
         self.pad_id = pad_id
         self._batch_sharding = sharding.batch_sharding(mesh, rules, batch_size)
         self._row_sharding = sharding.named_sharding(mesh, ('batch',), rules)
-        self._compiled: dict[int, callable] = {}
+        self._compiled: dict[int, Callable] = {}
         self.truncated_prompts = 0
 
     def prompt_bucket(self, longest: int) -> int:

@@ -1,0 +1,208 @@
+"""The embedded instruction suite: procedurally generated tasks with an exact gold scorer.
+
+Every task is a user prompt, a reference answer (the demonstration SFT learns from) and what the
+scorer needs; `score(task, completion)` returns a number in [0, 1]. Families, each at difficulty
+levels 1-3:
+- arithmetic: addition, subtraction, multiplication with more digits at higher levels;
+- word problems: one- to three-step stories about counting things;
+- counting: letters in a word, words in a sentence;
+- string transforms: reverse, upper-case, sort the letters of a word;
+- sorting: numbers in ascending or descending order (partial credit per position);
+- constraints: write exactly N words that include (or avoid) a word, in a given case (credit
+  per satisfied constraint). Judging these is far easier than producing them, the property that
+  makes comparisons cheaper than demonstrations.
+
+Answers are "answer only": the scorer compares the completion with surrounding whitespace
+removed. A prompt's split (train 80%, validation 10%, test 10%) is a hash of its text, so the
+splits are disjoint whatever the seed, and `generate(split, n, seed)` is deterministic.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+import re
+from collections.abc import Callable
+
+SPLITS = {'train': (0, 80), 'validation': (80, 90), 'test': (90, 100)}
+FAMILIES = ('arithmetic', 'word_problem', 'counting', 'string', 'sorting', 'constraints')
+
+_WORDS = ('apple', 'river', 'stone', 'cloud', 'garden', 'window', 'silver', 'planet', 'forest',
+          'candle', 'bridge', 'winter', 'summer', 'mountain', 'ocean', 'letter', 'pencil',
+          'rabbit', 'orange', 'castle', 'thunder', 'meadow', 'harbor', 'lantern', 'python',
+          'number', 'signal', 'marble', 'violet', 'copper')
+_NAMES = ('Alice', 'Bob', 'Carol', 'Dave', 'Erin', 'Frank', 'Grace', 'Heidi', 'Ivan', 'Judy')
+_ITEMS = ('apples', 'books', 'coins', 'marbles', 'pencils', 'stamps', 'shells', 'cards')
+_FILLER = ('the', 'a', 'quiet', 'bright', 'small', 'old', 'green', 'near', 'over', 'and', 'with',
+           'under', 'warm', 'blue', 'tall', 'soft')
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One instruction: the prompt, a correct answer, and what the scorer checks."""
+
+    family: str
+    level: int
+    prompt: str
+    answer: str
+    # For 'exact': the answer; 'sorted': the list; 'constraints': n_words/include/exclude/case.
+    check: dict
+
+    def messages(self, with_answer: bool = True) -> list[dict]:
+        turns = [{'role': 'user', 'content': self.prompt}]
+        return [*turns, {'role': 'assistant', 'content': self.answer}] if with_answer else turns
+
+
+def split_of(prompt: str) -> str:
+    bucket = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16) % 100
+    return next(name for name, (lo, hi) in SPLITS.items() if lo <= bucket < hi)
+
+
+def generate(split: str, n: int, seed: int = 0,
+             families: tuple[str, ...] = FAMILIES) -> list[Task]:
+    """`n` distinct tasks of `split`, families and levels drawn uniformly, by `seed`."""
+    if split not in SPLITS:
+        raise ValueError(f'task split {split!r}: expected one of {sorted(SPLITS)}')
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise ValueError(f'task families {unknown}: expected some of {list(FAMILIES)}')
+    rng = random.Random(f'{seed}-{split}')
+    tasks, seen = [], set()
+    attempts = 0
+    while len(tasks) < n:
+        attempts += 1
+        if attempts > 200 * n + 1000:
+            raise ValueError(f'could not draw {n} distinct {split} tasks; ask for fewer')
+        family, level = rng.choice(families), rng.randint(1, 3)
+        task = _MAKERS[family](rng, level)
+        if task.prompt in seen or split_of(task.prompt) != split:
+            continue
+        seen.add(task.prompt)
+        tasks.append(task)
+    return tasks
+
+
+# --- makers ---------------------------------------------------------------------------------
+def _exact(family: str, level: int, prompt: str, answer) -> Task:
+    answer = str(answer)
+    return Task(family, level, prompt, answer, {'kind': 'exact', 'answer': answer})
+
+
+def _arithmetic(rng: random.Random, level: int) -> Task:
+    digits = level + 1
+    a, b = rng.randint(10 ** (digits - 1), 10 ** digits - 1), rng.randint(1, 10 ** digits - 1)
+    op = rng.choice('+-*' if level < 3 else '+-*+-')
+    if op == '*':
+        b = rng.randint(2, 10 ** level - 1)
+    result = {'+': a + b, '-': a - b, '*': a * b}[op]
+    return _exact('arithmetic', level, f'What is {a} {op} {b}? Answer with the number only.',
+                  result)
+
+
+def _word_problem(rng: random.Random, level: int) -> Task:
+    name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    total = rng.randint(2, 20)
+    story = [f'{name} has {total} {item}.']
+    for _ in range(level):
+        amount = rng.randint(1, 12)
+        if rng.random() < 0.5 or amount > total:
+            story.append(f'{name} gets {amount} more.')
+            total += amount
+        else:
+            story.append(f'{name} gives away {amount}.')
+            total -= amount
+    question = f'How many {item} does {name} have now? Answer with the number only.'
+    return _exact('word_problem', level, ' '.join([*story, question]), total)
+
+
+def _counting(rng: random.Random, level: int) -> Task:
+    if level == 1 or rng.random() < 0.5:
+        word = rng.choice(_WORDS) + (rng.choice(_WORDS) if level == 3 else '')
+        letter = rng.choice(sorted(set(word)))
+        return _exact('counting', level, f'How many times does the letter "{letter}" appear in '
+                                         f'"{word}"? Answer with the number only.',
+                      word.count(letter))
+    words = [rng.choice(_FILLER + _WORDS) for _ in range(rng.randint(3, 5 * level))]
+    return _exact('counting', level, f'How many words are in this sentence: "{" ".join(words)}"? '
+                                     'Answer with the number only.', len(words))
+
+
+def _string(rng: random.Random, level: int) -> Task:
+    word = rng.choice(_WORDS)
+    if level == 3:
+        word = f'{word} {rng.choice(_WORDS)}'
+    kind = rng.choice(('reverse', 'upper', 'sort'))
+    if kind == 'reverse':
+        return _exact('string', level, f'Reverse the text "{word}". Reply with the result only.',
+                      word[::-1])
+    if kind == 'upper':
+        return _exact('string', level, f'Write "{word}" in capital letters. Reply with the '
+                                       'result only.', word.upper())
+    return _exact('string', level, f'Sort the letters of "{word.replace(" ", "")}" in '
+                                   'alphabetical order. Reply with the letters only.',
+                  ''.join(sorted(word.replace(' ', ''))))
+
+
+def _sorting(rng: random.Random, level: int) -> Task:
+    numbers = rng.sample(range(1, 10 ** (level + 1)), 2 + 2 * level)
+    descending = rng.random() < 0.5
+    ordered = sorted(numbers, reverse=descending)
+    order = 'descending' if descending else 'ascending'
+    prompt = (f'Sort these numbers in {order} order: {", ".join(map(str, numbers))}. Reply with '
+              'the numbers separated by commas.')
+    answer = ', '.join(map(str, ordered))
+    return Task('sorting', level, prompt, answer, {'kind': 'sorted', 'answer': ordered})
+
+
+def _constraints(rng: random.Random, level: int) -> Task:
+    n_words = rng.randint(3, 4 + 2 * level)
+    include = rng.choice(_WORDS)
+    case = rng.choice(('lower', 'upper')) if level >= 2 else None
+    exclude = rng.choice([w for w in _FILLER if w not in ('a', 'the')]) if level == 3 else None
+    parts = [f'Write exactly {n_words} words that include the word "{include}"']
+    if exclude:
+        parts.append(f'do not use the word "{exclude}"')
+    if case:
+        parts.append(f'write every word in {case}case')
+    prompt = ', '.join(parts) + '. Reply with the words only.'
+    pool = [w for w in _FILLER + _WORDS if w not in (include, exclude)]
+    words = [rng.choice(pool) for _ in range(n_words - 1)]
+    words.insert(rng.randint(0, n_words - 1), include)
+    answer = ' '.join(words)
+    answer = answer.upper() if case == 'upper' else answer
+    return Task('constraints', level, prompt, answer,
+                {'kind': 'constraints', 'n_words': n_words, 'include': include,
+                 'exclude': exclude, 'case': case})
+
+
+_MAKERS: dict[str, Callable[[random.Random, int], Task]] = {
+    'arithmetic': _arithmetic, 'word_problem': _word_problem, 'counting': _counting,
+    'string': _string, 'sorting': _sorting, 'constraints': _constraints}
+
+
+# --- the gold scorer ------------------------------------------------------------------------
+def score(task: Task, completion: str) -> float:
+    """Gold score of `completion` for `task`, in [0, 1].
+
+    exact: 1 if the completion, stripped of surrounding whitespace, equals the answer.
+    sorted: the fraction of positions holding the right number (0 if the count differs).
+    constraints: the fraction of constraints met (word count, inclusion, exclusion, case).
+    """
+    text = completion.strip()
+    check = task.check
+    if check['kind'] == 'exact':
+        return float(text == check['answer'])
+    if check['kind'] == 'sorted':
+        items = [t.strip() for t in text.split(',')]
+        if len(items) != len(check['answer']):
+            return 0.0
+        return sum(a == str(b) for a, b in zip(items, check['answer'], strict=True)) / len(items)
+    words = text.split()
+    lowered = [re.sub(r'[^\w]', '', w).lower() for w in words]
+    met = [len(words) == check['n_words'], check['include'] in lowered]
+    if check['exclude']:
+        met.append(check['exclude'] not in lowered)
+    if check['case']:
+        met.append(bool(words) and all(getattr(w, f'is{check["case"]}')() for w in words))
+    return sum(met) / len(met)

@@ -199,13 +199,22 @@ def make_eval_batches(source: TokenizedSource, seq_len: int, batch_size: int, *,
     is padded with empty rows, whose loss mask is 0). At most `max_batches` batches are kept.
     """
     rows = list(source_rows(source.val_path, seq_len, seed=0, shuffle=False))
+    return deal_eval_rows(rows, batch_size, to_model_batch, max_batches=max_batches,
+                          process_index=process_index, process_count=process_count)
+
+
+def deal_eval_rows(rows: list[dict], batch_size: int, to_batch, *, max_batches: int,
+                   process_index: int, process_count: int) -> list[dict[str, np.ndarray]]:
+    """Deals packed rows round-robin to processes as `batch_size`-row batches, padding the last
+    with empty rows (segment 0, so loss mask 0): every process gets the same number of batches,
+    at most `max_batches`."""
     global_batch = batch_size * process_count
     n_batches = min(max_batches, math.ceil(len(rows) / global_batch))
     rows = rows[:n_batches * global_batch][process_index::process_count]
     empty = {k: np.zeros_like(v) for k, v in rows[0].items()}
     rows += [empty] * (n_batches * batch_size - len(rows))
-    return [to_model_batch({k: np.stack([r[k] for r in rows[i:i + batch_size]])
-                            for k in ('tokens', 'tokens_segment_ids', 'tokens_positions')})
+    keys = [k for k in rows[0] if k != 'source']
+    return [to_batch({k: np.stack([r[k] for r in rows[i:i + batch_size]]) for k in keys})
             for i in range(0, len(rows), batch_size)]
 
 

@@ -136,8 +136,9 @@ def read_text_file(path: pathlib.Path, budget: SkipBudget) -> Iterator[str]:
     yield text.replace('\r\n', '\n')
 
 
-def read_jsonl(path: pathlib.Path, field: str, budget: SkipBudget) -> Iterator[str]:
-    """The string `field` of every JSON object line."""
+def read_json_records(path: pathlib.Path, budget: SkipBudget) -> Iterator[tuple[str, dict]]:
+    """`(location, object)` for every JSON object line of a JSONL file; `location` is
+    `path:line`. Lines that are not valid UTF-8 JSON objects go to the skip budget."""
     with open(path, 'rb') as f:
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -156,16 +157,23 @@ def read_jsonl(path: pathlib.Path, field: str, budget: SkipBudget) -> Iterator[s
             if not isinstance(record, dict):
                 budget.reject(DataError(f'{where}: expected a JSON object, got '
                                         f'{type(record).__name__}'), 'not an object')
-            elif field not in record:
-                budget.reject(DataError(f'{where}: missing field {field!r} (fields: '
-                                        f'{sorted(record)})'), 'missing field')
-            elif not isinstance(record[field], str):
-                budget.reject(DataError(f'{where}: field {field!r} must be a string, got '
-                                        f'{type(record[field]).__name__}'), 'not a string')
-            elif not record[field].strip():
-                budget.reject(DataError(f'{where}: field {field!r} is empty'), 'empty')
-            else:
-                yield record[field]
+                continue
+            yield where, record
+
+
+def read_jsonl(path: pathlib.Path, field: str, budget: SkipBudget) -> Iterator[str]:
+    """The string `field` of every JSON object line."""
+    for where, record in read_json_records(path, budget):
+        if field not in record:
+            budget.reject(DataError(f'{where}: missing field {field!r} (fields: '
+                                    f'{sorted(record)})'), 'missing field')
+        elif not isinstance(record[field], str):
+            budget.reject(DataError(f'{where}: field {field!r} must be a string, got '
+                                    f'{type(record[field]).__name__}'), 'not a string')
+        elif not record[field].strip():
+            budget.reject(DataError(f'{where}: field {field!r} is empty'), 'empty')
+        else:
+            yield record[field]
 
 
 def read_source(spec: SourceSpec, budget: SkipBudget) -> Iterator[str]:

@@ -30,7 +30,7 @@ from gptstack.data import sources
 from gptstack.data.tokenizer import train_tokenizer
 from gptstack.optim import make_optimizer
 from gptstack.state import create_train_state
-from gptstack.steps.pretrain import make_pretrain_step
+from gptstack.steps.lm import make_lm_step
 
 
 def timed(fn):
@@ -73,7 +73,7 @@ def main():
     graphdef, state, shardings = create_train_state(
         lambda rngs: gpt_model.GPT(model_config, rngs=rngs), tx, mesh, 'fsdp',
         jax.random.key(0))
-    step = make_pretrain_step(graphdef, tx, schedule, mesh, 'fsdp', shardings, batch_size)
+    step = make_lm_step(graphdef, tx, schedule, mesh, 'fsdp', shardings, batch_size)
     state, metrics = step(state, batch)
     jax.block_until_ready(metrics)
     times = []

@@ -36,7 +36,7 @@ from gptstack.model import GPT, count_params
 from gptstack.optim import make_optimizer
 from gptstack.sampling import Sampler, SamplingParams
 from gptstack.state import abstract_model, abstract_train_state, create_train_state, state_shardings
-from gptstack.steps.pretrain import make_eval_step, make_pretrain_step
+from gptstack.steps.lm import make_eval_step, make_lm_step
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def run(config, workdir: pathlib.Path) -> str:
     log.info('model: %s family, %s parameters', model_config.family, f'{n_params:,}')
 
     # --- compiled functions -------------------------------------------------------------------
-    train_step = make_pretrain_step(graphdef, tx, schedule, mesh, rules, shardings,
+    train_step = make_lm_step(graphdef, tx, schedule, mesh, rules, shardings,
                                     global_batch_size, optim_config.accum_steps)
     eval_step = make_eval_step(graphdef, mesh, rules, shardings.params, global_batch_size,
                                tokenizer.token_bytes())

@@ -13,8 +13,8 @@ from gptstack.checkpoint import Checkpointer, abstract_with_shardings
 from gptstack.config import GPTConfig, OptimConfig
 from gptstack.optim import make_optimizer
 from gptstack.state import abstract_train_state, create_train_state, state_shardings
-from gptstack.steps.pretrain import make_pretrain_step
-from tests.test_pretrain_step import B, packed_batch
+from gptstack.steps.lm import make_lm_step
+from tests.test_lm_step import B, packed_batch
 
 CONFIG = GPTConfig.preset('toy')
 
@@ -27,7 +27,7 @@ def test_save_on_fsdp8_restore_on_2x4_and_one_device(tmp_path, mesh_8, mesh_2x4,
     tx, schedule = make_optimizer(OptimConfig(lr=1e-3, warmup_steps=1, total_steps=20))
     graphdef, state, shardings = create_train_state(model_fn, tx, mesh_8, 'fsdp',
                                                     jax.random.key(0))
-    step = make_pretrain_step(graphdef, tx, schedule, mesh_8, 'fsdp', shardings, B)
+    step = make_lm_step(graphdef, tx, schedule, mesh_8, 'fsdp', shardings, B)
     state, _ = step(state, packed_batch(0))
     checkpointer = Checkpointer(tmp_path / 'ckpt')
     checkpointer.save(1, state, meta={'note': 'fsdp8'})
@@ -47,7 +47,7 @@ def test_save_on_fsdp8_restore_on_2x4_and_one_device(tmp_path, mesh_8, mesh_2x4,
         jax.tree.map(np.testing.assert_array_equal, saved,
                      jax.device_get(nnx.to_pure_dict(restored.params)))
         assert int(restored.step) == 1
-        other_step = make_pretrain_step(graphdef, tx, schedule, mesh, rules, target_shardings, B)
+        other_step = make_lm_step(graphdef, tx, schedule, mesh, rules, target_shardings, B)
         _, metrics = other_step(restored, packed_batch(1))
         np.testing.assert_allclose(metrics['loss'], expected['loss'], rtol=1e-6)
     checkpointer.close()

@@ -9,7 +9,7 @@ import pytest
 from gptstack import loop
 from gptstack.checkpoint import Checkpointer
 from gptstack.metrics import MetricsWriter, read_metrics
-from gptstack.steps.pretrain import keep_if_finite
+from gptstack.steps.lm import keep_if_finite
 
 
 @flax.struct.dataclass

@@ -1,11 +1,14 @@
-"""The pretraining step: next-token prediction on packed rows.
+"""The language-model step of pretraining and supervised finetuning: masked next-token
+prediction on packed rows. The two stages differ only in their data: pretraining counts every
+target inside a document, SFT only the assistant's tokens (the `loss_mask` says which).
 
 A batch is a dict of `[B, T]` arrays:
     inputs       int32  token ids fed to the model
     targets      int32  the token to predict at each position (inputs shifted by one)
-    segment_ids  int32  document index within the row (attention stays inside a document)
+    segment_ids  int32  document or conversation index within the row (attention stays inside)
     positions    int32  position within the document (restarts at every document)
-    loss_mask    int32/float  1 where the target counts (0 on padding and document boundaries)
+    loss_mask    int32/float  1 where the target counts (0 on padding, boundaries, and for SFT
+                 on everything but assistant tokens)
 
 The loss is the token-weighted mean over the whole global batch, computed from sums so that
 gradient accumulation and sharding do not change it. A step whose loss or gradient is not finite
@@ -43,10 +46,10 @@ def keep_if_finite(finite: jax.Array, state: TrainState, params, opt_state) -> T
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
 
 
-def make_pretrain_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+def make_lm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                        schedule: optax.Schedule, mesh: Mesh, rules: str,
                        state_shardings: TrainState, batch_size: int, accum_steps: int = 1):
-    """Builds the jitted `pretrain_step(state, batch) -> (state, metrics)`.
+    """Builds the jitted `lm_step(state, batch) -> (state, metrics)`.
 
     The state is donated (updated in place); the batch must be `batch_size` rows, split over the
     mesh's batch axes. Metrics are replicated float32 scalars: `loss` (mean nats per target
@@ -56,7 +59,7 @@ def make_pretrain_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
         raise ValueError(f'batch size {batch_size} is not divisible by accum_steps={accum_steps}')
     batch_sharding = sharding.batch_sharding(mesh, rules, batch_size // accum_steps)
 
-    def pretrain_step(state: TrainState, batch: dict[str, jax.Array]):
+    def lm_step(state: TrainState, batch: dict[str, jax.Array]):
         with sharding.activation_sharding(mesh, rules):
             loss_sum, count, grads = accumulate_gradients(
                 lambda p, b: lm_loss(graphdef, p, b), state.params, batch, accum_steps)
@@ -69,7 +72,7 @@ def make_pretrain_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                    'lr': schedule(state.step), 'nonfinite': (~finite).astype(jnp.float32)}
         return keep_if_finite(finite, state, params, opt_state), metrics
 
-    return jax.jit(pretrain_step, in_shardings=(state_shardings, batch_sharding),
+    return jax.jit(lm_step, in_shardings=(state_shardings, batch_sharding),
                    out_shardings=(state_shardings, sharding.replicated(mesh)),
                    donate_argnums=0)
 

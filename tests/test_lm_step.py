@@ -1,6 +1,6 @@
-"""The jitted pretraining step: mesh equivalence, accumulation, learning.
+"""The jitted language-model step: mesh equivalence, accumulation, learning.
 
-Run: `python -m pytest -q tests/test_pretrain_step.py`.
+Run: `python -m pytest -q tests/test_lm_step.py`.
 """
 
 import jax
@@ -13,7 +13,7 @@ from gptstack import model as gpt_model
 from gptstack.config import GPTConfig, OptimConfig
 from gptstack.optim import make_optimizer
 from gptstack.state import create_train_state
-from gptstack.steps.pretrain import make_pretrain_step
+from gptstack.steps.lm import make_lm_step
 
 B, T = 8, 32
 
@@ -41,7 +41,7 @@ def run_steps(preset, mesh, rules, tx, schedule, n_steps=1, accum_steps=1, batch
     graphdef, state, shardings = create_train_state(
         lambda rngs: gpt_model.GPT(config, rngs=rngs), tx, mesh, rules, jax.random.key(0))
     params0 = jax.device_get(nnx.to_pure_dict(state.params))
-    step = make_pretrain_step(graphdef, tx, schedule, mesh, rules, shardings, B, accum_steps)
+    step = make_lm_step(graphdef, tx, schedule, mesh, rules, shardings, B, accum_steps)
     batch = packed_batch() if batch is None else batch
     history = []
     for _ in range(n_steps):

@@ -36,7 +36,7 @@ from gptstack.model import GPT, count_params
 from gptstack.optim import make_optimizer
 from gptstack.sampling import Sampler, SamplingParams
 from gptstack.state import abstract_model, abstract_train_state, create_train_state, state_shardings
-from gptstack.steps.lm import make_eval_step, make_lm_step
+from gptstack.steps.lm import make_lm_eval_step, make_lm_step
 
 log = logging.getLogger(__name__)
 
@@ -65,22 +65,67 @@ def check_compatible(meta: dict, tokenizer: Tokenizer, model_config: GPTConfig, 
             f'{k}={saved.get(k)!r} there vs {current[k]!r} here' for k in diff))
 
 
-def run(config, workdir: pathlib.Path) -> str:
-    # --- configs and mesh: every check that can fail does so before any expensive work --------
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What every training stage derives from its config before doing any work."""
+
+    mesh: jax.sharding.Mesh
+    rules: str
+    optim: OptimConfig
+    loop: loop.LoopConfig
+    batch_sharding: jax.sharding.NamedSharding
+    peak_flops: float
+    peak_source: str
+
+
+def setup(config) -> Setup:
+    """Validates the mesh, optimizer, loop and batch settings (cheap; fails with the key)."""
     mesh_config = MeshConfig.from_dict(config.mesh)
     optim_config = OptimConfig.from_dict(config.optim)
     loop_config = loop.LoopConfig(**{k: v for k, v in config.train.items()
                                      if k != 'keep_checkpoints'})
-    specs = specs_from_config(config.data.sources)
     mesh = sharding.make_mesh(mesh_config)
-    rules = mesh_config.rules
+    if config.data.batch_size % jax.process_count():
+        raise ConfigError(f'data.batch_size={config.data.batch_size} must divide over the '
+                          f'{jax.process_count()} processes')
+    batch_sharding = sharding.batch_sharding(mesh, mesh_config.rules, config.data.batch_size)
+    log.info('mesh: %s, rules %s', sharding.describe(mesh), mesh_config.rules)
+    peak, source = peak_flops_per_device(config.model.dtype if 'model' in config else 'float32')
+    return Setup(mesh, mesh_config.rules, optim_config, loop_config, batch_sharding,
+                 peak * jax.device_count(), source)
+
+
+def make_evaluate(eval_step, eval_sets: dict[str, list]):
+    """`evaluate(state) -> {val/<name>/loss, val/<name>/bpb, val_loss, val_bpb}` over fixed
+    batches; the totals weigh every counted token equally."""
+    def evaluate(state) -> dict:
+        metrics, totals = {}, np.zeros(3)
+        for name, batches in eval_sets.items():
+            sums = np.zeros(3)
+            for batch in batches:
+                out = jax.device_get(eval_step(state.params, batch))
+                sums += [out['loss_sum'], out['count'], out['bytes']]
+            metrics[f'val/{name}/loss'] = sums[0] / sums[1]
+            metrics[f'val/{name}/bpb'] = sums[0] / (math.log(2) * sums[2])
+            totals += sums
+        metrics['val_loss'] = totals[0] / totals[1]
+        metrics['val_bpb'] = totals[0] / (math.log(2) * totals[2])
+        return metrics
+
+    return evaluate
+
+
+def asdict(model_config: GPTConfig) -> dict:
+    return dataclasses.asdict(model_config)
+
+
+def run(config, workdir: pathlib.Path) -> str:
+    # --- configs and mesh: every check that can fail does so before any expensive work --------
+    specs = specs_from_config(config.data.sources)
+    setup_ = setup(config)
+    mesh, rules, batch_sharding = setup_.mesh, setup_.rules, setup_.batch_sharding
     global_batch_size, seq_len = config.data.batch_size, config.data.seq_len
     processes = jax.process_count()
-    if global_batch_size % processes:
-        raise ConfigError(f'data.batch_size={global_batch_size} must divide over the '
-                          f'{processes} processes')
-    batch_sharding = sharding.batch_sharding(mesh, rules, global_batch_size)
-    log.info('mesh: %s, rules %s', sharding.describe(mesh), rules)
 
     # --- tokenizer and data -------------------------------------------------------------------
     tokenizer = tokenizer_stage.obtain(config, workdir)
@@ -105,7 +150,7 @@ def run(config, workdir: pathlib.Path) -> str:
                  for s in tokenized}
 
     # --- state: restored from the latest checkpoint, or created sharded -----------------------
-    tx, schedule = make_optimizer(optim_config)
+    tx, schedule = make_optimizer(setup_.optim)
     model_fn = lambda rngs: GPT(model_config, rngs=rngs)  # noqa: E731
     graphdef, abstract_params = abstract_model(model_fn)
     abstract_state = abstract_train_state(model_fn, tx)
@@ -128,8 +173,8 @@ def run(config, workdir: pathlib.Path) -> str:
 
     # --- compiled functions -------------------------------------------------------------------
     train_step = make_lm_step(graphdef, tx, schedule, mesh, rules, shardings,
-                                    global_batch_size, optim_config.accum_steps)
-    eval_step = make_eval_step(graphdef, mesh, rules, shardings.params, global_batch_size,
+                                    global_batch_size, setup_.optim.accum_steps)
+    eval_step = make_lm_eval_step(graphdef, mesh, rules, shardings.params, global_batch_size,
                                tokenizer.token_bytes())
     shards = math.prod(mesh.shape[a] for a in ('data', 'fsdp'))
     prompts = [[tokenizer.eot_id, *tokenizer.encode(p)] for p in config.sample.prompts]
@@ -140,19 +185,7 @@ def run(config, workdir: pathlib.Path) -> str:
     sampling = SamplingParams(config.sample.temperature, config.sample.top_k,
                               config.sample.top_p)
 
-    def evaluate(state) -> dict:
-        metrics, totals = {}, np.zeros(3)
-        for name, batches in eval_sets.items():
-            sums = np.zeros(3)
-            for batch in batches:
-                out = jax.device_get(eval_step(state.params, batch))
-                sums += [out['loss_sum'], out['count'], out['bytes']]
-            metrics[f'val/{name}/loss'] = sums[0] / sums[1]
-            metrics[f'val/{name}/bpb'] = sums[0] / (math.log(2) * sums[2])
-            totals += sums
-        metrics['val_loss'] = totals[0] / totals[1]
-        metrics['val_bpb'] = totals[0] / (math.log(2) * totals[2])
-        return metrics
+    evaluate = make_evaluate(eval_step, eval_sets)
 
     def sample(state) -> list[dict]:
         key = jax.random.fold_in(jax.random.key(config.seed), int(state.step))
@@ -164,7 +197,6 @@ def run(config, workdir: pathlib.Path) -> str:
     # --- the loop -----------------------------------------------------------------------------
     writer = MetricsWriter(workdir, resume_step=latest)
     truncate_jsonl(workdir / 'samples.jsonl', latest or 0)
-    peak, peak_source = peak_flops_per_device(model_config.dtype)
     tokens_per_step = global_batch_size * seq_len
     start_time = time.perf_counter()
     meta = {'model': dataclasses.asdict(model_config), 'tokenizer_sha256': tokenizer.sha256,
@@ -172,16 +204,16 @@ def run(config, workdir: pathlib.Path) -> str:
     result = loop.train(
         state=state, step_fn=train_step,
         batches=(sharding.global_batch(b, batch_sharding) for b in data_iterator),
-        data_iterator=data_iterator, config=loop_config, checkpointer=checkpointer,
+        data_iterator=data_iterator, config=setup_.loop, checkpointer=checkpointer,
         writer=writer, workdir=workdir, evaluate=evaluate, sample=sample,
         checkpoint_meta=meta, tokens_per_step=tokens_per_step,
         flops_per_step=train_flops_per_token(model_config, seq_len) * tokens_per_step,
-        peak_flops=peak * jax.device_count(), wall_time_offset=wall_offset)
+        peak_flops=setup_.peak_flops, wall_time_offset=wall_offset)
     writer.close()
     checkpointer.close()
     if result.status == 'finished' and jax.process_index() == 0:
         path = write_report(workdir, config, model_config, n_params, tokenized, tokenizer,
-                            wall_offset + time.perf_counter() - start_time, peak_source)
+                            wall_offset + time.perf_counter() - start_time, setup_.peak_source)
         log.info('report: %s', path)
     return result.status
 

@@ -3,9 +3,14 @@
     python -m experiments.sample --workdir=workdirs/pretrain --prompt='def parse(' \
         [--num_samples=4] [--max_new_tokens=128] [--temperature=0.8] [--top_k=50] [--top_p=0.95]
 
+    python -m experiments.sample --workdir=workdirs/sft --chat [--system='Be brief.']
+
 Loads the workdir's tokenizer, model config and parameters (not the optimizer state), and
 generates with the same KV-cache sampler, dtypes and sharding as training. Each sample starts a
-new document (`<|endoftext|>` + prompt) and stops at the next `<|endoftext|>`.
+new document (`<|endoftext|>` + prompt) and stops at the next `<|endoftext|>`. `--chat` (for a
+finetuned workdir) reads user turns from standard input, one per line, renders the whole
+conversation with the chat template and prints the assistant's reply; an empty line or end of
+input ends it.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from absl import app, flags
 from gptstack import sharding
 from gptstack.checkpoint import Checkpointer
 from gptstack.config import GPTConfig, MeshConfig
-from gptstack.data.tokenizer import Tokenizer
+from gptstack.data.tokenizer import Tokenizer, parse_chat, render_prompt
 from gptstack.model import GPT
 from gptstack.sampling import Sampler, SamplingParams
 from gptstack.state import abstract_model
@@ -34,6 +39,8 @@ _TOP_K = flags.DEFINE_integer('top_k', 50, '0 disables.')
 _TOP_P = flags.DEFINE_float('top_p', 0.95, '1 disables.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Same seed, same samples.')
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+_CHAT = flags.DEFINE_bool('chat', False, 'Converse with a finetuned model (SFT or later).')
+_SYSTEM = flags.DEFINE_string('system', '', 'System turn for --chat.')
 flags.mark_flag_as_required('workdir')
 
 
@@ -55,21 +62,43 @@ def load(workdir: pathlib.Path, step: int | None = None):
                           abstract, sharding.param_shardings(abstract, mesh, 'fsdp'))
     params = checkpointer.restore_params(step, target)
     checkpointer.close()
-    return tokenizer, config, graphdef, params, mesh
+    return tokenizer, config, graphdef, params, mesh, meta
+
+
+def chat(tokenizer, sampler, params, sampling) -> None:
+    messages = [{'role': 'system', 'content': _SYSTEM.value}] if _SYSTEM.value else []
+    for turn, line in enumerate(sys.stdin):
+        if not line.strip():
+            break
+        messages.append({'role': 'user', 'content': line.rstrip('\n')})
+        out = sampler(params, [render_prompt(tokenizer, messages)],
+                      jax.random.fold_in(jax.random.key(_SEED.value), turn), sampling)
+        ids = out['tokens'][0, :out['lengths'][0]]
+        reply = parse_chat(tokenizer, [tokenizer.role_ids['assistant'], *ids])[0]
+        messages.append({'role': 'assistant', 'content': reply['content']})
+        print(f'assistant: {reply["content"]}' + ('' if reply['complete'] else ' […]'),
+              flush=True)
 
 
 def main(argv) -> int:
     del argv
     workdir = pathlib.Path(_WORKDIR.value)
-    tokenizer, config, graphdef, params, mesh = load(workdir, _STEP.value)
+    tokenizer, config, graphdef, params, mesh, meta = load(workdir, _STEP.value)
+    stage = meta.get('config', {}).get('stage')
+    if _CHAT.value and stage in ('tokenizer', 'pretrain'):
+        raise app.UsageError(f'--chat needs a finetuned workdir; {workdir} is a {stage} run '
+                             '(a base model only continues text: use --prompt)')
     shards = math.prod(mesh.shape[a] for a in ('data', 'fsdp'))
-    n = _NUM_SAMPLES.value
+    n = 1 if _CHAT.value else _NUM_SAMPLES.value
+    stops = [tokenizer.eot_id, tokenizer.end_of_turn_id] if _CHAT.value else [tokenizer.eot_id]
     sampler = Sampler(graphdef, config, mesh, 'fsdp', batch_size=shards * math.ceil(n / shards),
-                      max_new_tokens=_MAX_NEW.value, stop_ids=[tokenizer.eot_id],
-                      pad_id=tokenizer.pad_id)
+                      max_new_tokens=_MAX_NEW.value, stop_ids=stops, pad_id=tokenizer.pad_id)
+    sampling = SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+    if _CHAT.value:
+        chat(tokenizer, sampler, params, sampling)
+        return 0
     prompt = [tokenizer.eot_id, *tokenizer.encode(_PROMPT.value)]
-    out = sampler(params, [prompt] * n, jax.random.key(_SEED.value),
-                  SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value))
+    out = sampler(params, [prompt] * n, jax.random.key(_SEED.value), sampling)
     for i in range(n):
         text = tokenizer.decode(out['tokens'][i, :out['lengths'][i]])
         print(f'--- sample {i + 1} of {n} ---\n{_PROMPT.value}{text}')

@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import time
 import pytest
 
 from gptstack.data import sources
+from gptstack.data.tokenizer import train_tokenizer
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -182,3 +184,73 @@ def test_sample_command_continues_a_prompt(corpus, tmp_path):
     samples = result.stdout.split('--- sample ')[1:]
     assert len(samples) == 3 and all('def f(x):' in s for s in samples)
     assert samples[0].split('\n', 1)[1] == samples[1].split('\n', 1)[1]  # greedy: identical
+
+
+# --- supervised finetuning ------------------------------------------------------------------
+SFT = ('--config.data.seq_len=96',)
+
+
+@pytest.fixture(scope='module')
+def base_workdir(corpus, tmp_path_factory):
+    """A runlocal pretraining run with room for task conversations (96 tokens)."""
+    workdir = tmp_path_factory.mktemp('base')
+    result = run(command(corpus, workdir, *SFT))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def sft_command(workdir, init_from, *overrides):
+    return [sys.executable, '-m', 'experiments.run', '--config=experiments/configs/sft.py:runlocal',
+            f'--workdir={workdir}', f'--config.init_from={init_from}', *SFT, *overrides]
+
+
+def test_sft_smoke_run_reports_base_and_sft_gold_scores(base_workdir, tmp_path):
+    result = run(sft_command(tmp_path, base_workdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = metrics(tmp_path)
+    assert records[0]['step'] == 0 and 'gold/greedy' in records[0]  # the base model
+    assert 'gold/sampled_stderr' in records[-1]
+    assert (tmp_path / 'tokenizer.model').read_bytes() == (
+        base_workdir / 'tokenizer.model').read_bytes()
+    assert 'Gold score on held-out prompts' in (tmp_path / 'report.md').read_text()
+    chat = run([sys.executable, '-m', 'experiments.sample', f'--workdir={tmp_path}', '--chat',
+                '--max_new_tokens=5', '--temperature=0'], input='What is 2 + 2?\nAnd 3 + 3?\n')
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    assert [line.split(':')[0] for line in chat.stdout.splitlines()] == ['assistant'] * 2
+    base_chat = run([sys.executable, '-m', 'experiments.sample', f'--workdir={base_workdir}',
+                     '--chat'], input='hi\n')
+    assert base_chat.returncode != 0 and '--chat needs a finetuned workdir' in base_chat.stderr
+
+
+def test_sft_kill_9_then_resume_continues_exactly(base_workdir, tmp_path):
+    reference = run(sft_command(tmp_path / 'reference', base_workdir, *LONG))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    workdir = tmp_path / 'killed'
+    process = start_and_wait_for_checkpoint(sft_command(workdir, base_workdir, *LONG), workdir,
+                                            20)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert max(losses(workdir)) < 300
+    resumed = run(sft_command(workdir, base_workdir, *LONG))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r['step'] for r in metrics(workdir) if 'loss' in r] == list(range(1, 301))
+    assert losses(workdir) == losses(tmp_path / 'reference')
+
+
+def test_sft_refuses_a_bad_base(base_workdir, tmp_path):
+    result = run(sft_command(tmp_path / 'a', ''))
+    assert 'init_from: name the pretraining workdir to finetune' in result.stderr
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    (empty / 'tokenizer.model').write_bytes((base_workdir / 'tokenizer.model').read_bytes())
+    result = run(sft_command(tmp_path / 'b', empty))
+    assert f'init_from={empty}: no checkpoint in {empty / "checkpoints"}' in result.stderr
+    # A base whose tokenizer.model is not the one its checkpoint was trained with.
+    mixed = tmp_path / 'mixed'
+    shutil.copytree(base_workdir, mixed)
+    other = train_tokenizer([f'completely different text {i}, with words.' for i in range(500)],
+                            vocab_size=300)
+    other.save(mixed / 'tokenizer.model')
+    result = run(sft_command(tmp_path / 'c', mixed))
+    assert result.returncode == 1
+    assert 'was trained with tokenizer' in result.stderr and other.sha256 in result.stderr

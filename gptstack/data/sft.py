@@ -30,8 +30,10 @@ from gptstack.data.tokenizer import ROLES, Tokenizer, render_chat
 log = logging.getLogger(__name__)
 
 
-def conversation_from_record(record: dict, where: str) -> list[dict]:
-    """The validated `messages` of one record (either layout).
+def conversation_from_record(record: dict, where: str, prompt_field: str = 'prompt',
+                             response_field: str = 'response') -> list[dict]:
+    """The validated `messages` of one record (either layout; the prompt/response field names
+    are configurable, e.g. GSM8K's `question`/`answer`).
 
     Raises:
         DataError: naming `where` and the offending field.
@@ -55,21 +57,23 @@ def conversation_from_record(record: dict, where: str) -> list[dict]:
             raise DataError(f"{where}: the conversation ends with a {messages[-1]['role']!r} "
                             'turn; it must end with an assistant turn')
         return [{'role': m['role'], 'content': m['content']} for m in messages]
-    if 'prompt' in record or 'response' in record:
-        for field in ('prompt', 'response'):
+    if prompt_field in record or response_field in record:
+        for field in (prompt_field, response_field):
             if not isinstance(record.get(field), str) or not record[field].strip():
                 raise DataError(f'{where}: field {field!r} must be a non-empty string')
-        return [{'role': 'user', 'content': record['prompt']},
-                {'role': 'assistant', 'content': record['response']}]
-    raise DataError(f"{where}: expected 'messages' or 'prompt' and 'response' (fields: "
-                    f'{sorted(record)})')
+        return [{'role': 'user', 'content': record[prompt_field]},
+                {'role': 'assistant', 'content': record[response_field]}]
+    raise DataError(f"{where}: expected 'messages' or {prompt_field!r} and {response_field!r} "
+                    f'(fields: {sorted(record)})')
 
 
-def read_conversations(path: str | pathlib.Path, budget: SkipBudget) -> Iterator[tuple[str, list]]:
+def read_conversations(path: str | pathlib.Path, budget: SkipBudget, *,
+                       prompt_field: str = 'prompt',
+                       response_field: str = 'response') -> Iterator[tuple[str, list]]:
     """`(location, messages)` for every valid record of a JSONL file."""
     for where, record in read_json_records(pathlib.Path(path), budget):
         try:
-            yield where, conversation_from_record(record, where)
+            yield where, conversation_from_record(record, where, prompt_field, response_field)
         except DataError as error:
             budget.reject(error, 'bad conversation')
 

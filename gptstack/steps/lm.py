@@ -77,7 +77,7 @@ def make_lm_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                    donate_argnums=0)
 
 
-def make_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, rules: str, param_shardings,
+def make_lm_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, rules: str, param_shardings,
                    batch_size: int, token_bytes):
     """Builds the jitted `eval_step(params, batch) -> {loss_sum, count, bytes}` (replicated).
 

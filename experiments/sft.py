@@ -109,7 +109,14 @@ def run(config, workdir: pathlib.Path) -> str:
 
     # --- data ---------------------------------------------------------------------------------
     train_pairs, _ = conversations(config, 'train')
-    val_pairs, val_tasks = conversations(config, 'validation')
+    if config.data.validation:
+        val_pairs, val_tasks = conversations(config, 'validation')
+    else:  # hold out a seeded fraction of the training records
+        order = np.random.default_rng(config.seed).permutation(len(train_pairs))
+        n_val = max(1, round(config.data.val_fraction * len(train_pairs)))
+        val_pairs = [train_pairs[i] for i in sorted(order[:n_val])]
+        train_pairs = [train_pairs[i] for i in sorted(order[n_val:])]
+        val_tasks = None
     budget = SkipBudget(config.data.max_skips)
     train_examples, train_stats = sft_data.render_examples(
         tokenizer, train_pairs, seq_len, truncate=config.data.truncate, budget=budget)

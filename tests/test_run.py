@@ -254,3 +254,17 @@ def test_sft_refuses_a_bad_base(base_workdir, tmp_path):
     result = run(sft_command(tmp_path / 'c', mixed))
     assert result.returncode == 1
     assert 'was trained with tokenizer' in result.stderr and other.sha256 in result.stderr
+
+
+DOLLY = ROOT.parent / 'shared' / 'data' / 'dolly15k_open_qa' / 'open_qa.prompt_response.jsonl'
+
+
+@pytest.mark.skipif(not DOLLY.exists(), reason='the shared datasets are not present')
+def test_sft_on_dolly_holds_out_validation_records(base_workdir, tmp_path):
+    result = run([sys.executable, '-m', 'experiments.run',
+                  '--config=experiments/configs/sft_dolly.py:runlocal', f'--workdir={tmp_path}',
+                  f'--config.init_from={base_workdir}', f'--config.data.train={DOLLY}', *SFT])
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / 'report.md').read_text()
+    assert '| validation conversations | ' in report
+    assert 'gold/greedy' not in metrics(tmp_path)[-1]  # no gold scorer for open questions

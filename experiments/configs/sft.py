@@ -24,9 +24,11 @@ def get_config(arg=None):
     config.init_from = ml_collections.config_dict.placeholder(str)
 
     config.data = ml_collections.ConfigDict()
-    # 'embedded:tasks', or comma-separated JSONL files/globs of {messages} or {prompt, response}.
+    # 'embedded:tasks', or comma-separated JSONL files/globs of {messages} or {prompt, response};
+    # an empty validation holds out val_fraction of the training records instead.
     config.data.train = 'embedded:tasks'
     config.data.validation = 'embedded:tasks'
+    config.data.val_fraction = 0.05
     # Conversations drawn from the task suite's train and validation splits.
     config.data.train_tasks = 20_000
     config.data.validation_tasks = 400

@@ -115,8 +115,20 @@ def make_evaluate(eval_step, eval_sets: dict[str, list]):
     return evaluate
 
 
-def asdict(model_config: GPTConfig) -> dict:
-    return dataclasses.asdict(model_config)
+def resume(checkpointer: Checkpointer, abstract_state, shardings, tokenizer: Tokenizer,
+           model_config: GPTConfig, data_iterator):
+    """`(state, wall time so far)` from the run's latest checkpoint, restored onto `shardings`
+    with the data iterator, or None for a fresh run. A checkpoint of another tokenizer or model
+    shape is refused."""
+    latest = checkpointer.latest_step()
+    if latest is None:
+        return None
+    check_compatible(checkpointer.read_meta(latest), tokenizer, model_config,
+                     checkpointer.path(latest))
+    state, meta = checkpointer.restore(latest, abstract_with_shardings(abstract_state, shardings),
+                                       data_iterator=data_iterator)
+    log.info('resuming from %s (step %d)', checkpointer.path(latest), latest)
+    return state, meta.get('wall_time', 0.0)
 
 
 def run(config, workdir: pathlib.Path) -> str:
@@ -157,14 +169,10 @@ def run(config, workdir: pathlib.Path) -> str:
     shardings = state_shardings(abstract_state, mesh, rules, tx)
     checkpointer = Checkpointer(workdir / 'checkpoints', keep=config.train.keep_checkpoints)
     latest = checkpointer.latest_step()
-    if latest is not None:
-        check_compatible(checkpointer.read_meta(latest), tokenizer, model_config,
-                         checkpointer.path(latest))
-        state, meta = checkpointer.restore(latest, abstract_with_shardings(abstract_state,
-                                                                           shardings),
-                                           data_iterator=data_iterator)
-        wall_offset = meta.get('wall_time', 0.0)
-        log.info('resuming from %s (step %d)', checkpointer.path(latest), latest)
+    resumed = resume(checkpointer, abstract_state, shardings, tokenizer, model_config,
+                     data_iterator)
+    if resumed:
+        state, wall_offset = resumed
     else:
         _, state, _ = create_train_state(model_fn, tx, mesh, rules, jax.random.key(config.seed))
         wall_offset = 0.0

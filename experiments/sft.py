@@ -10,6 +10,7 @@ the first step too. Re-running resumes like pretraining.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import pathlib
@@ -140,13 +141,10 @@ def run(config, workdir: pathlib.Path) -> str:
     shardings = state_shardings(abstract_state, mesh, rules, tx)
     checkpointer = Checkpointer(workdir / 'checkpoints', keep=config.train.keep_checkpoints)
     latest = checkpointer.latest_step()
-    if latest is not None:
-        pretrain_stage.check_compatible(checkpointer.read_meta(latest), tokenizer, model_config,
-                                        checkpointer.path(latest))
-        state, meta = checkpointer.restore(latest, abstract_with_shardings(abstract_state,
-                                                                           shardings),
-                                           data_iterator=data_iterator)
-        wall_offset = meta.get('wall_time', 0.0)
+    resumed = pretrain_stage.resume(checkpointer, abstract_state, shardings, tokenizer,
+                                    model_config, data_iterator)
+    if resumed:
+        state, wall_offset = resumed
     else:
         params = base_checkpointer.restore_params(
             base_step, abstract_with_shardings(abstract_state.params, shardings.params))
@@ -196,7 +194,7 @@ def run(config, workdir: pathlib.Path) -> str:
 
     truncate_jsonl(workdir / 'samples.jsonl', latest or 0)
     tokens_per_step = global_batch_size * seq_len
-    meta = {'model': pretrain_stage.asdict(model_config), 'tokenizer_sha256': tokenizer.sha256,
+    meta = {'model': dataclasses.asdict(model_config), 'tokenizer_sha256': tokenizer.sha256,
             'seed': config.seed, 'config': config.to_dict(), 'init_from': str(config.init_from)}
     result = loop.train(
         state=state, step_fn=train_step,

@@ -60,6 +60,24 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
     return _typed_fields(OptimConfig, overrides)
 
 
+def train_config(total_steps: int, *, eval_every: int, sample_every: int,
+                 checkpoint_every: int) -> ml_collections.ConfigDict:
+    """The host loop's cadence (`gptstack.loop.LoopConfig`) plus checkpoint retention."""
+    return ml_collections.ConfigDict({
+        'total_steps': total_steps,
+        'log_every': 10,
+        'eval_every': eval_every,
+        'sample_every': sample_every,
+        'checkpoint_every': checkpoint_every,
+        # Checkpoints kept besides the best one by validation loss.
+        'keep_checkpoints': 2,
+        # A non-finite loss or gradient: 'stop', or 'skip' the batch (at most
+        # max_nonfinite_skips).
+        'on_nonfinite': 'stop',
+        'max_nonfinite_skips': 10,
+    })
+
+
 def embedded_sources(code_weight: float = 0.8) -> ml_collections.ConfigDict:
     """The zero-download default mixture: Python's standard library (code) and the English
     prose that ships with Python."""

@@ -54,17 +54,8 @@ def get_config(arg=None):
                                            n_head=4)
     config.model.max_seq_len = config.data.get_ref('seq_len')
 
-    config.train = ml_collections.ConfigDict()
-    config.train.total_steps = 300
-    config.train.log_every = 10
-    config.train.eval_every = 50
-    config.train.sample_every = 150
-    config.train.checkpoint_every = 50
-    # Checkpoints kept besides the best one by validation loss.
-    config.train.keep_checkpoints = 2
-    # A non-finite loss or gradient: 'stop', or 'skip' the batch (at most max_nonfinite_skips).
-    config.train.on_nonfinite = 'stop'
-    config.train.max_nonfinite_skips = 10
+    config.train = common.train_config(300, eval_every=50, sample_every=150,
+                                       checkpoint_every=50)
 
     config.optim = common.optim_config(lr=2e-3, warmup_steps=30, weight_decay=0.1)
     config.optim.total_steps = config.train.get_ref('total_steps')

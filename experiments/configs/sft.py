@@ -46,15 +46,8 @@ def get_config(arg=None):
     config.data.max_skips = 0
     config.data.eval_batches = 8
 
-    config.train = ml_collections.ConfigDict()
-    config.train.total_steps = 300
-    config.train.log_every = 10
-    config.train.eval_every = 100
-    config.train.sample_every = 100
-    config.train.checkpoint_every = 100
-    config.train.keep_checkpoints = 2
-    config.train.on_nonfinite = 'stop'
-    config.train.max_nonfinite_skips = 10
+    config.train = common.train_config(300, eval_every=100, sample_every=100,
+                                       checkpoint_every=100)
 
     config.optim = common.optim_config(lr=1e-3, warmup_steps=20, weight_decay=0.0)
     config.optim.total_steps = config.train.get_ref('total_steps')

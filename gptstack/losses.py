@@ -31,3 +31,51 @@ def next_token_loss(logits_btv: Array, targets_bt: Array, mask_bt: Array) -> tup
     target_logit_bt = jnp.take_along_axis(logits_btv, targets_bt[..., None], axis=-1)[..., 0]
     mask_bt = mask_bt.astype(jnp.float32)
     return jnp.sum((log_z_bt - target_logit_bt) * mask_bt), jnp.sum(mask_bt)
+
+
+def pairwise_loss(better_b: Array, worse_b: Array, margin: float = 0.0) -> Array:
+    """Bradley-Terry loss of each comparison: `-log sigmoid(r_better - r_worse - margin)`.
+
+    Args:
+        better_b, worse_b: `[B]` rewards of the preferred and the rejected completion.
+        margin: how far the preferred reward must exceed the other before the loss flattens.
+
+    Returns:
+        `[B]` losses (nats).
+    """
+    return -jax.nn.log_sigmoid(better_b.astype(jnp.float32) - worse_b.astype(jnp.float32) - margin)
+
+
+def ranking_pairs(ranks_bk: Array, valid_bk: Array) -> Array:
+    """`[B, K, K]` float mask, 1 where completion `i` is ranked strictly better (lower rank) than
+    completion `j` and both exist; ties and missing completions give no pair."""
+    valid_bkk = valid_bk[:, :, None].astype(bool) & valid_bk[:, None, :].astype(bool)
+    return ((ranks_bk[:, :, None] < ranks_bk[:, None, :]) & valid_bkk).astype(jnp.float32)
+
+
+def ranking_loss(rewards_bk: Array, ranks_bk: Array, valid_bk: Array,
+                 margin: float = 0.0) -> tuple[Array, Array]:
+    """The InstructGPT K-way loss: every ordered pair of one prompt's completions, in one batch
+    element, each prompt weighted equally.
+
+    For prompt `b`, the loss is the mean of `pairwise_loss(r_i, r_j)` over the pairs where `i`
+    is ranked better than `j`; with `K = 2` and one pair it is the pairwise loss.
+
+    Args:
+        rewards_bk: `[B, K]` rewards of each prompt's `K` completion slots.
+        ranks_bk: `[B, K]` int ranks, lower is better; equal ranks are ties (no pair).
+        valid_bk: `[B, K]` 1 where the slot holds a completion (groups smaller than `K` and
+            padding groups have 0s); rewards of the other slots are ignored, even NaN.
+
+    Returns:
+        `(loss_sum, count)`: the sum over prompts of each prompt's mean pair loss, and the number
+        of prompts with at least one pair.
+    """
+    pairs_bkk = ranking_pairs(ranks_bk, valid_bk)
+    # Zero the empty slots first: a NaN there would poison the gradient even behind a `where`.
+    rewards_bk = jnp.where(valid_bk > 0, rewards_bk.astype(jnp.float32), 0.0)
+    loss_bkk = pairwise_loss(rewards_bk[:, :, None], rewards_bk[:, None, :], margin)
+    n_pairs_b = pairs_bkk.sum(axis=(1, 2))
+    per_prompt_b = (loss_bkk * pairs_bkk).sum(axis=(1, 2)) / jnp.maximum(n_pairs_b, 1.0)
+    has_pairs_b = (n_pairs_b > 0).astype(jnp.float32)
+    return jnp.sum(per_prompt_b * has_pairs_b), jnp.sum(has_pairs_b)

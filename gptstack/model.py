@@ -369,6 +369,20 @@ class ScoreModel(nnx.Module):
         return self.score_head(self.transformer(tokens_bt, positions_bt, segment_ids_bt))
 
 
+def read_at_token(scores_bt: Array, tokens_bt: Array, token_id: int) -> Array:
+    """`[B]`: each row's score at its first `token_id` (the reward token), NaN in a row that has
+    none.
+
+    The read position is found from the tokens themselves, never from lengths or padding, so
+    padding on either side and anything after the token (which causal attention cannot see)
+    leave the value unchanged. A missing token gives NaN rather than a plausible number.
+    """
+    is_token_bt = tokens_bt == token_id
+    index_b = jnp.argmax(is_token_bt, axis=1)
+    value_b = jnp.take_along_axis(scores_bt, index_b[:, None], axis=1)[:, 0]
+    return jnp.where(is_token_bt.any(axis=1), value_b, jnp.nan)
+
+
 def count_params(params) -> int:
     """Total number of parameters in a (possibly abstract) parameter tree."""
     return sum(math.prod(x.shape) for x in jax.tree.leaves(params))

@@ -5,6 +5,7 @@ derived from each parameter's rank, and gradient accumulation inside one jitted 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -46,35 +47,38 @@ def make_optimizer(config: OptimConfig) -> tuple[optax.GradientTransformation, o
     return adamw, schedule
 
 
-LossFn = Callable[[nnx.State, dict], tuple[jax.Array, jax.Array]]
+LossFn = Callable[[nnx.State, dict], tuple[jax.Array, Any]]
 
 
 def accumulate_gradients(loss_fn: LossFn, params: nnx.State, batch: dict[str, jax.Array],
                          accum_steps: int):
-    """Sums `loss_fn`'s value, count and gradient over `accum_steps` micro-batches.
+    """Sums `loss_fn`'s value, auxiliary sums and gradient over `accum_steps` micro-batches.
 
-    `loss_fn(params, batch) -> (loss_sum, count)`. Micro-batch `m` takes rows `m, m+k, m+2k, ...`
-    so that every device keeps its own rows and no data moves between devices.
+    `loss_fn(params, batch) -> (loss_sum, aux)`, where `aux` is the count the loss is divided by,
+    or any pytree of sums (counts, numbers of correct predictions). Micro-batch `m` takes rows
+    `m, m+k, m+2k, ...` so that every device keeps its own rows and no data moves between
+    devices.
 
     Returns:
-        `(loss_sum, count, grads_sum)`; divide by `count` for the mean.
+        `(loss_sum, aux_sum, grads_sum)`; divide by the count for the mean.
     """
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     if accum_steps == 1:
-        (loss_sum, count), grads = grad_fn(params, batch)
-        return loss_sum, count, grads
+        (loss_sum, aux), grads = grad_fn(params, batch)
+        return loss_sum, aux, grads
 
     def split(x):
         x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:]).swapaxes(0, 1)
         return constrain(x, (None, 'batch') + (None,) * (x.ndim - 2))
 
     def micro_step(carry, micro_batch):
-        loss_sum, count, grads = carry
-        (micro_loss, micro_count), micro_grads = grad_fn(params, micro_batch)
-        grads = jax.tree.map(jnp.add, grads, micro_grads)
-        return (loss_sum + micro_loss, count + micro_count, grads), None
+        (micro_loss, micro_aux), micro_grads = grad_fn(params, micro_batch)
+        return jax.tree.map(jnp.add, carry, (micro_loss, micro_aux, micro_grads)), None
 
-    zeros = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32),
-             jax.tree.map(jnp.zeros_like, params))
-    (loss_sum, count, grads), _ = jax.lax.scan(micro_step, zeros, jax.tree.map(split, batch))
-    return loss_sum, count, grads
+    micro_batches = jax.tree.map(split, batch)
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    loss_shape, aux_shape = jax.eval_shape(loss_fn, params, first)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                         (loss_shape, aux_shape, params))
+    (loss_sum, aux, grads), _ = jax.lax.scan(micro_step, zeros, micro_batches)
+    return loss_sum, aux, grads

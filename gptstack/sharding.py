@@ -174,8 +174,11 @@ def describe(mesh: Mesh) -> str:
     return f'{sizes} over {mesh.devices.size} {np.ravel(mesh.devices)[0].platform} devices'
 
 
-def global_batch(local: dict, batch_sharding: NamedSharding) -> dict:
-    """This process's rows of a batch -> global arrays laid out by `batch_sharding` (on one
-    process this is a sharded device_put)."""
-    return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v))
+def global_batch(local: dict, batch_sharding: NamedSharding | dict[str, NamedSharding]) -> dict:
+    """This process's rows of a batch -> global arrays laid out by `batch_sharding` (one for
+    every key, or a dict by key; on one process this is a sharded device_put)."""
+    def place(key):
+        return batch_sharding[key] if isinstance(batch_sharding, dict) else batch_sharding
+
+    return {k: jax.make_array_from_process_local_data(place(k), np.asarray(v))
             for k, v in local.items()}

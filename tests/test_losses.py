@@ -1,5 +1,6 @@
 """Losses against NumPy references: `python -m pytest -q tests/test_losses.py`."""
 
+import itertools
 import math
 
 import numpy as np
@@ -53,3 +54,51 @@ def test_uniform_logits_give_log_vocab():
     loss_sum, count = losses.next_token_loss(np.zeros((2, 3, 50), np.float32),
                                              np.zeros((2, 3), np.int32), np.ones((2, 3)))
     np.testing.assert_allclose(float(loss_sum / count), math.log(50), rtol=1e-6)
+
+
+def reference_ranking_loss(rewards, ranks, valid, margin):
+    """Explicit loop in float64: each prompt's mean -log sigmoid over its ordered pairs, summed
+    over the prompts that have a pair."""
+    total, prompts = 0.0, 0
+    for b in range(rewards.shape[0]):
+        pair_losses = []
+        for i, j in itertools.permutations(range(rewards.shape[1]), 2):
+            if valid[b, i] and valid[b, j] and ranks[b, i] < ranks[b, j]:
+                d = float(rewards[b, i]) - float(rewards[b, j]) - margin
+                assert math.isfinite(d)
+                pair_losses.append(math.log1p(math.exp(-d)))
+        if pair_losses:
+            total += sum(pair_losses) / len(pair_losses)
+            prompts += 1
+    return total, prompts
+
+
+def test_k_way_loss_is_the_mean_over_all_pairs_of_each_prompt():
+    rng = np.random.default_rng(2)
+    rewards = rng.normal(scale=2.0, size=(6, 5)).astype(np.float32)
+    ranks = rng.integers(0, 3, size=(6, 5))  # plenty of ties
+    valid = rng.integers(0, 2, size=(6, 5))
+    valid[0] = 1
+    valid[1] = 0  # a padding group: no pairs, not counted
+    ranks[2] = 1  # all tied: no pairs
+    rewards[valid == 0] = np.nan  # empty slots are ignored whatever they hold
+    for margin in (0.0, 0.5):
+        loss_sum, count = losses.ranking_loss(rewards, ranks, valid, margin)
+        ref_sum, ref_count = reference_ranking_loss(rewards, ranks, valid, margin)
+        np.testing.assert_allclose(float(loss_sum), ref_sum, rtol=1e-5)
+        assert float(count) == ref_count
+    assert ref_count < 6  # the padding and all-tied groups were left out
+
+
+def test_k_way_loss_with_two_completions_is_the_pairwise_loss():
+    rng = np.random.default_rng(3)
+    better, worse = rng.normal(size=(2, 8)).astype(np.float32)
+    swap = rng.integers(0, 2, size=8).astype(bool)  # the better one in either slot
+    rewards = np.where(swap[:, None], np.stack([worse, better], 1), np.stack([better, worse], 1))
+    ranks = np.where(swap[:, None], [[2, 1]], [[1, 2]])
+    loss_sum, count = losses.ranking_loss(rewards, ranks, np.ones((8, 2)), margin=0.25)
+    pairwise = losses.pairwise_loss(better, worse, margin=0.25)
+    np.testing.assert_allclose(float(loss_sum), float(pairwise.sum()), rtol=1e-6)
+    assert float(count) == 8
+    np.testing.assert_allclose(np.asarray(pairwise),
+                               np.log1p(np.exp(-(better - worse - 0.25))), rtol=1e-5)

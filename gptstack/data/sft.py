@@ -30,6 +30,24 @@ from gptstack.data.tokenizer import ROLES, Tokenizer, render_chat
 log = logging.getLogger(__name__)
 
 
+def check_messages(messages, where: str, field: str = 'messages') -> list[dict]:
+    """`messages` as a list of `{role, content}` turns, or a `DataError` naming the turn: every
+    role is known, every content a non-empty string, and a system turn comes only first."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(f'{where}: field {field!r} must be a non-empty list')
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not {'role', 'content'} <= set(message):
+            raise DataError(f"{where}: {field}[{i}] must be an object with 'role' and 'content'")
+        if message['role'] not in ROLES:
+            raise DataError(f"{where}: {field}[{i}].role {message['role']!r}: expected one of "
+                            f'{sorted(ROLES)}')
+        if not isinstance(message['content'], str) or not message['content'].strip():
+            raise DataError(f'{where}: {field}[{i}].content must be a non-empty string')
+        if message['role'] == 'system' and i:
+            raise DataError(f'{where}: {field}[{i}]: a system turn may only come first')
+    return [{'role': m['role'], 'content': m['content']} for m in messages]
+
+
 def conversation_from_record(record: dict, where: str, prompt_field: str = 'prompt',
                              response_field: str = 'response') -> list[dict]:
     """The validated `messages` of one record (either layout; the prompt/response field names
@@ -39,24 +57,11 @@ def conversation_from_record(record: dict, where: str, prompt_field: str = 'prom
         DataError: naming `where` and the offending field.
     """
     if 'messages' in record:
-        messages = record['messages']
-        if not isinstance(messages, list) or not messages:
-            raise DataError(f"{where}: field 'messages' must be a non-empty list")
-        for i, message in enumerate(messages):
-            if not isinstance(message, dict) or not {'role', 'content'} <= set(message):
-                raise DataError(f"{where}: messages[{i}] must be an object with 'role' and "
-                                "'content'")
-            if message['role'] not in ROLES:
-                raise DataError(f"{where}: messages[{i}].role {message['role']!r}: expected one "
-                                f'of {sorted(ROLES)}')
-            if not isinstance(message['content'], str) or not message['content'].strip():
-                raise DataError(f'{where}: messages[{i}].content must be a non-empty string')
-            if message['role'] == 'system' and i:
-                raise DataError(f'{where}: messages[{i}]: a system turn may only come first')
+        messages = check_messages(record['messages'], where)
         if messages[-1]['role'] != 'assistant':
             raise DataError(f"{where}: the conversation ends with a {messages[-1]['role']!r} "
                             'turn; it must end with an assistant turn')
-        return [{'role': m['role'], 'content': m['content']} for m in messages]
+        return messages
     if prompt_field in record or response_field in record:
         for field in (prompt_field, response_field):
             if not isinstance(record.get(field), str) or not record[field].strip():

@@ -18,6 +18,7 @@ import ast
 import collections
 import dataclasses
 import glob
+import gzip
 import inspect
 import json
 import logging
@@ -30,7 +31,7 @@ from collections.abc import Iterator, Mapping
 log = logging.getLogger(__name__)
 
 EMBEDDED_PREFIX = 'embedded:'
-SUFFIXES = ('.txt', '.jsonl')
+SUFFIXES = ('.txt', '.jsonl', '.jsonl.gz')
 # Standard-library folders that are not library source written by people: test suites, demos,
 # vendored packages, generated codec tables (`encodings`) and the reference-manual text that the
 # prose corpus already holds (`pydoc_data`).
@@ -97,12 +98,13 @@ class SkipBudget:
 
 # --- files --------------------------------------------------------------------------------------
 def expand_paths(patterns: tuple[str, ...], source: str = '') -> list[pathlib.Path]:
-    """Files named by `patterns` (files, directories, globs), sorted, each `.txt` or `.jsonl`."""
+    """Files named by `patterns` (files, directories, globs), sorted, each `.txt`, `.jsonl` or
+    `.jsonl.gz`."""
     files = []
     for pattern in patterns:
         path = pathlib.Path(pattern).expanduser()
         if path.is_dir():
-            found = sorted(p for p in path.rglob('*') if p.suffix in SUFFIXES and p.is_file())
+            found = sorted(p for p in path.rglob('*') if p.name.endswith(SUFFIXES) and p.is_file())
         elif any(c in pattern for c in '*?['):
             found = sorted(pathlib.Path(p) for p in glob.glob(str(path), recursive=True)
                            if pathlib.Path(p).is_file())
@@ -113,9 +115,10 @@ def expand_paths(patterns: tuple[str, ...], source: str = '') -> list[pathlib.Pa
         if not found:
             raise DataError(f'data source {source!r}: no .txt or .jsonl files match {pattern}')
         for p in found:
-            if p.suffix not in SUFFIXES:
+            if not p.name.endswith(SUFFIXES):
                 raise DataError(f'{p}: unsupported file type {p.suffix!r}; expected .txt '
-                                '(one document per file) or .jsonl (one document per line)')
+                                '(one document per file) or .jsonl/.jsonl.gz (one record per '
+                                'line)')
         files += found
     return files
 
@@ -137,9 +140,10 @@ def read_text_file(path: pathlib.Path, budget: SkipBudget) -> Iterator[str]:
 
 
 def read_json_records(path: pathlib.Path, budget: SkipBudget) -> Iterator[tuple[str, dict]]:
-    """`(location, object)` for every JSON object line of a JSONL file; `location` is
-    `path:line`. Lines that are not valid UTF-8 JSON objects go to the skip budget."""
-    with open(path, 'rb') as f:
+    """`(location, object)` for every JSON object line of a JSONL file (gzip-compressed when
+    its name ends in `.gz`); `location` is `path:line`. Lines that are not valid UTF-8 JSON
+    objects go to the skip budget."""
+    with (gzip.open if path.name.endswith('.gz') else open)(path, 'rb') as f:
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
@@ -193,7 +197,7 @@ def read_source(spec: SourceSpec, budget: SkipBudget) -> Iterator[str]:
         else:
             documents = (doc for path in expand_paths((pattern,), spec.name)
                          for doc in (read_jsonl(path, spec.text_field, budget)
-                                     if path.suffix == '.jsonl' else read_text_file(path, budget)))
+                                     if path.suffix != '.txt' else read_text_file(path, budget)))
         for doc in documents:
             count += 1
             yield doc

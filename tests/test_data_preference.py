@@ -1,0 +1,165 @@
+"""Comparison data: the three layouts, HH splitting, rendering with the reward token, the
+simulated labeler. Run: `python -m pytest -q tests/test_data_preference.py`.
+"""
+
+import gzip
+import json
+import math
+import pathlib
+
+import numpy as np
+import pytest
+
+from gptstack.data import preference
+from gptstack.data.sources import DataError, SkipBudget
+from gptstack.data.tokenizer import render_chat
+
+HH = (pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data' / 'hh_rlhf_harmless_base' /
+      'test.jsonl.gz')
+
+
+def test_pairwise_and_k_way_layouts():
+    pair = preference.comparison_from_record(
+        {'prompt': 'Name a colour.', 'chosen': 'Blue.', 'rejected': '', 'id': 7}, 'f:1')
+    assert pair.prompt == [{'role': 'user', 'content': 'Name a colour.'}]
+    assert pair.completions == [[{'role': 'assistant', 'content': 'Blue.'}],
+                                [{'role': 'assistant', 'content': ''}]]
+    assert pair.ranks == [1, 2] and pair.pairs == 1
+    messages = [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi'}]
+    k_way = preference.comparison_from_record(
+        {'prompt': messages, 'completions': ['a', 'b', 'c', 'd'], 'ranking': [2, 1, 2, 3]}, 'f:2')
+    assert k_way.prompt == messages and k_way.ranks == [2, 1, 2, 3]
+    assert k_way.pairs == 5  # b>a, b>c, b>d, a>d, c>d; a and c tie
+
+
+def test_hh_layout_splits_at_the_last_common_assistant_turn():
+    shared = '\n\nHuman: How do I bake bread?\n\nAssistant: Flour and water.\n\nHuman: And?'
+    record = {'chosen': shared + '\n\nAssistant: Yeast, then an oven.',
+              'rejected': shared + '\n\nAssistant: Yeast is not needed.'}
+    comparison = preference.comparison_from_record(record, 'f:3')
+    assert comparison.prompt == [
+        {'role': 'user', 'content': 'How do I bake bread?'},
+        {'role': 'assistant', 'content': 'Flour and water.'},
+        {'role': 'user', 'content': 'And?'}]
+    assert comparison.completions == [[{'role': 'assistant', 'content': 'Yeast, then an oven.'}],
+                                      [{'role': 'assistant', 'content': 'Yeast is not needed.'}]]
+    # Dialogues that diverge at an earlier turn: the prompt stops there, the completions carry
+    # the remaining turns.
+    early = preference.comparison_from_record(
+        {'chosen': '\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Bye\n\nAssistant: Bye!',
+         'rejected': '\n\nHuman: Hi\n\nAssistant: Go away'}, 'f:4')
+    assert early.prompt == [{'role': 'user', 'content': 'Hi'}]
+    assert [len(c) for c in early.completions] == [3, 1]
+
+
+@pytest.mark.parametrize('record, message', [
+    ({'prompt': 'p', 'completions': ['a', 'b']},
+     "f:9: a K-way record needs 'ranking' (fields: ['completions', 'prompt'])"),
+    ({'prompt': 'p', 'completions': ['a', 'b'], 'ranking': [1]},
+     "f:9: field 'ranking' must be a list of 2 integers, the rank of each completion"),
+    ({'prompt': 'p', 'completions': ['a', 'b'], 'ranking': [1, 1.5]},
+     "f:9: field 'ranking' must be a list of 2 integers"),
+    ({'prompt': 'p', 'completions': ['a'], 'ranking': [1]},
+     "f:9: field 'completions' must be a list of at least 2 completions"),
+    ({'prompt': '  ', 'chosen': 'a', 'rejected': 'b'}, "f:9: field 'prompt' is empty"),
+    ({'prompt': 'p', 'chosen': [{'role': 'user', 'content': 'x'}], 'rejected': 'b'},
+     "f:9: field 'chosen' must be a string or a list of messages that starts with the "
+     "assistant's turn"),
+    ({'prompt': [{'role': 'robot', 'content': 'x'}], 'chosen': 'a', 'rejected': 'b'},
+     "f:9: prompt[0].role 'robot': expected one of ['assistant', 'system', 'user']"),
+    ({'chosen': 'Human: hi Assistant: a', 'rejected': 'Human: hi Assistant: b'},
+     "f:9: 'chosen' and 'rejected' share no dialogue before an assistant turn"),
+    ({'chosen': '\n\nHuman: hi\n\nAssistant: a', 'rejected': 5},
+     "f:9: field 'rejected' must be a string"),
+    ({'question': 'q', 'answer': 'a'},
+     "f:9: expected {prompt, chosen, rejected}, {prompt, completions, ranking} or HH {chosen, "
+     "rejected} (fields: ['answer', 'question'])"),
+])
+def test_malformed_records_are_rejected_with_the_field(record, message):
+    with pytest.raises(DataError) as error:
+        preference.comparison_from_record(record, 'f:9')
+    assert str(error.value).startswith(message)
+
+
+def test_reader_handles_gzip_and_counts_skips(tmp_path):
+    path = tmp_path / 'c.jsonl.gz'
+    lines = [json.dumps({'prompt': 'p', 'chosen': 'a', 'rejected': 'b'}), '{"prompt": 1}',
+             json.dumps({'prompt': 'q', 'completions': ['x', 'y'], 'ranking': [2, 1]})]
+    path.write_bytes(gzip.compress('\n'.join(lines).encode()))
+    with pytest.raises(DataError, match=f'{path}:2: expected'):
+        list(preference.read_comparisons(path, SkipBudget()))
+    budget = SkipBudget(1)
+    read = list(preference.read_comparisons(path, budget))
+    assert [c.where for c in read] == [f'{path}:1', f'{path}:3']
+    assert budget.by_reason == {'bad comparison': 1}
+
+
+@pytest.mark.skipif(not HH.exists(), reason='the shared datasets are not present')
+def test_every_hh_harmless_record_is_read():
+    comparisons = list(preference.read_comparisons(HH, SkipBudget()))
+    assert len(comparisons) == 2312  # the README's count
+    assert all(c.prompt[0]['role'] == 'user' and c.ranks == [1, 2] for c in comparisons)
+    assert all(c.completions[i][0]['role'] == 'assistant' for c in comparisons for i in (0, 1))
+    # The README: in 5 pairs the dialogues diverge before the last assistant turn.
+    assert sum(max(map(len, c.completions)) > 1 for c in comparisons) == 5
+
+
+def test_rendering_appends_the_reward_token_after_every_completion(tokenizer):
+    comparisons = [
+        preference.Comparison('a', [{'role': 'user', 'content': 'Say hi.'}],
+                              [[{'role': 'assistant', 'content': c}] for c in ('hi', 'no', '')],
+                              [1, 2, 2]),
+        preference.Comparison('b', [{'role': 'user', 'content': 'x'}],
+                              [[{'role': 'assistant', 'content': c}] for c in ('u', 'v')], [1, 1]),
+    ]
+    examples, stats = preference.render_comparisons(tokenizer, comparisons, 24, 4)
+    assert stats.groups == 1 and stats.all_tied == 1 and stats.pairs == 2
+    (example,) = examples
+    assert example['valid'].tolist() == [1, 1, 1, 0] and example['ranks'].tolist() == [1, 2, 2, 0]
+    for i, text in enumerate(('hi', 'no', '')):
+        ids = render_chat(tokenizer, [{'role': 'user', 'content': 'Say hi.'},
+                                      {'role': 'assistant', 'content': text}])[0]
+        n = example['lengths'][i]
+        assert example['tokens'][i, :n].tolist() == [*ids, tokenizer.reward_id]
+        assert (example['tokens'][i, n:] == tokenizer.pad_id).all()
+    batch = preference.to_model_batch({k: v[None] for k, v in example.items()})
+    assert batch['segment_ids'][0, 0].tolist() == [1] * example['lengths'][0] + [0] * (
+        24 - example['lengths'][0])
+    assert batch['positions'].shape == (1, 4, 24)
+
+
+def test_over_long_rows_are_an_error_or_lose_the_start_of_the_prompt(tokenizer):
+    long = preference.Comparison('f:5', [{'role': 'user', 'content': 'word ' * 40}],
+                                 [[{'role': 'assistant', 'content': c}] for c in ('ok', 'no')],
+                                 [1, 2])
+    with pytest.raises(DataError, match=r'f:5: completion 0 with its prompt has \d+ tokens, '
+                                         'more than data.seq_len=16'):
+        preference.render_comparisons(tokenizer, [long], 16, 2)
+    (example,), stats = preference.render_comparisons(tokenizer, [long], 16, 2, truncate=True)
+    assert stats.truncated == 2 and example['lengths'].tolist() == [16, 16]
+    ending = render_chat(tokenizer, [{'role': 'assistant', 'content': 'ok'}])[0][1:]
+    assert example['tokens'][0, -len(ending) - 1:].tolist() == [*ending, tokenizer.reward_id]
+    with pytest.raises(DataError, match=r'f:5: 2 completions, more than data\.max_completions=1'):
+        preference.render_comparisons(tokenizer, [long], 64, 1)
+
+
+def test_eval_batches_pad_with_empty_groups(tokenizer):
+    comparisons = [preference.Comparison(str(i), [{'role': 'user', 'content': str(i)}],
+                                         [[{'role': 'assistant', 'content': 'a'}]] * 2, [1, 2])
+                   for i in range(5)]
+    examples, _ = preference.render_comparisons(tokenizer, comparisons, 16, 3)
+    batches = preference.make_preference_eval_batches(examples, 4, max_batches=10)
+    assert len(batches) == 2 and batches[1]['valid'].sum() == 2  # 1 real group + 3 empty
+    stream = iter(preference.make_preference_dataset(examples, 2, seed=0))
+    assert next(stream)['tokens'].shape == (2, 3, 16)
+
+
+def test_simulated_labeler_ranks_by_gold_and_flips_like_bradley_terry():
+    rng = np.random.default_rng(0)
+    assert preference.simulated_ranking([0.5, 1.0, 0.0, 0.5], 0.0, rng) == [2, 1, 3, 2]
+    # Equal gold scores stay tied whatever the noise.
+    draws = [preference.simulated_ranking([1.0, 0.5, 0.5], 0.5, rng) for _ in range(4000)]
+    assert all(r[1] == r[2] for r in draws)
+    flipped = np.mean([r[0] > r[1] for r in draws])
+    expected = 1 / (1 + math.exp(0.5 / 0.5))  # P(the worse one wins) = sigmoid(-(1-0.5)/0.5)
+    assert abs(flipped - expected) < 4 * math.sqrt(expected * (1 - expected) / len(draws))

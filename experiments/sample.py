@@ -22,13 +22,9 @@ import sys
 import jax
 from absl import app, flags
 
-from gptstack import sharding
-from gptstack.checkpoint import Checkpointer
-from gptstack.config import GPTConfig, MeshConfig
-from gptstack.data.tokenizer import Tokenizer, parse_chat, render_prompt
-from gptstack.model import GPT
+from gptstack import workdirs
+from gptstack.data.tokenizer import parse_chat, render_prompt
 from gptstack.sampling import Sampler, SamplingParams
-from gptstack.state import abstract_model
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A stage workdir with checkpoints.')
 _PROMPT = flags.DEFINE_string('prompt', '', 'Text to continue.')
@@ -42,27 +38,6 @@ _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest
 _CHAT = flags.DEFINE_bool('chat', False, 'Converse with a finetuned model (SFT or later).')
 _SYSTEM = flags.DEFINE_string('system', '', 'System turn for --chat.')
 flags.mark_flag_as_required('workdir')
-
-
-def load(workdir: pathlib.Path, step: int | None = None):
-    """`(tokenizer, model config, graphdef, params, mesh)` of a workdir's checkpoint, with the
-    parameters laid out over all local devices by FSDP."""
-    tokenizer = Tokenizer.load(workdir / 'tokenizer.model')
-    checkpointer = Checkpointer(workdir / 'checkpoints')
-    step = checkpointer.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f'{workdir / "checkpoints"} holds no checkpoint')
-    meta = checkpointer.read_meta(step)
-    if meta.get('tokenizer_sha256') != tokenizer.sha256:
-        raise ValueError(f'{workdir}/tokenizer.model is not the tokenizer of checkpoint {step}')
-    config = GPTConfig.from_dict(meta['model'])
-    mesh = sharding.make_mesh(MeshConfig(fsdp=-1))
-    graphdef, abstract = abstract_model(lambda rngs: GPT(config, rngs=rngs))
-    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          abstract, sharding.param_shardings(abstract, mesh, 'fsdp'))
-    params = checkpointer.restore_params(step, target)
-    checkpointer.close()
-    return tokenizer, config, graphdef, params, mesh, meta
 
 
 def chat(tokenizer, sampler, params, sampling) -> None:
@@ -83,7 +58,7 @@ def chat(tokenizer, sampler, params, sampling) -> None:
 def main(argv) -> int:
     del argv
     workdir = pathlib.Path(_WORKDIR.value)
-    tokenizer, config, graphdef, params, mesh, meta = load(workdir, _STEP.value)
+    tokenizer, config, graphdef, params, mesh, meta = workdirs.load_model(workdir, _STEP.value)
     stage = meta.get('config', {}).get('stage')
     if _CHAT.value and stage in ('tokenizer', 'pretrain'):
         raise app.UsageError(f'--chat needs a finetuned workdir; {workdir} is a {stage} run '

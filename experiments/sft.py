@@ -21,13 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import pretrain as pretrain_stage
-from gptstack import loop, report, sharding
+from gptstack import loop, report, sharding, workdirs
+from gptstack.chat import sample_replies
 from gptstack.checkpoint import Checkpointer, abstract_with_shardings
-from gptstack.config import ConfigError, GPTConfig
+from gptstack.config import ConfigError
 from gptstack.data import sft as sft_data
 from gptstack.data import tasks
 from gptstack.data.sources import SkipBudget, expand_paths
-from gptstack.data.tokenizer import Tokenizer, render_prompt
+from gptstack.data.tokenizer import render_prompt
 from gptstack.metrics import MetricsWriter, read_metrics, train_flops_per_token, truncate_jsonl
 from gptstack.model import GPT
 from gptstack.optim import make_optimizer
@@ -37,27 +38,6 @@ from gptstack.steps.lm import make_lm_eval_step, make_lm_step
 
 log = logging.getLogger(__name__)
 EMBEDDED_TASKS = 'embedded:tasks'
-
-
-def load_base(init_from: str | None):
-    """`(tokenizer, model config, checkpointer, step)` of the workdir SFT starts from."""
-    if not init_from:
-        raise ConfigError('init_from: name the pretraining workdir to finetune '
-                          '(--config.init_from=workdirs/pretrain)')
-    base = pathlib.Path(init_from)
-    if not (base / 'tokenizer.model').exists():
-        raise ConfigError(f'init_from={base}: no tokenizer.model there; is it a stage workdir?')
-    tokenizer = Tokenizer.load(base / 'tokenizer.model')
-    checkpointer = Checkpointer(base / 'checkpoints')
-    step = checkpointer.latest_step()
-    if step is None:
-        raise ConfigError(f'init_from={base}: no checkpoint in {base / "checkpoints"}')
-    meta = checkpointer.read_meta(step)
-    if meta.get('tokenizer_sha256') != tokenizer.sha256:
-        raise ConfigError(f'init_from={base}: checkpoint {step} was trained with tokenizer '
-                          f'{meta.get("tokenizer_sha256")}, but {base / "tokenizer.model"} is '
-                          f'{tokenizer.sha256}')
-    return tokenizer, GPTConfig.from_dict(meta['model']), checkpointer, step
 
 
 def conversations(config, split: str):
@@ -82,17 +62,9 @@ def conversations(config, split: str):
 
 def gold_scores(sampler, params, tokenizer, held_out, key, sampling) -> tuple[float, float]:
     """Mean gold score of the answers to `held_out` tasks and its standard error."""
-    values = []
-    for start in range(0, len(held_out), sampler.batch_size):
-        chunk = held_out[start:start + sampler.batch_size]
-        prompts = [render_prompt(tokenizer, t.messages(with_answer=False)) for t in chunk]
-        out = sampler(params, prompts, jax.random.fold_in(key, start), sampling)
-        for task, row, n, mask in zip(chunk, out['tokens'], out['lengths'], out['mask'],
-                                      strict=True):
-            answer = [int(t) for t, m in zip(row[:n], mask[:n], strict=True)
-                      if m and t not in (tokenizer.end_of_turn_id, tokenizer.eot_id)]
-            values.append(tasks.score(task, tokenizer.decode(answer)))
-    values = np.asarray(values)
+    replies = sample_replies(sampler, params, tokenizer,
+                             [t.messages(with_answer=False) for t in held_out], key, sampling)
+    values = np.asarray([tasks.score(t, r) for t, (r,) in zip(held_out, replies, strict=True)])
     return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values)))
 
 
@@ -100,7 +72,8 @@ def run(config, workdir: pathlib.Path) -> str:
     # --- configs, mesh, base model: every check before expensive work ------------------------
     setup = pretrain_stage.setup(config)
     mesh, rules = setup.mesh, setup.rules
-    tokenizer, model_config, base_checkpointer, base_step = load_base(config.init_from)
+    tokenizer, model_config, base_checkpointer, base_step = workdirs.load_base(
+        config.init_from)
     seq_len, global_batch_size = config.data.seq_len, config.data.batch_size
     if seq_len > model_config.max_seq_len:
         raise ConfigError(f'data.seq_len={seq_len} exceeds the base model\'s max_seq_len='

@@ -11,6 +11,7 @@ import pathlib
 from collections.abc import Sequence
 
 import matplotlib
+import numpy as np
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
@@ -40,6 +41,42 @@ def plot(records: list[dict], series: dict[str, str], path: str | os.PathLike, *
     ax.grid(alpha=0.3)
     if len(series) > 1 or hlines:
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def calibration_plot(predicted, observed, counts, path: str | os.PathLike, *, title: str,
+                     xlabel: str) -> str:
+    """Observed frequency against predicted probability per bin (marker area ~ count), with
+    the diagonal of perfect calibration; returns the file name."""
+    path = pathlib.Path(path)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], color='gray', linestyle='--', linewidth=1, label='calibrated')
+    counts = np.asarray(counts, np.float64)
+    ax.scatter(predicted, observed, s=10 + 90 * counts / counts.max(), label='bins')
+    ax.set(xlabel=xlabel, ylabel='observed frequency', title=title, xlim=(0, 1), ylim=(0, 1))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc='upper left')
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
+def histogram(series: dict[str, np.ndarray], path: str | os.PathLike, *, title: str,
+              xlabel: str, bins: int = 40) -> str:
+    """Overlaid histograms of `{label: values}` on shared bins; returns the file name."""
+    path = pathlib.Path(path)
+    values = np.concatenate([np.ravel(v) for v in series.values()])
+    edges = np.linspace(values.min(), values.max() + 1e-9, bins + 1)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, v in series.items():
+        ax.hist(np.ravel(v), bins=edges, alpha=0.55, label=label)
+    ax.set(xlabel=xlabel, ylabel='count', title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -47,3 +47,44 @@ def tokenizer():
     docs = list(itertools.islice(sources.python_code_documents(), 40))
     docs.append('Grüße aus Köln — naïve café. 日本語のテキスト。 Emoji: 🙂🚀\n' * 20)
     return train_tokenizer(docs, vocab_size=640)
+
+
+# --- workdirs of whole stages, shared by the tests that start from them ------------------------
+@pytest.fixture(scope='session')
+def corpus(tmp_path_factory):
+    """A few standard-library files as code and a JSONL of docstrings as prose."""
+    import itertools
+    import json
+
+    from gptstack.data import sources
+
+    root = tmp_path_factory.mktemp('corpus')
+    (root / 'code').mkdir()
+    for i, doc in enumerate(itertools.islice(sources.python_code_documents(), 25)):
+        (root / 'code' / f'{i:02d}.txt').write_text(doc)
+    with open(root / 'prose.jsonl', 'w') as f:
+        for doc in itertools.islice(sources.python_prose_documents(), 60):
+            f.write(json.dumps({'text': doc}) + '\n')
+    return root
+
+
+@pytest.fixture(scope='session')
+def base_workdir(corpus, tmp_path_factory):
+    """A runlocal pretraining run with room for task conversations (96 tokens)."""
+    from tests.runs import SFT, command, run
+
+    workdir = tmp_path_factory.mktemp('base')
+    result = run(command(corpus, workdir, *SFT))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+@pytest.fixture(scope='session')
+def sft_workdir(base_workdir, tmp_path_factory):
+    """A runlocal SFT run from `base_workdir`."""
+    from tests.runs import run, sft_command
+
+    workdir = tmp_path_factory.mktemp('sft')
+    result = run(sft_command(workdir, base_workdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir

@@ -4,55 +4,25 @@ Run: `python -m pytest -q tests/test_run.py`. Each test starts `python -m experi
 separate process on a small corpus written to a temporary directory.
 """
 
-import itertools
-import json
 import os
-import pathlib
 import shutil
 import signal
-import subprocess
 import sys
-import time
 
 import pytest
 
-from gptstack.data import sources
 from gptstack.data.tokenizer import train_tokenizer
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope='module')
-def corpus(tmp_path_factory):
-    """A few standard-library files as code and a JSONL of docstrings as prose."""
-    root = tmp_path_factory.mktemp('corpus')
-    (root / 'code').mkdir()
-    for i, doc in enumerate(itertools.islice(sources.python_code_documents(), 25)):
-        (root / 'code' / f'{i:02d}.txt').write_text(doc)
-    with open(root / 'prose.jsonl', 'w') as f:
-        for doc in itertools.islice(sources.python_prose_documents(), 60):
-            f.write(json.dumps({'text': doc}) + '\n')
-    return root
-
-
-def command(corpus, workdir, *overrides, config='pretrain.py:runlocal'):
-    return [sys.executable, '-m', 'experiments.run',
-            f'--config=experiments/configs/{config}', f'--workdir={workdir}',
-            f'--config.data.sources.code.paths={corpus / "code"}',
-            f'--config.data.sources.prose.paths={corpus / "prose.jsonl"}', *overrides]
-
-
-def run(args, **kwargs):
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
-
-
-def metrics(workdir):
-    lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
-    return [json.loads(line) for line in lines if line]
-
-
-def losses(workdir):
-    return {r['step']: (r['loss'], r['grad_norm']) for r in metrics(workdir) if 'loss' in r}
+from tests.runs import (
+    LONG,
+    ROOT,
+    SFT,
+    command,
+    losses,
+    metrics,
+    run,
+    sft_command,
+    start_and_wait_for_checkpoint,
+)
 
 
 def test_two_step_smoke_run(corpus, tmp_path):
@@ -69,21 +39,6 @@ def test_two_step_smoke_run(corpus, tmp_path):
     again = run(command(corpus, tmp_path / 'run'))
     assert again.returncode == 0 and 'resuming from' in again.stderr
     assert sorted(losses(workdir)) == [1, 2]
-
-
-LONG = ('--config.train.total_steps=300', '--config.train.checkpoint_every=5',
-        '--config.train.eval_every=0', '--config.train.sample_every=0')
-
-
-def start_and_wait_for_checkpoint(args, workdir, step):
-    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    deadline = time.time() + 300
-    while not (pathlib.Path(workdir) / 'checkpoints' / str(step)).is_dir():
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        assert time.time() < deadline
-        time.sleep(0.02)
-    return process
 
 
 def test_kill_9_then_resume_continues_exactly(corpus, tmp_path):
@@ -187,33 +142,14 @@ def test_sample_command_continues_a_prompt(corpus, tmp_path):
 
 
 # --- supervised finetuning ------------------------------------------------------------------
-SFT = ('--config.data.seq_len=96',)
-
-
-@pytest.fixture(scope='module')
-def base_workdir(corpus, tmp_path_factory):
-    """A runlocal pretraining run with room for task conversations (96 tokens)."""
-    workdir = tmp_path_factory.mktemp('base')
-    result = run(command(corpus, workdir, *SFT))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
-
-
-def sft_command(workdir, init_from, *overrides):
-    return [sys.executable, '-m', 'experiments.run', '--config=experiments/configs/sft.py:runlocal',
-            f'--workdir={workdir}', f'--config.init_from={init_from}', *SFT, *overrides]
-
-
-def test_sft_smoke_run_reports_base_and_sft_gold_scores(base_workdir, tmp_path):
-    result = run(sft_command(tmp_path, base_workdir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    records = metrics(tmp_path)
+def test_sft_smoke_run_reports_base_and_sft_gold_scores(base_workdir, sft_workdir):
+    records = metrics(sft_workdir)
     assert records[0]['step'] == 0 and 'gold/greedy' in records[0]  # the base model
     assert 'gold/sampled_stderr' in records[-1]
-    assert (tmp_path / 'tokenizer.model').read_bytes() == (
+    assert (sft_workdir / 'tokenizer.model').read_bytes() == (
         base_workdir / 'tokenizer.model').read_bytes()
-    assert 'Gold score on held-out prompts' in (tmp_path / 'report.md').read_text()
-    chat = run([sys.executable, '-m', 'experiments.sample', f'--workdir={tmp_path}', '--chat',
+    assert 'Gold score on held-out prompts' in (sft_workdir / 'report.md').read_text()
+    chat = run([sys.executable, '-m', 'experiments.sample', f'--workdir={sft_workdir}', '--chat',
                 '--max_new_tokens=5', '--temperature=0'], input='What is 2 + 2?\nAnd 3 + 3?\n')
     assert chat.returncode == 0, chat.stderr[-3000:]
     assert [line.split(':')[0] for line in chat.stdout.splitlines()] == ['assistant'] * 2

@@ -5,7 +5,8 @@ Three JSONL layouts, told apart by their fields (extra fields are ignored):
 - pairwise `{prompt, chosen, rejected}`;
 - K-way `{prompt, completions: [...], ranking: [...]}`: `ranking[i]` is the rank of
   `completions[i]`, 1 is best, equal ranks are ties (InstructGPT: all K·(K−1)/2 pairs of one
-  prompt go into one batch element);
+  prompt go into one batch element); an optional `gold: [...]` (the simulated labeler's gold
+  scores) is kept for evaluation;
 - Anthropic HH `{chosen, rejected}`: two full dialogues `"\\n\\nHuman: ...\\n\\nAssistant: ..."`;
   the prompt is their longest common prefix, cut back to the start of the last assistant turn it
   contains, and each completion is the rest of its dialogue (usually one assistant turn).
@@ -52,6 +53,9 @@ class Comparison:
     prompt: list[dict]
     completions: list[list[dict]]
     ranks: list[int]
+    # Gold scores of the completions when the record has them (simulated-labeler files): used
+    # to evaluate, never to train.
+    gold: list[float] | None = None
 
     @property
     def pairs(self) -> int:
@@ -80,12 +84,16 @@ def comparison_from_record(record: dict, where: str) -> Comparison:
                 or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranking)):
             raise DataError(f"{where}: field 'ranking' must be a list of {len(completions)} "
                             'integers, the rank of each completion (1 is best, equal ranks tie)')
-        return Comparison(where, _prompt(record['prompt'], where),
+        gold = record.get('gold')
+        if gold is not None and (not isinstance(gold, list) or len(gold) != len(completions) or
+                                 not all(isinstance(g, int | float) for g in gold)):
+            raise DataError(f"{where}: field 'gold' must be a list of {len(completions)} numbers")
+        return Comparison(where, prompt_messages(record['prompt'], where),
                           [_completion(c, where, f'completions[{i}]')
-                           for i, c in enumerate(completions)], list(ranking))
+                           for i, c in enumerate(completions)], list(ranking), gold)
     if 'chosen' in record and 'rejected' in record:
         if 'prompt' in record:
-            return Comparison(where, _prompt(record['prompt'], where),
+            return Comparison(where, prompt_messages(record['prompt'], where),
                               [_completion(record[f], where, f) for f in ('chosen', 'rejected')],
                               [1, 2])
         prompt, chosen, rejected = split_hh_dialogues(record['chosen'], record['rejected'], where)
@@ -94,7 +102,8 @@ def comparison_from_record(record: dict, where: str) -> Comparison:
                     f"ranking}} or HH {{chosen, rejected}} (fields: {sorted(record)})")
 
 
-def _prompt(value, where: str) -> list[dict]:
+def prompt_messages(value, where: str) -> list[dict]:
+    """A prompt given as a string (one user turn) or as a list of messages, validated."""
     if isinstance(value, str):
         if not value.strip():
             raise DataError(f"{where}: field 'prompt' is empty")
@@ -189,6 +198,11 @@ class RenderStats:
     tokens: int = 0
 
 
+def completion_row(tokenizer: Tokenizer, prompt: list[dict], completion: list[dict]) -> list[int]:
+    """The token ids the reward model scores: the conversation, then `<|reward|>`."""
+    return [*render_chat(tokenizer, prompt + completion)[0], tokenizer.reward_id]
+
+
 def render_comparisons(tokenizer: Tokenizer, comparisons: Iterable[Comparison], seq_len: int,
                        max_completions: int, *, truncate: bool = False
                        ) -> tuple[list[dict], RenderStats]:
@@ -211,7 +225,7 @@ def render_comparisons(tokenizer: Tokenizer, comparisons: Iterable[Comparison], 
         tokens = np.full((max_completions, seq_len), tokenizer.pad_id, np.int32)
         lengths = np.zeros(max_completions, np.int32)
         for i, completion in enumerate(comparison.completions):
-            ids = render_chat(tokenizer, comparison.prompt + completion)[0] + [tokenizer.reward_id]
+            ids = completion_row(tokenizer, comparison.prompt, completion)
             if len(ids) > seq_len:
                 if not truncate:
                     raise DataError(f'{comparison.where}: completion {i} with its prompt has '

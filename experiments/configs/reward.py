@@ -1,0 +1,92 @@
+"""Stage 3: the reward model, trained on ranked completions from the SFT model.
+
+COMMAND (after the default SFT run; embedded task suite, no downloads; 2-core CPU):
+  python -m experiments.run --config=experiments/configs/reward.py --workdir=workdirs/reward \
+      --config.init_from=workdirs/sft
+
+Samples `data.completions` replies per task prompt from the SFT model, ranks them with a
+simulated labeler (gold scorer plus Bradley-Terry noise `labeler.noise`), writes the K-way
+comparisons to `<workdir>/comparisons/`, and trains the SFT transformer with a score head on them
+with the K-way ranking loss. The report gives held-out pairwise accuracy, agreement with the gold
+scorer, calibration, reward distributions, and best-of-N gold score for N = 1..16.
+Args: `runlocal` (a few steps of a smoke test).
+"""
+
+import ml_collections
+
+from experiments.configs import common
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, runlocal=False)
+    config = ml_collections.ConfigDict()
+    config.stage = 'reward'
+    config.seed = 0
+    # The SFT workdir whose latest checkpoint (and tokenizer) the reward model starts from, and
+    # whose model samples the embedded comparisons.
+    config.init_from = ml_collections.config_dict.placeholder(str)
+
+    config.data = ml_collections.ConfigDict()
+    # 'embedded:tasks' (comparisons made from the SFT model's samples), or comma-separated
+    # JSONL files/globs of {prompt, chosen, rejected}, {prompt, completions, ranking} or HH
+    # {chosen, rejected}; an empty validation holds out val_fraction of the training records.
+    config.data.train = 'embedded:tasks'
+    config.data.validation = 'embedded:tasks'
+    config.data.val_fraction = 0.1
+    # Task prompts to make comparisons for (embedded:tasks).
+    config.data.train_prompts = 3000
+    config.data.validation_prompts = 256
+    # K: completions per prompt (at most, for files); all K(K-1)/2 pairs go in one batch element.
+    config.data.completions = 4
+    config.data.seq_len = 128
+    # Prompts (groups of K completions) per step.
+    config.data.batch_size = 8
+    # Over-long rows: False is an error naming the record, True drops the start of the prompt.
+    config.data.truncate = False
+    config.data.max_skips = 0
+    config.data.eval_batches = 32
+
+    # The simulated labeler and the sampling of the completions it ranks (embedded:tasks).
+    config.labeler = ml_collections.ConfigDict()
+    # Bradley-Terry temperature on the gold score: P(labeler prefers i to j) =
+    # sigmoid((gold_i - gold_j) / noise); equal gold scores tie; 0 ranks exactly by gold.
+    config.labeler.noise = 0.2
+    config.labeler.temperature = 1.0
+    config.labeler.max_new_tokens = 48
+    config.labeler.batch_size = 64
+
+    config.loss = ml_collections.ConfigDict()
+    # The better completion's reward must exceed the other's by this much before the loss
+    # flattens (0: the plain Bradley-Terry loss).
+    config.loss.margin = 0.0
+
+    config.train = common.train_config(300, eval_every=50, sample_every=0,
+                                       checkpoint_every=100)
+    config.optim = common.optim_config(lr=3e-4, warmup_steps=20, weight_decay=0.0)
+    config.optim.total_steps = config.train.get_ref('total_steps')
+    config.mesh = common.mesh_config()
+
+    # Best-of-N with the SFT policy on held-out task prompts, after training (embedded:tasks).
+    config.best_of_n = ml_collections.ConfigDict()
+    config.best_of_n.prompts = 128
+    # Samples per prompt: N = 1, 2, 4, ... up to this.
+    config.best_of_n.max_n = 16
+    config.best_of_n.batch_size = 64
+
+    if arg.runlocal:
+        config.data.train_prompts = 32
+        config.data.validation_prompts = 16
+        config.data.seq_len = 64
+        config.data.truncate = True
+        config.data.eval_batches = 4
+        config.labeler.max_new_tokens = 8
+        config.labeler.batch_size = 16
+        config.train.total_steps = 2
+        config.train.log_every = 1
+        config.train.eval_every = 2
+        config.train.checkpoint_every = 1
+        config.optim.warmup_steps = 1
+        config.best_of_n.prompts = 4
+        config.best_of_n.max_n = 4
+        config.best_of_n.batch_size = 16
+    return config

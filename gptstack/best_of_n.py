@@ -1,0 +1,69 @@
+"""Best-of-N: draw N replies from the policy and keep the one the reward model scores highest.
+
+`best_of_n` is the sampler's answer with a reward model in the loop. `expected_best_of_n`
+measures it without bias from one pool of M >= N samples per prompt: the sample with the
+i-th lowest reward (0-based) is the reward model's pick of a random N-subset of the pool with
+probability C(i, N-1) / C(M, N), so the expected gold score of best-of-N is an exact weighted
+mean over the pool, for every N <= M at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+from gptstack.chat import sample_replies
+from gptstack.data.preference import completion_row
+from gptstack.data.tokenizer import Tokenizer
+
+ScoreFn = Callable[[Sequence[list[dict]], Sequence[list[dict]]], np.ndarray]
+
+
+def reward_scorer(score_fn, params, tokenizer: Tokenizer, batch_size: int,
+                  seq_len: int) -> ScoreFn:
+    """`scorer(prompts, completions) -> rewards [n]` over a jitted `score_fn(params, tokens,
+    positions, segment_ids)` (see `gptstack.steps.reward.make_score_fn`), in padded batches of
+    `batch_size` rows of `seq_len` tokens; a longer row keeps its last `seq_len` tokens."""
+    def scorer(prompts, completions) -> np.ndarray:
+        rows = [completion_row(tokenizer, p, c)[-seq_len:]
+                for p, c in zip(prompts, completions, strict=True)]
+        out = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start:start + batch_size]
+            tokens = np.full((batch_size, seq_len), tokenizer.pad_id, np.int32)
+            segments = np.zeros((batch_size, seq_len), np.int32)
+            for i, row in enumerate(chunk):
+                tokens[i, :len(row)], segments[i, :len(row)] = row, 1
+            positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape)
+            out.append(np.asarray(jax.device_get(
+                score_fn(params, tokens, positions, segments)))[:len(chunk)])
+        return np.concatenate(out)
+
+    return scorer
+
+
+def best_of_n(sampler, policy_params, tokenizer: Tokenizer, scorer: ScoreFn,
+              conversations: Sequence[list[dict]], n: int, key: jax.Array,
+              sampling) -> tuple[list[str], np.ndarray]:
+    """The highest-reward reply of `n` samples for each conversation, and all the rewards
+    `[len(conversations), n]`."""
+    replies = sample_replies(sampler, policy_params, tokenizer, conversations, key, sampling, n)
+    rewards = scorer([c for c in conversations for _ in range(n)],
+                     [[{'role': 'assistant', 'content': r}] for rs in replies for r in rs])
+    rewards = rewards.reshape(len(conversations), n)
+    return [rs[int(np.argmax(r))] for rs, r in zip(replies, rewards, strict=True)], rewards
+
+
+def expected_best_of_n(rewards_pm: np.ndarray, gold_pm: np.ndarray, n: int) -> np.ndarray:
+    """`[P]`: each prompt's expected gold score of the reward model's pick among `n` samples
+    drawn without replacement from its pool of `M` (`rewards_pm`, `gold_pm` are `[P, M]`)."""
+    m = rewards_pm.shape[1]
+    if not 1 <= n <= m:
+        raise ValueError(f'best-of-{n} needs 1 <= n <= {m} samples per prompt')
+    order = np.argsort(rewards_pm, axis=1, kind='stable')
+    gold_sorted = np.take_along_axis(gold_pm, order, axis=1)
+    weights = np.array([math.comb(i, n - 1) for i in range(m)], np.float64) / math.comb(m, n)
+    return gold_sorted @ weights

@@ -1,0 +1,39 @@
+"""Assistant replies sampled for conversations rendered with the chat template: what SFT
+evaluation, comparison making, best-of-N and RL rollouts all draw from the policy."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+import tqdm
+from flax import nnx
+
+from gptstack.data.tokenizer import Tokenizer, parse_chat, render_prompt
+from gptstack.sampling import Sampler, SamplingParams
+
+
+def reply_text(tokenizer: Tokenizer, tokens: np.ndarray) -> str:
+    """The assistant's reply in generated `tokens` (stop tokens and padding dropped)."""
+    return parse_chat(tokenizer, [tokenizer.role_ids['assistant'], *tokens])[0]['content']
+
+
+def sample_replies(sampler: Sampler, params: nnx.State, tokenizer: Tokenizer,
+                   conversations: Sequence[list[dict]], key: jax.Array,
+                   sampling: SamplingParams, n: int = 1,
+                   progress: str | None = None) -> list[list[str]]:
+    """`n` replies to each conversation (its turns so far), drawn in sampler-sized batches;
+    batch `i` uses `fold_in(key, i)`, so the result depends only on the key and the inputs.
+    With `progress`, a progress bar of that name shows the batches."""
+    prompts = [render_prompt(tokenizer, c) for c in conversations for _ in range(n)]
+    texts = []
+    starts = range(0, len(prompts), sampler.batch_size)
+    if progress:
+        starts = tqdm.tqdm(starts, desc=progress, unit='batch', dynamic_ncols=True)
+    for i, start in enumerate(starts):
+        out = sampler(params, prompts[start:start + sampler.batch_size],
+                      jax.random.fold_in(key, i), sampling)
+        texts += [reply_text(tokenizer, row[:length])
+                  for row, length in zip(out['tokens'], out['lengths'], strict=True)]
+    return [texts[i:i + n] for i in range(0, len(texts), n)]

@@ -1,0 +1,61 @@
+"""Stage workdirs as inputs: the tokenizer and latest checkpoint a later stage starts from, and
+the language model a sampling tool loads.
+
+A workdir holds `tokenizer.model`, `checkpoints/<step>/{state,data,meta}` (the meta names the
+model config, the tokenizer's sha256 and the resolved stage config), `metrics.jsonl`,
+`tensorboard/` and `report.md`.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+from gptstack import sharding
+from gptstack.checkpoint import Checkpointer, abstract_with_shardings
+from gptstack.config import ConfigError, GPTConfig, MeshConfig
+from gptstack.data.tokenizer import Tokenizer
+from gptstack.model import GPT
+from gptstack.state import abstract_model
+
+
+def load_base(init_from: str | None, purpose: str = 'the pretraining workdir to finetune'):
+    """`(tokenizer, model config, checkpointer, step)` of the workdir a stage starts from."""
+    if not init_from:
+        raise ConfigError(f'init_from: name {purpose} (--config.init_from=workdirs/...)')
+    base = pathlib.Path(init_from)
+    if not (base / 'tokenizer.model').exists():
+        raise ConfigError(f'init_from={base}: no tokenizer.model there; is it a stage workdir?')
+    tokenizer = Tokenizer.load(base / 'tokenizer.model')
+    checkpointer = Checkpointer(base / 'checkpoints')
+    step = checkpointer.latest_step()
+    if step is None:
+        raise ConfigError(f'init_from={base}: no checkpoint in {base / "checkpoints"}')
+    meta = checkpointer.read_meta(step)
+    if meta.get('tokenizer_sha256') != tokenizer.sha256:
+        raise ConfigError(f'init_from={base}: checkpoint {step} was trained with tokenizer '
+                          f'{meta.get("tokenizer_sha256")}, but {base / "tokenizer.model"} is '
+                          f'{tokenizer.sha256}')
+    return tokenizer, GPTConfig.from_dict(meta['model']), checkpointer, step
+
+
+def load_model(workdir: str | os.PathLike, step: int | None = None):
+    """`(tokenizer, model config, graphdef, params, mesh, meta)` of a workdir's language model
+    (the latest checkpoint, or `step`), its parameters laid out over all local devices by FSDP;
+    no optimizer state is read."""
+    workdir = pathlib.Path(workdir)
+    tokenizer = Tokenizer.load(workdir / 'tokenizer.model')
+    checkpointer = Checkpointer(workdir / 'checkpoints')
+    step = checkpointer.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f'{workdir / "checkpoints"} holds no checkpoint')
+    meta = checkpointer.read_meta(step)
+    if meta.get('tokenizer_sha256') != tokenizer.sha256:
+        raise ValueError(f'{workdir}/tokenizer.model is not the tokenizer of checkpoint {step}')
+    config = GPTConfig.from_dict(meta['model'])
+    mesh = sharding.make_mesh(MeshConfig(fsdp=-1))
+    graphdef, abstract = abstract_model(lambda rngs: GPT(config, rngs=rngs))
+    params = checkpointer.restore_params(step, abstract_with_shardings(
+        abstract, sharding.param_shardings(abstract, mesh, 'fsdp')))
+    checkpointer.close()
+    return tokenizer, config, graphdef, params, mesh, meta

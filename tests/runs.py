@@ -1,0 +1,52 @@
+"""Helpers for tests that run whole stages as `python -m experiments.run` subprocesses; the
+shared workdirs they start from are session fixtures in `conftest.py`."""
+
+import json
+import pathlib
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Many steps with frequent checkpoints and nothing else: for kill-and-resume tests.
+LONG = ('--config.train.total_steps=300', '--config.train.checkpoint_every=5',
+        '--config.train.eval_every=0', '--config.train.sample_every=0')
+# Room for task conversations in runlocal models.
+SFT = ('--config.data.seq_len=96',)
+
+
+def command(corpus, workdir, *overrides, config='pretrain.py:runlocal'):
+    return [sys.executable, '-m', 'experiments.run',
+            f'--config=experiments/configs/{config}', f'--workdir={workdir}',
+            f'--config.data.sources.code.paths={corpus / "code"}',
+            f'--config.data.sources.prose.paths={corpus / "prose.jsonl"}', *overrides]
+
+
+def sft_command(workdir, init_from, *overrides):
+    return [sys.executable, '-m', 'experiments.run', '--config=experiments/configs/sft.py:runlocal',
+            f'--workdir={workdir}', f'--config.init_from={init_from}', *SFT, *overrides]
+
+
+def run(args, **kwargs):
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def metrics(workdir):
+    lines = (pathlib.Path(workdir) / 'metrics.jsonl').read_text().splitlines()
+    return [json.loads(line) for line in lines if line]
+
+
+def losses(workdir):
+    return {r['step']: (r['loss'], r['grad_norm']) for r in metrics(workdir) if 'loss' in r}
+
+
+def start_and_wait_for_checkpoint(args, workdir, step):
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 300
+    while not (pathlib.Path(workdir) / 'checkpoints' / str(step)).is_dir():
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    return process

@@ -1,0 +1,145 @@
+"""The reward stage and the ranking tool as commands: smoke run on the embedded tasks, kill -9
+and resume, bad data, the HH file, initialisation from SFT.
+
+Run: `python -m pytest -q tests/test_run_reward.py` (starts from the shared runlocal SFT run).
+"""
+
+import json
+import pathlib
+import signal
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from gptstack.data import preference
+from gptstack.data.sources import SkipBudget
+from tests.runs import ROOT, losses, metrics, run, start_and_wait_for_checkpoint
+
+HH = ROOT.parent / 'shared' / 'data' / 'hh_rlhf_harmless_base' / 'test.jsonl.gz'
+# Enough held-out prompts that some of a tiny model's replies differ in gold score.
+REWARD = ('--config.data.validation_prompts=48',)
+
+
+def reward_command(workdir, init_from, *overrides, config='reward.py:runlocal'):
+    return [sys.executable, '-m', 'experiments.run', f'--config=experiments/configs/{config}',
+            f'--workdir={workdir}', f'--config.init_from={init_from}', *REWARD, *overrides]
+
+
+@pytest.fixture(scope='module')
+def reward_workdir(sft_workdir, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp('reward')
+    result = run(reward_command(workdir, sft_workdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+def test_reward_smoke_run_makes_comparisons_and_reports(sft_workdir, reward_workdir):
+    comparisons = [json.loads(line) for line in
+                   (reward_workdir / 'comparisons' / 'train.jsonl').read_text().splitlines()]
+    assert len(comparisons) == 32
+    assert all(len(c['completions']) == len(c['ranking']) == len(c['gold']) == 4
+               for c in comparisons)
+    records = metrics(reward_workdir)
+    assert records[0]['step'] == 0 and 'val_accuracy' in records[0]  # the untrained head
+    last_eval = [r for r in records if 'val_accuracy' in r][-1]
+    assert {'val_accuracy_stderr', 'gold_agreement', 'val_reward_better'} <= set(last_eval)
+    assert 'best_of_4/gold' in records[-1]
+    report = (reward_workdir / 'report.md').read_text()
+    for text in ('held-out accuracy', 'Simulated labeler (Bradley-Terry noise 0.2',
+                 'Best-of-N with the SFT policy', 'calibration.png', 'rewards.png'):
+        assert text in report, text
+    # Running the finished command again resumes at the end and reuses the comparisons.
+    mtime = (reward_workdir / 'comparisons' / 'train.jsonl').stat().st_mtime
+    again = run(reward_command(reward_workdir, sft_workdir))
+    assert again.returncode == 0 and 'resuming from' in again.stderr
+    assert [r['step'] for r in metrics(reward_workdir) if 'loss' in r] == [1, 2]
+    assert (reward_workdir / 'comparisons' / 'train.jsonl').stat().st_mtime == mtime
+
+
+def test_reward_model_starts_from_the_sft_transformer(sft_workdir, reward_workdir):
+    from experiments.reward import initial_state
+    from gptstack import sharding
+    from gptstack.checkpoint import abstract_with_shardings
+    from gptstack.config import MeshConfig, OptimConfig
+    from gptstack.model import GPT, ScoreModel
+    from gptstack.optim import make_optimizer
+    from gptstack.state import abstract_model, abstract_train_state, state_shardings
+    from gptstack.workdirs import load_base
+
+    _, model_config, checkpointer, step = load_base(str(sft_workdir))
+    mesh = sharding.make_mesh(MeshConfig(fsdp=8))
+    tx, _ = make_optimizer(OptimConfig())
+    model_fn = lambda rngs: ScoreModel(model_config, rngs=rngs)  # noqa: E731
+    abstract = abstract_train_state(model_fn, tx)
+    shardings = state_shardings(abstract, mesh, 'fsdp', tx)
+    state = initial_state(model_fn, abstract, shardings, checkpointer, step, tx, 0)
+    _, lm_abstract = abstract_model(lambda rngs: GPT(model_config, rngs=rngs))
+    lm = checkpointer.restore_params(step, abstract_with_shardings(
+        lm_abstract, sharding.param_shardings(lm_abstract, mesh, 'fsdp')))
+    checkpointer.close()
+    ours = jax.device_get(nnx.to_pure_dict(state.params))
+    theirs = jax.device_get(nnx.to_pure_dict(lm))
+    jax.tree.map(np.testing.assert_array_equal, ours['transformer'], theirs['transformer'])
+    assert set(ours) == {'transformer', 'score_head'}
+    assert state.params['transformer']['token_embed_vd'][...].sharding.spec == \
+        shardings.params['transformer']['token_embed_vd'].spec
+
+
+def test_reward_kill_9_then_resume_continues_exactly(sft_workdir, tmp_path):
+    steps = ('--config.train.total_steps=60', '--config.train.checkpoint_every=5',
+             '--config.train.eval_every=0', '--config.best_of_n.prompts=0')
+    reference = run(reward_command(tmp_path / 'reference', sft_workdir, *steps))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    workdir = tmp_path / 'killed'
+    process = start_and_wait_for_checkpoint(reward_command(workdir, sft_workdir, *steps),
+                                            workdir, 10)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert max(losses(workdir)) < 60
+    resumed = run(reward_command(workdir, sft_workdir, *steps))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [r['step'] for r in metrics(workdir) if 'loss' in r] == list(range(1, 61))
+    assert losses(workdir) == losses(tmp_path / 'reference')
+
+
+def test_bad_comparison_files_fail_before_training(sft_workdir, tmp_path):
+    data = tmp_path / 'pairs.jsonl'
+    data.write_text(json.dumps({'prompt': 'p', 'chosen': 'a', 'rejected': 'b'}) + '\n' +
+                    json.dumps({'prompt': 'p', 'chosen': 'a'}) + '\n')
+    result = run(reward_command(tmp_path / 'a', sft_workdir, f'--config.data.train={data}',
+                                '--config.data.validation='))
+    assert result.returncode == 1
+    assert f"{data}:2: expected {{prompt, chosen, rejected}}" in result.stderr
+    assert not (tmp_path / 'a' / 'checkpoints').exists()
+    result = run(reward_command(tmp_path / 'b', sft_workdir, f'--config.data.train={data}'))
+    assert 'use embedded:tasks for both or for neither' in result.stderr
+    result = run(reward_command(tmp_path / 'c', ''))
+    assert 'init_from: name the SFT workdir to start the reward model from' in result.stderr
+
+
+@pytest.mark.skipif(not HH.exists(), reason='the shared datasets are not present')
+def test_reward_on_hh_reads_every_record_and_reports_accuracy(sft_workdir, tmp_path):
+    result = run(reward_command(tmp_path, sft_workdir, config='reward_hh.py:runlocal'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = (tmp_path / 'report.md').read_text()
+    assert '| train comparisons | 2000 prompts' in report
+    assert '| held-out comparisons | 312 prompts' in report
+    last_eval = [r for r in metrics(tmp_path) if 'val_accuracy' in r][-1]
+    assert 0 < last_eval['val_accuracy_stderr'] < 0.1 and 'gold_agreement' not in last_eval
+
+
+def test_rank_tool_appends_k_way_records(sft_workdir, tmp_path):
+    out = tmp_path / 'ranked.jsonl'
+    result = run([sys.executable, '-m', 'experiments.rank', f'--workdir={sft_workdir}',
+                  '--prompt=Say hi.', '--prompt=Name a colour.', f'--out={out}',
+                  '--num_completions=2', '--max_new_tokens=4'], input='1 1\n2 1\ns\n')
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'all replies have the same rank' in result.stdout
+    assert 'appended 1 ranked prompts' in result.stdout and '(1 skipped)' in result.stdout
+    (comparison,) = preference.read_comparisons(out, SkipBudget())
+    assert comparison.prompt == [{'role': 'user', 'content': 'Say hi.'}]
+    assert comparison.ranks == [2, 1] and len(comparison.completions) == 2
+    assert pathlib.Path(out).read_text().count('\n') == 1

@@ -311,7 +311,8 @@ def run(config, workdir: pathlib.Path) -> str:
         data_iterator=data_iterator, config=setup.loop, checkpointer=checkpointer,
         writer=writer, workdir=workdir, evaluate=evaluate, sample=None,
         checkpoint_meta=meta, tokens_per_step=tokens_per_step,
-        flops_per_step=train_flops_per_token(model_config, seq_len) * tokens_per_step,
+        flops_per_step=train_flops_per_token(model_config, seq_len, lm_head=False) *
+        tokens_per_step,
         peak_flops=setup.peak_flops, wall_time_offset=wall_offset)
     if result.status == 'finished':
         final = checkpointer.restore(checkpointer.latest_step(),

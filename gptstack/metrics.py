@@ -32,18 +32,19 @@ PEAK_FLOPS = {
 }
 
 
-def matmul_params(config: GPTConfig) -> int:
-    """Parameters that take part in matmuls (N in 6N): all but norms, biases and positions."""
+def matmul_params(config: GPTConfig, lm_head: bool = True) -> int:
+    """Parameters that take part in matmuls (N in 6N): all but norms, biases and positions;
+    `lm_head=False` for a score model, whose head is one vector instead of the vocabulary."""
     d, f, n_layer = config.d_model, config.d_ff, config.n_layer
     attention = d * config.head_dim * (2 * config.n_head + 2 * config.n_kv_head)
     mlp = (3 if config.family == 'llama' else 2) * d * f
-    head = config.vocab_size * d
+    head = config.vocab_size * d if lm_head else d
     return n_layer * (attention + mlp) + head
 
 
-def train_flops_per_token(config: GPTConfig, seq_len: int) -> float:
+def train_flops_per_token(config: GPTConfig, seq_len: int, lm_head: bool = True) -> float:
     """Model FLOPs of one training token (forward and backward)."""
-    return 6 * matmul_params(config) + 12 * config.n_layer * config.d_model * seq_len
+    return 6 * matmul_params(config, lm_head) + 12 * config.n_layer * config.d_model * seq_len
 
 
 def peak_flops_per_device(dtype: str = 'float32') -> tuple[float, str]:

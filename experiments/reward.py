@@ -371,11 +371,15 @@ def best_of_n_curve(config, sampler, policy_params, tokenizer, scorer) -> dict[i
                      [[{'role': 'assistant', 'content': r}] for rs in replies for r in rs])
     rewards = rewards.reshape(len(drawn), pool)
     curve, n = {}, 1
+    single = expected_best_of_n(rewards, gold, 1)
     while n <= pool:
         by_rm = expected_best_of_n(rewards, gold, n)
         by_gold = expected_best_of_n(gold + 1e-9 * rewards, gold, n)  # ties broken by the RM
+        gain = by_rm - single  # paired over prompts: far less noisy than the two means
         curve[n] = {'rm': float(by_rm.mean()),
                     'rm_stderr': float(by_rm.std(ddof=1) / math.sqrt(len(by_rm))),
+                    'gain': float(gain.mean()),
+                    'gain_stderr': float(gain.std(ddof=1) / math.sqrt(len(gain))),
                     'oracle': float(by_gold.mean())}
         n *= 2
     return curve
@@ -427,9 +431,17 @@ def write_report(workdir, config, labeler, train_stats, val_stats, rewards, rank
                              ['split', 'prompts', 'all tied', 'ranked pairs',
                               'labeler agrees with gold'], rows)))
     if best_of:
-        sections.append(('Best-of-N with the SFT policy (gold score on held-out prompts)',
-                         report.table(['N', 'picked by the RM', '± se', 'picked by gold (ceiling)'],
-                                      [(n, v['rm'], v['rm_stderr'], v['oracle'])
-                                       for n, v in best_of.items()])))
+        plots.append(report.plot(
+            [{'step': n, 'rm': v['rm'], 'oracle': v['oracle']} for n, v in best_of.items()],
+            {'picked by the reward model': 'rm', 'picked by the gold scorer (ceiling)': 'oracle'},
+            workdir / 'best_of_n.png', title='Best-of-N gold score (held-out prompts)',
+            ylabel='mean gold score', xlabel='N (samples per prompt)', logx=True))
+        sections.append((
+            f'Best-of-N with the SFT policy (gold score on {config.best_of_n.prompts} held-out '
+            'prompts; the gain over N = 1 is paired by prompt)',
+            report.table(['N', 'picked by the RM', '± se', 'gain over N = 1', '± se',
+                          'picked by gold (ceiling)'],
+                         [(n, v['rm'], v['rm_stderr'], v['gain'], v['gain_stderr'], v['oracle'])
+                          for n, v in best_of.items()])))
     sections.append(('Curves and calibration', '\n\n'.join(f'![{p}]({p})' for p in plots)))
     return report.write(workdir, 'Reward model report', sections)

@@ -79,3 +79,64 @@ def ranking_loss(rewards_bk: Array, ranks_bk: Array, valid_bk: Array,
     per_prompt_b = (loss_bkk * pairs_bkk).sum(axis=(1, 2)) / jnp.maximum(n_pairs_b, 1.0)
     has_pairs_b = (n_pairs_b > 0).astype(jnp.float32)
     return jnp.sum(per_prompt_b * has_pairs_b), jnp.sum(has_pairs_b)
+
+
+# --- reinforcement learning -----------------------------------------------------------------
+def kl_penalty(logp_bt: Array, ref_logp_bt: Array, estimator: str = 'k1') -> Array:
+    """Per-token estimate of KL(policy || reference) from log-probs of tokens the policy sampled.
+
+    `k1`: `log p - log q` (unbiased, can be negative per token); `k3`: `r - 1 - log r` with
+    `r = q / p` (unbiased, never negative, lower variance); Schulman's "Approximating KL".
+    """
+    log_ratio = logp_bt.astype(jnp.float32) - ref_logp_bt.astype(jnp.float32)
+    if estimator == 'k1':
+        return log_ratio
+    if estimator == 'k3':
+        return jnp.expm1(-log_ratio) + log_ratio
+    raise ValueError(f'KL estimator {estimator!r}: expected k1 or k3')
+
+
+def ppo_policy_loss(logp_bt: Array, old_logp_bt: Array, advantages_bt: Array, mask_bt: Array,
+                    clip: float) -> tuple[Array, dict[str, Array]]:
+    """The clipped surrogate `-min(ρA, clip(ρ, 1-ε, 1+ε)A)` with `ρ = exp(logp - old_logp)`.
+
+    Returns:
+        `(loss_sum, sums)`: the loss summed over counted tokens, and sums of `count`,
+        `clipped` (tokens where the clipped term was chosen) and `approx_kl` (`k3` of old to new).
+    """
+    mask_bt = mask_bt.astype(jnp.float32)
+    log_ratio = logp_bt - old_logp_bt
+    ratio = jnp.exp(log_ratio)
+    unclipped = ratio * advantages_bt
+    clipped = jnp.clip(ratio, 1.0 - clip, 1.0 + clip) * advantages_bt
+    loss_bt = -jnp.minimum(unclipped, clipped)
+    return jnp.sum(loss_bt * mask_bt), {
+        'count': jnp.sum(mask_bt),
+        'clipped': jnp.sum((clipped < unclipped) * mask_bt),
+        'approx_kl': jnp.sum((jnp.expm1(log_ratio) - log_ratio) * mask_bt)}
+
+
+def ppo_value_loss(values_bt: Array, old_values_bt: Array, returns_bt: Array, mask_bt: Array,
+                   clip: float) -> tuple[Array, Array]:
+    """The clipped value loss `½ max((V - R)², (V_clip - R)²)`, `V_clip` kept within `clip` of
+    the rollout's values. Returns `(loss_sum, clipped token count)` over counted tokens."""
+    mask_bt = mask_bt.astype(jnp.float32)
+    clipped_values = old_values_bt + jnp.clip(values_bt - old_values_bt, -clip, clip)
+    plain = jnp.square(values_bt - returns_bt)
+    limited = jnp.square(clipped_values - returns_bt)
+    return (0.5 * jnp.sum(jnp.maximum(plain, limited) * mask_bt),
+            jnp.sum((limited > plain) * mask_bt))
+
+
+def entropy(logits_btv: Array, mask_bt: Array) -> Array:
+    """Summed entropy (nats) of the next-token distributions at counted positions."""
+    log_p = jax.nn.log_softmax(logits_btv.astype(jnp.float32), axis=-1)
+    entropy_bt = -jnp.sum(jnp.exp(log_p) * log_p, axis=-1)
+    return jnp.sum(entropy_bt * mask_bt.astype(jnp.float32))
+
+
+def token_log_probs(logits_btv: Array, tokens_bt: Array) -> Array:
+    """`[B, T]` log-probability of `tokens_bt[:, t]` under `logits_btv[:, t]`."""
+    logits_btv = logits_btv.astype(jnp.float32)
+    picked = jnp.take_along_axis(logits_btv, tokens_bt[..., None], axis=-1)[..., 0]
+    return picked - jax.nn.logsumexp(logits_btv, axis=-1)

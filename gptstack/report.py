@@ -18,8 +18,9 @@ import matplotlib.pyplot as plt
 
 
 def plot(records: list[dict], series: dict[str, str], path: str | os.PathLike, *, title: str,
-         ylabel: str, hlines: dict[str, float] | None = None, logy: bool = False) -> str:
-    """Draws `{label: metric key}` against step from metric records; returns the file name."""
+         ylabel: str, hlines: dict[str, float] | None = None, logy: bool = False,
+         xlabel: str = 'step', logx: bool = False) -> str:
+    """Draws `{label: metric key}` against `step` from metric records; returns the file name."""
     path = pathlib.Path(path)
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, key in series.items():
@@ -35,7 +36,9 @@ def plot(records: list[dict], series: dict[str, str], path: str | os.PathLike, *
                     va='bottom', color='gray')
     if logy:
         ax.set_yscale('log')
-    ax.set_xlabel('step')
+    if logx:
+        ax.set_xscale('log', base=2)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)

@@ -1,0 +1,372 @@
+"""PPO, stage 4 of the recipe: rollouts from our sampler, scored by a frozen reward model, with a
+per-token KL penalty to the frozen SFT model.
+
+Four roles, each its own graphdef and parameters (so a separate rollout mesh can be added
+without touching the rest):
+
+    actor      `GPT`, trained; starts as the SFT model
+    critic     `ScoreModel`, trained; starts as the reward model; the value of each response
+               token's state (read where the token is predicted)
+    reference  `GPT`, frozen SFT model: the anchor of the KL penalty
+    reward     `ScoreModel`, frozen; the reward is its score at `<|reward|>` after the response
+
+One iteration (`PPO.__call__`): sample a response to each prompt (`gptstack.sampling`) ->
+`score` (jitted: actor and reference log-probs, values, reward) -> `advantages` (jitted: per-token
+rewards `-β·KL` plus the score at the last token, GAE, whitening, the KL controller and running
+reward statistics) -> `epochs` passes of `minibatches` jitted `update`s (clipped surrogate with an
+optional entropy bonus and PPO-ptx language-model term for the actor, clipped value loss for the
+critic). The rollout layout, one row per prompt:
+
+    tokens  [B, P + N + 1]  the prompt left-padded to P, the N response slots (padded after the
+                            stop token), and `<|reward|>` right after the response
+    mask    [B, N]          1 on generated tokens (up to and including the stop token)
+
+Response token `j` sits at `P + j` and is predicted at `P + j - 1`; everything the actor, critic
+and reference read is at or before that, so the reward token after the response changes nothing
+for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from gptstack import losses, rl, sharding
+from gptstack.model import read_at_token
+from gptstack.sampling import Sampler, SamplingParams
+from gptstack.state import TrainState
+from gptstack.steps.lm import keep_if_finite, lm_loss
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class PPOState:
+    """Everything an exact resume needs besides the prompt iterator and the seed."""
+
+    actor: TrainState
+    critic: TrainState
+    kl_coef: Array
+    reward_stats: rl.RunningMoments
+
+    @property
+    def step(self) -> Array:
+        return self.actor.step
+
+
+@dataclasses.dataclass(frozen=True)
+class PPOConfig:
+    epochs: int = 2
+    minibatches: int = 2
+    clip: float = 0.2
+    value_clip: float = 0.2
+    gamma: float = 1.0
+    lam: float = 0.95
+    # β: the KL penalty's coefficient (the start value when target_kl > 0).
+    kl_coef: float = 0.05
+    kl_estimator: str = 'k1'
+    # > 0: adapt β toward this KL per response (nats), Ziegler et al.'s controller.
+    target_kl: float = 0.0
+    kl_horizon: int = 10_000
+    entropy_coef: float = 0.0
+    whiten_advantages: bool = True
+    # Scores normalised by their running mean and standard deviation.
+    normalize_reward: bool = False
+    # Subtracted from the score of a response that hit the length limit without a stop token.
+    truncated_penalty: float = 0.0
+    # PPO-ptx: weight of the language-model loss on pretraining rows in the actor's objective.
+    ptx_coef: float = 0.0
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.kl_estimator not in ('k1', 'k3'):
+            raise ValueError(f'rl.kl_estimator={self.kl_estimator!r}: expected k1 or k3')
+        if self.epochs < 1 or self.minibatches < 1:
+            raise ValueError('rl.epochs and rl.minibatches must be >= 1')
+
+
+@dataclasses.dataclass(frozen=True)
+class Roles:
+    """Graphdefs of the four roles (parameters travel separately)."""
+
+    actor: nnx.GraphDef
+    critic: nnx.GraphDef
+    reference: nnx.GraphDef
+    reward: nnx.GraphDef
+
+
+def rollout_batch(prompts: Sequence[Sequence[int]], response: np.ndarray, lengths: np.ndarray,
+                  prompt_len: int, pad_id: int, reward_id: int) -> dict[str, np.ndarray]:
+    """Host-side rollout rows (see the module docstring) from prompts and sampled responses."""
+    b, n = response.shape
+    tokens = np.full((b, prompt_len + n + 1), pad_id, np.int32)
+    segment_ids = np.zeros_like(tokens)
+    mask = (np.arange(n)[None] < lengths[:, None]).astype(np.int32)
+    for row, prompt in enumerate(prompts):
+        prompt = list(prompt)[-prompt_len:]
+        tokens[row, prompt_len - len(prompt):prompt_len] = prompt
+        segment_ids[row, prompt_len - len(prompt):prompt_len + lengths[row] + 1] = 1
+        tokens[row, prompt_len:prompt_len + lengths[row]] = response[row, :lengths[row]]
+        tokens[row, prompt_len + lengths[row]] = reward_id
+    positions = np.maximum(np.cumsum(segment_ids, axis=1) - 1, 0).astype(np.int32)
+    return {'tokens': tokens, 'positions': positions, 'segment_ids': segment_ids, 'mask': mask}
+
+
+def _response_log_probs(graphdef, params, batch, prompt_len: int, n: int):
+    """`(log-probs [B, N] of the response tokens, their logits [B, N, V])` under an LM."""
+    model = nnx.merge(graphdef, params)
+    h_btd = model.transformer(batch['tokens'], batch['positions'], batch['segment_ids'])
+    logits_bnv = model.logits(h_btd[:, prompt_len - 1:prompt_len - 1 + n])
+    targets_bn = batch['tokens'][:, prompt_len:prompt_len + n]
+    return losses.token_log_probs(logits_bnv, targets_bn), logits_bnv
+
+
+def _values(graphdef, params, batch, prompt_len: int, n: int):
+    model = nnx.merge(graphdef, params)
+    scores_bt = model(batch['tokens'], batch['positions'], batch['segment_ids'])
+    return scores_bt[:, prompt_len - 1:prompt_len - 1 + n]
+
+
+class PPO:
+    """`ppo(state, prompts, key) -> (state, metrics)`: one PPO iteration.
+
+    Args:
+        roles: the four graphdefs; `reference_params` and `reward_params` stay frozen.
+        sampler: generates from the actor's parameters (its batch size is the rollout batch).
+        judge: `judge(prompt_batch, responses, lengths) -> {'reward'?: [B], 'gold'?: [B]}` on
+            the host; `reward` replaces the reward model's score (verifiable-reward mode) and
+            `gold` is logged.
+        ptx_batches: yields language-model batches for PPO-ptx (when `ptx_coef > 0`).
+    """
+
+    def __init__(self, config: PPOConfig, roles: Roles, *, reference_params, reward_params,
+                 sampler: Sampler, tx_actor: optax.GradientTransformation,
+                 tx_critic: optax.GradientTransformation, mesh: Mesh, rules: str,
+                 state_shardings: PPOState, reward_id: int, pad_id: int,
+                 stop_ids: Sequence[int], verifiable: bool = False,
+                 judge: Callable | None = None, ptx_batches=None):
+        self.config, self.roles, self.mesh, self.rules = config, roles, mesh, rules
+        self.reference_params, self.reward_params = reference_params, reward_params
+        self.sampler, self.tx_actor, self.tx_critic = sampler, tx_actor, tx_critic
+        self.state_shardings = state_shardings
+        self.reward_id, self.pad_id = reward_id, pad_id
+        self.stop_ids = np.asarray(list(stop_ids))
+        self.verifiable, self.judge, self.ptx_batches = verifiable, judge, ptx_batches
+        self.batch_size = sampler.batch_size
+        if self.batch_size % config.minibatches:
+            raise ValueError(f'rollout batch {self.batch_size} is not divisible by '
+                             f'rl.minibatches={config.minibatches}')
+        self.minibatch_size = self.batch_size // config.minibatches
+        if verifiable and judge is None:
+            raise ValueError('the verifiable-reward mode needs a judge')
+        if config.ptx_coef > 0 and ptx_batches is None:
+            raise ValueError('rl.ptx_coef > 0 needs pretraining batches')
+        self._compiled: dict[tuple, Callable] = {}
+
+    # --- jitted pieces (one compilation per prompt bucket) ------------------------------------
+    def _rows(self, size: int):
+        return sharding.batch_sharding(self.mesh, self.rules, size)
+
+    def score_fn(self, prompt_len: int):
+        key = ('score', prompt_len)
+        if key not in self._compiled:
+            roles, n, mesh, rules = self.roles, self.sampler.max_new_tokens, self.mesh, self.rules
+            reward_id = self.reward_id
+
+            def score(actor_params, reference_params, critic_params, reward_params, batch):
+                with sharding.activation_sharding(mesh, rules):
+                    logp, _ = _response_log_probs(roles.actor, actor_params, batch, prompt_len, n)
+                    ref_logp, _ = _response_log_probs(roles.reference, reference_params, batch,
+                                                      prompt_len, n)
+                    values = _values(roles.critic, critic_params, batch, prompt_len, n)
+                    reward_model = nnx.merge(roles.reward, reward_params)
+                    score = read_at_token(reward_model(batch['tokens'], batch['positions'],
+                                                       batch['segment_ids']),
+                                          batch['tokens'], reward_id)
+                return {'logp': logp, 'ref_logp': ref_logp, 'values': values, 'rm_score': score}
+
+            self._compiled[key] = jax.jit(score)
+        return self._compiled[key]
+
+    def advantages_fn(self):
+        if 'advantages' not in self._compiled:
+            config, batch_size = self.config, self.batch_size
+
+            def advantages(state: PPOState, scored, mask_bn, score_b, truncated_b):
+                mask_bn = mask_bn.astype(jnp.float32)
+                kl_bn = losses.kl_penalty(scored['logp'], scored['ref_logp'],
+                                          config.kl_estimator) * mask_bn
+                stats = state.reward_stats
+                if config.normalize_reward:
+                    stats = stats.update(score_b)
+                    score_b = (score_b - stats.mean) / (stats.std + 1e-6)
+                score_b = score_b - config.truncated_penalty * truncated_b
+                lengths_b = mask_bn.sum(axis=1).astype(jnp.int32)
+                last_bn = jax.nn.one_hot(lengths_b - 1, mask_bn.shape[1]) * mask_bn
+                rewards_bn = -state.kl_coef * kl_bn + score_b[:, None] * last_bn
+                advantages_bn, returns_bn = rl.gae(rewards_bn, scored['values'], mask_bn,
+                                                   config.gamma, config.lam)
+                if config.whiten_advantages:
+                    advantages_bn = rl.whiten(advantages_bn, mask_bn)
+                kl_b = kl_bn.sum(axis=1)
+                kl_coef = state.kl_coef
+                if config.target_kl > 0:
+                    kl_coef = rl.adaptive_kl_coef(kl_coef, kl_b.mean(), config.target_kl,
+                                                  config.kl_horizon, batch_size)
+                values_bn = scored['values']
+                _, return_var = rl.masked_mean_var(returns_bn, mask_bn)
+                _, error_var = rl.masked_mean_var(returns_bn - values_bn, mask_bn)
+                metrics = {'kl': kl_b.mean(), 'kl_coef': state.kl_coef,
+                           'score': score_b.mean(),
+                           'non_score_reward': (-state.kl_coef * kl_b).mean(),
+                           'total_reward': rewards_bn.sum(axis=1).mean(),
+                           'explained_variance': 1.0 - error_var / jnp.maximum(return_var, 1e-8),
+                           'value_mean': jnp.sum(values_bn * mask_bn) / mask_bn.sum()}
+                state = state.replace(kl_coef=kl_coef, reward_stats=stats)
+                return state, advantages_bn, returns_bn, metrics
+
+            self._compiled['advantages'] = jax.jit(advantages, donate_argnums=0)
+        return self._compiled['advantages']
+
+    def update_fn(self, prompt_len: int):
+        key = ('update', prompt_len)
+        if key not in self._compiled:
+            config, roles, n = self.config, self.roles, self.sampler.max_new_tokens
+            mesh, rules, tx_actor, tx_critic = self.mesh, self.rules, self.tx_actor, self.tx_critic
+
+            def update(state: PPOState, batch, ptx_batch):
+                mask_bn = batch['mask'].astype(jnp.float32)
+                count = jnp.maximum(mask_bn.sum(), 1.0)
+
+                def actor_objective(params):
+                    logp, logits = _response_log_probs(roles.actor, params, batch, prompt_len, n)
+                    loss_sum, sums = losses.ppo_policy_loss(logp, batch['old_logp'],
+                                                            batch['advantages'], mask_bn,
+                                                            config.clip)
+                    entropy_sum = losses.entropy(logits, mask_bn)
+                    objective = (loss_sum - config.entropy_coef * entropy_sum) / count
+                    aux = {'policy_loss': loss_sum / count, 'entropy': entropy_sum / count,
+                           'clipfrac': sums['clipped'] / count,
+                           'approx_kl': sums['approx_kl'] / count}
+                    if config.ptx_coef > 0:
+                        ptx_sum, ptx_count = lm_loss(roles.actor, params, ptx_batch)
+                        aux['ptx_loss'] = ptx_sum / jnp.maximum(ptx_count, 1.0)
+                        objective = objective + config.ptx_coef * aux['ptx_loss']
+                    return objective, aux
+
+                def critic_objective(params):
+                    values = _values(roles.critic, params, batch, prompt_len, n)
+                    loss_sum, clipped = losses.ppo_value_loss(values, batch['old_values'],
+                                                              batch['returns'], mask_bn,
+                                                              config.value_clip)
+                    return loss_sum / count, {'value_loss': loss_sum / count,
+                                              'value_clipfrac': clipped / count}
+
+                with sharding.activation_sharding(mesh, rules):
+                    (_, actor_aux), actor_grads = jax.value_and_grad(
+                        actor_objective, has_aux=True)(state.actor.params)
+                    (_, critic_aux), critic_grads = jax.value_and_grad(
+                        critic_objective, has_aux=True)(state.critic.params)
+                    actor_updates, actor_opt = tx_actor.update(actor_grads, state.actor.opt_state,
+                                                               state.actor.params)
+                    critic_updates, critic_opt = tx_critic.update(
+                        critic_grads, state.critic.opt_state, state.critic.params)
+                actor_norm, critic_norm = optax.tree.norm(actor_grads), optax.tree.norm(
+                    critic_grads)
+                finite = (jnp.isfinite(actor_norm) & jnp.isfinite(critic_norm)
+                          & jnp.isfinite(actor_aux['policy_loss'])
+                          & jnp.isfinite(critic_aux['value_loss']))
+                actor = keep_if_finite(finite, state.actor,
+                                       optax.apply_updates(state.actor.params, actor_updates),
+                                       actor_opt)
+                critic = keep_if_finite(finite, state.critic,
+                                        optax.apply_updates(state.critic.params, critic_updates),
+                                        critic_opt)
+                # One PPO iteration is one step: the counters advance once per iteration.
+                actor, critic = actor.replace(step=state.actor.step), critic.replace(
+                    step=state.critic.step)
+                metrics = {**actor_aux, **critic_aux, 'actor_grad_norm': actor_norm,
+                           'critic_grad_norm': critic_norm,
+                           'nonfinite': (~finite).astype(jnp.float32)}
+                return state.replace(actor=actor, critic=critic), metrics
+
+            self._compiled[key] = jax.jit(update, donate_argnums=0)
+        return self._compiled[key]
+
+    # --- one iteration on the host ------------------------------------------------------------
+    def __call__(self, state: PPOState, prompt_batch: dict, key: Array):
+        config = self.config
+        prompts = [list(row[:length]) for row, length in
+                   zip(prompt_batch['tokens'], prompt_batch['lengths'], strict=True)]
+        timings = {}
+
+        start = time.perf_counter()
+        sample_key, shuffle_key = jax.random.split(key)
+        out = self.sampler(state.actor.params, prompts, sample_key,
+                           SamplingParams(temperature=config.temperature))
+        lengths = out['lengths'].astype(np.int32)
+        timings['generate'] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        prompt_len = self.sampler.prompt_bucket(max(len(p) for p in prompts))
+        rows = rollout_batch(prompts, out['tokens'], lengths, prompt_len, self.pad_id,
+                             self.reward_id)
+        device_rows = {k: jax.device_put(v, self._rows(self.batch_size)) for k, v in rows.items()}
+        scored = self.score_fn(prompt_len)(state.actor.params, self.reference_params,
+                                           state.critic.params, self.reward_params, device_rows)
+        last = out['tokens'][np.arange(len(lengths)), lengths - 1]
+        truncated = (~np.isin(last, self.stop_ids)).astype(np.float32)
+        judged = self.judge(prompt_batch, out['tokens'], lengths) if self.judge else {}
+        score = (jnp.asarray(judged['reward'], jnp.float32) if self.verifiable
+                 else scored['rm_score'])
+        state, advantages, returns, metrics = self.advantages_fn()(
+            state, scored, device_rows['mask'], score, jnp.asarray(truncated))
+        host = jax.device_get({**rows, 'old_logp': scored['logp'],
+                               'old_values': scored['values'], 'advantages': advantages,
+                               'returns': returns})
+        timings['score'] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        update = self.update_fn(prompt_len)
+        rng = np.random.default_rng(np.asarray(jax.random.key_data(shuffle_key)))
+        update_metrics = []
+        for _ in range(config.epochs):
+            order = rng.permutation(self.batch_size)
+            for m in range(config.minibatches):
+                index = np.sort(order[m * self.minibatch_size:(m + 1) * self.minibatch_size])
+                minibatch = {k: jax.device_put(v[index], self._rows(self.minibatch_size))
+                             for k, v in host.items()}
+                ptx = next(self.ptx_batches) if config.ptx_coef > 0 else None
+                state, step_metrics = update(state, minibatch, ptx)
+                update_metrics.append(step_metrics)
+        update_metrics = jax.device_get(update_metrics)
+        timings['update'] = time.perf_counter() - start
+
+        state = state.replace(actor=state.actor.replace(step=state.actor.step + 1),
+                              critic=state.critic.replace(step=state.critic.step + 1))
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        for k in update_metrics[0]:
+            values = [float(m[k]) for m in update_metrics]
+            metrics[k] = float(np.max(values)) if k == 'nonfinite' else float(np.mean(values))
+        metrics['rm_score'] = float(np.mean(jax.device_get(scored['rm_score'])))
+        if 'gold' in judged:
+            metrics['gold'] = float(np.mean(judged['gold']))
+        metrics['response_length'] = float(lengths.mean())
+        metrics['truncated'] = float(truncated.mean())
+        tokens = rows['tokens'].size
+        metrics.update({
+            'time/generate': timings['generate'], 'time/score': timings['score'],
+            'time/update': timings['update'],
+            'tokens_per_sec/generate': float(lengths.sum()) / timings['generate'],
+            'tokens_per_sec/score': tokens / timings['score'],
+            'tokens_per_sec/update': config.epochs * tokens / timings['update']})
+        return state, metrics

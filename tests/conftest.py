@@ -88,3 +88,14 @@ def sft_workdir(base_workdir, tmp_path_factory):
     result = run(sft_command(workdir, base_workdir))
     assert result.returncode == 0, result.stderr[-3000:]
     return workdir
+
+
+@pytest.fixture(scope='session')
+def reward_workdir(sft_workdir, tmp_path_factory):
+    """A runlocal reward-model run from `sft_workdir`."""
+    from tests.runs import reward_command, run
+
+    workdir = tmp_path_factory.mktemp('reward')
+    result = run(reward_command(workdir, sft_workdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir

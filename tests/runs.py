@@ -14,6 +14,8 @@ LONG = ('--config.train.total_steps=300', '--config.train.checkpoint_every=5',
         '--config.train.eval_every=0', '--config.train.sample_every=0')
 # Room for task conversations in runlocal models.
 SFT = ('--config.data.seq_len=96',)
+# Enough held-out prompts that some of a tiny model's replies differ in gold score.
+REWARD = ('--config.data.validation_prompts=48',)
 
 
 def command(corpus, workdir, *overrides, config='pretrain.py:runlocal'):
@@ -26,6 +28,17 @@ def command(corpus, workdir, *overrides, config='pretrain.py:runlocal'):
 def sft_command(workdir, init_from, *overrides):
     return [sys.executable, '-m', 'experiments.run', '--config=experiments/configs/sft.py:runlocal',
             f'--workdir={workdir}', f'--config.init_from={init_from}', *SFT, *overrides]
+
+
+def reward_command(workdir, init_from, *overrides, config='reward.py:runlocal'):
+    return [sys.executable, '-m', 'experiments.run', f'--config=experiments/configs/{config}',
+            f'--workdir={workdir}', f'--config.init_from={init_from}', *REWARD, *overrides]
+
+
+def rl_command(workdir, init_from, reward_from, *overrides):
+    return [sys.executable, '-m', 'experiments.run', '--config=experiments/configs/rl.py:runlocal',
+            f'--workdir={workdir}', f'--config.init_from={init_from}',
+            f'--config.reward_from={reward_from}', *overrides]
 
 
 def run(args, **kwargs):

@@ -16,26 +16,16 @@ from flax import nnx
 
 from gptstack.data import preference
 from gptstack.data.sources import SkipBudget
-from tests.runs import ROOT, losses, metrics, run, start_and_wait_for_checkpoint
+from tests.runs import (
+    ROOT,
+    losses,
+    metrics,
+    reward_command,
+    run,
+    start_and_wait_for_checkpoint,
+)
 
 HH = ROOT.parent / 'shared' / 'data' / 'hh_rlhf_harmless_base' / 'test.jsonl.gz'
-# Enough held-out prompts that some of a tiny model's replies differ in gold score.
-REWARD = ('--config.data.validation_prompts=48',)
-
-
-def reward_command(workdir, init_from, *overrides, config='reward.py:runlocal'):
-    return [sys.executable, '-m', 'experiments.run', f'--config=experiments/configs/{config}',
-            f'--workdir={workdir}', f'--config.init_from={init_from}', *REWARD, *overrides]
-
-
-@pytest.fixture(scope='module')
-def reward_workdir(sft_workdir, tmp_path_factory):
-    workdir = tmp_path_factory.mktemp('reward')
-    result = run(reward_command(workdir, sft_workdir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
-
-
 def test_reward_smoke_run_makes_comparisons_and_reports(sft_workdir, reward_workdir):
     comparisons = [json.loads(line) for line in
                    (reward_workdir / 'comparisons' / 'train.jsonl').read_text().splitlines()]

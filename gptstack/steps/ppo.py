@@ -41,6 +41,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from gptstack import losses, rl, sharding
+from gptstack.config import ConfigError
 from gptstack.model import read_at_token
 from gptstack.sampling import Sampler, SamplingParams
 from gptstack.state import TrainState
@@ -89,9 +90,9 @@ class PPOConfig:
 
     def __post_init__(self):
         if self.kl_estimator not in ('k1', 'k3'):
-            raise ValueError(f'rl.kl_estimator={self.kl_estimator!r}: expected k1 or k3')
+            raise ConfigError(f'rl.kl_estimator={self.kl_estimator!r}: expected k1 or k3')
         if self.epochs < 1 or self.minibatches < 1:
-            raise ValueError('rl.epochs and rl.minibatches must be >= 1')
+            raise ConfigError('rl.epochs and rl.minibatches must be >= 1')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +164,7 @@ class PPO:
         self.verifiable, self.judge, self.ptx_batches = verifiable, judge, ptx_batches
         self.batch_size = sampler.batch_size
         if self.batch_size % config.minibatches:
-            raise ValueError(f'rollout batch {self.batch_size} is not divisible by '
+            raise ConfigError(f'rollout batch {self.batch_size} is not divisible by '
                              f'rl.minibatches={config.minibatches}')
         self.minibatch_size = self.batch_size // config.minibatches
         if verifiable and judge is None:

@@ -1,0 +1,79 @@
+"""Stage 4: PPO against the reward model, with a per-token KL penalty to the SFT model.
+
+COMMAND (after the default SFT and reward runs; embedded task suite, no downloads; 2-core CPU):
+  python -m experiments.run --config=experiments/configs/rl.py --workdir=workdirs/rl \
+      --config.init_from=workdirs/sft --config.reward_from=workdirs/reward
+
+The actor starts as the SFT model and the critic as the reward model; each iteration samples one
+reply to each of `data.batch_size` training task prompts. `--config.rl.reward=gold` replaces the
+reward model by the task gold scorer (verifiable rewards). The report compares the held-out gold
+score of the SFT policy (step 0) and the PPO policy and plots reward-model score and gold score
+against the KL to the SFT model.
+Args: `runlocal` (a few iterations of a smoke test).
+"""
+
+import dataclasses
+
+import ml_collections
+
+from experiments.configs import common
+from gptstack.steps.ppo import PPOConfig
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, runlocal=False)
+    config = ml_collections.ConfigDict()
+    config.stage = 'rl'
+    config.seed = 0
+    # The SFT workdir (actor and frozen reference) and the reward-model workdir (frozen reward
+    # model; the critic starts from it). They must share one tokenizer.
+    config.init_from = ml_collections.config_dict.placeholder(str)
+    config.reward_from = ml_collections.config_dict.placeholder(str)
+
+    config.data = ml_collections.ConfigDict()
+    # 'embedded:tasks' (train-split prompts for training, test-split prompts held out), or
+    # comma-separated JSONL files/globs of {prompt} or {messages}, optionally with 'answer'.
+    config.data.train = 'embedded:tasks'
+    config.data.validation = 'embedded:tasks'
+    config.data.train_prompts = 20_000
+    config.data.validation_prompts = 256
+    # Rollouts (prompts) per PPO iteration, and the response budget.
+    config.data.batch_size = 64
+    config.data.max_new_tokens = 48
+    config.data.max_skips = 0
+
+    config.rl = ml_collections.ConfigDict()
+    # 'model': the reward model's score; 'gold': the task gold scorer or exact match with the
+    # prompt's 'answer' (verifiable rewards).
+    config.rl.reward = 'model'
+    config.rl.ppo = ml_collections.ConfigDict(dataclasses.asdict(PPOConfig(
+        epochs=2, minibatches=2, kl_coef=0.05, truncated_penalty=0.0)))
+
+    config.train = common.train_config(100, eval_every=25, sample_every=0,
+                                       checkpoint_every=25)
+    # The actor's optimizer; the critic's below.
+    config.optim = common.optim_config(lr=1e-5, warmup_steps=5, weight_decay=0.0,
+                                       end_lr_ratio=1.0)
+    config.optim.total_steps = config.train.get_ref('total_steps')
+    config.critic_optim = common.optim_config(lr=1e-4, warmup_steps=5, weight_decay=0.0,
+                                              end_lr_ratio=1.0)
+    config.critic_optim.total_steps = config.train.get_ref('total_steps')
+    config.mesh = common.mesh_config()
+
+    config.eval = ml_collections.ConfigDict()
+    # Held-out prompts answered at every evaluation (sampled and greedy).
+    config.eval.prompts = 256
+
+    if arg.runlocal:
+        config.data.train_prompts = 64
+        config.data.validation_prompts = 16
+        config.data.batch_size = 16
+        config.data.max_new_tokens = 8
+        config.train.total_steps = 2
+        config.train.log_every = 1
+        config.train.eval_every = 2
+        config.train.checkpoint_every = 1
+        config.optim.warmup_steps = 1
+        config.critic_optim.warmup_steps = 1
+        config.eval.prompts = 16
+    return config

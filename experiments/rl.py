@@ -1,0 +1,336 @@
+"""Stage 4: reinforcement learning with PPO from an SFT workdir (`init_from`: actor and frozen
+reference) and a reward-model workdir (`reward_from`: frozen reward model and the critic's
+starting point).
+
+Each iteration samples a response to `data.batch_size` training prompts with our KV-cache
+sampler, scores them with the reward model (or, with `rl.reward='gold'`, with the task gold
+scorer: the verifiable-reward mode), subtracts a per-token KL penalty to the reference and runs
+PPO epochs (see `gptstack.steps.ppo`). Evaluation samples held-out prompts and reports their gold
+score (sampled and greedy), reward-model score and KL to the reference, for the SFT policy at
+step 0 and then during training, so the report can plot proxy reward and gold score against KL:
+over-optimisation of the reward model shows as the two parting ways. Re-running resumes exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import pathlib
+import shutil
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import pretrain as pretrain_stage
+from experiments.sft import EMBEDDED_TASKS
+from gptstack import loop, report, rl, sharding, workdirs
+from gptstack.chat import reply_text
+from gptstack.checkpoint import Checkpointer, abstract_with_shardings
+from gptstack.config import ConfigError, OptimConfig
+from gptstack.data import preference, tasks
+from gptstack.data.sources import DataError, SkipBudget, expand_paths, read_json_records
+from gptstack.data.tokenizer import render_prompt
+from gptstack.metrics import MetricsWriter, read_metrics
+from gptstack.model import GPT, ScoreModel
+from gptstack.optim import make_optimizer
+from gptstack.sampling import Sampler, SamplingParams
+from gptstack.state import TrainState, abstract_model, abstract_train_state, state_shardings
+from gptstack.steps import ppo
+
+log = logging.getLogger(__name__)
+
+
+# --- prompts ----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    messages: list
+    task: tasks.Task | None = None
+    answer: str | None = None
+
+    def gold(self, reply: str) -> float | None:
+        """The verifiable score of a reply: the task's gold scorer, or exact match with the
+        record's `answer`; None when neither is known."""
+        if self.task is not None:
+            return tasks.score(self.task, reply)
+        if self.answer is not None:
+            return float(reply.strip() == self.answer.strip())
+        return None
+
+
+def read_prompts(config, split: str) -> list[Prompt]:
+    """Task prompts of a split, or JSONL `{prompt}` / `{messages}` records (optional `answer`)."""
+    paths = config.data.train if split == 'train' else config.data.validation
+    if paths == EMBEDDED_TASKS:
+        n = config.data.train_prompts if split == 'train' else config.data.validation_prompts
+        drawn = tasks.generate('train' if split == 'train' else 'test', n, config.seed)
+        return [Prompt(t.messages(with_answer=False), task=t) for t in drawn]
+    prompts, budget = [], SkipBudget(config.data.max_skips)
+    for path in (p for pattern in paths.split(',') for p in expand_paths((pattern.strip(),),
+                                                                         'rl prompts')):
+        for where, record in read_json_records(path, budget):
+            field = 'messages' if 'messages' in record else 'prompt'
+            if field not in record:
+                budget.reject(DataError(f"{where}: expected 'prompt' or 'messages' (fields: "
+                                        f'{sorted(record)})'), 'no prompt')
+                continue
+            try:
+                messages = preference.prompt_messages(record[field], where)
+                if messages[-1]['role'] != 'user':
+                    raise DataError(f'{where}: the prompt must end with a user turn')
+                answer = record.get('answer')
+                if answer is not None and not isinstance(answer, str):
+                    raise DataError(f"{where}: field 'answer' must be a string")
+            except DataError as error:
+                budget.reject(error, 'bad prompt')
+                continue
+            prompts.append(Prompt(messages, answer=answer))
+    if not prompts:
+        raise DataError(f'no prompts in {paths}')
+    return prompts
+
+
+def prompt_dataset(prompts: list[Prompt], tokenizer, max_len: int, batch_size: int, seed: int):
+    """The shuffled, repeating stream of prompt batches `{tokens [B, max_len], lengths, index}`
+    (right-padded; a longer prompt keeps its last `max_len` tokens, counted in the log)."""
+    rows, cut = [], 0
+    for index, prompt in enumerate(prompts):
+        ids = render_prompt(tokenizer, prompt.messages)
+        cut += len(ids) > max_len
+        ids = ids[-max_len:]
+        tokens = np.full(max_len, tokenizer.pad_id, np.int32)
+        tokens[:len(ids)] = ids
+        rows.append({'tokens': tokens, 'lengths': np.int32(len(ids)), 'index': np.int32(index)})
+    if cut:
+        log.warning('%d of %d prompts are longer than %d tokens: keeping their ends', cut,
+                    len(rows), max_len)
+    return (grain.MapDataset.source(rows).shuffle(seed=seed).repeat().to_iter_dataset()
+            .batch(batch_size, drop_remainder=True))
+
+
+# --- the stage --------------------------------------------------------------------------------
+def load_roles(config):
+    """Tokenizer, configs and checkpoints of the SFT (actor, reference) and reward-model (reward,
+    critic) workdirs, checked to belong together."""
+    tokenizer, actor_config, sft_checkpointer, sft_step = workdirs.load_base(
+        config.init_from, 'the SFT workdir the policy starts from')
+    if not config.reward_from:
+        raise ConfigError('reward_from: name the reward-model workdir '
+                          '(--config.reward_from=workdirs/reward)')
+    rm_tokenizer, critic_config, rm_checkpointer, rm_step = workdirs.load_base(
+        config.reward_from, 'the reward-model workdir')
+    stage = rm_checkpointer.read_meta(rm_step).get('config', {}).get('stage')
+    if stage != 'reward':
+        raise ConfigError(f'reward_from={config.reward_from} is a {stage!r} run, not a reward '
+                          'model')
+    if rm_tokenizer.sha256 != tokenizer.sha256:
+        raise ConfigError(f'reward_from={config.reward_from} uses tokenizer '
+                          f'{rm_tokenizer.sha256}, but init_from={config.init_from} uses '
+                          f'{tokenizer.sha256}: they must share one tokenizer')
+    return tokenizer, actor_config, critic_config, (sft_checkpointer, sft_step), (
+        rm_checkpointer, rm_step)
+
+
+def run(config, workdir: pathlib.Path) -> str:
+    # --- configs, mesh, the four roles: every check before expensive work --------------------
+    setup = pretrain_stage.setup(config)
+    mesh, rules = setup.mesh, setup.rules
+    if jax.process_count() > 1:
+        raise ConfigError('the rl stage runs on one process for now (the rollout sampler takes '
+                          'host prompts)')
+    ppo_config = ppo.PPOConfig(**config.rl.ppo)
+    if config.rl.reward not in ('model', 'gold'):
+        raise ConfigError(f"rl.reward={config.rl.reward!r}: expected 'model' or 'gold'")
+    tokenizer, actor_config, critic_config, (sft_ckpt, sft_step), (rm_ckpt, rm_step) = \
+        load_roles(config)
+    shutil.copyfile(pathlib.Path(config.init_from) / 'tokenizer.model',
+                    workdir / 'tokenizer.model')
+    train_prompts, eval_prompts = read_prompts(config, 'train'), read_prompts(config,
+                                                                              'validation')
+    if config.rl.reward == 'gold' and train_prompts[0].gold('') is None:
+        raise ConfigError("rl.reward='gold' needs prompts with a gold scorer (embedded:tasks) "
+                          "or an 'answer' field")
+    batch_size, max_new = config.data.batch_size, config.data.max_new_tokens
+    max_prompt = actor_config.max_seq_len - max_new - 1
+    data_iterator = iter(prompt_dataset(train_prompts, tokenizer, max_prompt, batch_size,
+                                        config.seed))
+
+    # --- state: resumed, or SFT actor + RM critic with fresh optimizers -----------------------
+    tx_actor, _ = make_optimizer(setup.optim)
+    tx_critic, _ = make_optimizer(OptimConfig.from_dict(config.critic_optim))
+    actor_fn = lambda rngs: GPT(actor_config, rngs=rngs)  # noqa: E731
+    critic_fn = lambda rngs: ScoreModel(critic_config, rngs=rngs)  # noqa: E731
+    actor_graphdef, _ = abstract_model(actor_fn)
+    critic_graphdef, _ = abstract_model(critic_fn)
+    abstract_actor = abstract_train_state(actor_fn, tx_actor)
+    abstract_critic = abstract_train_state(critic_fn, tx_critic)
+    scalar = jax.ShapeDtypeStruct((), jnp.float32)
+    abstract_state = ppo.PPOState(abstract_actor, abstract_critic, scalar,
+                                  rl.RunningMoments(scalar, scalar, scalar))
+    replicated = sharding.replicated(mesh)
+    shardings = ppo.PPOState(state_shardings(abstract_actor, mesh, rules, tx_actor),
+                             state_shardings(abstract_critic, mesh, rules, tx_critic),
+                             replicated, rl.RunningMoments(replicated, replicated, replicated))
+    actor_params = abstract_with_shardings(abstract_actor.params, shardings.actor.params)
+    critic_params = abstract_with_shardings(abstract_critic.params, shardings.critic.params)
+    reference_params = sft_ckpt.restore_params(sft_step, actor_params)
+    reward_params = rm_ckpt.restore_params(rm_step, critic_params)
+    checkpointer = Checkpointer(workdir / 'checkpoints', keep=config.train.keep_checkpoints)
+    latest = checkpointer.latest_step()
+    resumed = pretrain_stage.resume(checkpointer, abstract_state, shardings, tokenizer,
+                                    actor_config, data_iterator)
+    if resumed:
+        state, wall_offset = resumed
+    else:
+        state = jax.jit(lambda actor, critic: ppo.PPOState(
+            TrainState(jnp.zeros((), jnp.int32), actor, tx_actor.init(actor)),
+            TrainState(jnp.zeros((), jnp.int32), critic, tx_critic.init(critic)),
+            jnp.float32(ppo_config.kl_coef), rl.RunningMoments.create()),
+            out_shardings=shardings)(sft_ckpt.restore_params(sft_step, actor_params),
+                                     rm_ckpt.restore_params(rm_step, critic_params))
+        wall_offset = 0.0
+    sft_ckpt.close()
+    rm_ckpt.close()
+
+    # --- the PPO iteration and evaluation -----------------------------------------------------
+    stops = [tokenizer.end_of_turn_id, tokenizer.eot_id]
+    sampler = Sampler(actor_graphdef, actor_config, mesh, rules, batch_size=batch_size,
+                      max_new_tokens=max_new, stop_ids=stops, pad_id=tokenizer.pad_id)
+
+    def judge(prompt_batch, responses, lengths):
+        replies = [reply_text(tokenizer, row[:n]) for row, n in zip(responses, lengths,
+                                                                     strict=True)]
+        gold = [train_prompts[int(i)].gold(r) for i, r in zip(prompt_batch['index'], replies,
+                                                               strict=True)]
+        if any(g is None for g in gold):
+            return {}
+        return {'reward': np.asarray(gold, np.float32), 'gold': np.asarray(gold)}
+
+    trainer = ppo.PPO(ppo_config, ppo.Roles(actor_graphdef, critic_graphdef, actor_graphdef,
+                                            critic_graphdef),
+                      reference_params=reference_params, reward_params=reward_params,
+                      sampler=sampler, tx_actor=tx_actor, tx_critic=tx_critic, mesh=mesh,
+                      rules=rules, state_shardings=shardings, reward_id=tokenizer.reward_id,
+                      pad_id=tokenizer.pad_id, stop_ids=stops,
+                      verifiable=config.rl.reward == 'gold', judge=judge)
+    base_key = jax.random.key(config.seed)
+
+    def step_fn(state, prompt_batch):
+        return trainer(state, prompt_batch, jax.random.fold_in(base_key, int(state.step)))
+
+    evaluate = make_evaluate(config, trainer, tokenizer, eval_prompts, max_prompt)
+    writer = MetricsWriter(workdir, resume_step=latest)
+    if latest is None:  # the SFT policy: step 0 of the curves
+        writer.write(0, evaluate(state))
+    meta = {'model': dataclasses.asdict(actor_config), 'critic_model':
+            dataclasses.asdict(critic_config), 'tokenizer_sha256': tokenizer.sha256,
+            'seed': config.seed, 'config': config.to_dict(), 'init_from': str(config.init_from),
+            'reward_from': str(config.reward_from)}
+    result = loop.train(
+        state=state, step_fn=step_fn, batches=data_iterator, data_iterator=data_iterator,
+        config=setup.loop, checkpointer=checkpointer, writer=writer, workdir=workdir,
+        evaluate=evaluate, sample=None, checkpoint_meta=meta,
+        tokens_per_step=batch_size * max_new, wall_time_offset=wall_offset)
+    writer.close()
+    checkpointer.close()
+    if result.status == 'finished' and jax.process_index() == 0:
+        path = write_report(workdir, config)
+        log.info('report: %s', path)
+    return result.status
+
+
+def make_evaluate(config, trainer: ppo.PPO, tokenizer, prompts: list[Prompt], max_prompt: int):
+    """`evaluate(state)`: on the held-out prompts, the gold score of sampled and greedy replies
+    (mean and standard error), and of the sampled replies the reward-model score and the KL to
+    the reference (summed over each response)."""
+    chosen = prompts[:config.eval.prompts]
+    ids = [render_prompt(tokenizer, p.messages)[-max_prompt:] for p in chosen]
+    sampler, size = trainer.sampler, trainer.batch_size
+    modes = {'sampled': SamplingParams(temperature=trainer.config.temperature),
+             'greedy': SamplingParams(temperature=0.0)}
+
+    def evaluate(state) -> dict:
+        key = jax.random.fold_in(jax.random.key(config.seed + 1), 0)  # the same draws each time
+        metrics, kls, scores = {}, [], []
+        for mode, sampling in modes.items():
+            gold = []
+            for start in range(0, len(ids), size):
+                chunk = ids[start:start + size]
+                padded = chunk + [chunk[-1]] * (size - len(chunk))
+                out = sampler(state.actor.params, padded, jax.random.fold_in(key, start),
+                              sampling)
+                lengths = out['lengths'].astype(np.int32)
+                for prompt, row, n in zip(chosen[start:start + size], out['tokens'], lengths,
+                                          strict=False):
+                    gold.append(prompt.gold(reply_text(tokenizer, row[:n])))
+                if mode == 'sampled':
+                    p = sampler.prompt_bucket(max(len(c) for c in padded))
+                    rows = ppo.rollout_batch(padded, out['tokens'], lengths, p,
+                                             tokenizer.pad_id, tokenizer.reward_id)
+                    scored = jax.device_get(trainer.score_fn(p)(
+                        state.actor.params, trainer.reference_params, state.critic.params,
+                        trainer.reward_params, rows))
+                    kl = ((scored['logp'] - scored['ref_logp']) * rows['mask']).sum(axis=1)
+                    kls += list(kl[:len(chunk)])
+                    scores += list(scored['rm_score'][:len(chunk)])
+            if all(g is not None for g in gold):
+                gold = np.asarray(gold)
+                metrics[f'gold/{mode}'] = float(gold.mean())
+                metrics[f'gold/{mode}_stderr'] = float(gold.std(ddof=1) / math.sqrt(len(gold)))
+        metrics['val/kl'] = float(np.mean(kls))
+        metrics['val/rm_score'] = float(np.mean(scores))
+        metrics['val/rm_score_stderr'] = float(np.std(scores, ddof=1) / math.sqrt(len(scores)))
+        return metrics
+
+    return evaluate
+
+
+def write_report(workdir, config) -> str:
+    records = read_metrics(workdir)
+    evals = [r for r in records if 'val/kl' in r]
+    first, last = (evals[0], evals[-1]) if evals else ({}, {})
+
+    def score(record, mode):
+        if f'gold/{mode}' not in record:
+            return 'n/a'
+        return f'{record[f"gold/{mode}"]:.4f} ± {record[f"gold/{mode}_stderr"]:.4f}'
+
+    plots = [
+        report.plot(records, {'reward-model score (train rollouts)': 'rm_score',
+                              'gold score (train rollouts)': 'gold'}, workdir / 'reward.png',
+                    title='Rewards during PPO', ylabel='mean per response'),
+        report.plot(records, {'KL to the SFT model (train rollouts)': 'kl'}, workdir / 'kl.png',
+                    title='KL per response', ylabel='nats'),
+        report.plot([{**r, 'step': r['val/kl']} for r in evals],
+                    {'reward-model score': 'val/rm_score', 'gold score (sampled)':
+                     'gold/sampled'}, workdir / 'reward_vs_kl.png',
+                    title='Held-out reward against KL (over-optimisation)',
+                    ylabel='mean per response', xlabel='KL to the SFT model (nats per response)'),
+        report.plot(records, {'policy': 'policy_loss', 'value': 'value_loss'},
+                    workdir / 'losses.png', title='PPO losses', ylabel='loss'),
+    ]
+    summary = [
+        ('policy from', config.init_from), ('reward model from', config.reward_from),
+        ('reward', 'reward model' if config.rl.reward == 'model' else 'gold scorer (verifiable)'),
+        ('iterations × rollouts', f'{last.get("step", 0)} × {config.data.batch_size}'),
+        ('held-out gold score, sampled: SFT → PPO', f'{score(first, "sampled")} → '
+                                                    f'{score(last, "sampled")}'),
+        ('held-out gold score, greedy: SFT → PPO', f'{score(first, "greedy")} → '
+                                                   f'{score(last, "greedy")}'),
+        ('held-out reward-model score: SFT → PPO', f'{first.get("val/rm_score", math.nan):.4f}'
+                                                   f' → {last.get("val/rm_score", math.nan):.4f}'),
+        ('KL of the final policy to the SFT model (nats per response)',
+         f'{last.get("val/kl", math.nan):.3f}'),
+    ]
+    rows = [(r['step'], r.get('val/kl'), r.get('val/rm_score'), r.get('gold/sampled'),
+             r.get('gold/greedy')) for r in evals]
+    return report.write(workdir, 'PPO report', [
+        ('Summary', report.table(['', ''], summary)),
+        ('Held-out evaluations', report.table(
+            ['step', 'KL', 'reward-model score', 'gold (sampled)', 'gold (greedy)'], rows)),
+        ('Curves', '\n\n'.join(f'![{p}]({p})' for p in plots)),
+        ('Config', report.code_block(json.dumps(config.to_dict(), indent=1))),
+    ])

@@ -1,0 +1,70 @@
+"""The PPO stage as a command: smoke run, kill -9 and resume, verifiable rewards, bad inputs.
+
+Run: `python -m pytest -q tests/test_run_rl.py` (starts from the shared runlocal SFT and reward
+runs).
+"""
+
+import signal
+
+from tests.runs import metrics, rl_command, run, start_and_wait_for_checkpoint
+
+# What must repeat exactly after a resume (timings do not).
+EXACT = ('policy_loss', 'value_loss', 'kl', 'rm_score', 'gold', 'entropy', 'clipfrac',
+         'kl_coef', 'response_length')
+
+
+def iterations(workdir):
+    return {r['step']: tuple(r[k] for k in EXACT) for r in metrics(workdir)
+            if 'policy_loss' in r}
+
+
+def test_rl_smoke_run_reports_sft_and_ppo(sft_workdir, reward_workdir, tmp_path):
+    result = run(rl_command(tmp_path, sft_workdir, reward_workdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = metrics(tmp_path)
+    assert records[0]['step'] == 0 and {'gold/sampled', 'val/kl', 'val/rm_score'} <= set(
+        records[0])
+    assert records[0]['val/kl'] == 0.0  # the SFT policy is the reference
+    train = [r for r in records if 'policy_loss' in r]
+    assert [r['step'] for r in train] == [1, 2]
+    for key in ('rm_score', 'gold', 'kl', 'entropy', 'clipfrac', 'approx_kl', 'value_loss',
+                'explained_variance', 'response_length', 'time/generate', 'time/score',
+                'time/update', 'tokens_per_sec/generate'):
+        assert key in train[-1], key
+    report = (tmp_path / 'report.md').read_text()
+    for text in ('held-out gold score, sampled: SFT → PPO', 'reward_vs_kl.png',
+                 'KL of the final policy'):
+        assert text in report, text
+
+
+def test_rl_kill_9_then_resume_continues_exactly(sft_workdir, reward_workdir, tmp_path):
+    steps = ('--config.train.total_steps=12', '--config.train.checkpoint_every=3',
+             '--config.train.eval_every=0', '--config.train.log_every=1')
+    reference = run(rl_command(tmp_path / 'reference', sft_workdir, reward_workdir, *steps))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    workdir = tmp_path / 'killed'
+    process = start_and_wait_for_checkpoint(
+        rl_command(workdir, sft_workdir, reward_workdir, *steps), workdir, 3)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert max(iterations(workdir)) < 12
+    resumed = run(rl_command(workdir, sft_workdir, reward_workdir, *steps))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(iterations(workdir)) == list(range(1, 13))
+    assert iterations(workdir) == iterations(tmp_path / 'reference')
+
+
+def test_rl_verifiable_rewards_and_bad_inputs(sft_workdir, reward_workdir, tmp_path):
+    result = run(rl_command(tmp_path / 'gold', sft_workdir, reward_workdir,
+                            '--config.rl.reward=gold'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    train = [r for r in metrics(tmp_path / 'gold') if 'policy_loss' in r]
+    assert all(r['score'] == r['gold'] for r in train)  # the reward is the gold score
+    result = run(rl_command(tmp_path / 'a', sft_workdir, sft_workdir))
+    assert result.returncode == 1
+    assert f"reward_from={sft_workdir} is a 'sft' run, not a reward model" in result.stderr
+    result = run(rl_command(tmp_path / 'b', sft_workdir, ''))
+    assert 'reward_from: name the reward-model workdir' in result.stderr
+    result = run(rl_command(tmp_path / 'c', sft_workdir, reward_workdir,
+                            '--config.rl.ppo.kl_estimator=k2'))
+    assert "rl.kl_estimator='k2': expected k1 or k3" in result.stderr

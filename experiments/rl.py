@@ -20,7 +20,6 @@ import math
 import pathlib
 import shutil
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,8 +30,9 @@ from gptstack import loop, report, rl, sharding, workdirs
 from gptstack.chat import reply_text
 from gptstack.checkpoint import Checkpointer, abstract_with_shardings
 from gptstack.config import ConfigError, OptimConfig
-from gptstack.data import preference, tasks
-from gptstack.data.sources import DataError, SkipBudget, expand_paths, read_json_records
+from gptstack.data import pretrain as pretrain_data
+from gptstack.data import prompts as prompts_data
+from gptstack.data.sources import DataError, SkipBudget, expand_paths, specs_from_config
 from gptstack.data.tokenizer import render_prompt
 from gptstack.metrics import MetricsWriter, read_metrics
 from gptstack.model import GPT, ScoreModel
@@ -44,71 +44,21 @@ from gptstack.steps import ppo
 log = logging.getLogger(__name__)
 
 
-# --- prompts ----------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Prompt:
-    messages: list
-    task: tasks.Task | None = None
-    answer: str | None = None
-
-    def gold(self, reply: str) -> float | None:
-        """The verifiable score of a reply: the task's gold scorer, or exact match with the
-        record's `answer`; None when neither is known."""
-        if self.task is not None:
-            return tasks.score(self.task, reply)
-        if self.answer is not None:
-            return float(reply.strip() == self.answer.strip())
-        return None
-
-
-def read_prompts(config, split: str) -> list[Prompt]:
-    """Task prompts of a split, or JSONL `{prompt}` / `{messages}` records (optional `answer`)."""
+def read_split(config, split: str) -> list[prompts_data.Prompt]:
+    """Task prompts (train split for training, test split held out) or JSONL prompt files."""
     paths = config.data.train if split == 'train' else config.data.validation
     if paths == EMBEDDED_TASKS:
         n = config.data.train_prompts if split == 'train' else config.data.validation_prompts
-        drawn = tasks.generate('train' if split == 'train' else 'test', n, config.seed)
-        return [Prompt(t.messages(with_answer=False), task=t) for t in drawn]
-    prompts, budget = [], SkipBudget(config.data.max_skips)
-    for path in (p for pattern in paths.split(',') for p in expand_paths((pattern.strip(),),
-                                                                         'rl prompts')):
-        for where, record in read_json_records(path, budget):
-            field = 'messages' if 'messages' in record else 'prompt'
-            if field not in record:
-                budget.reject(DataError(f"{where}: expected 'prompt' or 'messages' (fields: "
-                                        f'{sorted(record)})'), 'no prompt')
-                continue
-            try:
-                messages = preference.prompt_messages(record[field], where)
-                if messages[-1]['role'] != 'user':
-                    raise DataError(f'{where}: the prompt must end with a user turn')
-                answer = record.get('answer')
-                if answer is not None and not isinstance(answer, str):
-                    raise DataError(f"{where}: field 'answer' must be a string")
-            except DataError as error:
-                budget.reject(error, 'bad prompt')
-                continue
-            prompts.append(Prompt(messages, answer=answer))
+        return prompts_data.task_prompts('train' if split == 'train' else 'test', n, config.seed)
+    budget = SkipBudget(config.data.max_skips)
+    prompts = [p for pattern in paths.split(',')
+               for path in expand_paths((pattern.strip(),), 'rl prompts')
+               for p in prompts_data.read_prompts(path, budget)]
+    if budget.skipped:
+        log.warning('skipped %d malformed prompts %s', budget.skipped, dict(budget.by_reason))
     if not prompts:
         raise DataError(f'no prompts in {paths}')
     return prompts
-
-
-def prompt_dataset(prompts: list[Prompt], tokenizer, max_len: int, batch_size: int, seed: int):
-    """The shuffled, repeating stream of prompt batches `{tokens [B, max_len], lengths, index}`
-    (right-padded; a longer prompt keeps its last `max_len` tokens, counted in the log)."""
-    rows, cut = [], 0
-    for index, prompt in enumerate(prompts):
-        ids = render_prompt(tokenizer, prompt.messages)
-        cut += len(ids) > max_len
-        ids = ids[-max_len:]
-        tokens = np.full(max_len, tokenizer.pad_id, np.int32)
-        tokens[:len(ids)] = ids
-        rows.append({'tokens': tokens, 'lengths': np.int32(len(ids)), 'index': np.int32(index)})
-    if cut:
-        log.warning('%d of %d prompts are longer than %d tokens: keeping their ends', cut,
-                    len(rows), max_len)
-    return (grain.MapDataset.source(rows).shuffle(seed=seed).repeat().to_iter_dataset()
-            .batch(batch_size, drop_remainder=True))
 
 
 # --- the stage --------------------------------------------------------------------------------
@@ -148,15 +98,17 @@ def run(config, workdir: pathlib.Path) -> str:
         load_roles(config)
     shutil.copyfile(pathlib.Path(config.init_from) / 'tokenizer.model',
                     workdir / 'tokenizer.model')
-    train_prompts, eval_prompts = read_prompts(config, 'train'), read_prompts(config,
-                                                                              'validation')
+    train_prompts, eval_prompts = read_split(config, 'train'), read_split(config, 'validation')
     if config.rl.reward == 'gold' and train_prompts[0].gold('') is None:
         raise ConfigError("rl.reward='gold' needs prompts with a gold scorer (embedded:tasks) "
                           "or an 'answer' field")
     batch_size, max_new = config.data.batch_size, config.data.max_new_tokens
     max_prompt = actor_config.max_seq_len - max_new - 1
-    data_iterator = iter(prompt_dataset(train_prompts, tokenizer, max_prompt, batch_size,
-                                        config.seed))
+    data_iterator = iter(prompts_data.prompt_dataset(train_prompts, tokenizer, max_prompt,
+                                                     batch_size, config.seed))
+    if ppo_config.ptx_coef > 0:  # PPO-ptx: pretraining rows resume together with the prompts
+        data_iterator = prompts_data.ZipIterator(
+            prompts=data_iterator, ptx=iter(ptx_dataset(config, workdir, tokenizer, ppo_config)))
 
     # --- state: resumed, or SFT actor + RM critic with fresh optimizers -----------------------
     tx_actor, _ = make_optimizer(setup.optim)
@@ -218,8 +170,11 @@ def run(config, workdir: pathlib.Path) -> str:
                       verifiable=config.rl.reward == 'gold', judge=judge)
     base_key = jax.random.key(config.seed)
 
-    def step_fn(state, prompt_batch):
-        return trainer(state, prompt_batch, jax.random.fold_in(base_key, int(state.step)))
+    def step_fn(state, batch):
+        key = jax.random.fold_in(base_key, int(state.step))
+        if ppo_config.ptx_coef > 0:
+            return trainer(state, batch['prompts'], key, batch['ptx'])
+        return trainer(state, batch, key)
 
     evaluate = make_evaluate(config, trainer, tokenizer, eval_prompts, max_prompt)
     writer = MetricsWriter(workdir, resume_step=latest)
@@ -242,7 +197,20 @@ def run(config, workdir: pathlib.Path) -> str:
     return result.status
 
 
-def make_evaluate(config, trainer: ppo.PPO, tokenizer, prompts: list[Prompt], max_prompt: int):
+def ptx_dataset(config, workdir, tokenizer, ppo_config: ppo.PPOConfig):
+    """Packed pretraining rows for PPO-ptx: `rl.ptx.batch_size` rows for each of the
+    iteration's `epochs * minibatches` updates, from the `rl.ptx.sources` mixture."""
+    specs = specs_from_config(config.rl.ptx.sources)
+    cache_dir = pathlib.Path(config.rl.ptx.cache_dir or workdir / 'cache')
+    tokenized = [pretrain_data.tokenize_source(spec, tokenizer, cache_dir, seed=config.seed)
+                 for spec in specs]
+    rows = config.rl.ptx.batch_size * ppo_config.epochs * ppo_config.minibatches
+    return pretrain_data.make_train_dataset(tokenized, config.rl.ptx.seq_len, rows,
+                                            seed=config.seed)
+
+
+def make_evaluate(config, trainer: ppo.PPO, tokenizer, prompts: list[prompts_data.Prompt],
+                  max_prompt: int):
     """`evaluate(state)`: on the held-out prompts, the gold score of sampled and greedy replies
     (mean and standard error), and of the sampled replies the reward-model score and the KL to
     the reference (summed over each response)."""

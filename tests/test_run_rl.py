@@ -37,9 +37,17 @@ def test_rl_smoke_run_reports_sft_and_ppo(sft_workdir, reward_workdir, tmp_path)
         assert text in report, text
 
 
-def test_rl_kill_9_then_resume_continues_exactly(sft_workdir, reward_workdir, tmp_path):
+def ptx(corpus):
+    """PPO-ptx on the small test corpus."""
+    return ('--config.rl.ppo.ptx_coef=0.5',
+            f'--config.rl.ptx.sources.code.paths={corpus / "code"}',
+            f'--config.rl.ptx.sources.prose.paths={corpus / "prose.jsonl"}')
+
+
+def test_rl_with_ptx_kill_9_then_resume_continues_exactly(sft_workdir, reward_workdir, corpus,
+                                                          tmp_path):
     steps = ('--config.train.total_steps=12', '--config.train.checkpoint_every=3',
-             '--config.train.eval_every=0', '--config.train.log_every=1')
+             '--config.train.eval_every=0', '--config.train.log_every=1', *ptx(corpus))
     reference = run(rl_command(tmp_path / 'reference', sft_workdir, reward_workdir, *steps))
     assert reference.returncode == 0, reference.stderr[-3000:]
     workdir = tmp_path / 'killed'
@@ -52,6 +60,10 @@ def test_rl_kill_9_then_resume_continues_exactly(sft_workdir, reward_workdir, tm
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(iterations(workdir)) == list(range(1, 13))
     assert iterations(workdir) == iterations(tmp_path / 'reference')
+    ptx_losses = {r['step']: r['ptx_loss'] for r in metrics(workdir) if 'ptx_loss' in r}
+    assert sorted(ptx_losses) == list(range(1, 13))
+    assert ptx_losses == {r['step']: r['ptx_loss'] for r in metrics(tmp_path / 'reference')
+                          if 'ptx_loss' in r}
 
 
 def test_rl_verifiable_rewards_and_bad_inputs(sft_workdir, reward_workdir, tmp_path):

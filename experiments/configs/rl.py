@@ -49,6 +49,14 @@ def get_config(arg=None):
     config.rl.ppo = ml_collections.ConfigDict(dataclasses.asdict(PPOConfig(
         epochs=2, minibatches=2, kl_coef=0.05, truncated_penalty=0.0)))
 
+    # PPO-ptx (rl.ppo.ptx_coef > 0): the language-model loss on these pretraining rows joins
+    # the actor's objective, `batch_size` rows per update.
+    config.rl.ptx = ml_collections.ConfigDict()
+    config.rl.ptx.sources = common.embedded_sources()
+    config.rl.ptx.seq_len = 128
+    config.rl.ptx.batch_size = 8
+    config.rl.ptx.cache_dir = ml_collections.config_dict.placeholder(str)
+
     config.train = common.train_config(100, eval_every=25, sample_every=0,
                                        checkpoint_every=25)
     # The actor's optimizer; the critic's below.
@@ -76,4 +84,5 @@ def get_config(arg=None):
         config.optim.warmup_steps = 1
         config.critic_optim.warmup_steps = 1
         config.eval.prompts = 16
+        config.rl.ptx.seq_len = 32
     return config

@@ -146,7 +146,9 @@ class PPO:
         judge: `judge(prompt_batch, responses, lengths) -> {'reward'?: [B], 'gold'?: [B]}` on
             the host; `reward` replaces the reward model's score (verifiable-reward mode) and
             `gold` is logged.
-        ptx_batches: yields language-model batches for PPO-ptx (when `ptx_coef > 0`).
+
+    With `ptx_coef > 0` every call also takes `ptx_batch`: `epochs * minibatches` language-model
+    batches of pretraining rows stacked on the batch axis, one slice per update (PPO-ptx).
     """
 
     def __init__(self, config: PPOConfig, roles: Roles, *, reference_params, reward_params,
@@ -154,14 +156,14 @@ class PPO:
                  tx_critic: optax.GradientTransformation, mesh: Mesh, rules: str,
                  state_shardings: PPOState, reward_id: int, pad_id: int,
                  stop_ids: Sequence[int], verifiable: bool = False,
-                 judge: Callable | None = None, ptx_batches=None):
+                 judge: Callable | None = None):
         self.config, self.roles, self.mesh, self.rules = config, roles, mesh, rules
         self.reference_params, self.reward_params = reference_params, reward_params
         self.sampler, self.tx_actor, self.tx_critic = sampler, tx_actor, tx_critic
         self.state_shardings = state_shardings
         self.reward_id, self.pad_id = reward_id, pad_id
         self.stop_ids = np.asarray(list(stop_ids))
-        self.verifiable, self.judge, self.ptx_batches = verifiable, judge, ptx_batches
+        self.verifiable, self.judge = verifiable, judge
         self.batch_size = sampler.batch_size
         if self.batch_size % config.minibatches:
             raise ConfigError(f'rollout batch {self.batch_size} is not divisible by '
@@ -169,8 +171,6 @@ class PPO:
         self.minibatch_size = self.batch_size // config.minibatches
         if verifiable and judge is None:
             raise ValueError('the verifiable-reward mode needs a judge')
-        if config.ptx_coef > 0 and ptx_batches is None:
-            raise ValueError('rl.ptx_coef > 0 needs pretraining batches')
         self._compiled: dict[tuple, Callable] = {}
 
     # --- jitted pieces (one compilation per prompt bucket) ------------------------------------
@@ -304,7 +304,8 @@ class PPO:
         return self._compiled[key]
 
     # --- one iteration on the host ------------------------------------------------------------
-    def __call__(self, state: PPOState, prompt_batch: dict, key: Array):
+    def __call__(self, state: PPOState, prompt_batch: dict, key: Array,
+                 ptx_batch: dict | None = None):
         config = self.config
         prompts = [list(row[:length]) for row, length in
                    zip(prompt_batch['tokens'], prompt_batch['lengths'], strict=True)]
@@ -339,6 +340,11 @@ class PPO:
         start = time.perf_counter()
         update = self.update_fn(prompt_len)
         rng = np.random.default_rng(np.asarray(jax.random.key_data(shuffle_key)))
+        updates = config.epochs * config.minibatches
+        if config.ptx_coef > 0:
+            if ptx_batch is None:
+                raise ValueError('rl.ptx_coef > 0: every iteration needs a ptx_batch')
+            ptx_rows = len(next(iter(ptx_batch.values()))) // updates
         update_metrics = []
         for _ in range(config.epochs):
             order = rng.permutation(self.batch_size)
@@ -346,7 +352,11 @@ class PPO:
                 index = np.sort(order[m * self.minibatch_size:(m + 1) * self.minibatch_size])
                 minibatch = {k: jax.device_put(v[index], self._rows(self.minibatch_size))
                              for k, v in host.items()}
-                ptx = next(self.ptx_batches) if config.ptx_coef > 0 else None
+                ptx = None
+                if config.ptx_coef > 0:
+                    u = len(update_metrics)
+                    ptx = {k: jax.device_put(v[u * ptx_rows:(u + 1) * ptx_rows],
+                                             self._rows(ptx_rows)) for k, v in ptx_batch.items()}
                 state, step_metrics = update(state, minibatch, ptx)
                 update_metrics.append(step_metrics)
         update_metrics = jax.device_get(update_metrics)

@@ -1,0 +1,102 @@
+"""RL prompts: the embedded task prompts or JSONL `{prompt}` / `{messages}` records with an
+optional `answer`, rendered up to the assistant's turn and served as a shuffled stream.
+
+A prompt knows how to score a reply when that is verifiable: the task's gold scorer, or exact
+match (after stripping whitespace) with the record's `answer`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+
+import grain
+import numpy as np
+
+from gptstack.data import tasks
+from gptstack.data.preference import prompt_messages
+from gptstack.data.sources import DataError, SkipBudget, read_json_records
+from gptstack.data.tokenizer import Tokenizer, render_prompt
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    messages: list
+    task: tasks.Task | None = None
+    answer: str | None = None
+
+    def gold(self, reply: str) -> float | None:
+        """The verifiable score of a reply, or None when there is no way to check it."""
+        if self.task is not None:
+            return tasks.score(self.task, reply)
+        if self.answer is not None:
+            return float(reply.strip() == self.answer.strip())
+        return None
+
+
+def task_prompts(split: str, n: int, seed: int) -> list[Prompt]:
+    return [Prompt(t.messages(with_answer=False), task=t) for t in tasks.generate(split, n, seed)]
+
+
+def read_prompts(path: str | pathlib.Path, budget: SkipBudget) -> list[Prompt]:
+    """Every valid record of a JSONL file; the prompt must end with a user turn."""
+    prompts = []
+    for where, record in read_json_records(pathlib.Path(path), budget):
+        try:
+            field = 'messages' if 'messages' in record else 'prompt'
+            if field not in record:
+                raise DataError(f"{where}: expected 'prompt' or 'messages' (fields: "
+                                f'{sorted(record)})')
+            messages = prompt_messages(record[field], where)
+            if messages[-1]['role'] != 'user':
+                raise DataError(f'{where}: the prompt must end with a user turn')
+            answer = record.get('answer')
+            if answer is not None and not isinstance(answer, str):
+                raise DataError(f"{where}: field 'answer' must be a string")
+        except DataError as error:
+            budget.reject(error, 'bad prompt')
+            continue
+        prompts.append(Prompt(messages, answer=answer))
+    return prompts
+
+
+def prompt_dataset(prompts: list[Prompt], tokenizer: Tokenizer, max_len: int, batch_size: int,
+                   seed: int) -> grain.IterDataset:
+    """The shuffled (every epoch), repeating stream of batches `{tokens [B, max_len], lengths
+    [B], index [B]}`: rendered prompts right-padded with `<|pad|>`, and their index in `prompts`.
+    A longer prompt keeps its last `max_len` tokens (counted in the log)."""
+    rows, cut = [], 0
+    for index, prompt in enumerate(prompts):
+        ids = render_prompt(tokenizer, prompt.messages)
+        cut += len(ids) > max_len
+        ids = ids[-max_len:]
+        tokens = np.full(max_len, tokenizer.pad_id, np.int32)
+        tokens[:len(ids)] = ids
+        rows.append({'tokens': tokens, 'lengths': np.int32(len(ids)), 'index': np.int32(index)})
+    if cut:
+        log.warning('%d of %d prompts are longer than %d tokens: keeping their ends', cut,
+                    len(rows), max_len)
+    return (grain.MapDataset.source(rows).shuffle(seed=seed).repeat().to_iter_dataset()
+            .batch(batch_size, drop_remainder=True))
+
+
+class ZipIterator(grain.DatasetIterator):
+    """`{name: next(iterator)}` from several grain iterators, checkpointed together (PPO's
+    prompts and its PPO-ptx pretraining rows resume as one)."""
+
+    def __init__(self, **iterators: grain.DatasetIterator):
+        super().__init__()
+        self.iterators = iterators
+
+    def __next__(self) -> dict:
+        return {name: next(it) for name, it in self.iterators.items()}
+
+    def get_state(self) -> dict:
+        return {name: it.get_state() for name, it in self.iterators.items()}
+
+    def set_state(self, state: dict) -> None:
+        for name, it in self.iterators.items():
+            it.set_state(state[name])

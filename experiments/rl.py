@@ -235,10 +235,8 @@ def make_evaluate(config, trainer: ppo.PPO, tokenizer, prompts: list[prompts_dat
                                           strict=False):
                     gold.append(prompt.gold(reply_text(tokenizer, row[:n])))
                 if mode == 'sampled':
-                    p = sampler.prompt_bucket(max(len(c) for c in padded))
-                    rows = ppo.rollout_batch(padded, out['tokens'], lengths, p,
-                                             tokenizer.pad_id, tokenizer.reward_id)
-                    scored = jax.device_get(trainer.score_fn(p)(
+                    rows = trainer.rollout_rows(padded, out['tokens'], lengths)
+                    scored = jax.device_get(trainer.score_fn()(
                         state.actor.params, trainer.reference_params, state.critic.params,
                         trainer.reward_params, rows))
                     kl = ((scored['logp'] - scored['ref_logp']) * rows['mask']).sum(axis=1)

@@ -82,10 +82,10 @@ def test_scores_match_direct_forward_passes(trainer):
     state = start(0.1)
     out = trainer.sampler(state.actor.params, [list(p) for p in prompts['tokens']],
                           jax.random.key(0))
-    rows = ppo.rollout_batch(list(prompts['tokens']), out['tokens'], out['lengths'],
-                             trainer.sampler.prompt_bucket(4), PAD, REWARD)
-    p = trainer.sampler.prompt_bucket(4)
-    scored = trainer.score_fn(p)(state.actor.params, trainer.reference_params,
+    rows = trainer.rollout_rows(list(prompts['tokens']), out['tokens'], out['lengths'])
+    p = rows['tokens'].shape[1] - rows['mask'].shape[1] - 1
+    assert p == 16 and rows['mask'].shape[1] in (8, 16)  # trimmed to the buckets
+    scored = trainer.score_fn()(state.actor.params, trainer.reference_params,
                                  state.critic.params, reward_params, rows)
     logits = nnx.merge(actor_graphdef, state.actor.params)(
         rows['tokens'], rows['positions'], rows['segment_ids'])

@@ -48,6 +48,8 @@ from gptstack.state import TrainState
 from gptstack.steps.lm import keep_if_finite, lm_loss
 
 Array = jax.Array
+# Rollout rows are trimmed to multiples of this many tokens (prompt part and response part).
+ROLLOUT_BUCKET = 16
 
 
 @flax.struct.dataclass
@@ -122,8 +124,15 @@ def rollout_batch(prompts: Sequence[Sequence[int]], response: np.ndarray, length
     return {'tokens': tokens, 'positions': positions, 'segment_ids': segment_ids, 'mask': mask}
 
 
-def _response_log_probs(graphdef, params, batch, prompt_len: int, n: int):
+def _layout(batch) -> tuple[int, int]:
+    """`(P, N)` of a rollout batch, from its static shapes."""
+    n = batch['mask'].shape[1]
+    return batch['tokens'].shape[1] - n - 1, n
+
+
+def _response_log_probs(graphdef, params, batch):
     """`(log-probs [B, N] of the response tokens, their logits [B, N, V])` under an LM."""
+    prompt_len, n = _layout(batch)
     model = nnx.merge(graphdef, params)
     h_btd = model.transformer(batch['tokens'], batch['positions'], batch['segment_ids'])
     logits_bnv = model.logits(h_btd[:, prompt_len - 1:prompt_len - 1 + n])
@@ -131,7 +140,8 @@ def _response_log_probs(graphdef, params, batch, prompt_len: int, n: int):
     return losses.token_log_probs(logits_bnv, targets_bn), logits_bnv
 
 
-def _values(graphdef, params, batch, prompt_len: int, n: int):
+def _values(graphdef, params, batch):
+    prompt_len, n = _layout(batch)
     model = nnx.merge(graphdef, params)
     scores_bt = model(batch['tokens'], batch['positions'], batch['segment_ids'])
     return scores_bt[:, prompt_len - 1:prompt_len - 1 + n]
@@ -177,18 +187,18 @@ class PPO:
     def _rows(self, size: int):
         return sharding.batch_sharding(self.mesh, self.rules, size)
 
-    def score_fn(self, prompt_len: int):
-        key = ('score', prompt_len)
+    def score_fn(self):
+        """Jitted `score(actor, reference, critic, reward params, rollout batch)`; it compiles
+        once per rollout shape (a few prompt and response buckets)."""
+        key = 'score'
         if key not in self._compiled:
-            roles, n, mesh, rules = self.roles, self.sampler.max_new_tokens, self.mesh, self.rules
-            reward_id = self.reward_id
+            roles, mesh, rules, reward_id = self.roles, self.mesh, self.rules, self.reward_id
 
             def score(actor_params, reference_params, critic_params, reward_params, batch):
                 with sharding.activation_sharding(mesh, rules):
-                    logp, _ = _response_log_probs(roles.actor, actor_params, batch, prompt_len, n)
-                    ref_logp, _ = _response_log_probs(roles.reference, reference_params, batch,
-                                                      prompt_len, n)
-                    values = _values(roles.critic, critic_params, batch, prompt_len, n)
+                    logp, _ = _response_log_probs(roles.actor, actor_params, batch)
+                    ref_logp, _ = _response_log_probs(roles.reference, reference_params, batch)
+                    values = _values(roles.critic, critic_params, batch)
                     reward_model = nnx.merge(roles.reward, reward_params)
                     score = read_at_token(reward_model(batch['tokens'], batch['positions'],
                                                        batch['segment_ids']),
@@ -238,10 +248,10 @@ class PPO:
             self._compiled['advantages'] = jax.jit(advantages, donate_argnums=0)
         return self._compiled['advantages']
 
-    def update_fn(self, prompt_len: int):
-        key = ('update', prompt_len)
+    def update_fn(self):
+        key = 'update'
         if key not in self._compiled:
-            config, roles, n = self.config, self.roles, self.sampler.max_new_tokens
+            config, roles = self.config, self.roles
             mesh, rules, tx_actor, tx_critic = self.mesh, self.rules, self.tx_actor, self.tx_critic
 
             def update(state: PPOState, batch, ptx_batch):
@@ -249,7 +259,7 @@ class PPO:
                 count = jnp.maximum(mask_bn.sum(), 1.0)
 
                 def actor_objective(params):
-                    logp, logits = _response_log_probs(roles.actor, params, batch, prompt_len, n)
+                    logp, logits = _response_log_probs(roles.actor, params, batch)
                     loss_sum, sums = losses.ppo_policy_loss(logp, batch['old_logp'],
                                                             batch['advantages'], mask_bn,
                                                             config.clip)
@@ -265,7 +275,7 @@ class PPO:
                     return objective, aux
 
                 def critic_objective(params):
-                    values = _values(roles.critic, params, batch, prompt_len, n)
+                    values = _values(roles.critic, params, batch)
                     loss_sum, clipped = losses.ppo_value_loss(values, batch['old_values'],
                                                               batch['returns'], mask_bn,
                                                               config.value_clip)
@@ -303,6 +313,19 @@ class PPO:
             self._compiled[key] = jax.jit(update, donate_argnums=0)
         return self._compiled[key]
 
+    def rollout_rows(self, prompts, responses: np.ndarray, lengths: np.ndarray) -> dict:
+        """Rollout rows trimmed to buckets of `ROLLOUT_BUCKET` tokens: the prompt part to the
+        longest prompt, the response part to the longest response, so padding costs little in
+        scoring and updates while only a few shapes compile."""
+        def bucket(n, limit):
+            return min(limit, ROLLOUT_BUCKET * max(1, -(-n // ROLLOUT_BUCKET)))
+
+        prompt_len = bucket(max(len(p) for p in prompts),
+                            self.sampler.prompt_bucket(max(len(p) for p in prompts)))
+        n = bucket(int(lengths.max()), self.sampler.max_new_tokens)
+        return rollout_batch(prompts, responses[:, :n], lengths, prompt_len, self.pad_id,
+                             self.reward_id)
+
     # --- one iteration on the host ------------------------------------------------------------
     def __call__(self, state: PPOState, prompt_batch: dict, key: Array,
                  ptx_batch: dict | None = None):
@@ -319,12 +342,10 @@ class PPO:
         timings['generate'] = time.perf_counter() - start
 
         start = time.perf_counter()
-        prompt_len = self.sampler.prompt_bucket(max(len(p) for p in prompts))
-        rows = rollout_batch(prompts, out['tokens'], lengths, prompt_len, self.pad_id,
-                             self.reward_id)
+        rows = self.rollout_rows(prompts, out['tokens'], lengths)
         device_rows = {k: jax.device_put(v, self._rows(self.batch_size)) for k, v in rows.items()}
-        scored = self.score_fn(prompt_len)(state.actor.params, self.reference_params,
-                                           state.critic.params, self.reward_params, device_rows)
+        scored = self.score_fn()(state.actor.params, self.reference_params,
+                                 state.critic.params, self.reward_params, device_rows)
         last = out['tokens'][np.arange(len(lengths)), lengths - 1]
         truncated = (~np.isin(last, self.stop_ids)).astype(np.float32)
         judged = self.judge(prompt_batch, out['tokens'], lengths) if self.judge else {}
@@ -338,7 +359,7 @@ class PPO:
         timings['score'] = time.perf_counter() - start
 
         start = time.perf_counter()
-        update = self.update_fn(prompt_len)
+        update = self.update_fn()
         rng = np.random.default_rng(np.asarray(jax.random.key_data(shuffle_key)))
         updates = config.epochs * config.minibatches
         if config.ptx_coef > 0:

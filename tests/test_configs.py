@@ -9,6 +9,7 @@ from experiments.configs import common
 from gptstack.config import GPTConfig, MeshConfig, OptimConfig
 from gptstack.data.sources import specs_from_config
 from gptstack.loop import LoopConfig
+from gptstack.steps.ppo import PPOConfig
 
 CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / 'experiments' /
                                   'configs').glob('*.py') if p.stem not in ('__init__', 'common'))
@@ -29,9 +30,13 @@ def test_config_builds_typed_configs(name, arg):
     if 'model' in config:
         model = GPTConfig.from_dict(config.model, vocab_size=config.tokenizer.vocab_size)
         assert model.max_seq_len == config.data.seq_len
+    if 'train' in config:  # every training stage
         MeshConfig.from_dict(config.mesh)
         OptimConfig.from_dict(config.optim)
         LoopConfig(**{k: v for k, v in config.train.items() if k != 'keep_checkpoints'})
+    if 'rl' in config:
+        PPOConfig(**config.rl.ppo)
+        OptimConfig.from_dict(config.critic_optim)
 
 
 def test_overrides_follow_references():

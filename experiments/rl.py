@@ -246,6 +246,9 @@ def make_evaluate(config, trainer: ppo.PPO, tokenizer, prompts: list[prompts_dat
                 gold = np.asarray(gold)
                 metrics[f'gold/{mode}'] = float(gold.mean())
                 metrics[f'gold/{mode}_stderr'] = float(gold.std(ddof=1) / math.sqrt(len(gold)))
+                for family in sorted({p.task.family for p in chosen if p.task}):
+                    mine = [p.task is not None and p.task.family == family for p in chosen]
+                    metrics[f'gold/{mode}/{family}'] = float(gold[np.asarray(mine)].mean())
         metrics['val/kl'] = float(np.mean(kls))
         metrics['val/rm_score'] = float(np.mean(scores))
         metrics['val/rm_score_stderr'] = float(np.std(scores, ddof=1) / math.sqrt(len(scores)))
@@ -293,10 +296,15 @@ def write_report(workdir, config) -> str:
     ]
     rows = [(r['step'], r.get('val/kl'), r.get('val/rm_score'), r.get('gold/sampled'),
              r.get('gold/greedy')) for r in evals]
+    families = sorted(k.split('/')[-1] for k in first if k.startswith('gold/sampled/'))
+    family_rows = [(f, first[f'gold/sampled/{f}'], last.get(f'gold/sampled/{f}', math.nan))
+                   for f in families]
     return report.write(workdir, 'PPO report', [
         ('Summary', report.table(['', ''], summary)),
         ('Held-out evaluations', report.table(
             ['step', 'KL', 'reward-model score', 'gold (sampled)', 'gold (greedy)'], rows)),
+        ('Held-out gold score by task family (sampled)', report.table(
+            ['family', 'SFT', 'PPO'], family_rows) if family_rows else 'no gold scorer'),
         ('Curves', '\n\n'.join(f'![{p}]({p})' for p in plots)),
         ('Config', report.code_block(json.dumps(config.to_dict(), indent=1))),
     ])

@@ -32,8 +32,9 @@ def test_rl_smoke_run_reports_sft_and_ppo(sft_workdir, reward_workdir, tmp_path)
                 'time/update', 'tokens_per_sec/generate'):
         assert key in train[-1], key
     report = (tmp_path / 'report.md').read_text()
+    assert any(k.startswith('gold/sampled/') for k in records[0])  # by task family
     for text in ('held-out gold score, sampled: SFT → PPO', 'reward_vs_kl.png',
-                 'KL of the final policy'):
+                 'KL of the final policy', 'Held-out gold score by task family'):
         assert text in report, text
 
 

@@ -36,7 +36,7 @@ from flax import nnx
 from experiments import pretrain as pretrain_stage
 from experiments.sft import EMBEDDED_TASKS
 from gptstack import loop, report, sharding, workdirs
-from gptstack.best_of_n import expected_best_of_n, reward_scorer
+from gptstack.best_of_n import expected_best_of_n, reward_scorer, sample_and_score
 from gptstack.chat import sample_replies
 from gptstack.checkpoint import Checkpointer, abstract_with_shardings
 from gptstack.config import ConfigError
@@ -66,7 +66,8 @@ CALIBRATION_BINS = 10
 
 # --- comparisons ----------------------------------------------------------------------------
 def policy(config, model_config, base_checkpointer, base_step, mesh, rules):
-    """The SFT model as `(sampler, params)` for making comparisons and best-of-N."""
+    """The SFT model's parameters and a function making its sampler for a tokenizer (for the
+    comparisons and best-of-N)."""
     graphdef, abstract = abstract_model(lambda rngs: GPT(model_config, rngs=rngs))
     params = base_checkpointer.restore_params(
         base_step, abstract_with_shardings(abstract, sharding.param_shardings(abstract, mesh,
@@ -361,15 +362,12 @@ def best_of_n_curve(config, sampler, policy_params, tokenizer, scorer) -> dict[i
     drawn = tasks.generate('test', config.best_of_n.prompts, config.seed)
     pool = config.best_of_n.max_n
     conversations = [t.messages(with_answer=False) for t in drawn]
-    replies = sample_replies(sampler, policy_params, tokenizer, conversations,
-                             jax.random.fold_in(jax.random.key(config.seed), 7919),
-                             SamplingParams(config.labeler.temperature), n=pool,
-                             progress='best-of-N samples')
+    replies, rewards = sample_and_score(
+        sampler, policy_params, tokenizer, scorer, conversations, pool,
+        jax.random.fold_in(jax.random.key(config.seed), 7919),
+        SamplingParams(config.labeler.temperature), progress='best-of-N samples')
     gold = np.asarray([[tasks.score(t, r) for r in rs] for t, rs in zip(drawn, replies,
                                                                         strict=True)])
-    rewards = scorer([c for c in conversations for _ in range(pool)],
-                     [[{'role': 'assistant', 'content': r}] for rs in replies for r in rs])
-    rewards = rewards.reshape(len(drawn), pool)
     curve, n = {}, 1
     single = expected_best_of_n(rewards, gold, 1)
     while n <= pool:

@@ -45,15 +45,24 @@ def reward_scorer(score_fn, params, tokenizer: Tokenizer, batch_size: int,
     return scorer
 
 
+def sample_and_score(sampler, policy_params, tokenizer: Tokenizer, scorer: ScoreFn,
+                     conversations: Sequence[list[dict]], n: int, key: jax.Array, sampling,
+                     progress: str | None = None) -> tuple[list[list[str]], np.ndarray]:
+    """`n` sampled replies to each conversation and their rewards `[len(conversations), n]`."""
+    replies = sample_replies(sampler, policy_params, tokenizer, conversations, key, sampling, n,
+                             progress=progress)
+    rewards = scorer([c for c in conversations for _ in range(n)],
+                     [[{'role': 'assistant', 'content': r}] for rs in replies for r in rs])
+    return replies, rewards.reshape(len(conversations), n)
+
+
 def best_of_n(sampler, policy_params, tokenizer: Tokenizer, scorer: ScoreFn,
               conversations: Sequence[list[dict]], n: int, key: jax.Array,
               sampling) -> tuple[list[str], np.ndarray]:
     """The highest-reward reply of `n` samples for each conversation, and all the rewards
     `[len(conversations), n]`."""
-    replies = sample_replies(sampler, policy_params, tokenizer, conversations, key, sampling, n)
-    rewards = scorer([c for c in conversations for _ in range(n)],
-                     [[{'role': 'assistant', 'content': r}] for rs in replies for r in rs])
-    rewards = rewards.reshape(len(conversations), n)
+    replies, rewards = sample_and_score(sampler, policy_params, tokenizer, scorer, conversations,
+                                        n, key, sampling)
     return [rs[int(np.argmax(r))] for rs, r in zip(replies, rewards, strict=True)], rewards
 
 

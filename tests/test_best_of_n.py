@@ -2,10 +2,11 @@
 
 import itertools
 
+import jax
 import numpy as np
 import pytest
 
-from gptstack.best_of_n import expected_best_of_n
+from gptstack.best_of_n import best_of_n, expected_best_of_n
 
 
 def test_expected_best_of_n_equals_the_average_over_every_subset():
@@ -21,3 +22,33 @@ def test_expected_best_of_n_equals_the_average_over_every_subset():
                                gold[np.arange(5), rewards.argmax(axis=1)])
     with pytest.raises(ValueError, match='best-of-8 needs 1 <= n <= 7'):
         expected_best_of_n(rewards, gold, 8)
+
+
+class FakeSampler:
+    """Stands in for `Sampler`: row `i` of every call answers with the one token `BASE + i`."""
+
+    batch_size = 4
+
+    def __call__(self, params, prompts, key, sampling):
+        tokens = np.array([[BASE + i, 0] for i in range(len(prompts))], np.int32)
+        return {'tokens': tokens, 'lengths': np.ones(len(prompts), np.int32)}
+
+
+BASE = 300
+
+
+def test_best_of_n_returns_the_reply_the_scorer_likes_best(tokenizer):
+    text = {i: tokenizer.decode([BASE + i]) for i in range(4)}
+    assert len(set(text.values())) == 4
+    value = {text[0]: 1.0, text[1]: 3.0, text[2]: -1.0, text[3]: 5.0}
+
+    def scorer(prompts, completions):
+        return np.array([value[c[0]['content']] for c in completions])
+
+    conversations = [[{'role': 'user', 'content': 'a'}], [{'role': 'user', 'content': 'b'}]]
+    picks, rewards = best_of_n(FakeSampler(), None, tokenizer, scorer, conversations, 3,
+                               jax.random.key(0), None)
+    # Conversation 0 gets rows 0-2 of the first batch, conversation 1 its row 3 and rows 0-1 of
+    # the next one.
+    np.testing.assert_array_equal(rewards, [[1.0, 3.0, -1.0], [5.0, 1.0, 3.0]])
+    assert picks == [text[1], text[3]]

@@ -236,7 +236,7 @@ def make_evaluate(config, trainer: ppo.PPO, tokenizer, prompts: list[prompts_dat
                     gold.append(prompt.gold(reply_text(tokenizer, row[:n])))
                 if mode == 'sampled':
                     rows = trainer.rollout_rows(padded, out['tokens'], lengths)
-                    scored = jax.device_get(trainer.score_fn()(
+                    scored = jax.device_get(trainer.score_fn(
                         state.actor.params, trainer.reference_params, state.critic.params,
                         trainer.reward_params, rows))
                     kl = ((scored['logp'] - scored['ref_logp']) * rows['mask']).sum(axis=1)

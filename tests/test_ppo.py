@@ -85,7 +85,7 @@ def test_scores_match_direct_forward_passes(trainer):
     rows = trainer.rollout_rows(list(prompts['tokens']), out['tokens'], out['lengths'])
     p = rows['tokens'].shape[1] - rows['mask'].shape[1] - 1
     assert p == 16 and rows['mask'].shape[1] in (8, 16)  # trimmed to the buckets
-    scored = trainer.score_fn()(state.actor.params, trainer.reference_params,
+    scored = trainer.score_fn(state.actor.params, trainer.reference_params,
                                  state.critic.params, reward_params, rows)
     logits = nnx.merge(actor_graphdef, state.actor.params)(
         rows['tokens'], rows['positions'], rows['segment_ids'])

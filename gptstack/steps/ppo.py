@@ -181,137 +181,133 @@ class PPO:
         self.minibatch_size = self.batch_size // config.minibatches
         if verifiable and judge is None:
             raise ValueError('the verifiable-reward mode needs a judge')
-        self._compiled: dict[tuple, Callable] = {}
+        # Each compiles once per rollout shape (a few prompt and response buckets).
+        self.score_fn = self._make_score()
+        self.advantages_fn = self._make_advantages()
+        self.update_fn = self._make_update()
 
-    # --- jitted pieces (one compilation per prompt bucket) ------------------------------------
     def _rows(self, size: int):
         return sharding.batch_sharding(self.mesh, self.rules, size)
 
-    def score_fn(self):
-        """Jitted `score(actor, reference, critic, reward params, rollout batch)`; it compiles
-        once per rollout shape (a few prompt and response buckets)."""
-        key = 'score'
-        if key not in self._compiled:
-            roles, mesh, rules, reward_id = self.roles, self.mesh, self.rules, self.reward_id
+    # --- the jitted pieces ----------------------------------------------------------------------
+    def _make_score(self):
+        """Jitted `score(actor, reference, critic, reward params, rollout batch)`."""
+        roles, mesh, rules, reward_id = self.roles, self.mesh, self.rules, self.reward_id
 
-            def score(actor_params, reference_params, critic_params, reward_params, batch):
-                with sharding.activation_sharding(mesh, rules):
-                    logp, _ = _response_log_probs(roles.actor, actor_params, batch)
-                    ref_logp, _ = _response_log_probs(roles.reference, reference_params, batch)
-                    values = _values(roles.critic, critic_params, batch)
-                    reward_model = nnx.merge(roles.reward, reward_params)
-                    score = read_at_token(reward_model(batch['tokens'], batch['positions'],
-                                                       batch['segment_ids']),
-                                          batch['tokens'], reward_id)
-                return {'logp': logp, 'ref_logp': ref_logp, 'values': values, 'rm_score': score}
+        def score(actor_params, reference_params, critic_params, reward_params, batch):
+            with sharding.activation_sharding(mesh, rules):
+                logp, _ = _response_log_probs(roles.actor, actor_params, batch)
+                ref_logp, _ = _response_log_probs(roles.reference, reference_params, batch)
+                values = _values(roles.critic, critic_params, batch)
+                reward_model = nnx.merge(roles.reward, reward_params)
+                score = read_at_token(reward_model(batch['tokens'], batch['positions'],
+                                                   batch['segment_ids']),
+                                      batch['tokens'], reward_id)
+            return {'logp': logp, 'ref_logp': ref_logp, 'values': values, 'rm_score': score}
 
-            self._compiled[key] = jax.jit(score)
-        return self._compiled[key]
+        return jax.jit(score)
 
-    def advantages_fn(self):
-        if 'advantages' not in self._compiled:
-            config, batch_size = self.config, self.batch_size
+    def _make_advantages(self):
+        """Jitted `advantages(state, scored, mask, score, truncated)`; donates the state."""
+        config, batch_size = self.config, self.batch_size
 
-            def advantages(state: PPOState, scored, mask_bn, score_b, truncated_b):
-                mask_bn = mask_bn.astype(jnp.float32)
-                kl_bn = losses.kl_penalty(scored['logp'], scored['ref_logp'],
-                                          config.kl_estimator) * mask_bn
-                stats = state.reward_stats
-                if config.normalize_reward:
-                    stats = stats.update(score_b)
-                    score_b = (score_b - stats.mean) / (stats.std + 1e-6)
-                score_b = score_b - config.truncated_penalty * truncated_b
-                lengths_b = mask_bn.sum(axis=1).astype(jnp.int32)
-                last_bn = jax.nn.one_hot(lengths_b - 1, mask_bn.shape[1]) * mask_bn
-                rewards_bn = -state.kl_coef * kl_bn + score_b[:, None] * last_bn
-                advantages_bn, returns_bn = rl.gae(rewards_bn, scored['values'], mask_bn,
-                                                   config.gamma, config.lam)
-                if config.whiten_advantages:
-                    advantages_bn = rl.whiten(advantages_bn, mask_bn)
-                kl_b = kl_bn.sum(axis=1)
-                kl_coef = state.kl_coef
-                if config.target_kl > 0:
-                    kl_coef = rl.adaptive_kl_coef(kl_coef, kl_b.mean(), config.target_kl,
-                                                  config.kl_horizon, batch_size)
-                values_bn = scored['values']
-                _, return_var = rl.masked_mean_var(returns_bn, mask_bn)
-                _, error_var = rl.masked_mean_var(returns_bn - values_bn, mask_bn)
-                metrics = {'kl': kl_b.mean(), 'kl_coef': state.kl_coef,
-                           'score': score_b.mean(),
-                           'non_score_reward': (-state.kl_coef * kl_b).mean(),
-                           'total_reward': rewards_bn.sum(axis=1).mean(),
-                           'explained_variance': 1.0 - error_var / jnp.maximum(return_var, 1e-8),
-                           'value_mean': jnp.sum(values_bn * mask_bn) / mask_bn.sum()}
-                state = state.replace(kl_coef=kl_coef, reward_stats=stats)
-                return state, advantages_bn, returns_bn, metrics
+        def advantages(state: PPOState, scored, mask_bn, score_b, truncated_b):
+            mask_bn = mask_bn.astype(jnp.float32)
+            kl_bn = losses.kl_penalty(scored['logp'], scored['ref_logp'],
+                                      config.kl_estimator) * mask_bn
+            stats = state.reward_stats
+            if config.normalize_reward:
+                stats = stats.update(score_b)
+                score_b = (score_b - stats.mean) / (stats.std + 1e-6)
+            score_b = score_b - config.truncated_penalty * truncated_b
+            lengths_b = mask_bn.sum(axis=1).astype(jnp.int32)
+            last_bn = jax.nn.one_hot(lengths_b - 1, mask_bn.shape[1]) * mask_bn
+            rewards_bn = -state.kl_coef * kl_bn + score_b[:, None] * last_bn
+            advantages_bn, returns_bn = rl.gae(rewards_bn, scored['values'], mask_bn,
+                                               config.gamma, config.lam)
+            if config.whiten_advantages:
+                advantages_bn = rl.whiten(advantages_bn, mask_bn)
+            kl_b = kl_bn.sum(axis=1)
+            kl_coef = state.kl_coef
+            if config.target_kl > 0:
+                kl_coef = rl.adaptive_kl_coef(kl_coef, kl_b.mean(), config.target_kl,
+                                              config.kl_horizon, batch_size)
+            values_bn = scored['values']
+            _, return_var = rl.masked_mean_var(returns_bn, mask_bn)
+            _, error_var = rl.masked_mean_var(returns_bn - values_bn, mask_bn)
+            metrics = {'kl': kl_b.mean(), 'kl_coef': state.kl_coef,
+                       'score': score_b.mean(),
+                       'non_score_reward': (-state.kl_coef * kl_b).mean(),
+                       'total_reward': rewards_bn.sum(axis=1).mean(),
+                       'explained_variance': 1.0 - error_var / jnp.maximum(return_var, 1e-8),
+                       'value_mean': jnp.sum(values_bn * mask_bn) / mask_bn.sum()}
+            state = state.replace(kl_coef=kl_coef, reward_stats=stats)
+            return state, advantages_bn, returns_bn, metrics
 
-            self._compiled['advantages'] = jax.jit(advantages, donate_argnums=0)
-        return self._compiled['advantages']
+        return jax.jit(advantages, donate_argnums=0)
 
-    def update_fn(self):
-        key = 'update'
-        if key not in self._compiled:
-            config, roles = self.config, self.roles
-            mesh, rules, tx_actor, tx_critic = self.mesh, self.rules, self.tx_actor, self.tx_critic
+    def _make_update(self):
+        """Jitted `update(state, minibatch, ptx_batch)`; donates the state."""
+        config, roles = self.config, self.roles
+        mesh, rules, tx_actor, tx_critic = self.mesh, self.rules, self.tx_actor, self.tx_critic
 
-            def update(state: PPOState, batch, ptx_batch):
-                mask_bn = batch['mask'].astype(jnp.float32)
-                count = jnp.maximum(mask_bn.sum(), 1.0)
+        def update(state: PPOState, batch, ptx_batch):
+            mask_bn = batch['mask'].astype(jnp.float32)
+            count = jnp.maximum(mask_bn.sum(), 1.0)
 
-                def actor_objective(params):
-                    logp, logits = _response_log_probs(roles.actor, params, batch)
-                    loss_sum, sums = losses.ppo_policy_loss(logp, batch['old_logp'],
-                                                            batch['advantages'], mask_bn,
-                                                            config.clip)
-                    entropy_sum = losses.entropy(logits, mask_bn)
-                    objective = (loss_sum - config.entropy_coef * entropy_sum) / count
-                    aux = {'policy_loss': loss_sum / count, 'entropy': entropy_sum / count,
-                           'clipfrac': sums['clipped'] / count,
-                           'approx_kl': sums['approx_kl'] / count}
-                    if config.ptx_coef > 0:
-                        ptx_sum, ptx_count = lm_loss(roles.actor, params, ptx_batch)
-                        aux['ptx_loss'] = ptx_sum / jnp.maximum(ptx_count, 1.0)
-                        objective = objective + config.ptx_coef * aux['ptx_loss']
-                    return objective, aux
+            def actor_objective(params):
+                logp, logits = _response_log_probs(roles.actor, params, batch)
+                loss_sum, sums = losses.ppo_policy_loss(logp, batch['old_logp'],
+                                                        batch['advantages'], mask_bn,
+                                                        config.clip)
+                entropy_sum = losses.entropy(logits, mask_bn)
+                objective = (loss_sum - config.entropy_coef * entropy_sum) / count
+                aux = {'policy_loss': loss_sum / count, 'entropy': entropy_sum / count,
+                       'clipfrac': sums['clipped'] / count,
+                       'approx_kl': sums['approx_kl'] / count}
+                if config.ptx_coef > 0:
+                    ptx_sum, ptx_count = lm_loss(roles.actor, params, ptx_batch)
+                    aux['ptx_loss'] = ptx_sum / jnp.maximum(ptx_count, 1.0)
+                    objective = objective + config.ptx_coef * aux['ptx_loss']
+                return objective, aux
 
-                def critic_objective(params):
-                    values = _values(roles.critic, params, batch)
-                    loss_sum, clipped = losses.ppo_value_loss(values, batch['old_values'],
-                                                              batch['returns'], mask_bn,
-                                                              config.value_clip)
-                    return loss_sum / count, {'value_loss': loss_sum / count,
-                                              'value_clipfrac': clipped / count}
+            def critic_objective(params):
+                values = _values(roles.critic, params, batch)
+                loss_sum, clipped = losses.ppo_value_loss(values, batch['old_values'],
+                                                          batch['returns'], mask_bn,
+                                                          config.value_clip)
+                return loss_sum / count, {'value_loss': loss_sum / count,
+                                          'value_clipfrac': clipped / count}
 
-                with sharding.activation_sharding(mesh, rules):
-                    (_, actor_aux), actor_grads = jax.value_and_grad(
-                        actor_objective, has_aux=True)(state.actor.params)
-                    (_, critic_aux), critic_grads = jax.value_and_grad(
-                        critic_objective, has_aux=True)(state.critic.params)
-                    actor_updates, actor_opt = tx_actor.update(actor_grads, state.actor.opt_state,
-                                                               state.actor.params)
-                    critic_updates, critic_opt = tx_critic.update(
-                        critic_grads, state.critic.opt_state, state.critic.params)
-                actor_norm, critic_norm = optax.tree.norm(actor_grads), optax.tree.norm(
-                    critic_grads)
-                finite = (jnp.isfinite(actor_norm) & jnp.isfinite(critic_norm)
-                          & jnp.isfinite(actor_aux['policy_loss'])
-                          & jnp.isfinite(critic_aux['value_loss']))
-                actor = keep_if_finite(finite, state.actor,
-                                       optax.apply_updates(state.actor.params, actor_updates),
-                                       actor_opt)
-                critic = keep_if_finite(finite, state.critic,
-                                        optax.apply_updates(state.critic.params, critic_updates),
-                                        critic_opt)
-                # One PPO iteration is one step: the counters advance once per iteration.
-                actor, critic = actor.replace(step=state.actor.step), critic.replace(
-                    step=state.critic.step)
-                metrics = {**actor_aux, **critic_aux, 'actor_grad_norm': actor_norm,
-                           'critic_grad_norm': critic_norm,
-                           'nonfinite': (~finite).astype(jnp.float32)}
-                return state.replace(actor=actor, critic=critic), metrics
+            with sharding.activation_sharding(mesh, rules):
+                (_, actor_aux), actor_grads = jax.value_and_grad(
+                    actor_objective, has_aux=True)(state.actor.params)
+                (_, critic_aux), critic_grads = jax.value_and_grad(
+                    critic_objective, has_aux=True)(state.critic.params)
+                actor_updates, actor_opt = tx_actor.update(actor_grads, state.actor.opt_state,
+                                                           state.actor.params)
+                critic_updates, critic_opt = tx_critic.update(
+                    critic_grads, state.critic.opt_state, state.critic.params)
+            actor_norm, critic_norm = optax.tree.norm(actor_grads), optax.tree.norm(
+                critic_grads)
+            finite = (jnp.isfinite(actor_norm) & jnp.isfinite(critic_norm)
+                      & jnp.isfinite(actor_aux['policy_loss'])
+                      & jnp.isfinite(critic_aux['value_loss']))
+            actor = keep_if_finite(finite, state.actor,
+                                   optax.apply_updates(state.actor.params, actor_updates),
+                                   actor_opt)
+            critic = keep_if_finite(finite, state.critic,
+                                    optax.apply_updates(state.critic.params, critic_updates),
+                                    critic_opt)
+            # One PPO iteration is one step: the counters advance once per iteration.
+            actor, critic = actor.replace(step=state.actor.step), critic.replace(
+                step=state.critic.step)
+            metrics = {**actor_aux, **critic_aux, 'actor_grad_norm': actor_norm,
+                       'critic_grad_norm': critic_norm,
+                       'nonfinite': (~finite).astype(jnp.float32)}
+            return state.replace(actor=actor, critic=critic), metrics
 
-            self._compiled[key] = jax.jit(update, donate_argnums=0)
-        return self._compiled[key]
+        return jax.jit(update, donate_argnums=0)
 
     def rollout_rows(self, prompts, responses: np.ndarray, lengths: np.ndarray) -> dict:
         """Rollout rows trimmed to buckets of `ROLLOUT_BUCKET` tokens: the prompt part to the
@@ -344,14 +340,14 @@ class PPO:
         start = time.perf_counter()
         rows = self.rollout_rows(prompts, out['tokens'], lengths)
         device_rows = {k: jax.device_put(v, self._rows(self.batch_size)) for k, v in rows.items()}
-        scored = self.score_fn()(state.actor.params, self.reference_params,
+        scored = self.score_fn(state.actor.params, self.reference_params,
                                  state.critic.params, self.reward_params, device_rows)
         last = out['tokens'][np.arange(len(lengths)), lengths - 1]
         truncated = (~np.isin(last, self.stop_ids)).astype(np.float32)
         judged = self.judge(prompt_batch, out['tokens'], lengths) if self.judge else {}
         score = (jnp.asarray(judged['reward'], jnp.float32) if self.verifiable
                  else scored['rm_score'])
-        state, advantages, returns, metrics = self.advantages_fn()(
+        state, advantages, returns, metrics = self.advantages_fn(
             state, scored, device_rows['mask'], score, jnp.asarray(truncated))
         host = jax.device_get({**rows, 'old_logp': scored['logp'],
                                'old_values': scored['values'], 'advantages': advantages,
@@ -359,7 +355,7 @@ class PPO:
         timings['score'] = time.perf_counter() - start
 
         start = time.perf_counter()
-        update = self.update_fn()
+        update = self.update_fn
         rng = np.random.default_rng(np.asarray(jax.random.key_data(shuffle_key)))
         updates = config.epochs * config.minibatches
         if config.ptx_coef > 0:

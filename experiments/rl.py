@@ -34,7 +34,7 @@ from gptstack.data import pretrain as pretrain_data
 from gptstack.data import prompts as prompts_data
 from gptstack.data.sources import DataError, SkipBudget, expand_paths, specs_from_config
 from gptstack.data.tokenizer import render_prompt
-from gptstack.metrics import MetricsWriter, read_metrics
+from gptstack.metrics import MetricsWriter, read_metrics, truncate_jsonl
 from gptstack.model import GPT, ScoreModel
 from gptstack.optim import make_optimizer
 from gptstack.sampling import Sampler, SamplingParams
@@ -176,8 +176,12 @@ def run(config, workdir: pathlib.Path) -> str:
             return trainer(state, batch['prompts'], key, batch['ptx'])
         return trainer(state, batch, key)
 
-    evaluate = make_evaluate(config, trainer, tokenizer, eval_prompts, max_prompt)
+    evaluate = make_evaluate(config, trainer, tokenizer, eval_prompts, max_prompt, workdir)
     writer = MetricsWriter(workdir, resume_step=latest)
+    if latest is None:
+        (workdir / HELD_OUT).unlink(missing_ok=True)
+    else:
+        truncate_jsonl(workdir / HELD_OUT, latest)
     if latest is None:  # the SFT policy: step 0 of the curves
         writer.write(0, evaluate(state))
     meta = {'model': dataclasses.asdict(actor_config), 'critic_model':
@@ -209,21 +213,30 @@ def ptx_dataset(config, workdir, tokenizer, ppo_config: ppo.PPOConfig):
                                             seed=config.seed)
 
 
+HELD_OUT = 'held_out.jsonl'
+
+
 def make_evaluate(config, trainer: ppo.PPO, tokenizer, prompts: list[prompts_data.Prompt],
-                  max_prompt: int):
-    """`evaluate(state)`: on the held-out prompts, the gold score of sampled and greedy replies
-    (mean and standard error), and of the sampled replies the reward-model score and the KL to
-    the reference (summed over each response)."""
+                  max_prompt: int, workdir: pathlib.Path):
+    """`evaluate(state)`: on the held-out prompts, the gold score of `eval.samples` sampled
+    replies per prompt (a prompt scores their mean) and of one greedy reply, each with its
+    standard error over prompts; for the sampled replies the reward-model score and the KL to
+    the reference (summed over each response). Every evaluation's per-prompt scores go to
+    `<workdir>/held_out.jsonl`, so the gain over the SFT policy (step 0) is paired over prompts:
+    the same prompts and the same random draws, far less noisy than two separate means."""
     chosen = prompts[:config.eval.prompts]
-    ids = [render_prompt(tokenizer, p.messages)[-max_prompt:] for p in chosen]
+    samples = config.eval.samples
+    rendered = [render_prompt(tokenizer, p.messages)[-max_prompt:] for p in chosen]
     sampler, size = trainer.sampler, trainer.batch_size
-    modes = {'sampled': SamplingParams(temperature=trainer.config.temperature),
-             'greedy': SamplingParams(temperature=0.0)}
+    modes = {'sampled': (SamplingParams(temperature=trainer.config.temperature), samples),
+             'greedy': (SamplingParams(temperature=0.0), 1)}
+    path = workdir / HELD_OUT
 
     def evaluate(state) -> dict:
         key = jax.random.fold_in(jax.random.key(config.seed + 1), 0)  # the same draws each time
-        metrics, kls, scores = {}, [], []
-        for mode, sampling in modes.items():
+        metrics, kls, scores, per_prompt = {}, [], [], {}
+        for mode, (sampling, n) in modes.items():
+            ids = [row for row in rendered for _ in range(n)]
             gold = []
             for start in range(0, len(ids), size):
                 chunk = ids[start:start + size]
@@ -231,9 +244,10 @@ def make_evaluate(config, trainer: ppo.PPO, tokenizer, prompts: list[prompts_dat
                 out = sampler(state.actor.params, padded, jax.random.fold_in(key, start),
                               sampling)
                 lengths = out['lengths'].astype(np.int32)
-                for prompt, row, n in zip(chosen[start:start + size], out['tokens'], lengths,
-                                          strict=False):
-                    gold.append(prompt.gold(reply_text(tokenizer, row[:n])))
+                for i, (row, length) in enumerate(zip(out['tokens'][:len(chunk)],
+                                                      lengths[:len(chunk)], strict=True)):
+                    gold.append(chosen[(start + i) // n].gold(reply_text(tokenizer,
+                                                                         row[:length])))
                 if mode == 'sampled':
                     rows = trainer.rollout_rows(padded, out['tokens'], lengths)
                     scored = jax.device_get(trainer.score_fn(
@@ -242,16 +256,32 @@ def make_evaluate(config, trainer: ppo.PPO, tokenizer, prompts: list[prompts_dat
                     kl = ((scored['logp'] - scored['ref_logp']) * rows['mask']).sum(axis=1)
                     kls += list(kl[:len(chunk)])
                     scores += list(scored['rm_score'][:len(chunk)])
-            if all(g is not None for g in gold):
-                gold = np.asarray(gold)
-                metrics[f'gold/{mode}'] = float(gold.mean())
-                metrics[f'gold/{mode}_stderr'] = float(gold.std(ddof=1) / math.sqrt(len(gold)))
-                for family in sorted({p.task.family for p in chosen if p.task}):
-                    mine = [p.task is not None and p.task.family == family for p in chosen]
-                    metrics[f'gold/{mode}/{family}'] = float(gold[np.asarray(mine)].mean())
+            if any(g is None for g in gold):
+                continue
+            gold = np.asarray(gold).reshape(len(chosen), n).mean(axis=1)
+            per_prompt[mode] = gold.tolist()
+            metrics[f'gold/{mode}'] = float(gold.mean())
+            metrics[f'gold/{mode}_stderr'] = float(gold.std(ddof=1) / math.sqrt(len(gold)))
+            for family in sorted({p.task.family for p in chosen if p.task}):
+                mine = np.asarray([p.task is not None and p.task.family == family
+                                   for p in chosen])
+                metrics[f'gold/{mode}/{family}'] = float(gold[mine].mean())
         metrics['val/kl'] = float(np.mean(kls))
         metrics['val/rm_score'] = float(np.mean(scores))
         metrics['val/rm_score_stderr'] = float(np.std(scores, ddof=1) / math.sqrt(len(scores)))
+        if per_prompt and jax.process_index() == 0:
+            step = int(state.step)
+            earlier = [json.loads(line) for line in path.read_text().splitlines()] \
+                if path.exists() else []
+            baseline = next((r for r in earlier if r['step'] == 0), None)
+            with open(path, 'a') as f:
+                f.write(json.dumps({'step': step, **per_prompt}) + '\n')
+            for mode, values in per_prompt.items():
+                if baseline is not None and step > 0:
+                    gain = np.asarray(values) - np.asarray(baseline[mode])
+                    metrics[f'gold/{mode}_gain'] = float(gain.mean())
+                    metrics[f'gold/{mode}_gain_stderr'] = float(
+                        gain.std(ddof=1) / math.sqrt(len(gain)))
         return metrics
 
     return evaluate
@@ -266,6 +296,12 @@ def write_report(workdir, config) -> str:
         if f'gold/{mode}' not in record:
             return 'n/a'
         return f'{record[f"gold/{mode}"]:.4f} ± {record[f"gold/{mode}_stderr"]:.4f}'
+
+    def gain(record, mode):
+        if f'gold/{mode}_gain' not in record:
+            return 'n/a'
+        mean, stderr = record[f'gold/{mode}_gain'], record[f'gold/{mode}_gain_stderr']
+        return f'{mean:+.4f} ± {stderr:.4f} ({mean / max(stderr, 1e-12):.1f} standard errors)'
 
     plots = [
         report.plot(records, {'reward-model score (train rollouts)': 'rm_score',
@@ -285,24 +321,28 @@ def write_report(workdir, config) -> str:
         ('policy from', config.init_from), ('reward model from', config.reward_from),
         ('reward', 'reward model' if config.rl.reward == 'model' else 'gold scorer (verifiable)'),
         ('iterations × rollouts', f'{last.get("step", 0)} × {config.data.batch_size}'),
-        ('held-out gold score, sampled: SFT → PPO', f'{score(first, "sampled")} → '
-                                                    f'{score(last, "sampled")}'),
+        (f'held-out gold score, sampled ({config.eval.samples} per prompt): SFT → PPO',
+         f'{score(first, "sampled")} → {score(last, "sampled")}'),
+        ('gain over the SFT policy, sampled (paired over prompts)', gain(last, 'sampled')),
         ('held-out gold score, greedy: SFT → PPO', f'{score(first, "greedy")} → '
                                                    f'{score(last, "greedy")}'),
+        ('gain over the SFT policy, greedy (paired over prompts)', gain(last, 'greedy')),
         ('held-out reward-model score: SFT → PPO', f'{first.get("val/rm_score", math.nan):.4f}'
                                                    f' → {last.get("val/rm_score", math.nan):.4f}'),
         ('KL of the final policy to the SFT model (nats per response)',
          f'{last.get("val/kl", math.nan):.3f}'),
     ]
     rows = [(r['step'], r.get('val/kl'), r.get('val/rm_score'), r.get('gold/sampled'),
-             r.get('gold/greedy')) for r in evals]
+             gain(r, 'sampled') if r['step'] else '', r.get('gold/greedy'))
+            for r in evals]
     families = sorted(k.split('/')[-1] for k in first if k.startswith('gold/sampled/'))
     family_rows = [(f, first[f'gold/sampled/{f}'], last.get(f'gold/sampled/{f}', math.nan))
                    for f in families]
     return report.write(workdir, 'PPO report', [
         ('Summary', report.table(['', ''], summary)),
         ('Held-out evaluations', report.table(
-            ['step', 'KL', 'reward-model score', 'gold (sampled)', 'gold (greedy)'], rows)),
+            ['step', 'KL', 'reward-model score', 'gold (sampled)', 'gain over SFT (paired)',
+             'gold (greedy)'], rows)),
         ('Held-out gold score by task family (sampled)', report.table(
             ['family', 'SFT', 'PPO'], family_rows) if family_rows else 'no gold scorer'),
         ('Curves', '\n\n'.join(f'![{p}]({p})' for p in plots)),

@@ -23,13 +23,13 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments import pretrain, reward, rl, sft, tokenizer
+from experiments import pipeline
 from gptstack.config import ConfigError
 from gptstack.data.sources import DataError
 from gptstack.loop import TrainingDivergedError
 
-STAGES = {'tokenizer': tokenizer.run, 'pretrain': pretrain.run, 'sft': sft.run,
-          'reward': reward.run, 'rl': rl.run}
+# Every stage, and the pipeline that runs them all in order.
+STAGES = {**pipeline.STAGES, 'pipeline': pipeline.run}
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Stage config: path.py[:args].',
                                           lock_config=True)

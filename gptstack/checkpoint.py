@@ -82,15 +82,21 @@ class Checkpointer:
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         return restored['state'], restored['meta']
 
-    def restore_params(self, step: int, abstract_params):
+    def restore_params(self, step: int, abstract_params, within: tuple[str, ...] = ()):
         """Restores only `state.params` (no optimizer state is read): for sampling, evaluation
-        and initialising a later stage. `abstract_params` carries the target shardings."""
+        and initialising a later stage. `abstract_params` carries the target shardings;
+        `within` names the train state holding them in a larger state (`('actor',)` for the
+        policy of a PPO checkpoint)."""
         item = {'params': abstract_params}
+        for name in reversed(within):
+            item = {name: item}
         restored = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.PyTreeRestore(
                 item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-                partial_restore=True)))
-        return restored['state']['params']
+                partial_restore=True)))['state']
+        for name in within:
+            restored = restored[name]
+        return restored['params']
 
     def read_meta(self, step: int) -> dict:
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))

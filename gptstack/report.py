@@ -23,6 +23,24 @@ def plot(records: list[dict], series: dict[str, str], path: str | os.PathLike, *
     """Draws `{label: metric key}` against `step` from metric records; returns the file name."""
     path = pathlib.Path(path)
     fig, ax = plt.subplots(figsize=(7, 4))
+    _curves(ax, records, series, title=title, ylabel=ylabel, hlines=hlines, logy=logy,
+            xlabel=xlabel, logx=logx)
+    return _save(fig, path)
+
+
+def panels(specs: Sequence[dict], path: str | os.PathLike, *, title: str) -> str:
+    """Several `plot`s side by side in one figure: each spec holds `plot`'s arguments
+    (`records`, `series`, `title`, `ylabel`, ...) but the path; returns the file name."""
+    path = pathlib.Path(path)
+    fig, axes = plt.subplots(1, len(specs), figsize=(4 * len(specs), 3.6), squeeze=False)
+    for ax, spec in zip(axes[0], specs, strict=True):
+        _curves(ax, **spec)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _curves(ax, records, series, *, title, ylabel, hlines=None, logy=False, xlabel='step',
+            logx=False) -> None:
     for label, key in series.items():
         points = [(r['step'], r[key]) for r in records
                   if isinstance(r.get(key), int | float)]
@@ -44,10 +62,27 @@ def plot(records: list[dict], series: dict[str, str], path: str | os.PathLike, *
     ax.grid(alpha=0.3)
     if len(series) > 1 or hlines:
         ax.legend(fontsize=8)
+
+
+def _save(fig, path: pathlib.Path) -> str:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path.name
+
+
+def bars(values: dict[str, float], errors: dict[str, float], path: str | os.PathLike, *,
+         title: str, ylabel: str) -> str:
+    """One bar per `{label: value}` with an error bar of `errors[label]`; returns the file
+    name."""
+    path = pathlib.Path(path)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    labels = list(values)
+    ax.bar(labels, [values[k] for k in labels], yerr=[errors.get(k, 0.0) for k in labels],
+           capsize=6, color='tab:blue', alpha=0.8)
+    ax.set(ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3, axis='y')
+    return _save(fig, path)
 
 
 def calibration_plot(predicted, observed, counts, path: str | os.PathLike, *, title: str,
@@ -62,10 +97,7 @@ def calibration_plot(predicted, observed, counts, path: str | os.PathLike, *, ti
     ax.set(xlabel=xlabel, ylabel='observed frequency', title=title, xlim=(0, 1), ylim=(0, 1))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc='upper left')
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return _save(fig, path)
 
 
 def histogram(series: dict[str, np.ndarray], path: str | os.PathLike, *, title: str,
@@ -80,10 +112,7 @@ def histogram(series: dict[str, np.ndarray], path: str | os.PathLike, *, title: 
     ax.set(xlabel=xlabel, ylabel='count', title=title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path.name
+    return _save(fig, path)
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence]) -> str:

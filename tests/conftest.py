@@ -69,33 +69,29 @@ def corpus(tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
-def base_workdir(corpus, tmp_path_factory):
+def pipeline_workdir(corpus, tmp_path_factory):
+    """The quick pipeline on `corpus`: every stage's workdir, the comparison and the report."""
+    from tests.runs import pipeline_command, run
+
+    workdir = tmp_path_factory.mktemp('pipeline')
+    result = run(pipeline_command(corpus, workdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir
+
+
+@pytest.fixture(scope='session')
+def base_workdir(pipeline_workdir):
     """A runlocal pretraining run with room for task conversations (96 tokens)."""
-    from tests.runs import SFT, command, run
-
-    workdir = tmp_path_factory.mktemp('base')
-    result = run(command(corpus, workdir, *SFT))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
+    return pipeline_workdir / 'pretrain'
 
 
 @pytest.fixture(scope='session')
-def sft_workdir(base_workdir, tmp_path_factory):
+def sft_workdir(pipeline_workdir):
     """A runlocal SFT run from `base_workdir`."""
-    from tests.runs import run, sft_command
-
-    workdir = tmp_path_factory.mktemp('sft')
-    result = run(sft_command(workdir, base_workdir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
+    return pipeline_workdir / 'sft'
 
 
 @pytest.fixture(scope='session')
-def reward_workdir(sft_workdir, tmp_path_factory):
+def reward_workdir(pipeline_workdir):
     """A runlocal reward-model run from `sft_workdir`."""
-    from tests.runs import reward_command, run
-
-    workdir = tmp_path_factory.mktemp('reward')
-    result = run(reward_command(workdir, sft_workdir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return workdir
+    return pipeline_workdir / 'reward'

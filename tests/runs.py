@@ -41,6 +41,15 @@ def rl_command(workdir, init_from, reward_from, *overrides):
             f'--config.reward_from={reward_from}', *overrides]
 
 
+def pipeline_command(corpus, workdir, *overrides):
+    """The quick pipeline on the test corpus: its stages are the same runs as `command`,
+    `sft_command` and `reward_command` make."""
+    return [sys.executable, '-m', 'experiments.run',
+            '--config=experiments/configs/pipeline.py:quick', f'--workdir={workdir}',
+            f'--config.pretrain.data.sources.code.paths={corpus / "code"}',
+            f'--config.pretrain.data.sources.prose.paths={corpus / "prose.jsonl"}', *overrides]
+
+
 def run(args, **kwargs):
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600, **kwargs)
 

@@ -4,7 +4,11 @@ Run: `python -m pytest -q tests/test_run_rl.py` (starts from the shared runlocal
 runs).
 """
 
+import json
 import signal
+import sys
+
+import numpy as np
 
 from tests.runs import metrics, rl_command, run, start_and_wait_for_checkpoint
 
@@ -33,9 +37,23 @@ def test_rl_smoke_run_reports_sft_and_ppo(sft_workdir, reward_workdir, tmp_path)
         assert key in train[-1], key
     report = (tmp_path / 'report.md').read_text()
     assert any(k.startswith('gold/sampled/') for k in records[0])  # by task family
-    for text in ('held-out gold score, sampled: SFT → PPO', 'reward_vs_kl.png',
-                 'KL of the final policy', 'Held-out gold score by task family'):
+    for text in ('held-out gold score, sampled (2 per prompt): SFT → PPO', 'reward_vs_kl.png',
+                 'KL of the final policy', 'Held-out gold score by task family',
+                 'gain over the SFT policy, sampled (paired over prompts)'):
         assert text in report, text
+    # The per-prompt scores behind the paired gain: 16 prompts, each the mean of 2 samples.
+    held_out = [json.loads(line) for line in (tmp_path / 'held_out.jsonl').read_text().split()]
+    assert [r['step'] for r in held_out] == [0, 2]
+    assert all(len(r['sampled']) == len(r['greedy']) == 16 for r in held_out)
+    final = records[-1]
+    gain = np.asarray(held_out[1]['sampled']) - np.asarray(held_out[0]['sampled'])
+    np.testing.assert_allclose(final['gold/sampled_gain'], gain.mean())
+    np.testing.assert_allclose(final['gold/sampled'], np.mean(held_out[1]['sampled']))
+    # The PPO policy samples like any stage's model.
+    sample = run([sys.executable, '-m', 'experiments.sample', f'--workdir={tmp_path}',
+                  '--chat'], input='What is 2 + 2?\n')
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    assert sample.stdout.startswith('assistant: ')
 
 
 def ptx(corpus):

@@ -69,8 +69,10 @@ def get_config(arg=None):
     config.mesh = common.mesh_config()
 
     config.eval = ml_collections.ConfigDict()
-    # Held-out prompts answered at every evaluation (sampled and greedy).
+    # Held-out prompts answered at every evaluation: `samples` sampled replies each (a prompt
+    # scores their mean) and one greedy reply.
     config.eval.prompts = 256
+    config.eval.samples = 4
 
     if arg.runlocal:
         config.data.train_prompts = 64
@@ -84,5 +86,6 @@ def get_config(arg=None):
         config.optim.warmup_steps = 1
         config.critic_optim.warmup_steps = 1
         config.eval.prompts = 16
+        config.eval.samples = 2
         config.rl.ptx.seq_len = 32
     return config

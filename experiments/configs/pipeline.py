@@ -1,0 +1,89 @@
+"""The main job: tokenizer -> pretraining -> SFT -> reward model -> PPO, then one report.
+
+COMMAND (the default: embedded data, no downloads; 2-core CPU, about an hour):
+  python -m experiments.run --config=experiments/configs/pipeline.py --workdir=workdirs/pipeline
+
+Each stage runs in `<workdir>/<stage>/` with the settings of its own config file
+(`experiments/configs/<stage>.py`), wired to the stage before it; `<workdir>/report.md` compares
+the base model (prompted few-shot), the SFT model, best-of-N with the reward model and the PPO
+policy on the same held-out task prompts. Re-running the command resumes: finished stages are
+skipped and an interrupted one continues from its checkpoint.
+
+Override any stage's field through its name: --config.pretrain.train.total_steps=3000,
+--config.rl.optim.lr=2e-5, --config.compare.prompts=1024.
+
+Args (after a colon):
+  quick   tiny models and a few steps per stage: the whole recipe in a couple of minutes (a
+          smoke test of every stage and the report; the numbers mean nothing);
+  large   a 124M-parameter GPT-2 and longer stages: for a real accelerator.
+"""
+
+import ml_collections
+
+from experiments.configs import common, pretrain, reward, rl, sft, tokenizer
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, quick=False, large=False)
+    if arg.quick and arg.large:
+        raise ValueError('pipeline config: choose one of quick and large')
+    config = ml_collections.ConfigDict()
+    config.stage = 'pipeline'
+    config.seed = 0
+    local = 'runlocal' if arg.quick else ''
+    config.pretrain = pretrain.get_config('size=gpt2-124m' if arg.large else local)
+    config.sft = sft.get_config(local)
+    config.reward = reward.get_config(local)
+    config.rl = rl.get_config(local)
+    # The tokenizer is trained on the pretraining mixture with the pretraining stage's settings.
+    config.tokenizer = tokenizer.get_config()
+    for field in ('vocab_size', 'max_lines'):
+        config.tokenizer.tokenizer[field] = config.pretrain.tokenizer.get_ref(field)
+    config.tokenizer.data.sources = config.pretrain.data.sources
+    for stage in ('tokenizer', 'pretrain', 'sft', 'reward', 'rl'):
+        config[stage].seed = config.get_ref('seed')
+
+    # The held-out comparison of base, SFT, best-of-N and PPO.
+    config.compare = ml_collections.ConfigDict()
+    config.compare.prompts = 512
+    # Replies per prompt at temperature 1 (a prompt's score is their mean; best-of-N picks
+    # among them).
+    config.compare.samples = 8
+    config.compare.best_of = 4
+    # Solved examples of the same task family in the base model's prompt.
+    config.compare.few_shot = 3
+    config.compare.max_new_tokens = config.rl.data.get_ref('max_new_tokens')
+    config.compare.batch_size = 64
+    # Prompts shown with every model's answer in the report.
+    config.compare.examples = 6
+
+    if arg.quick:
+        # Room for task conversations in the tiny model, and enough held-out prompts that some
+        # of its replies differ in gold score.
+        config.pretrain.data.seq_len = 96
+        config.sft.data.seq_len = 96
+        config.reward.data.validation_prompts = 48
+        config.compare.prompts = 16
+        config.compare.samples = 2
+        config.compare.best_of = 2
+        config.compare.few_shot = 1
+        config.compare.batch_size = 16
+        config.compare.examples = 2
+    if arg.large:
+        config.pretrain.data.seq_len = 1024
+        config.pretrain.data.batch_size = 256
+        config.pretrain.train.total_steps = 20_000
+        config.pretrain.optim.lr = 6e-4
+        config.pretrain.optim.warmup_steps = 1000
+        config.pretrain.tokenizer.vocab_size = 32_768
+        config.sft.data.seq_len = 512
+        config.sft.data.batch_size = 64
+        config.sft.train.total_steps = 2000
+        config.reward.data.train_prompts = 20_000
+        config.reward.data.batch_size = 64
+        config.reward.train.total_steps = 1000
+        config.rl.data.batch_size = 256
+        config.rl.train.total_steps = 500
+        config.compare.prompts = 2048
+        config.compare.batch_size = 256
+    return config

@@ -1,0 +1,94 @@
+"""The main job end to end: the quick pipeline's stages, comparison and report, re-running a
+finished pipeline, and a pipeline killed with `kill -9` in the middle of a stage."""
+
+import json
+import shutil
+
+from experiments.pipeline import COMPARISON, LEDGER, MODELS
+from tests.runs import metrics, pipeline_command, run, start_and_wait_for_checkpoint
+
+STAGES = ('tokenizer', 'pretrain', 'sft', 'reward', 'rl')
+
+
+def comparable(workdir):
+    """What must not change when a run is interrupted: every stage's training metrics but the
+    clocks, and the comparison but its wall time."""
+    def clock(key):
+        return 'time' in key or key.startswith('tokens_per_sec') or key == 'mfu'
+
+    stages = {stage: [{k: v for k, v in r.items() if not clock(k)}
+                      for r in metrics(workdir / stage)] for stage in STAGES[1:]}
+    comparison = json.loads((workdir / COMPARISON).read_text())
+    comparison.pop('seconds')
+    return stages, comparison
+
+
+def test_pipeline_runs_every_stage_into_one_report(pipeline_workdir):
+    ledger = json.loads((pipeline_workdir / LEDGER).read_text())
+    assert list(ledger) == list(STAGES)
+    for stage in STAGES:
+        assert (pipeline_workdir / stage / 'report.md').exists(), stage
+        assert (pipeline_workdir / stage / 'config.json').exists(), stage
+    for stage in STAGES[1:]:
+        assert any((pipeline_workdir / stage / 'checkpoints').iterdir()), stage
+    # One tokenizer through the whole lineage, and each stage starts from the one before it.
+    tokenizer = (pipeline_workdir / 'tokenizer' / 'tokenizer.model').read_bytes()
+    for stage in STAGES[1:]:
+        assert (pipeline_workdir / stage / 'tokenizer.model').read_bytes() == tokenizer, stage
+    configs = {s: json.loads((pipeline_workdir / s / 'config.json').read_text())
+               for s in STAGES}
+    assert configs['pretrain']['tokenizer']['path'] == str(
+        pipeline_workdir / 'tokenizer' / 'tokenizer.model')
+    assert configs['sft']['init_from'] == str(pipeline_workdir / 'pretrain')
+    assert configs['reward']['init_from'] == str(pipeline_workdir / 'sft')
+    assert configs['rl']['init_from'] == str(pipeline_workdir / 'sft')
+    assert configs['rl']['reward_from'] == str(pipeline_workdir / 'reward')
+
+    comparison = json.loads((pipeline_workdir / COMPARISON).read_text())
+    assert comparison['prompts'] == 16 and comparison['samples'] == 2
+    for model in MODELS:
+        entry = comparison['models'][model]
+        assert 0.0 <= entry['gold'] <= 1.0 and entry['gold_stderr'] >= 0.0, model
+    assert comparison['models']['ppo']['gain']['over'] == 'sft'
+    assert len(comparison['examples']) == 2
+    assert set(comparison['examples'][0]) == {'prompt', 'answer', *MODELS}
+
+    report = (pipeline_workdir / 'report.md').read_text()
+    for heading in ('## The stages', '## Gold score on the same held-out prompts',
+                    '## Gold score by task family', '## Reward model', '## PPO',
+                    '## The same prompts answered by each model'):
+        assert heading in report, heading
+    assert 'reward model: held-out pairwise accuracy' in report
+    assert 'KL of the final PPO policy to the SFT model' in report
+    for image in ('stages.png', 'gold.png'):
+        assert (pipeline_workdir / image).stat().st_size > 0
+
+
+def test_pipeline_killed_mid_stage_then_rerun_finishes_with_the_same_results(
+        pipeline_workdir, corpus, tmp_path):
+    # The first three stages as the uninterrupted run left them; the rest starts again.
+    workdir = tmp_path / 'pipeline'
+    shutil.copytree(pipeline_workdir, workdir)
+    for name in ('reward', 'rl'):
+        shutil.rmtree(workdir / name)
+    for name in (COMPARISON, 'report.md'):
+        (workdir / name).unlink()
+    ledger = json.loads((workdir / LEDGER).read_text())
+    (workdir / LEDGER).write_text(json.dumps({k: ledger[k] for k in STAGES[:3]}))
+
+    command = pipeline_command(corpus, workdir)
+    process = start_and_wait_for_checkpoint(command, workdir / 'reward', 1)
+    process.kill()
+    process.wait()
+    assert not (workdir / 'rl').exists()
+
+    rerun = run(command)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert 'stage sft finished earlier' in rerun.stderr
+    assert comparable(workdir) == comparable(pipeline_workdir)
+
+    # A finished pipeline re-run does no work and changes nothing.
+    again = run(command)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert 'stage rl finished earlier' in again.stderr
+    assert comparable(workdir) == comparable(pipeline_workdir)

@@ -35,20 +35,46 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Stage config: path.py
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory of this run (checkpoints, metrics, '
                                                 'report); re-running with it resumes.')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', os.environ.get('JAX_COORDINATOR_ADDRESS'),
+    'host:port of process 0 in a multi-process run (default $JAX_COORDINATOR_ADDRESS).')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', int(os.environ.get('JAX_NUM_PROCESSES', '1')),
+    'Processes in the run (default $JAX_NUM_PROCESSES, else 1; TPU pods and SLURM are detected).')
+_PROCESS_ID = flags.DEFINE_integer(
+    'process_id', int(os.environ.get('JAX_PROCESS_ID', '0')),
+    "This process's index (default $JAX_PROCESS_ID).")
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    'heartbeat_timeout', 100, 'Seconds without a heartbeat after which a process counts as dead '
+                              'and the others stop with an error.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 log = logging.getLogger('experiments.run')
 
 
 def maybe_initialize_distributed() -> None:
-    """Calls `jax.distributed.initialize()` when the environment is multi-process: a TPU pod
-    slice, a SLURM job with several tasks, or an explicit JAX coordinator address."""
+    """Joins the multi-controller runtime when the run has several processes: explicit flags
+    (`--num_processes`, `--process_id`, `--coordinator_address`, as `launch/local.py` passes
+    them), or an environment JAX recognises (a TPU pod slice, a SLURM job with several tasks).
+
+    A process that dies makes the others exit with an error once `--heartbeat_timeout` seconds
+    pass without its heartbeat, rather than wait in a collective forever."""
     env = os.environ
-    multi = (env.get('JAX_COORDINATOR_ADDRESS')
-             or ',' in env.get('TPU_WORKER_HOSTNAMES', '')
-             or int(env.get('SLURM_NTASKS', '1')) > 1)
-    if multi:
-        jax.distributed.initialize()
+    explicit = _NUM_PROCESSES.value > 1
+    detected = (',' in env.get('TPU_WORKER_HOSTNAMES', '')
+                or int(env.get('SLURM_NTASKS', '1')) > 1)
+    if not (explicit or detected):
+        return
+    kwargs = {'heartbeat_timeout_seconds': _HEARTBEAT_TIMEOUT.value}
+    if explicit:
+        if not _COORDINATOR.value:
+            raise app.UsageError('--num_processes > 1 needs --coordinator_address=host:port')
+        if not 0 <= _PROCESS_ID.value < _NUM_PROCESSES.value:
+            raise app.UsageError(f'--process_id={_PROCESS_ID.value}: expected 0 <= process_id < '
+                                 f'--num_processes={_NUM_PROCESSES.value}')
+        kwargs.update(coordinator_address=_COORDINATOR.value,
+                      num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    jax.distributed.initialize(**kwargs)
 
 
 def log_environment(config) -> None:

@@ -10,7 +10,9 @@ import logging
 import pathlib
 import time
 
-from gptstack import report
+import jax
+
+from gptstack import report, sharding
 from gptstack.data import sources
 from gptstack.data.tokenizer import SPECIAL_TOKENS, Tokenizer, train_tokenizer
 
@@ -47,11 +49,18 @@ def obtain(config, workdir: pathlib.Path) -> Tokenizer:
                              'which this workdir was trained with; use a new workdir')
     elif target.exists():
         return Tokenizer.load(target)
+    elif jax.process_count() > 1:  # process 0 trains it; the others read it from the workdir
+        if jax.process_index() == 0:
+            train_from_config(config)[0].save(target)
+        sharding.barrier('tokenizer trained')
+        return Tokenizer.load(target)
     else:
         tokenizer, stats = train_from_config(config)
         log.info('trained a %d-token tokenizer in %.1f s', tokenizer.vocab_size,
                  stats['train_seconds'])
-    tokenizer.save(target)
+    if jax.process_index() == 0:
+        tokenizer.save(target)
+    sharding.barrier('tokenizer saved')
     return tokenizer
 
 

@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 
@@ -77,9 +78,19 @@ class Checkpointer:
         """
         items = {'state': ocp.args.StandardRestore(abstract_state),
                  'meta': ocp.args.JsonRestore()}
-        if data_iterator is not None:
+        data_dir = self.path(step) / 'data'
+        own = data_dir / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+        if data_iterator is not None and own.exists():
             items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        if data_iterator is not None and not own.exists():
+            # Written by a run with another number of processes. Every process iterates the
+            # same global stream and keeps its rows of each batch
+            # (`gptstack.data.pretrain.process_rows`), so any process's state is every one's.
+            saved = sorted(data_dir.glob('process_0-of-*.json'))
+            if not saved:
+                raise FileNotFoundError(f'{data_dir} holds no data-iterator state')
+            data_iterator.set_state(json.loads(saved[0].read_text()))
         return restored['state'], restored['meta']
 
     def restore_params(self, step: int, abstract_params, within: tuple[str, ...] = ()):

@@ -221,4 +221,5 @@ class Sampler:
                 out['lengths'] = out['mask'].sum(axis=1)
                 return out
 
-        return jax.jit(generate)
+        # Outputs are small and replicated, so every process can read them (multi-host too).
+        return jax.jit(generate, out_shardings=sharding.replicated(mesh))

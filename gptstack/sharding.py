@@ -21,6 +21,7 @@ from collections.abc import Iterator, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -182,3 +183,9 @@ def global_batch(local: dict, batch_sharding: NamedSharding | dict[str, NamedSha
 
     return {k: jax.make_array_from_process_local_data(place(k), np.asarray(v))
             for k, v in local.items()}
+
+
+def barrier(name: str) -> None:
+    """Waits until every process of a multi-process run gets here (no-op on one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)

@@ -63,9 +63,9 @@ def losses(workdir):
     return {r['step']: (r['loss'], r['grad_norm']) for r in metrics(workdir) if 'loss' in r}
 
 
-def start_and_wait_for_checkpoint(args, workdir, step):
+def start_and_wait_for_checkpoint(args, workdir, step, **kwargs):
     process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, **kwargs)
     deadline = time.time() + 300
     while not (pathlib.Path(workdir) / 'checkpoints' / str(step)).is_dir():
         assert process.poll() is None, process.communicate()[1][-3000:]

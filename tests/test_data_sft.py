@@ -168,3 +168,14 @@ def test_training_stream_resumes_exactly(tokenizer):
     for a, b in zip(expected, [next(resumed) for _ in range(4)], strict=True):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_processes_split_the_same_global_batches(tokenizer):
+    examples = make_examples(tokenizer, n=30)
+    single = iter(sft.make_sft_dataset(examples, 64, 4, seed=0))
+    halves = [iter(sft.make_sft_dataset(examples, 64, 2, seed=0, process_index=i,
+                                        process_count=2)) for i in range(2)]
+    for _ in range(4):
+        whole, first, second = next(single), next(halves[0]), next(halves[1])
+        for key in whole:
+            np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), whole[key])

@@ -36,7 +36,7 @@ def get_config(arg=None):
     config.data.train = 'embedded:tasks'
     config.data.validation = 'embedded:tasks'
     config.data.train_prompts = 20_000
-    config.data.validation_prompts = 256
+    config.data.validation_prompts = 512
     # Rollouts (prompts) per PPO iteration, and the response budget.
     config.data.batch_size = 64
     config.data.max_new_tokens = 48
@@ -57,10 +57,10 @@ def get_config(arg=None):
     config.rl.ptx.batch_size = 8
     config.rl.ptx.cache_dir = ml_collections.config_dict.placeholder(str)
 
-    config.train = common.train_config(100, eval_every=25, sample_every=0,
+    config.train = common.train_config(100, eval_every=50, sample_every=0,
                                        checkpoint_every=25)
     # The actor's optimizer; the critic's below.
-    config.optim = common.optim_config(lr=1e-5, warmup_steps=5, weight_decay=0.0,
+    config.optim = common.optim_config(lr=1e-4, warmup_steps=5, weight_decay=0.0,
                                        end_lr_ratio=1.0)
     config.optim.total_steps = config.train.get_ref('total_steps')
     config.critic_optim = common.optim_config(lr=1e-4, warmup_steps=5, weight_decay=0.0,
@@ -71,7 +71,7 @@ def get_config(arg=None):
     config.eval = ml_collections.ConfigDict()
     # Held-out prompts answered at every evaluation: `samples` sampled replies each (a prompt
     # scores their mean) and one greedy reply.
-    config.eval.prompts = 256
+    config.eval.prompts = 512
     config.eval.samples = 4
 
     if arg.runlocal:

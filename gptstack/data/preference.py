@@ -34,7 +34,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import grain
 import numpy as np
 
-from gptstack.data.pretrain import deal_eval_rows
+from gptstack.data.pretrain import deal_eval_rows, process_rows
 from gptstack.data.sft import check_messages
 from gptstack.data.sources import DataError, SkipBudget, read_json_records
 from gptstack.data.tokenizer import Tokenizer, render_chat
@@ -264,13 +264,10 @@ def to_model_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 def make_preference_dataset(examples: list[dict], batch_size: int, *, seed: int,
                             process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """The infinite training stream of this process's comparisons, reshuffled every epoch."""
-    if len(examples) < process_count:
-        raise DataError(f'{len(examples)} comparisons cannot be shared by {process_count} '
-                        'processes')
-    dataset = grain.MapDataset.source(examples)[process_index::process_count]
-    return (dataset.shuffle(seed=seed).repeat().to_iter_dataset()
-            .batch(batch_size, drop_remainder=True).map(to_model_batch))
+    """The infinite training stream of comparisons, reshuffled every epoch: this process's
+    rows of each global batch (`gptstack.data.pretrain.process_rows`)."""
+    dataset = grain.MapDataset.source(examples).shuffle(seed=seed).repeat().to_iter_dataset()
+    return process_rows(dataset, batch_size, process_index, process_count).map(to_model_batch)
 
 
 def make_preference_eval_batches(examples: list[dict], batch_size: int, *, max_batches: int,

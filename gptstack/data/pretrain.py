@@ -82,7 +82,9 @@ def tokenize_source(spec: SourceSpec, tokenizer: Tokenizer, cache_dir: str | os.
     documents = [[tokenizer.eot_id, *ids] for start in range(0, len(texts), 1024)
                  for ids in tokenizer.encode_batch(texts[start:start + 1024])]
     train, val = split_train_val(documents, val_fraction, seed)
-    tmp = directory.with_name(directory.name + '.tmp')
+    # Several processes of one run may tokenize the same source at once into a shared cache:
+    # each writes its own temporary directory and the first to finish publishes it.
+    tmp = directory.with_name(f'{directory.name}.tmp{os.getpid()}')
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     meta = dict(name=spec.name, documents=len(documents), bytes=sum(len(t.encode()) for t in texts),
@@ -92,8 +94,13 @@ def tokenize_source(spec: SourceSpec, tokenizer: Tokenizer, cache_dir: str | os.
                 split='documents' if len(documents) >= MIN_DOCUMENTS_FOR_DOCUMENT_SPLIT
                 else 'document tails')
     (tmp / 'meta.json').write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)  # atomic: a crash mid-way leaves no half-written cache entry
+    if (directory / 'meta.json').exists():  # another process published the same entry
+        shutil.rmtree(tmp)
+    else:
+        try:
+            tmp.rename(directory)  # atomic: a crash mid-way leaves no half-written cache entry
+        except OSError:  # published by another process in the meantime
+            shutil.rmtree(tmp)
     if budget.skipped:
         log.warning('source %s: skipped %d malformed records %s', spec.name, budget.skipped,
                     dict(budget.by_reason))
@@ -147,14 +154,10 @@ class _TagSource:
         return {**row, 'source': np.int32(self.index)}
 
 
-def source_rows(path: str, seq_len: int, *, seed: int, index: int = 0, shuffle: bool = True,
-                process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """Rows of `seq_len + 1` tokens from one source's records, this process's share only."""
+def source_rows(path: str, seq_len: int, *, seed: int, index: int = 0,
+                shuffle: bool = True) -> grain.IterDataset:
+    """Rows of `seq_len + 1` tokens from one source's records."""
     records = grain.MapDataset.source(grain.sources.ArrayRecordDataSource([path]))
-    if len(records) < process_count:
-        raise DataError(f'{path}: {len(records)} records cannot be shared by {process_count} '
-                        'processes; use a larger corpus or fewer processes')
-    records = records[process_index::process_count]
     if shuffle:
         records = records.shuffle(seed=seed).repeat()  # a new order every epoch
     documents = records.map(_decode_record).to_iter_dataset()
@@ -179,15 +182,41 @@ def make_train_dataset(sources: list[TokenizedSource], seq_len: int, batch_size:
 
     Args:
         sources: tokenized sources; their `spec.weight`s are normalised to token shares.
+        process_index, process_count: this process's rows of each global batch (see
+            `process_rows`).
         keep_source: also return each row's source index as `source` (for inspection).
     """
-    streams = [source_rows(s.train_path, seq_len, seed=seed + i, index=i,
-                           process_index=process_index, process_count=process_count)
+    streams = [source_rows(s.train_path, seq_len, seed=seed + i, index=i)
                for i, s in enumerate(sources)]
     weights = [s.spec.weight for s in sources]
     mixed = streams[0] if len(streams) == 1 else grain.IterDataset.mix(streams, weights)
-    batches = mixed.batch(batch_size, drop_remainder=True)
+    batches = process_rows(mixed, batch_size, process_index, process_count)
     return batches if keep_source else batches.map(to_model_batch)
+
+
+class _Slice:
+    """Rows `start:start + size` of every array of a batch (picklable)."""
+
+    def __init__(self, start: int, size: int):
+        self.start, self.size = start, size
+
+    def __call__(self, batch: dict) -> dict:
+        return {k: v[self.start:self.start + self.size] for k, v in batch.items()}
+
+
+def process_rows(rows: grain.IterDataset, batch_size: int, process_index: int,
+                 process_count: int) -> grain.IterDataset:
+    """Batches of `batch_size` rows: this process's part of global batches of
+    `batch_size * process_count` rows.
+
+    Every process reads the same global stream and keeps its own slice of each batch, so the
+    global batches, and with them the losses, do not depend on how many processes share the
+    run, and a checkpoint resumes on any number of processes. Reading the whole stream costs a
+    host only the global batch's tokens (a few MB/s at pod scale), far below its I/O budget."""
+    batches = rows.batch(batch_size * process_count, drop_remainder=True)
+    if process_count == 1:
+        return batches
+    return batches.map(_Slice(process_index * batch_size, batch_size))
 
 
 def make_eval_batches(source: TokenizedSource, seq_len: int, batch_size: int, *,

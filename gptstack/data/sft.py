@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 import grain
 import numpy as np
 
-from gptstack.data.pretrain import deal_eval_rows
+from gptstack.data.pretrain import deal_eval_rows, process_rows
 from gptstack.data.sources import DataError, SkipBudget, read_json_records
 from gptstack.data.tokenizer import ROLES, Tokenizer, render_chat
 
@@ -138,14 +138,12 @@ def _pack(dataset: grain.IterDataset, seq_len: int, seed: int, shuffle: bool):
 
 def make_sft_dataset(examples: list[dict], seq_len: int, batch_size: int, *, seed: int,
                      process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
-    """The infinite, shuffled (each epoch), packed training stream of this process's share."""
-    if len(examples) < process_count:
-        raise DataError(f'{len(examples)} conversations cannot be shared by {process_count} '
-                        'processes')
-    dataset = grain.MapDataset.source(examples)[process_index::process_count]
+    """The infinite, shuffled (each epoch), packed training stream of this process's rows of
+    each global batch (`gptstack.data.pretrain.process_rows`)."""
+    dataset = grain.MapDataset.source(examples)
     dataset = dataset.shuffle(seed=seed).repeat().to_iter_dataset()
-    return _pack(dataset, seq_len, seed, shuffle=True).batch(
-        batch_size, drop_remainder=True).map(to_model_batch)
+    return process_rows(_pack(dataset, seq_len, seed, shuffle=True), batch_size, process_index,
+                        process_count).map(to_model_batch)
 
 
 def pack_in_order(examples: list[dict], seq_len: int) -> list[dict[str, np.ndarray]]:

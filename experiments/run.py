@@ -47,7 +47,13 @@ _PROCESS_ID = flags.DEFINE_integer(
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     'heartbeat_timeout', 100, 'Seconds without a heartbeat after which a process counts as dead '
                               'and the others stop with an error.')
-flags.mark_flags_as_required(['config', 'workdir'])
+_COMPILE_ONLY = flags.DEFINE_bool(
+    'compile_only', False, 'Compile the pretraining step for --topology ahead of time and print '
+                           'its memory per device, FLOPs and projected speed; train nothing.')
+_TOPOLOGY = flags.DEFINE_string('topology', None, 'TPU slice for --compile_only: v5p-256, '
+                                                  'v5e-64, v6e-256, v4-128 or v5p:4x4x8.')
+_MFU = flags.DEFINE_float('mfu', 0.4, 'Model FLOPs utilisation assumed by --compile_only.')
+flags.mark_flags_as_required(['config'])
 
 log = logging.getLogger('experiments.run')
 
@@ -77,6 +83,27 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize(**kwargs)
 
 
+def compile_only(config) -> int:
+    """Compiles the pretraining step for `--topology` and prints per-device memory, FLOPs and
+    the projected speed; exit code 1 when it does not fit the chip's memory."""
+    from gptstack import aot
+
+    if not _TOPOLOGY.value:
+        raise app.UsageError('--compile_only needs --topology (e.g. v5p-256, v5e-64, v6e-256)')
+    if config.stage == 'pipeline':
+        config = config.pretrain
+    if config.stage != 'pretrain':
+        log.error('--compile_only compiles the pretraining step; config.stage=%r', config.stage)
+        return 1
+    try:
+        report = aot.compile_pretrain_step(config, _TOPOLOGY.value, _MFU.value)
+    except ConfigError as error:
+        log.error('ConfigError: %s', error)
+        return 1
+    print(aot.describe(report), flush=True)
+    return 0 if report.fits else 1
+
+
 def log_environment(config) -> None:
     import flax
     import grain
@@ -97,6 +124,12 @@ def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     config = _CONFIG.value
+    if _COMPILE_ONLY.value:
+        # No TPU here: compile for one through libtpu's compile-only devices, alongside any
+        # other JAX process, without asking a (missing) metadata server about the machine.
+        for name, value in (('JAX_PLATFORMS', 'cpu'), ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1'),
+                            ('TPU_SKIP_MDS_QUERY', '1')):
+            os.environ.setdefault(name, value)
     maybe_initialize_distributed()
     logging.getLogger().setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     # orbax logs every file it writes through absl at INFO; keep its warnings only.
@@ -106,6 +139,10 @@ def main(argv) -> int:
     if config.stage not in STAGES:
         log.error('config.stage=%r: expected one of %s', config.stage, sorted(STAGES))
         return 1
+    if _COMPILE_ONLY.value:
+        return compile_only(config)
+    if not _WORKDIR.value:
+        raise app.UsageError('--workdir is required (except with --compile_only)')
     workdir = pathlib.Path(_WORKDIR.value).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     log_environment(config)

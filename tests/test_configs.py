@@ -24,6 +24,15 @@ def test_config_builds_typed_configs(name, arg):
     config = module.get_config(arg)
     assert module.__doc__.lstrip().split('\n')[0], 'every config opens with a docstring'
     assert 'COMMAND' in module.__doc__
+    if config.stage == 'pipeline':
+        for stage in ('tokenizer', 'pretrain', 'sft', 'reward', 'rl'):
+            assert config[stage].stage == stage
+            check_stage(config[stage])
+    else:
+        check_stage(config)
+
+
+def check_stage(config):
     if 'sources' in config.data:
         specs = specs_from_config(config.data.sources)
         assert abs(sum(s.weight for s in specs) - 1) < 1e-6 or len(specs) == 1
@@ -45,6 +54,20 @@ def test_overrides_follow_references():
     config.train.total_steps = 1234
     config.data.seq_len = 128
     assert config.optim.total_steps == 1234 and config.model.max_seq_len == 128
+
+
+def test_pipeline_overrides_reach_its_stages():
+    from experiments.configs import pipeline
+    config = pipeline.get_config()
+    config.seed = 7
+    config.pretrain.tokenizer.vocab_size = 2048
+    config.pretrain.data.sources.code.paths = 'corpus/*.txt'
+    assert all(config[s].seed == 7 for s in ('tokenizer', 'pretrain', 'sft', 'reward', 'rl'))
+    # The tokenizer stage trains what pretraining will use, on the same mixture.
+    assert config.tokenizer.tokenizer.vocab_size == 2048
+    assert config.tokenizer.data.sources.code.paths == 'corpus/*.txt'
+    with pytest.raises(ValueError, match='choose one of quick and large'):
+        pipeline.get_config('quick,large')
 
 
 def test_parse_arg():

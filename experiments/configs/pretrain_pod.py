@@ -27,7 +27,8 @@ from experiments.configs import common, pretrain
 RECIPES = {
     'llama-7b': (32_000, 2048, 3e-4, 250_000, 1),
     'llama-65b': (32_000, 2048, 1.5e-4, 350_000, 1),
-    'gpt3-175b': (50_257, 1536, 0.6e-4, 200_000, 8),
+    # GPT-3's 50,257 rounded up to a multiple of 128, so the vocabulary splits over 8 devices.
+    'gpt3-175b': (50_304, 1536, 0.6e-4, 200_000, 8),
 }
 
 

@@ -42,7 +42,7 @@ def test_rl_smoke_run_reports_sft_and_ppo(sft_workdir, reward_workdir, tmp_path)
                  'gain over the SFT policy, sampled (paired over prompts)'):
         assert text in report, text
     # The per-prompt scores behind the paired gain: 16 prompts, each the mean of 2 samples.
-    held_out = [json.loads(line) for line in (tmp_path / 'held_out.jsonl').read_text().split()]
+    held_out = [json.loads(line) for line in (tmp_path / 'held_out.jsonl').read_text().splitlines()]
     assert [r['step'] for r in held_out] == [0, 2]
     assert all(len(r['sampled']) == len(r['greedy']) == 16 for r in held_out)
     final = records[-1]
@@ -51,7 +51,7 @@ def test_rl_smoke_run_reports_sft_and_ppo(sft_workdir, reward_workdir, tmp_path)
     np.testing.assert_allclose(final['gold/sampled'], np.mean(held_out[1]['sampled']))
     # The PPO policy samples like any stage's model.
     sample = run([sys.executable, '-m', 'experiments.sample', f'--workdir={tmp_path}',
-                  '--chat'], input='What is 2 + 2?\n')
+                  '--chat', '--max_new_tokens=5'], input='What is 2 + 2?\n')
     assert sample.returncode == 0, sample.stderr[-3000:]
     assert sample.stdout.startswith('assistant: ')
 

@@ -158,6 +158,8 @@ def test_sft_smoke_run_reports_base_and_sft_gold_scores(base_workdir, sft_workdi
     assert base_chat.returncode != 0 and '--chat needs a finetuned workdir' in base_chat.stderr
 
 
+@pytest.mark.slow  # covered by the pretraining kill test (same loop and checkpoints), the SFT
+# iterator's resume test and the pipeline's kill test
 def test_sft_kill_9_then_resume_continues_exactly(base_workdir, tmp_path):
     reference = run(sft_command(tmp_path / 'reference', base_workdir, *LONG))
     assert reference.returncode == 0, reference.stderr[-3000:]

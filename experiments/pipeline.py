@@ -256,6 +256,10 @@ def stage_table(config, workdir: pathlib.Path, ledger: dict) -> list[tuple]:
     def minutes(stage):
         return f'{ledger[stage]["seconds"] / 60:.1f}'
 
+    def packed_tokens(data, steps):  # a language-model stage's steps x batch x sequence
+        return (f'{steps * data.batch_size * data.seq_len:,} tokens '
+                f'({steps} × {data.batch_size} × {data.seq_len})')
+
     rows = []
     pre, sft_c, rm, ppo = config.pretrain, config.sft, config.reward, config.rl
     sources = ', '.join(f'{name} {spec.weight:g}' for name, spec in pre.data.sources.items())
@@ -264,18 +268,14 @@ def stage_table(config, workdir: pathlib.Path, ledger: dict) -> list[tuple]:
                  minutes('tokenizer'), ''))
     records = read_metrics(workdir / 'pretrain')
     steps = _steps(records)
-    rows.append(('1 pretraining', f'mixture ({sources})',
-                 f'{steps * pre.data.batch_size * pre.data.seq_len:,} tokens '
-                 f'({steps} × {pre.data.batch_size} × {pre.data.seq_len})',
+    rows.append(('1 pretraining', f'mixture ({sources})', packed_tokens(pre.data, steps),
                  f'{n_params("pretrain", GPT):,}', f'lr {pre.optim.lr:g}', minutes('pretrain'),
                  _median(records, 'tokens_per_sec')))
     records = read_metrics(workdir / 'sft')
     steps = _steps(records)
     rows.append(('2 SFT', f'{sft_c.data.train_tasks:,} task conversations',
-                 f'{steps * sft_c.data.batch_size * sft_c.data.seq_len:,} tokens '
-                 f'({steps} × {sft_c.data.batch_size} × {sft_c.data.seq_len})',
-                 f'{n_params("sft", GPT):,}', f'lr {sft_c.optim.lr:g}', minutes('sft'),
-                 _median(records, 'tokens_per_sec')))
+                 packed_tokens(sft_c.data, steps), f'{n_params("sft", GPT):,}',
+                 f'lr {sft_c.optim.lr:g}', minutes('sft'), _median(records, 'tokens_per_sec')))
     records = read_metrics(workdir / 'reward')
     steps = _steps(records)
     rows.append(('3 reward model', f'{rm.data.train_prompts:,} prompts × '

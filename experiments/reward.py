@@ -245,6 +245,10 @@ def run(config, workdir: pathlib.Path) -> str:
     # Gold scores of the held-out groups that were kept (not all tied), when every one has them.
     val_gold = [c.gold for c in val_comparisons if c.pairs]
     val_gold = val_gold if all(g is not None for g in val_gold) else None
+    if not train_examples:
+        raise DataError(f'{train_paths}: no training comparison has a pair (of '
+                        f'{len(train_comparisons)}, {train_stats.all_tied} with all completions '
+                        'tied): nothing to learn from')
     if not val_examples:
         raise DataError(f'no held-out comparison has a pair (of {len(val_comparisons)})')
     processes, index = jax.process_count(), jax.process_index()

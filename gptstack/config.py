@@ -73,6 +73,10 @@ class GPTConfig:
     # Parameter storage dtype and activation/compute dtype; logits and softmax are always float32.
     param_dtype: str = 'float32'
     dtype: str = 'float32'
+    # The dtype of matmul inputs (None: `dtype`); products always accumulate in float32.
+    # bfloat16 matmuls with float32 activations is the fast policy on CPUs with bf16 matrix
+    # units, where elementwise bfloat16 work is slow; accelerators use `dtype='bfloat16'`.
+    matmul_dtype: str | None = None
     # Recompute each block's activations in the backward pass instead of storing them.
     remat: bool = False
 
@@ -99,7 +103,9 @@ class GPTConfig:
         _require(isinstance(self.d_ff, int) and self.d_ff > 0,
                  f'GPTConfig.d_ff={self.d_ff!r}: expected a positive integer')
         _require(self.norm_eps > 0, f'GPTConfig.norm_eps={self.norm_eps}: expected > 0')
-        for name in ('param_dtype', 'dtype'):
+        if self.matmul_dtype is None:
+            object.__setattr__(self, 'matmul_dtype', self.dtype)
+        for name in ('param_dtype', 'dtype', 'matmul_dtype'):
             _require(getattr(self, name) in DTYPES,
                      f'GPTConfig.{name}={getattr(self, name)!r}: expected one of {DTYPES}')
 

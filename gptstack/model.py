@@ -20,6 +20,8 @@ Notable features:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -95,32 +97,50 @@ def attention_mask(segment_ids_bt: Array) -> Array:
     return causal_ts[None] & same_segment_bts
 
 
-def dot_product_attention(q_bnth: Array, k_bksh: Array, v_bksh: Array, mask_bts: Array,
-                          cache: tuple[Array, Array, Array] | None = None) -> Array:
+def dot_product_attention(q_bnth: Array, keys: Sequence[Array], values: Sequence[Array],
+                          mask_bts: Array) -> Array:
     """Softmax attention with grouped-query heads (`N = K*G`); scores and softmax in float32.
 
+    Keys and values come as blocks `[B, K, S_i, H]` along the key axis (one block for a
+    sequence attending to itself; the KV cache's blocks when decoding), joined in one softmax:
+    the cache is read in place, never concatenated. `mask_bts` covers all `S = sum(S_i)` keys.
     Heads come before positions so that both matmuls are plain batched matmuls over (B, K)
     with the contracted dimension in place; the `G` query heads that share a key/value head are
-    stacked along the query axis. With `cache = (k_bkch, v_bkch, mask_btc)` the queries also
-    attend to `C` cached positions, in one softmax with the new keys: the cache is only read,
-    never copied, which is what makes step-by-step decoding fast.
+    stacked along the query axis.
     """
     b, n, t, h = q_bnth.shape
-    k, g = k_bksh.shape[1], n // k_bksh.shape[1]
+    k, g = keys[0].shape[1], n // keys[0].shape[1]
     q_bkqh = q_bnth.reshape(b, k, g * t, h) / math.sqrt(h)  # query index q = g*T + t
-    blocks = [(k_bksh, v_bksh, mask_bts)] + ([cache] if cache is not None else [])
-    scores = []
-    for keys_bksh, _, mask in blocks:
-        scores_bkqs = jnp.einsum('BKQH,BKSH->BKQS', q_bkqh, keys_bksh.astype(q_bkqh.dtype),
-                                 preferred_element_type=jnp.float32)
-        mask_b1qs = jnp.tile(mask[:, None], (1, 1, g, 1))
-        scores.append(jnp.where(mask_b1qs, scores_bkqs, jnp.finfo(jnp.float32).min))
-    probs = jax.nn.softmax(jnp.concatenate(scores, axis=-1), axis=-1).astype(v_bksh.dtype)
-    splits = np.cumsum([keys.shape[2] for keys, _, _ in blocks])[:-1]
-    out_bkqh = sum(jnp.einsum('BKQS,BKSH->BKQH', p_bkqs, values.astype(p_bkqs.dtype))
-                   for p_bkqs, (_, values, _) in zip(jnp.split(probs, splits, axis=-1), blocks,
-                                                     strict=True))
-    return out_bkqh.reshape(b, n, t, h)
+    scores_bkqs = jnp.concatenate([
+        jnp.einsum('BKQH,BKSH->BKQS', q_bkqh, keys_bksh.astype(q_bkqh.dtype),
+                   preferred_element_type=jnp.float32) for keys_bksh in keys], axis=-1)
+    mask_b1qs = jnp.tile(mask_bts[:, None], (1, 1, g, 1))
+    scores_bkqs = jnp.where(mask_b1qs, scores_bkqs, jnp.finfo(jnp.float32).min)
+    probs_bkqs = jax.nn.softmax(scores_bkqs, axis=-1).astype(q_bnth.dtype)
+    splits = np.cumsum([keys_bksh.shape[2] for keys_bksh in keys])[:-1]
+    out_bkqh = sum(jnp.einsum('BKQS,BKSH->BKQH', p_bkqs, values_bksh.astype(p_bkqs.dtype),
+                              preferred_element_type=jnp.float32)
+                   for p_bkqs, values_bksh in zip(jnp.split(probs_bkqs, splits, axis=-1), values,
+                                                  strict=True))
+    return out_bkqh.reshape(b, n, t, h).astype(q_bnth.dtype)
+
+
+class KVCache(NamedTuple):
+    """One layer's cached keys and values for decoding, in blocks `[B, K, S_i, H]` along the
+    slot axis. New tokens are written into the last block at slot `index` of that block;
+    earlier blocks are only read (a decoding loop carries just the block it writes)."""
+
+    keys: Sequence[Array]
+    values: Sequence[Array]
+    index: Array | int
+
+
+def matmul(spec: str, x: Array, weight: Array, dtype) -> Array:
+    """`einsum(spec, x, weight)` with both inputs in `dtype` (the config's `matmul_dtype`) and
+    float32 accumulation, returned in `x`'s dtype. Accumulating in float32 is both more accurate
+    and, on CPUs with bf16 matrix units, the fast path for bfloat16 inputs."""
+    return jnp.einsum(spec, x.astype(dtype), weight.astype(dtype),
+                      preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -139,20 +159,25 @@ class Attention(nnx.Module):
             self.v_bias_kh = _zeros((k, h), ('kv_heads', 'head_dim'), dtype)
             self.o_bias_d = _zeros((d,), ('embed',), dtype)
 
-    def __call__(self, x_btd: Array, positions_bt: Array, mask_btt: Array,
-                 cache: tuple[Array, Array, Array] | None = None):
-        """Attention of `T` tokens among themselves (`mask_btt`) and, when generating, also
-        over a cache `(k_bkch, v_bkch, mask_btc)` of earlier positions.
+    def __call__(self, x_btd: Array, positions_bt: Array, mask: Array,
+                 cache: KVCache | None = None):
+        """Attention of `T` tokens among themselves (`mask` `[B, T, T]`) or, when decoding, over a
+        `cache` into which their keys and values are written first (`mask` `[B, T, C]` over the
+        cache's `C` slots, theirs included).
 
         Returns:
-            `(y_btd, (k_bkth, v_bkth))`: the output and these tokens' keys and values (for the
-            caller's cache).
+            `(y_btd, kv)`: the output and either these tokens' keys and values `(k_bkth, v_bkth)`
+            (the start of a cache) or the updated `cache`.
         """
         c = self.config
         dtype = x_btd.dtype
-        q = jnp.einsum('BTD,DNH->BNTH', x_btd, self.q_weight_dnh[...].astype(dtype))
-        k = jnp.einsum('BTD,DKH->BKTH', x_btd, self.k_weight_dkh[...].astype(dtype))
-        v = jnp.einsum('BTD,DKH->BKTH', x_btd, self.v_weight_dkh[...].astype(dtype))
+        # Projections as plain (B*T, D) x (D, N*H) matmuls, then heads moved before positions
+        # (a free transpose when decoding one token): asking the matmul for heads-first output
+        # makes XLA transpose the weights instead, at every decoding step.
+        mm = c.matmul_dtype
+        q = matmul('BTD,DNH->BTNH', x_btd, self.q_weight_dnh[...], mm).transpose(0, 2, 1, 3)
+        k = matmul('BTD,DKH->BTKH', x_btd, self.k_weight_dkh[...], mm).transpose(0, 2, 1, 3)
+        v = matmul('BTD,DKH->BTKH', x_btd, self.v_weight_dkh[...], mm).transpose(0, 2, 1, 3)
         if c.use_bias:
             q = q + self.q_bias_nh[...].astype(dtype)[:, None]
             k = k + self.k_bias_kh[...].astype(dtype)[:, None]
@@ -163,11 +188,23 @@ class Attention(nnx.Module):
         q = constrain(q, ('batch', 'heads', 'seq', 'head_dim'))
         k = constrain(k, ('batch', 'kv_heads', 'seq', 'head_dim'))
         v = constrain(v, ('batch', 'kv_heads', 'seq', 'head_dim'))
-        out_bnth = dot_product_attention(q, k, v, mask_btt, cache)
-        y_btd = jnp.einsum('BNTH,NHD->BTD', out_bnth, self.o_weight_nhd[...].astype(dtype))
+        if cache is None:
+            kv = (k, v)
+            out_bnth = dot_product_attention(q, [k], [v], mask)
+        else:
+            at = (0, 0, cache.index, 0)
+            *keys, last_keys = cache.keys
+            *values, last_values = cache.values
+            keys.append(jax.lax.dynamic_update_slice(last_keys, k.astype(last_keys.dtype), at))
+            values.append(jax.lax.dynamic_update_slice(last_values, v.astype(last_values.dtype),
+                                                       at))
+            kv = KVCache(keys, values, cache.index)
+            out_bnth = dot_product_attention(q, keys, values, mask)
+        out_btnh = out_bnth.transpose(0, 2, 1, 3)
+        y_btd = matmul('BTNH,NHD->BTD', out_btnh, self.o_weight_nhd[...], mm)
         if c.use_bias:
             y_btd = y_btd + self.o_bias_d[...].astype(dtype)
-        return y_btd, (k, v)
+        return y_btd, kv
 
 
 class MLP(nnx.Module):
@@ -187,16 +224,16 @@ class MLP(nnx.Module):
 
     def __call__(self, x_btd: Array) -> Array:
         c, dtype = self.config, x_btd.dtype
-        h_btf = jnp.einsum('BTD,DF->BTF', x_btd, self.up_weight_df[...].astype(dtype))
+        h_btf = matmul('BTD,DF->BTF', x_btd, self.up_weight_df[...], c.matmul_dtype)
         if c.use_bias:
             h_btf = h_btf + self.up_bias_f[...].astype(dtype)
         if c.family == 'llama':
-            gate_btf = jnp.einsum('BTD,DF->BTF', x_btd, self.gate_weight_df[...].astype(dtype))
+            gate_btf = matmul('BTD,DF->BTF', x_btd, self.gate_weight_df[...], c.matmul_dtype)
             h_btf = jax.nn.silu(gate_btf) * h_btf
         else:
             h_btf = jax.nn.gelu(h_btf, approximate=True)
         h_btf = constrain(h_btf, ('batch', 'seq', 'mlp'))
-        y_btd = jnp.einsum('BTF,FD->BTD', h_btf, self.down_weight_fd[...].astype(dtype))
+        y_btd = matmul('BTF,FD->BTD', h_btf, self.down_weight_fd[...], c.matmul_dtype)
         if c.use_bias:
             y_btd = y_btd + self.down_bias_d[...].astype(dtype)
         return y_btd
@@ -211,10 +248,10 @@ class Block(nnx.Module):
         self.mlp_norm = make_norm(config)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x_btd: Array, positions_bt: Array, mask_btt: Array,
-                 cache: tuple[Array, Array, Array] | None = None):
-        """Returns `(x_btd, (k, v))`; see `Attention.__call__` for the cache."""
-        attn_btd, kv = self.attn(self.attn_norm(x_btd), positions_bt, mask_btt, cache)
+    def __call__(self, x_btd: Array, positions_bt: Array, mask: Array,
+                 cache: KVCache | None = None):
+        """Returns `(x_btd, kv)`; see `Attention.__call__` for the mask and the cache."""
+        attn_btd, kv = self.attn(self.attn_norm(x_btd), positions_bt, mask, cache)
         x_btd = x_btd + attn_btd
         x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
         return constrain(x_btd, ('batch', 'seq', 'embed')), kv
@@ -264,32 +301,48 @@ class Transformer(nnx.Module):
         x_btd, kv = jax.lax.scan(layer, x_btd, block_params)
         return self.final_norm(x_btd), kv
 
-    def decode(self, tokens_bt: Array, positions_bt: Array, cache: tuple[Array, Array],
-               cache_mask_bc: Array, cache_index: Array | int):
-        """Hidden states of `T` new tokens that attend causally to each other and to the cache
-        slots where `cache_mask_bc` is true; their keys and values are then written into the
-        cache `(k_lbkch, v_lbkch)` at `cache_index`.
+    def unstacked_blocks(self) -> list[Block]:
+        """The stacked blocks as one `Block` per layer (slices of the stacked parameters).
+
+        Decoding unrolls its layers over these, sliced once per generation call: a `scan` would
+        slice every layer's weights and KV cache out of the stacked arrays again at every token.
+        The matmul weights (`*_weight_*`) come in `matmul_dtype`, as every matmul uses them.
+        """
+        graphdef, state = nnx.split(self.blocks)
+        matmul_dtype = self.config.matmul_dtype
+
+        def layer_slice(path, x, i):
+            # Matmul weights are cast here, once, to the dtype every matmul casts them to.
+            x = x[i]
+            return x.astype(matmul_dtype) if '_weight_' in str(path[-1]) else x
+
+        layers = [jax.tree.map_with_path(lambda path, x, i=i: layer_slice(path, x, i), state)
+                  for i in range(self.config.n_layer)]
+        # The barrier makes these real arrays, here: otherwise XLA sinks the slicing into a
+        # loop that uses them and copies every weight again at each iteration.
+        return [nnx.merge(graphdef, state) for state in jax.lax.optimization_barrier(layers)]
+
+    def decode(self, tokens_bt: Array, positions_bt: Array, blocks: Sequence[Block],
+               caches: Sequence[KVCache], mask_btc: Array):
+        """Hidden states of `T` new tokens whose keys and values are written into every
+        layer's cache, and which attend to the cache slots where `mask_btc` is true (their own
+        included).
+
+        Args:
+            blocks: `unstacked_blocks()`.
+            caches: one `KVCache` per layer; only the blocks passed are read, so a caller
+                passes those that hold tokens so far.
+            mask_btc: `[B, T, C]` over the `C` slots of the cache blocks passed.
 
         Returns:
-            `(h_btd, updated cache)`.
+            `(h_btd, updated caches)`.
         """
         x_btd = self.embed(tokens_bt, positions_bt)
-        t = tokens_bt.shape[1]
-        mask_btt = jnp.broadcast_to(jnp.tril(jnp.ones((t, t), bool)), (tokens_bt.shape[0], t, t))
-        mask_btc = jnp.broadcast_to(cache_mask_bc[:, None], (*tokens_bt.shape,
-                                                             cache_mask_bc.shape[1]))
-        block_graphdef, block_params = nnx.split(self.blocks)
-
-        def layer(x_btd, params_and_cache):
-            params, k_bkch, v_bkch = params_and_cache
-            return nnx.merge(block_graphdef, params)(x_btd, positions_bt, mask_btt,
-                                                     (k_bkch, v_bkch, mask_btc))
-
-        x_btd, (k_lbkth, v_lbkth) = jax.lax.scan(layer, x_btd, (block_params, *cache))
-        at = (0, 0, 0, cache_index, 0)
-        cache = tuple(jax.lax.dynamic_update_slice(c, new.astype(c.dtype), at)
-                      for c, new in zip(cache, (k_lbkth, v_lbkth), strict=True))
-        return self.final_norm(x_btd), cache
+        updated = []
+        for block, cache in zip(blocks, caches, strict=True):
+            x_btd, cache = block(x_btd, positions_bt, mask_btc, cache)
+            updated.append(cache)
+        return self.final_norm(x_btd), updated
 
     def embed(self, tokens_bt: Array, positions_bt: Array) -> Array:
         c = self.config
@@ -320,20 +373,23 @@ class GPT(nnx.Module):
         h_btd, kv = self.transformer.prefill(tokens_bt, positions_bt, segment_ids_bt)
         return self.logits(h_btd), kv
 
-    def decode(self, tokens_bt: Array, positions_bt: Array, cache: tuple[Array, Array],
-               cache_mask_bc: Array, cache_index: Array | int):
-        """`(logits [B, T, V], updated cache)` of new tokens over a KV cache (generation)."""
-        h_btd, cache = self.transformer.decode(tokens_bt, positions_bt, cache, cache_mask_bc,
-                                               cache_index)
-        return self.logits(h_btd), cache
+    def decode(self, tokens_bt: Array, positions_bt: Array, blocks: Sequence[Block],
+               caches: Sequence[KVCache], mask_btc: Array):
+        """`(logits [B, T, V], updated caches)` of new tokens over a KV cache (generation); see
+        `Transformer.decode`."""
+        h_btd, caches = self.transformer.decode(tokens_bt, positions_bt, blocks, caches,
+                                                mask_btc)
+        return self.logits(h_btd), caches
 
     def logits(self, h_btd: Array) -> Array:
+        mm = self.config.matmul_dtype
         if self.config.tie_embeddings:
-            table_vd = self.transformer.token_embed_vd[...].astype(h_btd.dtype)
-            logits_btv = jnp.einsum('BTD,VD->BTV', h_btd, table_vd,
+            table_vd = self.transformer.token_embed_vd[...].astype(mm)
+            logits_btv = jnp.einsum('BTD,VD->BTV', h_btd.astype(mm), table_vd,
                                     preferred_element_type=jnp.float32)
         else:
-            logits_btv = jnp.einsum('BTD,DV->BTV', h_btd, self.lm_head_dv[...].astype(h_btd.dtype),
+            head_dv = self.lm_head_dv[...].astype(mm)
+            logits_btv = jnp.einsum('BTD,DV->BTV', h_btd.astype(mm), head_dv,
                                     preferred_element_type=jnp.float32)
         return constrain(logits_btv, ('batch', 'seq', 'vocab'))
 

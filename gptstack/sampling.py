@@ -1,4 +1,4 @@
-"""Generation: prefill a batch of prompts, then decode inside one jitted `lax.while_loop` with a
+"""Generation: prefill a batch of prompts, then decode inside jitted `lax.while_loop`s with a
 preallocated KV cache. It serves evaluation, chat, best-of-N and RL rollouts alike, with the same
 model code, dtypes and sharding as training.
 
@@ -8,10 +8,17 @@ model code, dtypes and sharding as training.
 - Temperature, top-k and top-p are traced arguments (changing them does not recompile);
   temperature 0 is greedy. One compiled program exists per (batch, prompt bucket, max new tokens).
 - Each row stops at its first stop token (kept, and scored); later slots are `pad` with mask 0.
-  The loop ends when every row has stopped or `max_new_tokens` is reached.
+  Decoding ends when every row has stopped or `max_new_tokens` is reached.
 - Returns per-token log-probabilities under the distribution actually sampled from (after
   temperature, top-k, top-p) and under the unmodified model (what PPO's ratios and KL use).
 - Randomness is `fold_in(key, decode step)`: the same key gives the same samples.
+
+Decoding a token reads every weight and the whole KV cache written so far, for a few small
+matmuls per layer, so its speed is set by memory traffic. Hence: the layers are unrolled over
+per-layer weights sliced (and cast to the matmul dtype) once per call; the cache is kept in
+blocks of `CACHE_BLOCK` slots with one decoding loop per block, so that a step reads only the
+blocks in use and writes its token in place; and tokens are drawn by inverting the cumulative
+distribution at one uniform number per row rather than with B×V Gumbel variates.
 """
 
 from __future__ import annotations
@@ -29,10 +36,12 @@ from jax.sharding import Mesh
 
 from gptstack import sharding
 from gptstack.config import GPTConfig
+from gptstack.model import KVCache
 
 log = logging.getLogger(__name__)
 Array = jax.Array
 PROMPT_BUCKET = 64
+CACHE_BLOCK = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,12 +69,16 @@ def filter_logits(logits_bv: Array, temperature: Array, top_k: Array, top_p: Arr
     scaled_bv = logits_bv / jnp.where(greedy, 1.0, temperature)
     vocab = logits_bv.shape[-1]
     # Sorting the vocabulary is the costly part: only do it when a filter is on.
-    needs_filter = greedy | ((top_k > 0) & (top_k < vocab)) | (top_p < 1)
-    return jax.lax.cond(needs_filter, _filtered_log_probs, lambda s, *_: jax.nn.log_softmax(s),
-                        scaled_bv, greedy, top_k, top_p)
+    needs_sort = ~greedy & (((top_k > 0) & (top_k < vocab)) | (top_p < 1))
+    threshold_b1 = jax.lax.cond(
+        needs_sort, _filter_threshold,
+        lambda s, *_: jnp.where(greedy, s.max(axis=-1, keepdims=True), -jnp.inf),
+        scaled_bv, top_k, top_p)
+    return jax.nn.log_softmax(jnp.where(scaled_bv >= threshold_b1, scaled_bv, -jnp.inf), axis=-1)
 
 
-def _filtered_log_probs(scaled_bv: Array, greedy: Array, top_k: Array, top_p: Array) -> Array:
+def _filter_threshold(scaled_bv: Array, top_k: Array, top_p: Array) -> Array:
+    """`[B, 1]`: the smallest logit that survives top-k and top-p."""
     batch, vocab = scaled_bv.shape
     sorted_bv = jnp.sort(scaled_bv, axis=-1)[:, ::-1]
     k = jnp.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
@@ -73,13 +86,43 @@ def _filtered_log_probs(scaled_bv: Array, greedy: Array, top_k: Array, top_p: Ar
     # Nucleus: keep a sorted token when the mass strictly before it is still below top_p.
     probs_sorted_bv = jax.nn.softmax(sorted_bv, axis=-1)
     mass_before_bv = jnp.cumsum(probs_sorted_bv, axis=-1) - probs_sorted_bv
-    keep_sorted_bv = mass_before_bv < top_p
-    last_kept_b = jnp.sum(keep_sorted_bv, axis=-1, keepdims=True) - 1
-    nucleus_b1 = jnp.take_along_axis(sorted_bv, last_kept_b, axis=-1)
-    threshold_b1 = jnp.maximum(kth_b1, nucleus_b1)
-    threshold_b1 = jnp.where(greedy, sorted_bv[:, :1], threshold_b1)
-    masked_bv = jnp.where(scaled_bv >= threshold_b1, scaled_bv, -jnp.inf)
-    return jax.nn.log_softmax(masked_bv, axis=-1)
+    last_kept_b1 = jnp.sum(mass_before_bv < top_p, axis=-1, keepdims=True) - 1
+    nucleus_b1 = jnp.take_along_axis(sorted_bv, last_kept_b1, axis=-1)
+    return jnp.maximum(kth_b1, nucleus_b1)
+
+
+def sample_tokens(key: Array, log_probs_bv: Array, chunk: int = 128) -> Array:
+    """`[B]` int32: one token per row drawn from `exp(log_probs_bv)`, by inverting the
+    cumulative distribution at one uniform number per row.
+
+    Exact like the Gumbel-max trick, but it draws B random numbers instead of B×V, which
+    makes it several times cheaper at every decoding step. The inversion runs in two levels,
+    first over chunks of `chunk` tokens and then within the chosen chunk, so it needs no
+    running sum over the whole vocabulary. A token (or chunk) of probability 0 is never drawn:
+    one is chosen only where the cumulative sum steps over the uniform number.
+    """
+    batch, vocab = log_probs_bv.shape
+    n_chunks = -(-vocab // chunk)
+    probs_bv = jnp.pad(jnp.exp(log_probs_bv), ((0, 0), (0, n_chunks * chunk - vocab)))
+    probs_bgc = probs_bv.reshape(batch, n_chunks, chunk)
+    mass_bg = probs_bgc.sum(axis=-1)
+    u_b1 = jax.random.uniform(key, (batch, 1)) * mass_bg.sum(axis=-1, keepdims=True)
+    group_b, rest_b1 = _invert_cdf(mass_bg, u_b1)
+    probs_bc = jnp.take_along_axis(probs_bgc, group_b[:, None, None], axis=1)[:, 0]
+    within_b, _ = _invert_cdf(probs_bc, rest_b1)
+    return (group_b * chunk + within_b).astype(jnp.int32)
+
+
+def _invert_cdf(mass_bn: Array, u_b1: Array) -> tuple[Array, Array]:
+    """The index `i` per row with `cdf[i-1] <= u < cdf[i]` (cdf: the running sum of the
+    non-negative `mass_bn`), and `u - cdf[i-1]`. When rounding puts `u` at or past the total,
+    the last index of non-zero mass is returned."""
+    cdf_bn = jnp.cumsum(mass_bn, axis=-1)
+    index_b = jnp.sum(cdf_bn <= u_b1, axis=-1)
+    last_b = jnp.max(jnp.where(mass_bn > 0, jnp.arange(mass_bn.shape[-1]), 0), axis=-1)
+    index_b = jnp.minimum(index_b, last_b)
+    before_b1 = jnp.take_along_axis(cdf_bn - mass_bn, index_b[:, None], axis=-1)
+    return index_b, jnp.maximum(u_b1 - before_b1, 0.0)
 
 
 class Sampler:
@@ -153,14 +196,16 @@ class Sampler:
     def _build(self, prompt_len: int):
         graphdef, mesh, rules = self.graphdef, self.mesh, self.rules
         n_new, stop_ids, pad_id = self.max_new_tokens, jnp.asarray(self.stop_ids), self.pad_id
-        total = prompt_len + n_new
+        block = CACHE_BLOCK
+        slots = block * math.ceil((prompt_len + n_new) / block)
 
         def generate(params, tokens_bp, lengths_b, key, temperature, top_k, top_p):
             with sharding.activation_sharding(mesh, rules):
                 model = nnx.merge(graphdef, params)
+                layers = model.transformer.unstacked_blocks()
                 batch = tokens_bp.shape[0]
                 pad_b = prompt_len - lengths_b
-                slots_c = jnp.arange(total)
+                slots_c = jnp.arange(slots)
                 # Cache slots holding real tokens: the prompt after its padding, then everything
                 # generated (written at slot prompt_len + step - 1 by decode step `step`).
                 valid_bc = slots_c[None, :] >= pad_b[:, None]
@@ -168,16 +213,25 @@ class Sampler:
                 segment_ids_bp = valid_bc[:, :prompt_len].astype(jnp.int32)
                 logits_bpv, (k_lbkph, v_lbkph) = model.prefill(tokens_bp, positions_bp,
                                                                segment_ids_bp)
-                # The cache: the prompt's keys/values followed by room for n_new tokens.
-                cache = tuple(sharding.constrain(
-                    jnp.pad(kv, ((0, 0), (0, 0), (0, 0), (0, n_new), (0, 0))),
-                    (None, 'batch', 'kv_heads', 'seq', 'head_dim')) for kv in (k_lbkph, v_lbkph))
+                # The cache, per layer: keys and values in blocks of `block` slots. Blocks before
+                # the one being written are only read; the prompt fills the first ones.
+                first_block = prompt_len // block
+                blocks_bkch = ('batch', 'kv_heads', 'seq', 'head_dim')
+
+                def blocks_of(kv_bkph):
+                    room = (first_block + 1) * block - prompt_len
+                    kv_bkch = jnp.pad(kv_bkph, ((0, 0), (0, 0), (0, room), (0, 0)))
+                    return [sharding.constrain(b, blocks_bkch)
+                            for b in jnp.split(kv_bkch, first_block + 1, axis=2)]
+
+                prompt_cache = [(blocks_of(k_lbkph[i]), blocks_of(v_lbkph[i]))
+                                for i in range(len(layers))]
+                full = [(keys[:-1], values[:-1]) for keys, values in prompt_cache]
+                current = [(keys[-1], values[-1]) for keys, values in prompt_cache]
 
                 def pick(logits_bv, step):
                     log_probs_bv = filter_logits(logits_bv, temperature, top_k, top_p)
-                    step_key = jax.random.fold_in(key, step)
-                    token_b = jax.random.categorical(step_key, log_probs_bv, axis=-1)
-                    token_b = token_b.astype(jnp.int32)
+                    token_b = sample_tokens(jax.random.fold_in(key, step), log_probs_bv)
                     sampled_lp = jnp.take_along_axis(log_probs_bv, token_b[:, None], -1)[:, 0]
                     model_lp = jnp.take_along_axis(jax.nn.log_softmax(logits_bv, axis=-1),
                                                    token_b[:, None], -1)[:, 0]
@@ -196,28 +250,49 @@ class Sampler:
                     return {k: out[k].at[:, step].set(values[k]) for k in out}
 
                 token_b, sampled_lp, model_lp = pick(logits_bpv[:, -1], 0)
-                live_b = jnp.ones((batch,), bool)
-                out = record(out, 0, token_b, sampled_lp, model_lp, live_b)
+                out = record(out, 0, token_b, sampled_lp, model_lp, jnp.ones((batch,), bool))
                 done_b = jnp.isin(token_b, stop_ids)
 
-                def cond(carry):
-                    step, _, done_b, _, _ = carry
-                    return (step < n_new) & ~jnp.all(done_b)
+                def decode_loop(carry, full, block_index, end_step):
+                    """Decode steps up to `end_step` whose token goes into cache block
+                    `block_index` (carried and written); earlier blocks (`full`) are only
+                    read, and later ones not at all."""
+                    visible = (block_index + 1) * block
 
-                def body(carry):
-                    step, token_b, done_b, cache, out = carry
-                    slot = prompt_len + step - 1  # where the previous token is written
-                    cache_mask_bc = valid_bc & (slots_c[None, :] < slot)
-                    position_b1 = (lengths_b + step - 1)[:, None]
-                    logits_b1v, cache = model.decode(token_b[:, None], position_b1, cache,
-                                                     cache_mask_bc, slot)
-                    next_b, sampled_lp, model_lp = pick(logits_b1v[:, 0], step)
-                    out = record(out, step, next_b, sampled_lp, model_lp, ~done_b)
-                    done_b = done_b | jnp.isin(next_b, stop_ids)
-                    return step + 1, next_b, done_b, cache, out
+                    def cond(carry):
+                        step, _, done_b, _, _ = carry
+                        return (step < end_step) & ~jnp.all(done_b)
 
-                carry = (jnp.int32(1), token_b, done_b, cache, out)
-                _, _, _, _, out = jax.lax.while_loop(cond, body, carry)
+                    def body(carry):
+                        step, token_b, done_b, current, out = carry
+                        slot = prompt_len + step - 1  # where the previous token is written
+                        mask_bc = valid_bc[:, :visible] & (slots_c[None, :visible] <= slot)
+                        position_b1 = (lengths_b + step - 1)[:, None]
+                        caches = [KVCache([*keys, k_bkch], [*values, v_bkch],
+                                          slot - block_index * block)
+                                  for (keys, values), (k_bkch, v_bkch) in zip(full, current)]
+                        logits_b1v, caches = model.decode(token_b[:, None], position_b1, layers,
+                                                          caches, mask_bc[:, None])
+                        current = [(c.keys[-1], c.values[-1]) for c in caches]
+                        next_b, sampled_lp, model_lp = pick(logits_b1v[:, 0], step)
+                        out = record(out, step, next_b, sampled_lp, model_lp, ~done_b)
+                        done_b = done_b | jnp.isin(next_b, stop_ids)
+                        return step + 1, next_b, done_b, current, out
+
+                    return jax.lax.while_loop(cond, body, carry)
+
+                # One loop per cache block, so that a step reads only the blocks in use: decoding
+                # is bound by reading the cache, which fills up as generation proceeds.
+                step, block_index = jnp.int32(1), first_block
+                while block_index * block - prompt_len + 1 < n_new:
+                    end_step = min(n_new, (block_index + 1) * block - prompt_len + 1)
+                    step, token_b, done_b, current, out = decode_loop(
+                        (step, token_b, done_b, current, out), full, block_index, end_step)
+                    full = [([*keys, k_bkch], [*values, v_bkch])
+                            for (keys, values), (k_bkch, v_bkch) in zip(full, current)]
+                    empty = sharding.constrain(jnp.zeros_like(current[0][0]), blocks_bkch)
+                    current = [(empty, empty)] * len(layers)
+                    block_index += 1
                 out['lengths'] = out['mask'].sum(axis=1)
                 return out
 

@@ -36,6 +36,13 @@ def test_llama_ffn_width_follows_the_paper():
     assert GPTConfig.preset('gpt3-175b').d_ff == 4 * 12288
 
 
+def test_matmul_dtype_defaults_to_the_compute_dtype():
+    assert GPTConfig.preset('toy').matmul_dtype == 'float32'
+    assert GPTConfig.preset('toy', dtype='bfloat16').matmul_dtype == 'bfloat16'
+    mixed = GPTConfig.preset('toy', matmul_dtype='bfloat16')
+    assert (mixed.dtype, mixed.matmul_dtype) == ('float32', 'bfloat16')
+
+
 def test_every_preset_builds():
     for name in PRESETS:
         config = GPTConfig.preset(name)
@@ -48,6 +55,7 @@ def test_every_preset_builds():
     (dict(family='bert'), "GPTConfig.family='bert': expected one of ('gpt', 'llama')"),
     (dict(n_layer=0), 'GPTConfig.n_layer=0: expected a positive integer'),
     (dict(dtype='float16'), "GPTConfig.dtype='float16': expected one of"),
+    (dict(matmul_dtype='int8'), "GPTConfig.matmul_dtype='int8': expected one of"),
     (dict(d_model=100, n_head=4, family='llama'), 'RoPE needs an even head_dim'),
 ])
 def test_bad_model_configs_name_the_field(overrides, message):

@@ -1,6 +1,7 @@
 """Model properties: causality, documents, heads: `python -m pytest -q tests/test_model.py`."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -92,3 +93,27 @@ def test_rope_preserves_norm_and_relative_positions():
         return float(jnp.sum(qm * kn))
 
     np.testing.assert_allclose(dot(5, 2), dot(13, 10), rtol=1e-5)
+
+
+def dot_generals(jaxpr):
+    """Every `dot_general` in a jaxpr, nested ones (scan bodies) included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == 'dot_general':
+            yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from dot_generals(sub)
+
+
+@pytest.mark.parametrize('preset', FAMILIES)
+def test_mixed_policy_matmuls_take_bfloat16_and_accumulate_in_float32(preset):
+    with nnx.use_eager_sharding(False):
+        model = gpt_model.GPT(GPTConfig.preset(preset, matmul_dtype='bfloat16'),
+                              rngs=nnx.Rngs(0))
+    jaxpr = jax.make_jaxpr(lambda tokens: model(tokens))(jnp.ones((2, 8), jnp.int32)).jaxpr
+    kinds = [(str(e.invars[0].aval.dtype), str(e.invars[1].aval.dtype),
+              str(e.params['preferred_element_type'])) for e in dot_generals(jaxpr)]
+    matmuls = 7 if preset == 'toy' else 8  # q, k, v, o, MLP (2 or 3), LM head
+    assert kinds.count(('bfloat16', 'bfloat16', 'float32')) == matmuls
+    # Attention scores and values stay in the (float32) compute dtype.
+    assert kinds.count(('float32', 'float32', 'float32')) == 2
+    assert len(kinds) == matmuls + 2

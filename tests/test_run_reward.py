@@ -29,7 +29,7 @@ HH = ROOT.parent / 'shared' / 'data' / 'hh_rlhf_harmless_base' / 'test.jsonl.gz'
 def test_reward_smoke_run_makes_comparisons_and_reports(sft_workdir, reward_workdir):
     comparisons = [json.loads(line) for line in
                    (reward_workdir / 'comparisons' / 'train.jsonl').read_text().splitlines()]
-    assert len(comparisons) == 32
+    assert len(comparisons) == 128
     assert all(len(c['completions']) == len(c['ranking']) == len(c['gold']) == 4
                for c in comparisons)
     records = metrics(reward_workdir)
@@ -108,6 +108,15 @@ def test_bad_comparison_files_fail_before_training(sft_workdir, tmp_path):
     assert 'use embedded:tasks for both or for neither' in result.stderr
     result = run(reward_command(tmp_path / 'c', ''))
     assert 'init_from: name the SFT workdir to start the reward model from' in result.stderr
+    # Comparisons whose completions all tie teach nothing: a clear error, not an empty stream.
+    tied = tmp_path / 'tied.jsonl'
+    record = preference.k_way_record([{'role': 'user', 'content': 'p'}], ['a', 'b'], [0, 0])
+    tied.write_text((json.dumps(record) + '\n') * 5)
+    result = run(reward_command(tmp_path / 'd', sft_workdir, f'--config.data.train={tied}',
+                                '--config.data.validation='))
+    assert result.returncode == 1
+    assert (f'{tied}: no training comparison has a pair (of 4, 4 with all completions tied)'
+            in result.stderr), result.stderr[-2000:]
 
 
 @pytest.mark.skipif(not HH.exists(), reason='the shared datasets are not present')

@@ -74,7 +74,9 @@ def get_config(arg=None):
     config.best_of_n.batch_size = 64
 
     if arg.runlocal:
-        config.data.train_prompts = 32
+        # A barely trained model ties most groups (every reply scores 0): enough prompts that
+        # some groups rank.
+        config.data.train_prompts = 128
         config.data.validation_prompts = 16
         config.data.seq_len = 64
         config.data.truncate = True

@@ -99,6 +99,7 @@ def main():
             jax.block_until_ready(metrics)
             run['times'].append(time.perf_counter() - start)
             run['loss'] = float(metrics['loss'])
+    compiles.on = False
     peaks = {'float32': measure_matmul_flops('float32', n=4096),
              'bfloat16': measure_matmul_flops('bfloat16', n=4096)}
     result = {'workload': f'gpt2 6L d384 6H V8192, batch {BATCH}x{SEQ}, AdamW',

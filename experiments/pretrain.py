@@ -90,7 +90,9 @@ def setup(config) -> Setup:
                           f'{jax.process_count()} processes')
     batch_sharding = sharding.batch_sharding(mesh, mesh_config.rules, config.data.batch_size)
     log.info('mesh: %s, rules %s', sharding.describe(mesh), mesh_config.rules)
-    peak, source = peak_flops_per_device(config.model.dtype if 'model' in config else 'float32')
+    # MFU is against the peak of the dtype the matmuls run in.
+    model = config.get('model', {})
+    peak, source = peak_flops_per_device(model.get('matmul_dtype') or model.get('dtype', 'float32'))
     return Setup(mesh, mesh_config.rules, optim_config, loop_config, batch_sharding,
                  peak * jax.device_count(), source)
 

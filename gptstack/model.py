@@ -19,6 +19,7 @@ Notable features:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -135,12 +136,66 @@ class KVCache(NamedTuple):
     index: Array | int
 
 
-def matmul(spec: str, x: Array, weight: Array, dtype) -> Array:
+def matmul(spec: str, x: Array, weight: Array, dtype, out_dtype=None) -> Array:
     """`einsum(spec, x, weight)` with both inputs in `dtype` (the config's `matmul_dtype`) and
-    float32 accumulation, returned in `x`'s dtype. Accumulating in float32 is both more accurate
-    and, on CPUs with bf16 matrix units, the fast path for bfloat16 inputs."""
-    return jnp.einsum(spec, x.astype(dtype), weight.astype(dtype),
-                      preferred_element_type=jnp.float32).astype(x.dtype)
+    float32 accumulation, returned in `out_dtype` (default: `x`'s dtype). Below float32 the
+    backward pass runs in `dtype` as well (`_reduced_precision_matmul`)."""
+    out_dtype = out_dtype or x.dtype
+    if jnp.dtype(dtype) == jnp.float32:
+        y = jnp.einsum(spec, x.astype(dtype), weight.astype(dtype),
+                       preferred_element_type=jnp.float32)
+    else:
+        y = _reduced_precision_matmul(spec, jnp.dtype(dtype).name, jnp.dtype(x.dtype).name,
+                                      jnp.dtype(weight.dtype).name)(x, weight)
+    return y.astype(out_dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _reduced_precision_matmul(spec: str, dtype: str, x_dtype: str, weight_dtype: str):
+    """`einsum(spec)` with inputs in `dtype` and float32 accumulation in the forward pass and in
+    both backward matmuls, whose incoming gradient is cast to `dtype` too. Left to autodiff,
+    the backward matmuls would take a float32 gradient and run mixed float32 x bfloat16, which
+    misses the fast path on CPUs with bf16 matrix units. The residuals are the inputs in
+    `dtype`, half the activation memory of float32 ones."""
+    inputs, out = spec.split('->')
+    x_spec, w_spec = inputs.split(',')
+    dx_spec, dw_spec = f'{out},{w_spec}->{x_spec}', f'{x_spec},{out}->{w_spec}'
+
+
+    @jax.custom_vjp
+    def mm(x, weight):
+        return _weight_product(spec, x.astype(dtype), weight.astype(dtype))
+
+    def forward(x, weight):
+        x, weight = x.astype(dtype), weight.astype(dtype)
+        return _weight_product(spec, x, weight), (x, weight)
+
+    def backward(residuals, grad):
+        x, weight = residuals
+        grad = grad.astype(dtype)
+        dx = _weight_product(dx_spec, grad, weight)
+        dw = jnp.einsum(dw_spec, x, grad, preferred_element_type=jnp.float32)
+        return dx.astype(x_dtype), dw.astype(weight_dtype)
+
+    mm.defvjp(forward, backward)
+    return mm
+
+
+def _weight_product(spec: str, x: Array, weight: Array) -> Array:
+    """`einsum(spec, x, weight)` in float32 with the weight laid out `[contracted..., free...]`
+    first: XLA:CPU's fast bf16 matmuls want that layout and run 2-3x slower on a transposed
+    weight (a backward pass's `grad @ weight.T`, a tied embedding's logits). Transposing a
+    weight costs little; the barrier keeps XLA from folding the transpose back into the matmul.
+    """
+    (x_spec, w_spec), out = spec.split('->')[0].split(','), spec.split('->')[1]
+    order = ([c for c in w_spec if c in x_spec and c in out]  # batch
+             + [c for c in w_spec if c in x_spec and c not in out]  # contracted
+             + [c for c in w_spec if c not in x_spec])  # free
+    if list(w_spec) != order:
+        weight = jax.lax.optimization_barrier(
+            jnp.transpose(weight, [w_spec.index(c) for c in order]))
+        w_spec = ''.join(order)
+    return jnp.einsum(f'{x_spec},{w_spec}->{out}', x, weight, preferred_element_type=jnp.float32)
 
 
 class Attention(nnx.Module):
@@ -384,13 +439,10 @@ class GPT(nnx.Module):
     def logits(self, h_btd: Array) -> Array:
         mm = self.config.matmul_dtype
         if self.config.tie_embeddings:
-            table_vd = self.transformer.token_embed_vd[...].astype(mm)
-            logits_btv = jnp.einsum('BTD,VD->BTV', h_btd.astype(mm), table_vd,
-                                    preferred_element_type=jnp.float32)
+            logits_btv = matmul('BTD,VD->BTV', h_btd, self.transformer.token_embed_vd[...], mm,
+                                jnp.float32)
         else:
-            head_dv = self.lm_head_dv[...].astype(mm)
-            logits_btv = jnp.einsum('BTD,DV->BTV', h_btd.astype(mm), head_dv,
-                                    preferred_element_type=jnp.float32)
+            logits_btv = matmul('BTD,DV->BTV', h_btd, self.lm_head_dv[...], mm, jnp.float32)
         return constrain(logits_btv, ('batch', 'seq', 'vocab'))
 
 

@@ -32,12 +32,13 @@ def packed_batch(seed=0, vocab=1024):
                 positions=positions.astype(np.int32), loss_mask=loss_mask)
 
 
-def run_steps(preset, mesh, rules, tx, schedule, n_steps=1, accum_steps=1, batch=None):
+def run_steps(preset, mesh, rules, tx, schedule, n_steps=1, accum_steps=1, batch=None,
+              **overrides):
     """Creates the state on `mesh` and runs `n_steps` on one batch.
 
     Returns `(initial params, final state, per-step metrics)`.
     """
-    config = GPTConfig.preset(preset)
+    config = GPTConfig.preset(preset, **overrides)
     graphdef, state, shardings = create_train_state(
         lambda rngs: gpt_model.GPT(config, rngs=rngs), tx, mesh, rules, jax.random.key(0))
     params0 = jax.device_get(nnx.to_pure_dict(state.params))
@@ -77,6 +78,28 @@ def test_same_loss_and_gradients_on_every_mesh(preset, mesh_1, mesh_2x4, mesh_8)
         # norm scales): one float32 ulp there is 1.2e-7.
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-7),
                      grads, ref_grads)
+
+
+@pytest.mark.parametrize('preset', ['toy', 'toy-llama'])
+def test_bfloat16_matmuls_track_float32(preset, mesh_1):
+    """The mixed policy (bf16 matmul inputs, f32 accumulation, in both passes) against float32:
+    the gradients agree to bf16 precision, and the losses of ten Adam steps to 1%."""
+    runs = {}
+    for name, policy in (('float32', {}), ('mixed', {'matmul_dtype': 'bfloat16'})):
+        params0, state, _ = run_steps(preset, mesh_1, 'fsdp', *sgd(), **policy)
+        grads = jax.tree.map(lambda a, b: a - b, params0,
+                             jax.device_get(nnx.to_pure_dict(state.params)))
+        tx, schedule = make_optimizer(OptimConfig(lr=3e-3, total_steps=10, warmup_steps=1))
+        _, _, history = run_steps(preset, mesh_1, 'fsdp', tx, schedule, n_steps=10, **policy)
+        runs[name] = grads, np.array([m['loss'] for m in history])
+    (grads32, losses32), (grads16, losses16) = runs['float32'], runs['mixed']
+    flat32, flat16 = jax.tree.leaves(grads32), jax.tree.leaves(grads16)
+    error = max(float(np.abs(a - b).max()) for a, b in zip(flat32, flat16, strict=True))
+    scale = max(float(np.abs(a).max()) for a in flat32)
+    assert error < 0.03 * scale, (error, scale)
+    assert losses32[-1] < losses32[0] - 0.1  # it learns, so the comparison means something
+    np.testing.assert_allclose(losses16, losses32, rtol=0.01)
+    assert not np.array_equal(losses16, losses32)  # the policy is really in effect
 
 
 def test_micro_batches_must_split_over_the_mesh(mesh_8):

@@ -150,7 +150,7 @@ def matmul(spec: str, x: Array, weight: Array, dtype, out_dtype=None) -> Array:
     return y.astype(out_dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _reduced_precision_matmul(spec: str, dtype: str, x_dtype: str, weight_dtype: str):
     """`einsum(spec)` with inputs in `dtype` and float32 accumulation in the forward pass and in
     both backward matmuls, whose incoming gradient is cast to `dtype` too. Left to autodiff,

@@ -270,7 +270,8 @@ class Sampler:
                         position_b1 = (lengths_b + step - 1)[:, None]
                         caches = [KVCache([*keys, k_bkch], [*values, v_bkch],
                                           slot - block_index * block)
-                                  for (keys, values), (k_bkch, v_bkch) in zip(full, current)]
+                                  for (keys, values), (k_bkch, v_bkch)
+                                  in zip(full, current, strict=True)]
                         logits_b1v, caches = model.decode(token_b[:, None], position_b1, layers,
                                                           caches, mask_bc[:, None])
                         current = [(c.keys[-1], c.values[-1]) for c in caches]
@@ -289,7 +290,8 @@ class Sampler:
                     step, token_b, done_b, current, out = decode_loop(
                         (step, token_b, done_b, current, out), full, block_index, end_step)
                     full = [([*keys, k_bkch], [*values, v_bkch])
-                            for (keys, values), (k_bkch, v_bkch) in zip(full, current)]
+                            for (keys, values), (k_bkch, v_bkch)
+                            in zip(full, current, strict=True)]
                     empty = sharding.constrain(jnp.zeros_like(current[0][0]), blocks_bkch)
                     current = [(empty, empty)] * len(layers)
                     block_index += 1

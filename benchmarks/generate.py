@@ -40,6 +40,17 @@ BATCH, PROMPT, NEW = 16, 32, 224
 POLICIES = {'float32': dict(dtype='float32'),
             'mixed': dict(dtype='float32', matmul_dtype='bfloat16'),
             'bfloat16': dict(dtype='bfloat16')}
+
+
+def parse_policies(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    """`--policy a,b` as a list, each checked against `POLICIES`."""
+    policies = text.split(',')
+    for policy in policies:
+        if policy not in POLICIES:
+            parser.error(f'--policy {policy!r}: expected one of {sorted(POLICIES)}')
+    return policies
+
+
 PEER = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'bench', 'peer_bench.py')
 
 
@@ -93,10 +104,7 @@ def main():
     parser.add_argument('--peer_script', default=PEER)
     parser.add_argument('--out', default='generate.json')
     args = parser.parse_args()
-    policies = args.policy.split(',')
-    for policy in policies:
-        if policy not in POLICIES:
-            parser.error(f'--policy {policy!r}: expected one of {sorted(POLICIES)}')
+    policies = parse_policies(parser, args.policy)
     runs = {policy: build(policy) for policy in policies}
     rates = {policy: [] for policy in policies}
     measure(runs, args.rounds, rates)

@@ -22,7 +22,7 @@ import time
 import jax
 import numpy as np
 
-from benchmarks.generate import POLICIES
+from benchmarks.generate import POLICIES, parse_policies
 from gptstack import model as gpt_model
 from gptstack import sharding
 from gptstack.config import GPTConfig, MeshConfig, OptimConfig
@@ -76,10 +76,7 @@ def main():
     parser.add_argument('--rounds', type=int, default=10)
     parser.add_argument('--out', default='train_step.json')
     args = parser.parse_args()
-    policies = args.policy.split(',')
-    for policy in policies:
-        if policy not in POLICIES:
-            parser.error(f'--policy {policy!r}: expected one of {sorted(POLICIES)}')
+    policies = parse_policies(parser, args.policy)
     rng = np.random.default_rng(0)
     batches = []
     for _ in range(args.rounds + 1):

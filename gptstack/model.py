@@ -161,14 +161,13 @@ def _reduced_precision_matmul(spec: str, dtype: str, x_dtype: str, weight_dtype:
     x_spec, w_spec = inputs.split(',')
     dx_spec, dw_spec = f'{out},{w_spec}->{x_spec}', f'{x_spec},{out}->{w_spec}'
 
-
-    @jax.custom_vjp
-    def mm(x, weight):
-        return _weight_product(spec, x.astype(dtype), weight.astype(dtype))
-
     def forward(x, weight):
         x, weight = x.astype(dtype), weight.astype(dtype)
         return _weight_product(spec, x, weight), (x, weight)
+
+    @jax.custom_vjp
+    def mm(x, weight):
+        return forward(x, weight)[0]
 
     def backward(residuals, grad):
         x, weight = residuals

@@ -253,6 +253,12 @@ class Sampler:
                 out = record(out, 0, token_b, sampled_lp, model_lp, jnp.ones((batch,), bool))
                 done_b = jnp.isin(token_b, stop_ids)
 
+                def joined(full, current):
+                    """Per layer, the read-only blocks followed by the block being written."""
+                    return [([*keys, k_bkch], [*values, v_bkch])
+                            for (keys, values), (k_bkch, v_bkch)
+                            in zip(full, current, strict=True)]
+
                 def decode_loop(carry, full, block_index, end_step):
                     """Decode steps up to `end_step` whose token goes into cache block
                     `block_index` (carried and written); earlier blocks (`full`) are only
@@ -268,10 +274,8 @@ class Sampler:
                         slot = prompt_len + step - 1  # where the previous token is written
                         mask_bc = valid_bc[:, :visible] & (slots_c[None, :visible] <= slot)
                         position_b1 = (lengths_b + step - 1)[:, None]
-                        caches = [KVCache([*keys, k_bkch], [*values, v_bkch],
-                                          slot - block_index * block)
-                                  for (keys, values), (k_bkch, v_bkch)
-                                  in zip(full, current, strict=True)]
+                        caches = [KVCache(keys, values, slot - block_index * block)
+                                  for keys, values in joined(full, current)]
                         logits_b1v, caches = model.decode(token_b[:, None], position_b1, layers,
                                                           caches, mask_bc[:, None])
                         current = [(c.keys[-1], c.values[-1]) for c in caches]
@@ -289,9 +293,7 @@ class Sampler:
                     end_step = min(n_new, (block_index + 1) * block - prompt_len + 1)
                     step, token_b, done_b, current, out = decode_loop(
                         (step, token_b, done_b, current, out), full, block_index, end_step)
-                    full = [([*keys, k_bkch], [*values, v_bkch])
-                            for (keys, values), (k_bkch, v_bkch)
-                            in zip(full, current, strict=True)]
+                    full = joined(full, current)
                     empty = sharding.constrain(jnp.zeros_like(current[0][0]), blocks_bkch)
                     current = [(empty, empty)] * len(layers)
                     block_index += 1

@@ -3,7 +3,8 @@
     python -m benchmarks.train_step [--policy float32,mixed] [--rounds 10] [--out train_step.json]
 
 GPT-2 layout, 6 layers, d_model 384, 6 heads, vocab 8192, T=256, batch 16 (the workload of
-../shared/bench/peer_bench.py), AdamW inside the jitted, donated step. Reports per policy:
+../shared/bench/peer_bench.py), layers unrolled (`scan_layers=False`), AdamW inside the jitted,
+donated step. Reports per policy:
 tokens/s (median over steps, timed round-robin across policies), achieved model FLOP/s with
 6N + 12·L·d·T FLOPs per token (N: parameters in matmuls, i.e. without position embeddings; the
 peer's formula), MFU against a matmul peak measured in the same run (4096³, float32 and bf16
@@ -57,7 +58,7 @@ class Compiles:
 
 
 def build(policy: str, batches):
-    config = GPTConfig.preset('mini', max_seq_len=SEQ, **POLICIES[policy])
+    config = GPTConfig.preset('mini', max_seq_len=SEQ, scan_layers=False, **POLICIES[policy])
     mesh = sharding.make_mesh(MeshConfig(fsdp=1), devices=jax.devices()[:1])
     tx, schedule = make_optimizer(OptimConfig(lr=3e-4, total_steps=10_000, warmup_steps=10))
     graphdef, state, shardings = create_train_state(

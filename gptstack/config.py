@@ -79,6 +79,10 @@ class GPTConfig:
     matmul_dtype: str | None = None
     # Recompute each block's activations in the backward pass instead of storing them.
     remat: bool = False
+    # Run the blocks as one `lax.scan` over their stacked parameters: compile time independent of
+    # depth. False unrolls them, which spares the scan's stacked buffers of saved activations
+    # (faster for shallow models on CPU, at a compile time that grows with depth).
+    scan_layers: bool = True
 
     def __post_init__(self):
         for name in ('vocab_size', 'n_layer', 'd_model', 'n_head', 'max_seq_len'):

@@ -99,31 +99,100 @@ def attention_mask(segment_ids_bt: Array) -> Array:
 
 
 def dot_product_attention(q_bnth: Array, keys: Sequence[Array], values: Sequence[Array],
-                          mask_bts: Array) -> Array:
-    """Softmax attention with grouped-query heads (`N = K*G`); scores and softmax in float32.
+                          mask_bts: Array, matmul_dtype=None) -> Array:
+    """Softmax attention with grouped-query heads (`N = K*G`).
 
     Keys and values come as blocks `[B, K, S_i, H]` along the key axis (one block for a
     sequence attending to itself; the KV cache's blocks when decoding), joined in one softmax:
     the cache is read in place, never concatenated. `mask_bts` covers all `S = sum(S_i)` keys.
-    Heads come before positions so that both matmuls are plain batched matmuls over (B, K)
-    with the contracted dimension in place; the `G` query heads that share a key/value head are
-    stacked along the query axis.
+    Both matmuls take inputs in `matmul_dtype` (default: the queries' dtype) and accumulate in
+    float32; scores and softmax are float32, the probabilities are cast to `matmul_dtype` for
+    the second matmul. The `G` query heads that share a key/value head are stacked along the
+    query axis, and the matmuls run over `B*K` as one batch axis with the contracted dimension
+    in place (XLA:CPU's fast bf16 path wants that).
+
+    A sequence attending to itself (training, scoring, prefill) goes through `_self_attention`,
+    whose backward pass runs its matmuls in `matmul_dtype` too.
     """
     b, n, t, h = q_bnth.shape
     k, g = keys[0].shape[1], n // keys[0].shape[1]
-    q_bkqh = q_bnth.reshape(b, k, g * t, h) / math.sqrt(h)  # query index q = g*T + t
-    scores_bkqs = jnp.concatenate([
-        jnp.einsum('BKQH,BKSH->BKQS', q_bkqh, keys_bksh.astype(q_bkqh.dtype),
-                   preferred_element_type=jnp.float32) for keys_bksh in keys], axis=-1)
+    dtype = jnp.dtype(matmul_dtype or q_bnth.dtype)
+    q_bkqh = (q_bnth.reshape(b, k, g * t, h) / math.sqrt(h)).astype(dtype)  # q = g*T + t
     mask_b1qs = jnp.tile(mask_bts[:, None], (1, 1, g, 1))
+    keys = [keys_bksh.astype(dtype) for keys_bksh in keys]
+    values = [values_bksh.astype(dtype) for values_bksh in values]
+    if len(keys) == 1:
+        out_bkqh = _self_attention(q_bkqh, keys[0], values[0], mask_b1qs)
+    else:
+        out_bkqh = _attention(q_bkqh, keys, values, mask_b1qs)[0]
+    return out_bkqh.reshape(b, n, t, h).astype(q_bnth.dtype)
+
+
+def _batched(x_bk__: Array) -> Array:
+    """`[B, K, ...]` as `[B*K, ...]`: one batch axis for XLA's batched matmuls."""
+    return x_bk__.reshape(-1, *x_bk__.shape[2:])
+
+
+def _attention(q_bkqh: Array, keys: Sequence[Array], values: Sequence[Array],
+               mask_b1qs: Array) -> tuple[Array, Array]:
+    """The attention core on scaled queries and key/value blocks already in the matmul dtype:
+    returns the float32 output `[B, K, Q, H]` and the probabilities `[B, K, Q, S]` in the matmul
+    dtype (what the second matmul consumed)."""
+    b, k, q, h = q_bkqh.shape
+    scores_bkqs = jnp.concatenate([
+        jnp.einsum('NQH,NSH->NQS', _batched(q_bkqh), _batched(keys_bksh),
+                   preferred_element_type=jnp.float32).reshape(b, k, q, -1)
+        for keys_bksh in keys], axis=-1)
     scores_bkqs = jnp.where(mask_b1qs, scores_bkqs, jnp.finfo(jnp.float32).min)
-    probs_bkqs = jax.nn.softmax(scores_bkqs, axis=-1).astype(q_bnth.dtype)
+    probs_bkqs = jax.nn.softmax(scores_bkqs, axis=-1).astype(q_bkqh.dtype)
     splits = np.cumsum([keys_bksh.shape[2] for keys_bksh in keys])[:-1]
-    out_bkqh = sum(jnp.einsum('BKQS,BKSH->BKQH', p_bkqs, values_bksh.astype(p_bkqs.dtype),
+    out_bkqh = sum(jnp.einsum('NQS,NSH->NQH', _batched(p_bkqs), _batched(values_bksh),
                               preferred_element_type=jnp.float32)
                    for p_bkqs, values_bksh in zip(jnp.split(probs_bkqs, splits, axis=-1), values,
                                                   strict=True))
-    return out_bkqh.reshape(b, n, t, h).astype(q_bnth.dtype)
+    return out_bkqh.reshape(b, k, q, h), probs_bkqs
+
+
+@jax.custom_vjp
+def _self_attention(q_bkqh: Array, k_bksh: Array, v_bksh: Array, mask_b1qs: Array) -> Array:
+    """`_attention` over one key block, with a hand-written backward pass: its four matmuls
+    take inputs in the matmul dtype (autodiff would feed them float32 gradients, off the fast
+    bf16 path), and the residuals are the inputs and the probabilities in that dtype, rather
+    than float32 scores and probabilities."""
+    return _attention(q_bkqh, [k_bksh], [v_bksh], mask_b1qs)[0]
+
+
+def _self_attention_forward(q_bkqh, k_bksh, v_bksh, mask_b1qs):
+    out_bkqh, probs_bkqs = _attention(q_bkqh, [k_bksh], [v_bksh], mask_b1qs)
+    return out_bkqh, (q_bkqh, k_bksh, v_bksh, probs_bkqs)
+
+
+def _self_attention_backward(residuals, grad_bkqh):
+    q_bkqh, k_bksh, v_bksh, _ = residuals
+    dtype = q_bkqh.dtype
+    q, k, v, p = (_batched(x) for x in residuals)
+    dout = _batched(grad_bkqh.astype(dtype))
+    dprobs = jnp.einsum('NQH,NSH->NQS', dout, v, preferred_element_type=jnp.float32)
+    p32 = p.astype(jnp.float32)  # softmax backward: p * (dp - sum(p * dp)); masked p are 0
+    dscores = (p32 * (dprobs - jnp.sum(p32 * dprobs, axis=-1, keepdims=True))).astype(dtype)
+    dq = jnp.einsum('NQS,NSH->NQH', dscores, k, preferred_element_type=jnp.float32)
+    dk = _transposed_product(dscores, q)
+    dv = _transposed_product(p, dout)
+    return (dq.reshape(q_bkqh.shape).astype(dtype), dk.reshape(k_bksh.shape).astype(dtype),
+            dv.reshape(v_bksh.shape).astype(dtype), None)
+
+
+_self_attention.defvjp(_self_attention_forward, _self_attention_backward)
+
+
+def _transposed_product(a_nqs: Array, b_nqh: Array) -> Array:
+    """`einsum('NQS,NQH->NSH', a, b)` in float32. Its left operand is transposed (contracted
+    axis first), which XLA:CPU's fast bf16 matmuls refuse; a transpose written out is folded
+    back into the matmul, even behind a barrier. So `a` is transposed into a copy padded with
+    a few rows of zeros, which cannot be folded, and the padding is sliced off the product."""
+    s = a_nqs.shape[2]
+    a_nsq = jnp.pad(jnp.swapaxes(a_nqs, 1, 2), ((0, 0), (0, 8), (0, 0)))
+    return jnp.einsum('NSQ,NQH->NSH', a_nsq, b_nqh, preferred_element_type=jnp.float32)[:, :s]
 
 
 class KVCache(NamedTuple):
@@ -242,9 +311,11 @@ class Attention(nnx.Module):
         q = constrain(q, ('batch', 'heads', 'seq', 'head_dim'))
         k = constrain(k, ('batch', 'kv_heads', 'seq', 'head_dim'))
         v = constrain(v, ('batch', 'kv_heads', 'seq', 'head_dim'))
+        # Keys and values in the matmul dtype: what attention reads, and so what a cache holds.
+        k, v = k.astype(mm), v.astype(mm)
         if cache is None:
             kv = (k, v)
-            out_bnth = dot_product_attention(q, [k], [v], mask)
+            out_bnth = dot_product_attention(q, [k], [v], mask, mm)
         else:
             at = (0, 0, cache.index, 0)
             *keys, last_keys = cache.keys
@@ -253,7 +324,7 @@ class Attention(nnx.Module):
             values.append(jax.lax.dynamic_update_slice(last_values, v.astype(last_values.dtype),
                                                        at))
             kv = KVCache(keys, values, cache.index)
-            out_bnth = dot_product_attention(q, keys, values, mask)
+            out_bnth = dot_product_attention(q, keys, values, mask, mm)
         out_btnh = out_bnth.transpose(0, 2, 1, 3)
         y_btd = matmul('BTNH,NHD->BTD', out_btnh, self.o_weight_nhd[...], mm)
         if c.use_bias:
@@ -352,7 +423,14 @@ class Transformer(nnx.Module):
 
         if self.config.remat:
             layer = jax.checkpoint(layer, prevent_cse=False)
-        x_btd, kv = jax.lax.scan(layer, x_btd, block_params)
+        if self.config.scan_layers:
+            x_btd, kv = jax.lax.scan(layer, x_btd, block_params)
+        else:
+            kvs = []
+            for i in range(self.config.n_layer):
+                x_btd, kv_i = layer(x_btd, jax.tree.map(lambda p, i=i: p[i], block_params))
+                kvs.append(kv_i)
+            kv = jax.tree.map(lambda *layers: jnp.stack(layers), *kvs)
         return self.final_norm(x_btd), kv
 
     def unstacked_blocks(self) -> list[Block]:

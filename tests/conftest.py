@@ -3,7 +3,10 @@
 Run the suite with `python -m pytest -q`.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 # Must happen before jax creates its backends: every test sees 8 CPU devices.
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -14,6 +17,13 @@ import pytest
 
 from gptstack import sharding
 from gptstack.config import MeshConfig
+
+# The stage subprocesses the tests start share a compilation cache for this session, so a later
+# run of the same config loads its compiled programs instead of compiling them again. Set after
+# `import jax`: this process has read its configuration already and keeps compiling in memory,
+# where the tests that count compilations look.
+os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='gptstack-test-xla-cache-')
+atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 
 @pytest.fixture(scope='session', autouse=True)

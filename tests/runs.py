@@ -10,7 +10,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # Many steps with frequent checkpoints and nothing else: for kill-and-resume tests.
-LONG = ('--config.train.total_steps=300', '--config.train.checkpoint_every=5',
+LONG_STEPS = 120
+LONG = (f'--config.train.total_steps={LONG_STEPS}', '--config.train.checkpoint_every=5',
         '--config.train.eval_every=0', '--config.train.sample_every=0')
 # Room for task conversations in runlocal models.
 SFT = ('--config.data.seq_len=96',)

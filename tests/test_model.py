@@ -106,14 +106,69 @@ def dot_generals(jaxpr):
 
 @pytest.mark.parametrize('preset', FAMILIES)
 def test_mixed_policy_matmuls_take_bfloat16_and_accumulate_in_float32(preset):
+    """Every matmul of the forward and the backward pass, attention's included."""
     with nnx.use_eager_sharding(False):
         model = gpt_model.GPT(GPTConfig.preset(preset, matmul_dtype='bfloat16'),
                               rngs=nnx.Rngs(0))
-    jaxpr = jax.make_jaxpr(lambda tokens: model(tokens))(jnp.ones((2, 8), jnp.int32)).jaxpr
-    kinds = [(str(e.invars[0].aval.dtype), str(e.invars[1].aval.dtype),
-              str(e.params['preferred_element_type'])) for e in dot_generals(jaxpr)]
-    matmuls = 7 if preset == 'toy' else 8  # q, k, v, o, MLP (2 or 3), LM head
-    assert kinds.count(('bfloat16', 'bfloat16', 'float32')) == matmuls
-    # Attention scores and values stay in the (float32) compute dtype.
-    assert kinds.count(('float32', 'float32', 'float32')) == 2
-    assert len(kinds) == matmuls + 2
+    graphdef, params = nnx.split(model)
+
+    def loss(params, tokens):
+        return jnp.sum(nnx.merge(graphdef, params)(tokens) ** 2)
+
+    tokens = jnp.ones((2, 8), jnp.int32)
+    for fn, count in ((loss, 1), (jax.grad(loss), 3)):  # the backward: two matmuls per matmul
+        jaxpr = jax.make_jaxpr(fn)(params, tokens).jaxpr
+        kinds = [(str(e.invars[0].aval.dtype), str(e.invars[1].aval.dtype),
+                  str(e.params['preferred_element_type'])) for e in dot_generals(jaxpr)]
+        # q, k, v, o, attention's two, MLP (2 or 3), LM head
+        matmuls = 9 if preset == 'toy' else 10
+        assert kinds == [('bfloat16', 'bfloat16', 'float32')] * (count * matmuls), kinds
+
+
+@pytest.mark.parametrize('dtype, tolerance', [('float32', 1e-5), ('bfloat16', 2e-2)])
+def test_attention_gradients_equal_autodiff_of_the_textbook_formula(dtype, tolerance):
+    """The hand-written backward pass of self-attention against autodiff of a float32 formula
+    with every query head given its own copy of its key/value head (GQA: 4 over 2), two
+    documents per row."""
+    b, n, k, t, h = 2, 4, 2, 12, 8
+    q, keys, values, weight = (jax.random.normal(jax.random.key(i), shape) for i, shape in
+                               enumerate([(b, n, t, h), (b, k, t, h), (b, k, t, h), (b, n, t, h)]))
+    mask_bts = gpt_model.attention_mask(jnp.array([[1] * 5 + [2] * 7, [1] * 9 + [2] * 3]))
+
+    def textbook(q, keys, values):
+        keys, values = jnp.repeat(keys, n // k, axis=1), jnp.repeat(values, n // k, axis=1)
+        scores = jnp.einsum('bnth,bnsh->bnts', q, keys) / np.sqrt(h)
+        probs = jax.nn.softmax(jnp.where(mask_bts[:, None], scores, -1e30), axis=-1)
+        return jnp.einsum('bnts,bnsh->bnth', probs, values)
+
+    def ours(q, keys, values):
+        return gpt_model.dot_product_attention(q, [keys], [values], mask_bts, dtype)
+
+    def grads(attention):
+        return jax.grad(lambda *x: jnp.sum(attention(*x) * weight), argnums=(0, 1, 2))(
+            q, keys, values)
+
+    for expected, actual in zip(grads(textbook), grads(ours), strict=True):
+        scale = float(jnp.abs(expected).max())
+        assert float(jnp.abs(actual - expected).max()) < tolerance * scale
+    np.testing.assert_allclose(ours(q, keys, values), textbook(q, keys, values),
+                               atol=tolerance * float(jnp.abs(values).max()))
+
+
+@pytest.mark.parametrize('preset', FAMILIES)
+def test_unrolled_layers_equal_the_scan(preset):
+    """`scan_layers=False` runs the same blocks on the same stacked parameters."""
+    tokens = jax.random.randint(jax.random.key(0), (2, 16), 0, 64)
+
+    def loss_and_grads(scan_layers):
+        with nnx.use_eager_sharding(False):
+            model = gpt_model.GPT(GPTConfig.preset(preset, scan_layers=scan_layers),
+                                  rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model)
+        return jax.jit(jax.value_and_grad(
+            lambda p: jnp.mean(nnx.merge(graphdef, p)(tokens) ** 2)))(params)
+
+    (loss, grads), (unrolled_loss, unrolled_grads) = loss_and_grads(True), loss_and_grads(False)
+    np.testing.assert_allclose(unrolled_loss, loss, rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                 unrolled_grads, grads)

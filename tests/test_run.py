@@ -14,6 +14,7 @@ import pytest
 from gptstack.data.tokenizer import train_tokenizer
 from tests.runs import (
     LONG,
+    LONG_STEPS,
     ROOT,
     SFT,
     command,
@@ -51,14 +52,14 @@ def test_kill_9_then_resume_continues_exactly(corpus, tmp_path):
     process.communicate()
     assert process.returncode == -signal.SIGKILL
     before = losses(workdir)
-    assert max(before) < 300  # it really died mid-way
+    assert max(before) < LONG_STEPS  # it really died mid-way
 
     resumed = run(command(corpus, workdir, *LONG))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert 'resuming from' in resumed.stderr
     after = losses(workdir)
     # One record per step, and every loss equal to the uninterrupted run's, bit for bit.
-    assert [r['step'] for r in metrics(workdir) if 'loss' in r] == list(range(1, 301))
+    assert [r['step'] for r in metrics(workdir) if 'loss' in r] == list(range(1, LONG_STEPS + 1))
     assert after == losses(tmp_path / 'reference')
 
 
@@ -72,7 +73,7 @@ def test_sigterm_saves_the_current_step_and_exits_0(corpus, tmp_path):
     last_logged = max(losses(workdir))
     checkpoints = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()
                          if p.name.isdigit())
-    assert checkpoints[-1] == last_logged < 300
+    assert checkpoints[-1] == last_logged < LONG_STEPS
     assert not (workdir / 'report.md').exists()  # the stage is not finished
 
 
@@ -168,10 +169,10 @@ def test_sft_kill_9_then_resume_continues_exactly(base_workdir, tmp_path):
                                             20)
     process.send_signal(signal.SIGKILL)
     process.communicate()
-    assert max(losses(workdir)) < 300
+    assert max(losses(workdir)) < LONG_STEPS
     resumed = run(sft_command(workdir, base_workdir, *LONG))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert [r['step'] for r in metrics(workdir) if 'loss' in r] == list(range(1, 301))
+    assert [r['step'] for r in metrics(workdir) if 'loss' in r] == list(range(1, LONG_STEPS + 1))
     assert losses(workdir) == losses(tmp_path / 'reference')
 
 

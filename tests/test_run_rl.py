@@ -65,22 +65,22 @@ def ptx(corpus):
 
 def test_rl_with_ptx_kill_9_then_resume_continues_exactly(sft_workdir, reward_workdir, corpus,
                                                           tmp_path):
-    steps = ('--config.train.total_steps=12', '--config.train.checkpoint_every=3',
+    steps = ('--config.train.total_steps=8', '--config.train.checkpoint_every=2',
              '--config.train.eval_every=0', '--config.train.log_every=1', *ptx(corpus))
     reference = run(rl_command(tmp_path / 'reference', sft_workdir, reward_workdir, *steps))
     assert reference.returncode == 0, reference.stderr[-3000:]
     workdir = tmp_path / 'killed'
     process = start_and_wait_for_checkpoint(
-        rl_command(workdir, sft_workdir, reward_workdir, *steps), workdir, 3)
+        rl_command(workdir, sft_workdir, reward_workdir, *steps), workdir, 2)
     process.send_signal(signal.SIGKILL)
     process.communicate()
-    assert max(iterations(workdir)) < 12
+    assert max(iterations(workdir)) < 8
     resumed = run(rl_command(workdir, sft_workdir, reward_workdir, *steps))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert sorted(iterations(workdir)) == list(range(1, 13))
+    assert sorted(iterations(workdir)) == list(range(1, 9))
     assert iterations(workdir) == iterations(tmp_path / 'reference')
     ptx_losses = {r['step']: r['ptx_loss'] for r in metrics(workdir) if 'ptx_loss' in r}
-    assert sorted(ptx_losses) == list(range(1, 13))
+    assert sorted(ptx_losses) == list(range(1, 9))
     assert ptx_losses == {r['step']: r['ptx_loss'] for r in metrics(tmp_path / 'reference')
                           if 'ptx_loss' in r}
 

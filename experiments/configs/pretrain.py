@@ -50,8 +50,9 @@ def get_config(arg=None):
     if arg.size:
         config.model = common.model_config(arg.size, vocab_size=None)
     else:
+        # Four layers, unrolled: faster than a layer scan on CPU, and as quick to compile.
         config.model = common.model_config('mini', vocab_size=None, n_layer=4, d_model=256,
-                                           n_head=4)
+                                           n_head=4, scan_layers=False)
     config.model.max_seq_len = config.data.get_ref('seq_len')
 
     config.train = common.train_config(300, eval_every=50, sample_every=150,

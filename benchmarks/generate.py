@@ -9,7 +9,7 @@ token), temperature 1. Reports new tokens per second (median over rounds, after 
 on one device using all cores, for each precision policy:
 
     float32   float32 everything
-    mixed     float32 activations and KV cache, bfloat16 matmul inputs (float32 accumulation)
+    mixed     float32 activations, bfloat16 matmul inputs (float32 accumulation) and KV cache
     bfloat16  bfloat16 activations, KV cache and matmul inputs
 
 With `--peer_python` (a Python with torch and transformers), the peer's generation section runs
@@ -22,15 +22,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 
 import jax
 import numpy as np
 from flax import nnx
 
+from benchmarks import peer as peer_bench
 from gptstack import model as gpt_model
 from gptstack import sharding
 from gptstack.config import GPTConfig, MeshConfig
@@ -49,9 +48,6 @@ def parse_policies(parser: argparse.ArgumentParser, text: str) -> list[str]:
         if policy not in POLICIES:
             parser.error(f'--policy {policy!r}: expected one of {sorted(POLICIES)}')
     return policies
-
-
-PEER = os.path.join(os.path.dirname(__file__), '..', '..', 'shared', 'bench', 'peer_bench.py')
 
 
 def build(policy: str):
@@ -77,23 +73,6 @@ def measure(runs, rounds: int, rates: dict[str, list[float]]):
             rates[policy].append(BATCH * NEW / (time.perf_counter() - start))
 
 
-def run_peer(python: str, script: str) -> dict[str, float]:
-    """The peer's generation figures (new tokens/s medians by configuration)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = os.path.join(tmp, 'peer.json')
-        subprocess.run([python, script, '--only', 'generate', '--out', out], check=True,
-                       env={**os.environ, 'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS',
-                                                                            '2')})
-        with open(out) as f:
-            results = json.load(f)
-    figures = {name: entry['new_tokens_per_s_median']
-               for name, entry in results.get('generate', {}).items()
-               if isinstance(entry, dict) and 'new_tokens_per_s_median' in entry}
-    if not figures:
-        raise RuntimeError(f'no generation figures in the peer output {sorted(results)}')
-    return figures
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--policy', default='float32,mixed',
@@ -101,7 +80,7 @@ def main():
     parser.add_argument('--rounds', type=int, default=7)
     parser.add_argument('--peer_python', default='',
                         help='a Python with torch and transformers: also run the peer')
-    parser.add_argument('--peer_script', default=PEER)
+    parser.add_argument('--peer_script', default=peer_bench.SCRIPT)
     parser.add_argument('--out', default='generate.json')
     args = parser.parse_args()
     policies = parse_policies(parser, args.policy)
@@ -110,7 +89,8 @@ def main():
     measure(runs, args.rounds, rates)
     peer = {}
     if args.peer_python:
-        peer = run_peer(args.peer_python, args.peer_script)
+        peer = peer_bench.run(args.peer_python, 'generate', script=args.peer_script,
+                              figure='new_tokens_per_s_median')
         measure(runs, args.rounds, rates)
     result = {'shape': 'gpt2 6L d384 6H V8192 T256', 'batch': BATCH, 'prompt': PROMPT,
               'new_tokens': NEW, 'cpu_count': os.cpu_count(), 'policies': {}}

@@ -10,6 +10,11 @@ tokens/s (median over steps, timed round-robin across policies), achieved model 
 peer's formula), MFU against a matmul peak measured in the same run (4096³, float32 and bf16
 inputs with float32 accumulation), the first step's compile time, the loss after the timed steps
 (every policy sees the same batches), and the compilations after the first step (must be 0).
+
+With `--peer_python` (a Python with torch and transformers), the peer's training section runs
+in between two halves of our rounds, in the same sitting, and the ratios of our best policy to
+each PyTorch configuration are reported (`--peer_args` picks the peer's configurations; by
+default HF `GPT2LMHeadModel` and the minimal model with bf16 autocast, eager and compiled).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import time
 import jax
 import numpy as np
 
+from benchmarks import peer as peer_bench
 from benchmarks.generate import POLICIES, parse_policies
 from gptstack import model as gpt_model
 from gptstack import sharding
@@ -71,11 +77,28 @@ def build(policy: str, batches):
                 times=[], loss=float(metrics['loss']))
 
 
+def measure(runs: dict, batches: list):
+    """One step of every policy per batch, round-robin, so that a slow spell of the machine
+    hits them alike."""
+    for batch in batches:
+        for run in runs.values():
+            start = time.perf_counter()
+            run['state'], metrics = run['step'](run['state'], batch)
+            jax.block_until_ready(metrics)
+            run['times'].append(time.perf_counter() - start)
+            run['loss'] = float(metrics['loss'])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--policy', default='float32,mixed')
     parser.add_argument('--rounds', type=int, default=10)
     parser.add_argument('--out', default='train_step.json')
+    parser.add_argument('--peer_python', default='',
+                        help='a Python with torch and transformers: also run the peer')
+    parser.add_argument('--peer_script', default=peer_bench.SCRIPT)
+    parser.add_argument('--peer_args', default='--models hf,mini --precisions bf16 '
+                        '--compile bf16 --rounds 5')
     args = parser.parse_args()
     policies = parse_policies(parser, args.policy)
     rng = np.random.default_rng(0)
@@ -90,13 +113,13 @@ def main():
     compiles = Compiles()
     runs = {policy: build(policy, batches) for policy in policies}
     compiles.start()
-    for batch in batches[1:]:
-        for run in runs.values():
-            start = time.perf_counter()
-            run['state'], metrics = run['step'](run['state'], batch)
-            jax.block_until_ready(metrics)
-            run['times'].append(time.perf_counter() - start)
-            run['loss'] = float(metrics['loss'])
+    half = len(batches) // 2 + 1
+    measure(runs, batches[1:half])
+    peer = {}
+    if args.peer_python:
+        peer = peer_bench.run(args.peer_python, 'train', *args.peer_args.split(),
+                              script=args.peer_script, figure='tokens_per_s_median')
+    measure(runs, batches[half:])
     compiles.on = False
     peaks = {'float32': measure_matmul_flops('float32', n=4096),
              'bfloat16': measure_matmul_flops('bfloat16', n=4096)}
@@ -115,12 +138,19 @@ def main():
             'model_flops_per_token': per_token, 'achieved_flops': achieved,
             'mfu': achieved / peak, 'peak': f'{run["config"].matmul_dtype} 4096^3 matmul',
             'first_step_seconds': run['compile_seconds'], 'final_loss': run['loss']}
+    if peer:
+        best = max(r['tokens_per_sec'] for r in result['policies'].values())
+        result['peer_tokens_per_sec'] = peer
+        result['ratio_to_peer'] = {name: best / value for name, value in peer.items()}
+        result['ratio_to_fastest_peer'] = best / max(peer.values())
     print(f'{"policy":10s} {"tokens/s":>9s} {"GFLOP/s":>8s} {"MFU":>6s} {"compile":>8s} '
           f'{"loss":>7s}')
     for policy, r in result['policies'].items():
         print(f'{policy:10s} {r["tokens_per_sec"]:9.0f} {r["achieved_flops"] / 1e9:8.1f} '
               f'{r["mfu"]:6.1%} {r["first_step_seconds"]:7.1f}s {r["final_loss"]:7.4f}')
     print(f'compilations after the first step: {compiles.count}')
+    for name, value in peer.items():
+        print(f'peer {name:24s} {value:7.0f} tokens/s; ours {result["ratio_to_peer"][name]:.2f}x')
     with open(args.out, 'w') as f:
         json.dump(result, f, indent=1)
     return result

@@ -15,12 +15,14 @@ def run(python: str, section: str, *args: str, script: str = SCRIPT,
         figure: str) -> dict[str, float]:
     """`{configuration: figure}` from the peer's `section` (`train`, `generate`), where `figure`
     is the per-configuration key to read (e.g. `tokens_per_s_median`). The peer gets the same
-    thread budget as we do (`OMP_NUM_THREADS`, default 2)."""
+    thread budget as we do (`OMP_NUM_THREADS`, default 2) and its own best process environment:
+    without the `GLIBC_TUNABLES` malloc settings that speed up XLA and slow PyTorch."""
+    env = {k: v for k, v in os.environ.items() if k != 'GLIBC_TUNABLES'}
+    env['OMP_NUM_THREADS'] = os.environ.get('OMP_NUM_THREADS', '2')
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, 'peer.json')
         subprocess.run([python, script, '--only', section, *args, '--out', out], check=True,
-                       env={**os.environ,
-                            'OMP_NUM_THREADS': os.environ.get('OMP_NUM_THREADS', '2')})
+                       env=env)
         with open(out) as f:
             results = json.load(f)
     figures = {name: entry[figure] for name, entry in results.get(section, {}).items()

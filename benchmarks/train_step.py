@@ -64,7 +64,8 @@ class Compiles:
 
 
 def build(policy: str, batches):
-    config = GPTConfig.preset('mini', max_seq_len=SEQ, scan_layers=False, **POLICIES[policy])
+    config = GPTConfig.preset('mini', **{'max_seq_len': SEQ, 'scan_layers': False,
+                                         **POLICIES[policy]})
     mesh = sharding.make_mesh(MeshConfig(fsdp=1), devices=jax.devices()[:1])
     tx, schedule = make_optimizer(OptimConfig(lr=3e-4, total_steps=10_000, warmup_steps=10))
     graphdef, state, shardings = create_train_state(

@@ -118,6 +118,7 @@ def train(*, state, step_fn: Callable, batches: Iterator[dict], config: LoopConf
     window_start, window_steps = None, 0
     window_sums: dict[str, float] = {}
     window_count = 0
+    first_step: dict[str, float] = {}
     clock_start = time.perf_counter()
 
     def wall_time() -> float:
@@ -152,6 +153,9 @@ def train(*, state, step_fn: Callable, batches: Iterator[dict], config: LoopConf
         now = time.perf_counter()
         if window_start is None:  # the first step includes compilation: time from its end
             window_start = now
+            first_step['time/first_step'] = now - clock_start
+            log.info('step %d (the first of this process, compilation included) took %.1f s',
+                     step, first_step['time/first_step'])
         else:
             window_steps += 1
         if (config.log_every and step % config.log_every == 0) or step == config.total_steps:
@@ -166,6 +170,8 @@ def train(*, state, step_fn: Callable, batches: Iterator[dict], config: LoopConf
                     metrics['mfu'] = flops_per_step * window_steps / elapsed / peak_flops
                 metrics['step_time'] = elapsed / window_steps
                 window_start, window_steps = now, 0
+            metrics.update(first_step)  # in the first record only
+            first_step.clear()
             metrics['nonfinite_skips'] = skips
             metrics['wall_time'] = wall_time()
             writer.write(step, metrics)

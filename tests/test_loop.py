@@ -55,6 +55,9 @@ def test_nonfinite_batches_are_skipped_and_counted(tmp_path):
     logged = read_metrics(tmp_path)
     assert [r['nonfinite_skips'] for r in logged][-1] == 2
     assert all(np.isfinite(r['loss']) for r in logged if 'loss' in r)
+    # The first step's time, compilation included, is reported once.
+    assert [r['step'] for r in logged if 'time/first_step' in r] == [1]
+    assert logged[0]['time/first_step'] > 0
 
 
 def test_too_many_skips_stop_the_run(tmp_path):

@@ -30,10 +30,9 @@ from gptstack.config import GPTConfig, MeshConfig, OptimConfig
 from gptstack.model import GPT, count_params
 from gptstack.optim import make_optimizer
 from gptstack.state import abstract_model, abstract_train_state, state_shardings
-from gptstack.steps.lm import make_lm_step
+from gptstack.steps.lm import BATCH_KEYS, make_lm_step
 
 BATCH, SEQ = 16, 256
-BATCH_KEYS = ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')
 
 
 def measure(config: GPTConfig, devices: int) -> dict:

@@ -28,7 +28,7 @@ from gptstack.metrics import train_flops_per_token
 from gptstack.model import GPT, count_params
 from gptstack.optim import make_optimizer
 from gptstack.state import abstract_model, abstract_train_state, state_shardings
-from gptstack.steps.lm import make_lm_step
+from gptstack.steps.lm import BATCH_KEYS, make_lm_step
 
 GiB = 2 ** 30
 
@@ -167,7 +167,7 @@ def compile_pretrain_step(config, topology: str, mfu: float = 0.4) -> CompileRep
                         optim_config.accum_steps)
     batch_sharding = sharding.batch_sharding(mesh, rules, batch_size)
     batch = {key: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=batch_sharding)
-             for key in ('inputs', 'targets', 'segment_ids', 'positions', 'loss_mask')}
+             for key in BATCH_KEYS}
     lowered = step.lower(abstract_with_shardings(abstract_state, shardings), batch)
     tokens = batch_size * seq_len
     report = functools.partial(

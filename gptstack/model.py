@@ -111,8 +111,8 @@ def dot_product_attention(q_bnth: Array, keys: Sequence[Array], values: Sequence
     query axis, and the matmuls run over `B*K` as one batch axis with the contracted dimension
     in place (XLA:CPU's fast bf16 path wants that).
 
-    A sequence attending to itself (training, scoring, prefill) goes through `_self_attention`,
-    whose backward pass runs its matmuls in `matmul_dtype` too.
+    One key block (a sequence attending to itself in training, scoring and prefill) goes
+    through `_self_attention`, whose backward pass runs its matmuls in `matmul_dtype` too.
     """
     b, n, t, h = q_bnth.shape
     k, g = keys[0].shape[1], n // keys[0].shape[1]
@@ -121,17 +121,17 @@ def dot_product_attention(q_bnth: Array, keys: Sequence[Array], values: Sequence
     mask_b1qs = jnp.tile(mask_bts[:, None], (1, 1, g, 1))
     keys = [keys_bksh.astype(dtype) for keys_bksh in keys]
     values = [values_bksh.astype(dtype) for values_bksh in values]
+    # Decoding one token with one query head per key/value head gives matrix-vector products,
+    # which XLA:CPU runs in float32 on its slow generic path, converting the cache first; with
+    # the query row doubled they stay bf16 matmuls (3x faster here).
+    rows = g * t
+    if rows == 1:
+        q_bkqh, mask_b1qs = (jnp.concatenate([x, x], axis=2) for x in (q_bkqh, mask_b1qs))
     if len(keys) == 1:
         out_bkqh = _self_attention(q_bkqh, keys[0], values[0], mask_b1qs)
     else:
-        # Decoding one token with one query head per key/value head gives matrix-vector
-        # products, which XLA:CPU runs in float32 on its slow generic path, converting the
-        # cache first; with the query row doubled they stay bf16 matmuls (3x faster here).
-        rows = g * t
-        if rows == 1:
-            q_bkqh, mask_b1qs = (jnp.concatenate([x, x], axis=2) for x in (q_bkqh, mask_b1qs))
-        out_bkqh = _attention(q_bkqh, keys, values, mask_b1qs)[0][:, :, :rows]
-    return out_bkqh.reshape(b, n, t, h).astype(q_bnth.dtype)
+        out_bkqh = _attention(q_bkqh, keys, values, mask_b1qs)[0]
+    return out_bkqh[:, :, :rows].reshape(b, n, t, h).astype(q_bnth.dtype)
 
 
 def _batched(x_bk__: Array) -> Array:

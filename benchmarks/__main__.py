@@ -6,8 +6,11 @@ Runs, each in its own process (the memory benchmark needs eight emulated devices
 ones the whole machine as one device): the pretraining step (`benchmarks.train_step`),
 generation (`benchmarks.generate`), one PPO iteration (`benchmarks.ppo_iteration`) and the
 per-device state memory under FSDP=1..8 (`benchmarks.memory`). With `--peer_python`, the PyTorch
-peer's training and generation sections run in between our rounds (see those modules). Set
-`GLIBC_TUNABLES` (docs/performance.md) in the environment for the figures stated there.
+peer's training and generation sections run in between our rounds (see those modules).
+
+Each of our processes starts with the glibc malloc settings that measured fastest for it
+(`MALLOC`, docs/performance.md "The process environment"); `--inherit_malloc` keeps the caller's
+`GLIBC_TUNABLES` instead. The peer always runs without them (they slow PyTorch).
 """
 
 from __future__ import annotations
@@ -19,14 +22,32 @@ import subprocess
 import sys
 import tempfile
 
+# Keep XLA's temporaries mapped between steps instead of returning them to the kernel and
+# faulting them in again (20-40% of a training step here).
+KEEP_MAPPED = ('glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:'
+               'glibc.malloc.trim_threshold=100000000000:glibc.malloc.top_pad=536870912')
+# A single malloc arena is a further ~10% on training steps (and so on a PPO iteration, two
+# thirds of which is its update) but costs the batch-16 decoding loop 15-25%: measured
+# alternately, process by process, on this workload.
+ONE_ARENA = KEEP_MAPPED + ':glibc.malloc.arena_max=1'
+MALLOC = {'train_step': ONE_ARENA, 'generate': KEEP_MAPPED, 'ppo_iteration': ONE_ARENA,
+          'memory': KEEP_MAPPED}
 
-def run(module: str, *args: str) -> dict:
+
+def run(module: str, *args: str, inherit_malloc: bool = False) -> dict:
+    """Runs `benchmarks.<module>` in its own process and returns its JSON result, with the
+    process environment it ran in."""
+    env = dict(os.environ)
+    if not inherit_malloc:
+        env['GLIBC_TUNABLES'] = MALLOC[module]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, 'result.json')
         subprocess.run([sys.executable, '-m', f'benchmarks.{module}', *args, '--out', out],
-                       check=True)
+                       check=True, env=env)
         with open(out) as f:
-            return json.load(f)
+            result = json.load(f)
+    result['GLIBC_TUNABLES'] = env.get('GLIBC_TUNABLES', '')
+    return result
 
 
 def main():
@@ -34,10 +55,14 @@ def main():
     parser.add_argument('--peer_python', default='',
                         help='a Python with torch and transformers: also run the peer')
     parser.add_argument('--out', default='benchmarks.json')
+    parser.add_argument('--inherit_malloc', action='store_true',
+                        help="keep the caller's GLIBC_TUNABLES instead of `MALLOC`")
     args = parser.parse_args()
     peer = ['--peer_python', args.peer_python] if args.peer_python else []
-    results = {'train_step': run('train_step', *peer), 'generate': run('generate', *peer),
-               'ppo_iteration': run('ppo_iteration'), 'memory': run('memory')}
+    own = dict(inherit_malloc=args.inherit_malloc)
+    results = {'train_step': run('train_step', *peer, **own),
+               'generate': run('generate', *peer, **own),
+               'ppo_iteration': run('ppo_iteration', **own), 'memory': run('memory', **own)}
 
     print('\n== summary')
     train = results['train_step']

@@ -415,9 +415,13 @@ class Transformer(nnx.Module):
         return self.prefill(tokens_bt, positions_bt, segment_ids_bt)[0]
 
     def prefill(self, tokens_bt: Array, positions_bt: Array | None = None,
-                segment_ids_bt: Array | None = None):
+                segment_ids_bt: Array | None = None, blocks: Sequence[Block] | None = None):
         """Hidden states and every layer's keys and values `(k_lbkth, v_lbkth)` (the start of a
-        KV cache; XLA drops them when only the hidden states are used)."""
+        KV cache; XLA drops them when only the hidden states are used).
+
+        `blocks` (`unstacked_blocks()`, as decoding uses) runs the layers unrolled over those,
+        whose weights are already sliced and cast; by default the stacked blocks run as
+        `config.scan_layers` says."""
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
         if segment_ids_bt is None:
@@ -431,12 +435,15 @@ class Transformer(nnx.Module):
 
         if self.config.remat:
             layer = jax.checkpoint(layer, prevent_cse=False)
-        if self.config.scan_layers:
+        if blocks is None and self.config.scan_layers:
             x_btd, kv = jax.lax.scan(layer, x_btd, block_params)
         else:
+            per_layer = ([nnx.state(block) for block in blocks] if blocks is not None else
+                         [jax.tree.map(lambda p, i=i: p[i], block_params)
+                          for i in range(self.config.n_layer)])
             kvs = []
-            for i in range(self.config.n_layer):
-                x_btd, kv_i = layer(x_btd, jax.tree.map(lambda p, i=i: p[i], block_params))
+            for params in per_layer:
+                x_btd, kv_i = layer(x_btd, params)
                 kvs.append(kv_i)
             kv = jax.tree.map(lambda *layers: jnp.stack(layers), *kvs)
         return self.final_norm(x_btd), kv
@@ -444,8 +451,9 @@ class Transformer(nnx.Module):
     def unstacked_blocks(self) -> list[Block]:
         """The stacked blocks as one `Block` per layer (slices of the stacked parameters).
 
-        Decoding unrolls its layers over these, sliced once per generation call: a `scan` would
-        slice every layer's weights and KV cache out of the stacked arrays again at every token.
+        Generation (prefill and decoding) unrolls its layers over these, sliced once per call: a
+        `scan` would slice every layer's weights and KV cache out of the stacked arrays again at
+        every token.
         The matmul weights (`*_weight_*`) come in `matmul_dtype`, as every matmul uses them.
         """
         graphdef, state = nnx.split(self.blocks)
@@ -508,10 +516,12 @@ class GPT(nnx.Module):
                  segment_ids_bt: Array | None = None) -> Array:
         return self.logits(self.transformer(tokens_bt, positions_bt, segment_ids_bt))
 
-    def prefill(self, tokens_bt: Array, positions_bt: Array, segment_ids_bt: Array):
-        """`(logits [B, T, V], (k_lbkth, v_lbkth))`: a prompt's logits and its KV cache."""
-        h_btd, kv = self.transformer.prefill(tokens_bt, positions_bt, segment_ids_bt)
-        return self.logits(h_btd), kv
+    def prefill(self, tokens_bt: Array, positions_bt: Array, segment_ids_bt: Array,
+                blocks: Sequence[Block] | None = None):
+        """`(logits [B, V], (k_lbkth, v_lbkth))`: the logits after a (left-padded) prompt,
+        i.e. at its last position only, and the prompt's KV cache; see `Transformer.prefill`."""
+        h_btd, kv = self.transformer.prefill(tokens_bt, positions_bt, segment_ids_bt, blocks)
+        return self.logits(h_btd[:, -1:])[:, 0], kv
 
     def decode(self, tokens_bt: Array, positions_bt: Array, blocks: Sequence[Block],
                caches: Sequence[KVCache], mask_btc: Array):

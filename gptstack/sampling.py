@@ -14,8 +14,9 @@ model code, dtypes and sharding as training.
 - Randomness is `fold_in(key, decode step)`: the same key gives the same samples.
 
 Decoding a token reads every weight and the whole KV cache written so far, for a few small
-matmuls per layer, so its speed is set by memory traffic. Hence: the layers are unrolled over
-per-layer weights sliced (and cast to the matmul dtype) once per call; the cache is kept in
+matmuls per layer, so its speed is set by memory traffic. Hence: the layers (prefill's too) are
+unrolled over per-layer weights sliced (and cast to the matmul dtype) once per call; the prompt's
+logits are computed at its last position only; the cache is kept in
 blocks of `CACHE_BLOCK` slots with one decoding loop per block, so that a step reads only the
 blocks in use and writes its token in place; and tokens are drawn by inverting the cumulative
 distribution at one uniform number per row rather than with B×V Gumbel variates.
@@ -211,8 +212,8 @@ class Sampler:
                 valid_bc = slots_c[None, :] >= pad_b[:, None]
                 positions_bp = jnp.maximum(slots_c[None, :prompt_len] - pad_b[:, None], 0)
                 segment_ids_bp = valid_bc[:, :prompt_len].astype(jnp.int32)
-                logits_bpv, (k_lbkph, v_lbkph) = model.prefill(tokens_bp, positions_bp,
-                                                               segment_ids_bp)
+                logits_bv, (k_lbkph, v_lbkph) = model.prefill(tokens_bp, positions_bp,
+                                                              segment_ids_bp, layers)
                 # The cache, per layer: keys and values in blocks of `block` slots. Blocks before
                 # the one being written are only read; the prompt fills the first ones.
                 first_block = prompt_len // block
@@ -249,7 +250,7 @@ class Sampler:
                                   mask=live_b.astype(jnp.int32))
                     return {k: out[k].at[:, step].set(values[k]) for k in out}
 
-                token_b, sampled_lp, model_lp = pick(logits_bpv[:, -1], 0)
+                token_b, sampled_lp, model_lp = pick(logits_bv, 0)
                 out = record(out, 0, token_b, sampled_lp, model_lp, jnp.ones((batch,), bool))
                 done_b = jnp.isin(token_b, stop_ids)
 

@@ -41,7 +41,7 @@ from gptstack.model import KVCache
 
 log = logging.getLogger(__name__)
 Array = jax.Array
-PROMPT_BUCKET = 64
+MIN_PROMPT_BUCKET = 16
 CACHE_BLOCK = 64
 
 
@@ -154,10 +154,11 @@ class Sampler:
         self.truncated_prompts = 0
 
     def prompt_bucket(self, longest: int) -> int:
-        """Prompt lengths are rounded up to a multiple of `PROMPT_BUCKET` (capped by the
-        context), so a stream of prompts compiles only a few programs."""
+        """Prompt lengths are rounded up to a power of two, at least `MIN_PROMPT_BUCKET` (capped
+        by the context): a stream of prompts compiles a few programs, and the padding, which
+        every decoding step reads in the cache, stays below the prompt's own length."""
         limit = self.config.max_seq_len - self.max_new_tokens
-        return min(limit, PROMPT_BUCKET * math.ceil(max(longest, 1) / PROMPT_BUCKET))
+        return min(limit, max(MIN_PROMPT_BUCKET, 1 << (max(longest, 1) - 1).bit_length()))
 
     def __call__(self, params: nnx.State, prompts: Sequence[Sequence[int]], key: Array,
                  sampling: SamplingParams = SamplingParams()) -> dict[str, np.ndarray]:

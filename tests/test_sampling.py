@@ -39,15 +39,20 @@ def reference_greedy(graphdef, params, prompt, n_new, stop, width=128):
     return out
 
 
-@pytest.mark.parametrize('preset,n_new', [('toy', 12), ('toy-llama', 12), ('toy', 70)])
-def test_greedy_with_cache_equals_full_recompute(preset, n_new, mesh_1):
+# Prompt buckets of 32 (the prompt shares its cache block with the first new tokens) and 64 (the
+# prompt fills whole blocks); 70 new tokens cross from one cache block to the next.
+@pytest.mark.parametrize('preset,n_new,longest', [('toy', 12, 30), ('toy-llama', 12, 30),
+                                                  ('toy', 70, 30), ('toy', 12, 40)])
+def test_greedy_with_cache_equals_full_recompute(preset, n_new, longest, mesh_1):
     config, graphdef, params = build(preset, mesh_1)
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(10, 1000, size=n).tolist() for n in (5, 17, 1, 30)]
+    prompts = [rng.integers(10, 1000, size=n).tolist() for n in (5, 17, 1, longest)]
     sampler = Sampler(graphdef, config, mesh_1, 'fsdp', batch_size=4, max_new_tokens=n_new,
                       stop_ids=[STOP], pad_id=PAD)
-    # 70 new tokens after a 58-slot prompt bucket cross from the first cache block to the next.
-    assert n_new < CACHE_BLOCK or sampler.prompt_bucket(30) + n_new > CACHE_BLOCK
+    bucket = sampler.prompt_bucket(longest)
+    assert bucket == (32 if longest <= 32 else CACHE_BLOCK)
+    if n_new == 70:
+        assert bucket + n_new > CACHE_BLOCK  # decoding goes on in a second block
     out = sampler(params, prompts, jax.random.key(0), SamplingParams(temperature=0.0))
     for row, prompt in enumerate(prompts):
         expected = reference_greedy(graphdef, params, prompt, n_new, STOP)
@@ -173,11 +178,11 @@ def test_no_recompilation_within_a_prompt_bucket(mesh_1):
         lambda event, duration, **kw: compiles.append(event)
         if event == '/jax/core/compile/backend_compile_duration' else None)
     rng = np.random.default_rng(0)
-    sampler(params, [[5]], jax.random.key(0))  # compiles the bucket-64 program once
+    sampler(params, [[5] * 33], jax.random.key(0))  # compiles the bucket-64 program once
     before = len(compiles)
     assert before > 0  # the listener does see compilations
     for i in range(20):
-        lengths = rng.integers(1, 64, size=2)
+        lengths = rng.integers(33, 65, size=2)
         prompts = [rng.integers(10, 1000, size=n).tolist() for n in lengths]
         sampler(params, prompts[: 1 + i % 2], jax.random.key(i),
                 SamplingParams(temperature=float(rng.uniform(0, 2)), top_k=int(i % 5),

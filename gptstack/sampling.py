@@ -18,7 +18,8 @@ matmuls per layer, so its speed is set by memory traffic. Hence: the layers (pre
 unrolled over per-layer weights sliced (and cast to the matmul dtype) once per call; the prompt's
 logits are computed at its last position only; the cache is kept in
 blocks of `CACHE_BLOCK` slots with one decoding loop per block, so that a step reads only the
-blocks in use and writes its token in place; and tokens are drawn by inverting the cumulative
+blocks in use and writes only the block it carries (the filled ones are joined into one array
+between loops); and tokens are drawn by inverting the cumulative
 distribution at one uniform number per row rather than with B×V Gumbel variates.
 """
 
@@ -228,7 +229,14 @@ class Sampler:
 
                 prompt_cache = [(blocks_of(k_lbkph[i]), blocks_of(v_lbkph[i]))
                                 for i in range(len(layers))]
-                full = [(keys[:-1], values[:-1]) for keys, values in prompt_cache]
+
+                def merged(blocks):
+                    """Read-only blocks as one (a copy once per loop, not per step): a step then
+                    runs two attention matmuls per layer on them rather than two per block."""
+                    return ([sharding.constrain(jnp.concatenate(blocks, axis=2), blocks_bkch)]
+                            if blocks else [])
+
+                full = [(merged(keys[:-1]), merged(values[:-1])) for keys, values in prompt_cache]
                 current = [(keys[-1], values[-1]) for keys, values in prompt_cache]
 
                 def pick(logits_bv, step):
@@ -295,7 +303,8 @@ class Sampler:
                     end_step = min(n_new, (block_index + 1) * block - prompt_len + 1)
                     step, token_b, done_b, current, out = decode_loop(
                         (step, token_b, done_b, current, out), full, block_index, end_step)
-                    full = joined(full, current)
+                    full = [(merged(keys), merged(values))
+                            for keys, values in joined(full, current)]
                     empty = sharding.constrain(jnp.zeros_like(current[0][0]), blocks_bkch)
                     current = [(empty, empty)] * len(layers)
                     block_index += 1

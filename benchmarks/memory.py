@@ -22,32 +22,22 @@ import argparse
 import json
 
 import jax
-import jax.numpy as jnp
 
 from gptstack import sharding
-from gptstack.checkpoint import abstract_with_shardings
+from gptstack.aot import lower_pretrain_step
 from gptstack.config import GPTConfig, MeshConfig, OptimConfig
 from gptstack.model import GPT, count_params
-from gptstack.optim import make_optimizer
-from gptstack.state import abstract_model, abstract_train_state, state_shardings
-from gptstack.steps.lm import BATCH_KEYS, make_lm_step
+from gptstack.state import abstract_model
+from gptstack.steps.lm import BATCH_KEYS
 
 BATCH, SEQ = 16, 256
 
 
 def measure(config: GPTConfig, devices: int) -> dict:
     mesh = sharding.make_mesh(MeshConfig(fsdp=devices), devices=jax.devices()[:devices])
-    tx, schedule = make_optimizer(OptimConfig(lr=3e-4, total_steps=1000, warmup_steps=10))
-    model_fn = lambda rngs: GPT(config, rngs=rngs)  # noqa: E731
-    graphdef, _ = abstract_model(model_fn)
-    abstract_state = abstract_train_state(model_fn, tx)
-    shardings = state_shardings(abstract_state, mesh, 'fsdp', tx)
-    step = make_lm_step(graphdef, tx, schedule, mesh, 'fsdp', shardings, BATCH)
-    batch_sharding = sharding.batch_sharding(mesh, 'fsdp', BATCH)
-    batch = {key: jax.ShapeDtypeStruct((BATCH, SEQ), jnp.int32, sharding=batch_sharding)
-             for key in BATCH_KEYS}
-    compiled = step.lower(abstract_with_shardings(abstract_state, shardings), batch).compile()
-    memory = compiled.memory_analysis()
+    optim = OptimConfig(lr=3e-4, total_steps=1000, warmup_steps=10)
+    lowered, _ = lower_pretrain_step(config, optim, mesh, 'fsdp', BATCH, SEQ)
+    memory = lowered.compile().memory_analysis()
     batch_bytes = len(BATCH_KEYS) * BATCH * SEQ * 4 // devices
     return {'devices': devices, 'argument_bytes': memory.argument_size_in_bytes,
             'batch_bytes': batch_bytes,

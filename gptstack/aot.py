@@ -142,6 +142,23 @@ class CompileReport:
         return self.tokens_per_step / self.step_seconds
 
 
+def lower_pretrain_step(model_config: GPTConfig, optim_config: OptimConfig, mesh, rules: str,
+                        batch_size: int, seq_len: int):
+    """`(lowered step, abstract params)`: the pretraining step lowered for `mesh` on abstract
+    state and batch (shapes and shardings only; nothing is allocated or run)."""
+    tx, schedule = make_optimizer(optim_config)
+    model_fn = lambda rngs: GPT(model_config, rngs=rngs)  # noqa: E731
+    graphdef, abstract_params = abstract_model(model_fn)
+    abstract_state = abstract_train_state(model_fn, tx)
+    shardings = state_shardings(abstract_state, mesh, rules, tx)
+    step = make_lm_step(graphdef, tx, schedule, mesh, rules, shardings, batch_size,
+                        optim_config.accum_steps)
+    batch_sharding = sharding.batch_sharding(mesh, rules, batch_size)
+    batch = {key: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=batch_sharding)
+             for key in BATCH_KEYS}
+    return step.lower(abstract_with_shardings(abstract_state, shardings), batch), abstract_params
+
+
 def compile_pretrain_step(config, topology: str, mfu: float = 0.4) -> CompileReport:
     """Compiles the pretraining step of a pretrain `config` for a TPU slice, without the slice.
 
@@ -157,18 +174,8 @@ def compile_pretrain_step(config, topology: str, mfu: float = 0.4) -> CompileRep
     model['vocab_size'] = model['vocab_size'] or config.tokenizer.vocab_size
     model_config = GPTConfig.from_dict(model)
     batch_size, seq_len = config.data.batch_size, config.data.seq_len
-    optim_config = OptimConfig.from_dict(config.optim)
-    tx, schedule = make_optimizer(optim_config)
-    model_fn = lambda rngs: GPT(model_config, rngs=rngs)  # noqa: E731
-    graphdef, abstract_params = abstract_model(model_fn)
-    abstract_state = abstract_train_state(model_fn, tx)
-    shardings = state_shardings(abstract_state, mesh, rules, tx)
-    step = make_lm_step(graphdef, tx, schedule, mesh, rules, shardings, batch_size,
-                        optim_config.accum_steps)
-    batch_sharding = sharding.batch_sharding(mesh, rules, batch_size)
-    batch = {key: jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=batch_sharding)
-             for key in BATCH_KEYS}
-    lowered = step.lower(abstract_with_shardings(abstract_state, shardings), batch)
+    lowered, abstract_params = lower_pretrain_step(
+        model_config, OptimConfig.from_dict(config.optim), mesh, rules, batch_size, seq_len)
     tokens = batch_size * seq_len
     report = functools.partial(
         CompileReport, slice=slice_, devices=len(devices), mesh=sharding.describe(mesh),

@@ -40,11 +40,13 @@ def reference_greedy(graphdef, params, prompt, n_new, stop, width=128):
 
 
 # Prompt buckets of 32 (the prompt shares its cache block with the first new tokens) and 64 (the
-# prompt fills whole blocks); 70 new tokens cross from one cache block to the next.
-@pytest.mark.parametrize('preset,n_new,longest', [('toy', 12, 30), ('toy-llama', 12, 30),
-                                                  ('toy', 70, 30), ('toy', 12, 40)])
-def test_greedy_with_cache_equals_full_recompute(preset, n_new, longest, mesh_1):
-    config, graphdef, params = build(preset, mesh_1)
+# prompt fills whole blocks); 70 new tokens cross from one cache block to the next, 150 (with a
+# longer context) into a third, after the first two were joined into one read-only array.
+@pytest.mark.parametrize('preset,n_new,longest,context', [
+    ('toy', 12, 30, 128), ('toy-llama', 12, 30, 128), ('toy', 70, 30, 128), ('toy', 12, 40, 128),
+    ('toy', 150, 30, 256)])
+def test_greedy_with_cache_equals_full_recompute(preset, n_new, longest, context, mesh_1):
+    config, graphdef, params = build(preset, mesh_1, max_seq_len=context)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(10, 1000, size=n).tolist() for n in (5, 17, 1, longest)]
     sampler = Sampler(graphdef, config, mesh_1, 'fsdp', batch_size=4, max_new_tokens=n_new,
@@ -53,9 +55,11 @@ def test_greedy_with_cache_equals_full_recompute(preset, n_new, longest, mesh_1)
     assert bucket == (32 if longest <= 32 else CACHE_BLOCK)
     if n_new == 70:
         assert bucket + n_new > CACHE_BLOCK  # decoding goes on in a second block
+    if n_new == 150:
+        assert bucket + n_new > 2 * CACHE_BLOCK  # and in a third
     out = sampler(params, prompts, jax.random.key(0), SamplingParams(temperature=0.0))
     for row, prompt in enumerate(prompts):
-        expected = reference_greedy(graphdef, params, prompt, n_new, STOP)
+        expected = reference_greedy(graphdef, params, prompt, n_new, STOP, width=context)
         n = int(out['lengths'][row])
         assert out['tokens'][row, :n].tolist() == expected
         assert (out['tokens'][row, n:] == PAD).all() and (out['mask'][row, n:] == 0).all()

@@ -21,7 +21,7 @@ import numpy as np
 from experiments import tokenizer as tokenizer_stage
 from gptstack import loop, report, sharding
 from gptstack.checkpoint import Checkpointer, abstract_with_shardings
-from gptstack.config import ConfigError, GPTConfig, MeshConfig, OptimConfig
+from gptstack.config import COMPUTE_FIELDS, ConfigError, GPTConfig, MeshConfig, OptimConfig
 from gptstack.data import pretrain as data
 from gptstack.data.sources import specs_from_config
 from gptstack.data.tokenizer import Tokenizer
@@ -53,13 +53,17 @@ def model_config_for(config, tokenizer: Tokenizer) -> GPTConfig:
 
 
 def check_compatible(meta: dict, tokenizer: Tokenizer, model_config: GPTConfig, where) -> None:
-    """Refuses a checkpoint trained with another tokenizer or model shape."""
+    """Refuses a checkpoint trained with another tokenizer or model shape. The saved config is
+    read back as a `GPTConfig` (fields it predates take their defaults), and the compute policy
+    (`COMPUTE_FIELDS`) may differ."""
     if meta.get('tokenizer_sha256') != tokenizer.sha256:
         raise ConfigError(f'{where} was trained with tokenizer sha256 '
                           f'{meta.get("tokenizer_sha256")}, but this run uses {tokenizer.sha256}')
-    saved = meta.get('model', {})
+    if 'model' not in meta:
+        raise ConfigError(f'{where} records no model config')
+    saved = dataclasses.asdict(GPTConfig.from_dict(meta['model']))
     current = dataclasses.asdict(model_config)
-    diff = sorted(k for k in current if saved.get(k) != current[k])
+    diff = sorted(k for k in current if k not in COMPUTE_FIELDS and saved[k] != current[k])
     if diff:
         raise ConfigError(f'{where} has a different model config: ' + ', '.join(
             f'{k}={saved.get(k)!r} there vs {current[k]!r} here' for k in diff))

@@ -41,6 +41,12 @@ def _from_mapping(cls, values: Mapping[str, Any] | Any, **overrides):
     return cls(**values)
 
 
+# `GPTConfig` fields that choose how the model computes, not what its parameters are: a
+# checkpoint continues under any of them (finetune a float32 run in the mixed policy, turn on
+# rematerialisation after a restart).
+COMPUTE_FIELDS = ('dtype', 'matmul_dtype', 'remat', 'scan_layers')
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class GPTConfig:
     """Shape and architecture of a decoder-only transformer.

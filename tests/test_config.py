@@ -1,6 +1,8 @@
 """Config validation and preset sizes: `python -m pytest -q tests/test_config.py`."""
 
+import dataclasses
 import re
+import types
 
 import jax
 import pytest
@@ -96,3 +98,20 @@ def test_mesh_must_match_the_devices():
     mesh = sharding.make_mesh(MeshConfig(data=2, fsdp=-1, tensor=2))
     assert dict(mesh.shape) == {'data': 2, 'fsdp': 2, 'tensor': 2}
     assert len(jax.devices()) == mesh.devices.size
+
+
+def test_checkpoint_compatibility_ignores_compute_policy_and_fields_it_predates():
+    from experiments.pretrain import check_compatible
+    tokenizer = types.SimpleNamespace(sha256='abc')
+    current = GPTConfig.preset('toy', matmul_dtype='bfloat16', remat=True)
+    saved = dataclasses.asdict(GPTConfig.preset('toy'))
+    del saved['scan_layers']  # written before the field existed: it reads back as the default
+    meta = {'tokenizer_sha256': 'abc', 'model': saved}
+    check_compatible(meta, tokenizer, current, 'ckpt/7')
+    with pytest.raises(ConfigError, match=re.escape(
+            'ckpt/7 has a different model config: d_ff=768 there vs 384 here, '
+            'd_model=192 there vs 96 here')):
+        check_compatible({**meta, 'model': {**saved, 'd_model': 192, 'd_ff': None}},
+                         tokenizer, current, 'ckpt/7')
+    with pytest.raises(ConfigError, match='ckpt/7 was trained with tokenizer sha256 xyz'):
+        check_compatible({**meta, 'tokenizer_sha256': 'xyz'}, tokenizer, current, 'ckpt/7')

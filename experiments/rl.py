@@ -99,6 +99,10 @@ def run(config, workdir: pathlib.Path) -> str:
     shutil.copyfile(pathlib.Path(config.init_from) / 'tokenizer.model',
                     workdir / 'tokenizer.model')
     train_prompts, eval_prompts = read_split(config, 'train'), read_split(config, 'validation')
+    if config.eval.prompts > len(eval_prompts):
+        raise ConfigError(f'eval.prompts={config.eval.prompts} exceeds the {len(eval_prompts)} '
+                          f'held-out prompts of data.validation={config.data.validation} '
+                          '(raise data.validation_prompts for the embedded suite)')
     if config.rl.reward == 'gold' and train_prompts[0].gold('') is None:
         raise ConfigError("rl.reward='gold' needs prompts with a gold scorer (embedded:tasks) "
                           "or an 'answer' field")

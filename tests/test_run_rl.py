@@ -99,3 +99,8 @@ def test_rl_verifiable_rewards_and_bad_inputs(sft_workdir, reward_workdir, tmp_p
     result = run(rl_command(tmp_path / 'c', sft_workdir, reward_workdir,
                             '--config.rl.ppo.kl_estimator=k2'))
     assert "rl.kl_estimator='k2': expected k1 or k3" in result.stderr
+    result = run(rl_command(tmp_path / 'd', sft_workdir, reward_workdir,
+                            '--config.eval.prompts=17'))
+    assert result.returncode == 1
+    assert ('eval.prompts=17 exceeds the 16 held-out prompts of data.validation=embedded:tasks '
+            '(raise data.validation_prompts for the embedded suite)') in result.stderr

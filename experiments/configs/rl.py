@@ -57,7 +57,8 @@ def get_config(arg=None):
     config.rl.ptx.batch_size = 8
     config.rl.ptx.cache_dir = ml_collections.config_dict.placeholder(str)
 
-    config.train = common.train_config(100, eval_every=50, sample_every=0,
+    # Held-out evaluations every 25 iterations: five points on the reward-against-KL curve.
+    config.train = common.train_config(100, eval_every=25, sample_every=0,
                                        checkpoint_every=25)
     # The actor's optimizer; the critic's below.
     config.optim = common.optim_config(lr=1e-4, warmup_steps=5, weight_decay=0.0,
@@ -70,7 +71,9 @@ def get_config(arg=None):
 
     config.eval = ml_collections.ConfigDict()
     # Held-out prompts answered at every evaluation: `samples` sampled replies each (a prompt
-    # scores their mean) and one greedy reply.
+    # scores their mean) and one greedy reply; at most the held-out prompts there are
+    # (`data.validation_prompts` of the embedded suite). 512 prompts put the standard error of
+    # the gold-score gain over the SFT policy near 0.006.
     config.eval.prompts = 512
     config.eval.samples = 4
 

@@ -66,7 +66,7 @@ def check_compatible(meta: dict, tokenizer: Tokenizer, model_config: GPTConfig, 
     diff = sorted(k for k in current if k not in COMPUTE_FIELDS and saved[k] != current[k])
     if diff:
         raise ConfigError(f'{where} has a different model config: ' + ', '.join(
-            f'{k}={saved.get(k)!r} there vs {current[k]!r} here' for k in diff))
+            f'{k}={saved[k]!r} there vs {current[k]!r} here' for k in diff))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,13 +14,13 @@ model code, dtypes and sharding as training.
 - Randomness is `fold_in(key, decode step)`: the same key gives the same samples.
 
 Decoding a token reads every weight and the whole KV cache written so far, for a few small
-matmuls per layer, so its speed is set by per-call and per-byte costs, not arithmetic. Hence: the layers (prefill's too) are
-unrolled over per-layer weights sliced (and cast to the matmul dtype) once per call; the prompt's
-logits are computed at its last position only; the cache is kept in blocks of `CACHE_BLOCK`
-slots with one decoding loop per block, so that a step reads only the blocks in use and writes
-only the block it carries (the filled ones are joined into one array between loops); and tokens
-are drawn by inverting the cumulative distribution at one uniform number per row rather than
-with B×V Gumbel variates.
+matmuls per layer, so its speed is set by per-call and per-byte costs, not arithmetic. Hence:
+the layers (prefill's too) are unrolled over per-layer weights sliced (and cast to the matmul
+dtype) once per call; the prompt's logits are computed at its last position only; the cache is
+kept in blocks of `CACHE_BLOCK` slots with one decoding loop per block, so that a step reads
+only the blocks in use and writes only the block it carries (the filled ones are joined into one
+array between loops); and tokens are drawn by inverting the cumulative distribution at one
+uniform number per row rather than with B×V Gumbel variates.
 """
 
 from __future__ import annotations

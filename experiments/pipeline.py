@@ -293,6 +293,19 @@ def stage_table(config, workdir: pathlib.Path, ledger: dict) -> list[tuple]:
     return rows
 
 
+def intervals(sft: dict, ppo: dict) -> str:
+    """The two models' gold scores as `mean ± 2 se` intervals, and whether they overlap."""
+    spans = [(m['gold'] - 2 * m['gold_stderr'], m['gold'] + 2 * m['gold_stderr'])
+             for m in (sft, ppo)]
+    if spans[1][0] > spans[0][1]:
+        verdict = 'PPO above SFT, not overlapping'
+    elif spans[0][0] > spans[1][1]:
+        verdict = 'PPO below SFT, not overlapping'
+    else:
+        verdict = 'overlapping'
+    return ' vs '.join(f'[{a:.4f}, {b:.4f}]' for a, b in spans) + f' ({verdict})'
+
+
 def write_report(config, workdir: pathlib.Path, ledger: dict, comparison: dict) -> str:
     models = comparison['models']
     gold_rows = []
@@ -335,6 +348,7 @@ def write_report(config, workdir: pathlib.Path, ledger: dict, comparison: dict) 
         ('PPO over SFT (paired over prompts)',
          f'{ppo_gain["mean"]:+.4f} ± {ppo_gain["stderr"]:.4f} '
          f'({ppo_gain["mean"] / max(ppo_gain["stderr"], 1e-12):.1f} standard errors)'),
+        ('SFT and PPO gold score, ± 2 standard errors', intervals(models['sft'], models['ppo'])),
         ('reward model: held-out pairwise accuracy',
          f'{rm_eval.get("val_accuracy", math.nan):.3f} ± '
          f'{rm_eval.get("val_accuracy_stderr", math.nan):.3f} (agreement with the gold scorer '

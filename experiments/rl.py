@@ -2,13 +2,14 @@
 reference) and a reward-model workdir (`reward_from`: frozen reward model and the critic's
 starting point).
 
-Each iteration samples a response to `data.batch_size` training prompts with our KV-cache
-sampler, scores them with the reward model (or, with `rl.reward='gold'`, with the task gold
-scorer: the verifiable-reward mode), subtracts a per-token KL penalty to the reference and runs
-PPO epochs (see `gptstack.steps.ppo`). Evaluation samples held-out prompts and reports their gold
-score (sampled and greedy), reward-model score and KL to the reference, for the SFT policy at
-step 0 and then during training, so the report can plot proxy reward and gold score against KL:
-over-optimisation of the reward model shows as the two parting ways. Re-running resumes exactly.
+Each iteration samples `data.batch_size` responses (`rl.ppo.group_size` to each training
+prompt) with our KV-cache sampler, scores them with the reward model (or, with
+`rl.reward='gold'`, with the task gold scorer: the verifiable-reward mode), subtracts a
+per-token KL penalty to the reference and runs PPO epochs (see `gptstack.steps.ppo`).
+Evaluation samples held-out prompts and reports their gold score (sampled and greedy),
+reward-model score and KL to the reference, for the SFT policy at step 0 and then during
+training, so the report can plot proxy reward and gold score against KL: over-optimisation of
+the reward model shows as the two parting ways. Re-running resumes exactly.
 """
 
 from __future__ import annotations
@@ -107,9 +108,13 @@ def run(config, workdir: pathlib.Path) -> str:
         raise ConfigError("rl.reward='gold' needs prompts with a gold scorer (embedded:tasks) "
                           "or an 'answer' field")
     batch_size, max_new = config.data.batch_size, config.data.max_new_tokens
+    if batch_size % ppo_config.group_size:
+        raise ConfigError(f'data.batch_size={batch_size} rollouts is not divisible by '
+                          f'rl.ppo.group_size={ppo_config.group_size} replies per prompt')
     max_prompt = actor_config.max_seq_len - max_new - 1
     data_iterator = iter(prompts_data.prompt_dataset(train_prompts, tokenizer, max_prompt,
-                                                     batch_size, config.seed))
+                                                     batch_size // ppo_config.group_size,
+                                                     config.seed))
     if ppo_config.ptx_coef > 0:  # PPO-ptx: pretraining rows resume together with the prompts
         data_iterator = prompts_data.ZipIterator(
             prompts=data_iterator, ptx=iter(ptx_dataset(config, workdir, tokenizer, ppo_config)))

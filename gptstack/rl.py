@@ -56,6 +56,14 @@ def whiten(x: Array, mask: Array, shift_mean: bool = True, eps: float = 1e-8) ->
     return (scaled if shift_mean else scaled + mean) * mask
 
 
+def center_groups(scores_b: Array, group_size: int) -> Array:
+    """Each score minus the mean of its group of `group_size` consecutive rows (the replies to
+    one prompt). A Bradley-Terry reward model is trained on differences between replies to the
+    same prompt, so only those differences mean anything; the group mean removes the rest."""
+    groups = scores_b.reshape(-1, group_size)
+    return (groups - groups.mean(axis=1, keepdims=True)).reshape(scores_b.shape)
+
+
 @flax.struct.dataclass
 class RunningMoments:
     """Mean and variance of every value seen so far (Chan et al.'s parallel update)."""

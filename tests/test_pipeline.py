@@ -4,7 +4,7 @@ finished pipeline, and a pipeline killed with `kill -9` in the middle of a stage
 import json
 import shutil
 
-from experiments.pipeline import COMPARISON, LEDGER, MODELS
+from experiments.pipeline import COMPARISON, LEDGER, MODELS, intervals
 from tests.runs import metrics, pipeline_command, run, start_and_wait_for_checkpoint
 
 STAGES = ('tokenizer', 'pretrain', 'sft', 'reward', 'rl')
@@ -21,6 +21,15 @@ def comparable(workdir):
     comparison = json.loads((workdir / COMPARISON).read_text())
     comparison.pop('seconds')
     return stages, comparison
+
+
+def test_intervals_of_two_standard_errors_and_their_overlap():
+    sft = {'gold': 0.10, 'gold_stderr': 0.005}
+    assert intervals(sft, {'gold': 0.125, 'gold_stderr': 0.0025}) == \
+        '[0.0900, 0.1100] vs [0.1200, 0.1300] (PPO above SFT, not overlapping)'
+    assert intervals(sft, {'gold': 0.115, 'gold_stderr': 0.0025}).endswith('(overlapping)')
+    assert intervals(sft, {'gold': 0.07, 'gold_stderr': 0.005}).endswith(
+        '(PPO below SFT, not overlapping)')
 
 
 def test_pipeline_runs_every_stage_into_one_report(pipeline_workdir):
@@ -60,6 +69,7 @@ def test_pipeline_runs_every_stage_into_one_report(pipeline_workdir):
         assert heading in report, heading
     assert 'reward model: held-out pairwise accuracy' in report
     assert 'KL of the final PPO policy to the SFT model' in report
+    assert 'SFT and PPO gold score, ± 2 standard errors' in report
     for image in ('stages.png', 'gold.png'):
         assert (pipeline_workdir / image).stat().st_size > 0
 

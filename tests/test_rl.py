@@ -86,6 +86,18 @@ def test_kl_estimators_and_their_means():
         losses.kl_penalty(logp, logq, 'k2')
 
 
+def test_group_centring_subtracts_each_prompts_mean_score():
+    scores = np.array([1.0, 2.0, 6.0, -1.0, 0.5, 0.5, 3.0, 7.0], np.float32)
+    expected = scores.copy()
+    for start in range(0, len(scores), 4):  # groups of 4 consecutive replies
+        expected[start:start + 4] -= scores[start:start + 4].mean()
+    np.testing.assert_allclose(np.asarray(rl.center_groups(jnp.asarray(scores), 4)), expected,
+                               atol=1e-6)
+    assert expected[:4].tolist() == [-1.0, 0.0, 4.0, -3.0]
+    # Groups of one are the identity up to their own mean: every score becomes 0.
+    assert not np.asarray(rl.center_groups(jnp.asarray(scores), 1)).any()
+
+
 def test_whitening_running_moments_and_kl_controller():
     rng = np.random.default_rng(3)
     x = rng.normal(loc=3.0, scale=2.0, size=(4, 6)).astype(np.float32)

@@ -31,6 +31,8 @@ def test_rl_smoke_run_reports_sft_and_ppo(sft_workdir, reward_workdir, tmp_path)
     assert records[0]['val/kl'] == 0.0  # the SFT policy is the reference
     train = [r for r in records if 'policy_loss' in r]
     assert [r['step'] for r in train] == [1, 2]
+    # Four replies to each of four prompts, each scored against its group's mean score.
+    assert all(abs(r['score']) < 1e-5 and r['rm_score'] != 0 for r in train)
     for key in ('rm_score', 'gold', 'kl', 'entropy', 'clipfrac', 'approx_kl', 'value_loss',
                 'explained_variance', 'response_length', 'time/generate', 'time/score',
                 'time/update', 'tokens_per_sec/generate'):
@@ -87,7 +89,7 @@ def test_rl_with_ptx_kill_9_then_resume_continues_exactly(sft_workdir, reward_wo
 
 def test_rl_verifiable_rewards_and_bad_inputs(sft_workdir, reward_workdir, tmp_path):
     result = run(rl_command(tmp_path / 'gold', sft_workdir, reward_workdir,
-                            '--config.rl.reward=gold'))
+                            '--config.rl.reward=gold', '--config.rl.ppo.group_size=1'))
     assert result.returncode == 0, result.stderr[-3000:]
     train = [r for r in metrics(tmp_path / 'gold') if 'policy_loss' in r]
     assert all(r['score'] == r['gold'] for r in train)  # the reward is the gold score
@@ -99,6 +101,11 @@ def test_rl_verifiable_rewards_and_bad_inputs(sft_workdir, reward_workdir, tmp_p
     result = run(rl_command(tmp_path / 'c', sft_workdir, reward_workdir,
                             '--config.rl.ppo.kl_estimator=k2'))
     assert "rl.kl_estimator='k2': expected k1 or k3" in result.stderr
+    result = run(rl_command(tmp_path / 'e', sft_workdir, reward_workdir,
+                            '--config.rl.ppo.group_size=3'))
+    assert result.returncode == 1
+    assert ('data.batch_size=16 rollouts is not divisible by rl.ppo.group_size=3 replies per '
+            'prompt') in result.stderr
     result = run(rl_command(tmp_path / 'd', sft_workdir, reward_workdir,
                             '--config.eval.prompts=17'))
     assert result.returncode == 1

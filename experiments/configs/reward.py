@@ -34,7 +34,7 @@ def get_config(arg=None):
     config.data.validation = 'embedded:tasks'
     config.data.val_fraction = 0.1
     # Task prompts to make comparisons for (embedded:tasks).
-    config.data.train_prompts = 3000
+    config.data.train_prompts = 6000
     config.data.validation_prompts = 256
     # K: completions per prompt (at most, for files); all K(K-1)/2 pairs go in one batch element.
     config.data.completions = 4

@@ -4,11 +4,11 @@ COMMAND (after the default SFT and reward runs; embedded task suite, no download
   python -m experiments.run --config=experiments/configs/rl.py --workdir=workdirs/rl \
       --config.init_from=workdirs/sft --config.reward_from=workdirs/reward
 
-The actor starts as the SFT model and the critic as the reward model; each iteration samples one
-reply to each of `data.batch_size` training task prompts. `--config.rl.reward=gold` replaces the
-reward model by the task gold scorer (verifiable rewards). The report compares the held-out gold
-score of the SFT policy (step 0) and the PPO policy and plots reward-model score and gold score
-against the KL to the SFT model.
+The actor starts as the SFT model and the critic as the reward model; each iteration samples
+`data.batch_size` replies, `rl.ppo.group_size` to each training task prompt.
+`--config.rl.reward=gold` replaces the reward model by the task gold scorer (verifiable rewards).
+The report compares the held-out gold score of the SFT policy (step 0) and the PPO policy and
+plots reward-model score and gold score against the KL to the SFT model.
 Args: `runlocal` (a few iterations of a smoke test).
 """
 
@@ -37,7 +37,7 @@ def get_config(arg=None):
     config.data.validation = 'embedded:tasks'
     config.data.train_prompts = 20_000
     config.data.validation_prompts = 512
-    # Rollouts (prompts) per PPO iteration, and the response budget.
+    # Rollouts (replies) per PPO iteration, and the response budget.
     config.data.batch_size = 64
     config.data.max_new_tokens = 48
     config.data.max_skips = 0
@@ -46,8 +46,10 @@ def get_config(arg=None):
     # 'model': the reward model's score; 'gold': the task gold scorer or exact match with the
     # prompt's 'answer' (verifiable rewards).
     config.rl.reward = 'model'
+    # Four replies to each of 16 prompts per iteration, each scored against its group's mean:
+    # the reward model learned only differences between replies to one prompt.
     config.rl.ppo = ml_collections.ConfigDict(dataclasses.asdict(PPOConfig(
-        epochs=2, minibatches=2, kl_coef=0.05, truncated_penalty=0.0)))
+        epochs=2, minibatches=2, kl_coef=0.05, truncated_penalty=0.0, group_size=4)))
 
     # PPO-ptx (rl.ppo.ptx_coef > 0): the language-model loss on these pretraining rows joins
     # the actor's objective, `batch_size` rows per update.

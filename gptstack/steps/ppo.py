@@ -10,10 +10,11 @@ without touching the rest):
     reference  `GPT`, frozen SFT model: the anchor of the KL penalty
     reward     `ScoreModel`, frozen; the reward is its score at `<|reward|>` after the response
 
-One iteration (`PPO.__call__`): sample a response to each prompt (`gptstack.sampling`) ->
-`score` (jitted: actor and reference log-probs, values, reward) -> `advantages` (jitted: per-token
-rewards `-β·KL` plus the score at the last token, GAE, whitening, the KL controller and running
-reward statistics) -> `epochs` passes of `minibatches` jitted `update`s (clipped surrogate with an
+One iteration (`PPO.__call__`): sample `group_size` responses to each prompt
+(`gptstack.sampling`) -> `score` (jitted: actor and reference log-probs, values, reward) ->
+`advantages` (jitted: the scores centred within each prompt's group, per-token rewards `-β·KL`
+plus the score at the last token, GAE, whitening, the KL controller and running reward
+statistics) -> `epochs` passes of `minibatches` jitted `update`s (clipped surrogate with an
 optional entropy bonus and PPO-ptx language-model term for the actor, clipped value loss for the
 critic). The rollout layout, one row per prompt:
 
@@ -89,12 +90,17 @@ class PPOConfig:
     # PPO-ptx: weight of the language-model loss on pretraining rows in the actor's objective.
     ptx_coef: float = 0.0
     temperature: float = 1.0
+    # Replies sampled per prompt (consecutive rollout rows). > 1: each score is centred on the
+    # mean score of its prompt's replies before the KL penalty is added (`rl.center_groups`).
+    group_size: int = 1
 
     def __post_init__(self):
         if self.kl_estimator not in ('k1', 'k3'):
             raise ConfigError(f'rl.kl_estimator={self.kl_estimator!r}: expected k1 or k3')
         if self.epochs < 1 or self.minibatches < 1:
             raise ConfigError('rl.epochs and rl.minibatches must be >= 1')
+        if self.group_size < 1:
+            raise ConfigError(f'rl.group_size={self.group_size}: expected >= 1')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,6 +185,9 @@ class PPO:
             raise ConfigError(f'rollout batch {self.batch_size} is not divisible by '
                              f'rl.minibatches={config.minibatches}')
         self.minibatch_size = self.batch_size // config.minibatches
+        if self.batch_size % config.group_size:
+            raise ConfigError(f'rollout batch {self.batch_size} is not divisible by '
+                             f'rl.group_size={config.group_size}')
         if verifiable and judge is None:
             raise ValueError('the verifiable-reward mode needs a judge')
         # Each compiles once per rollout shape (a few prompt and response buckets).
@@ -216,6 +225,8 @@ class PPO:
             kl_bn = losses.kl_penalty(scored['logp'], scored['ref_logp'],
                                       config.kl_estimator) * mask_bn
             stats = state.reward_stats
+            if config.group_size > 1:
+                score_b = rl.center_groups(score_b, config.group_size)
             if config.normalize_reward:
                 stats = stats.update(score_b)
                 score_b = (score_b - stats.mean) / (stats.std + 1e-6)
@@ -325,7 +336,11 @@ class PPO:
     # --- one iteration on the host ------------------------------------------------------------
     def __call__(self, state: PPOState, prompt_batch: dict, key: Array,
                  ptx_batch: dict | None = None):
+        """One iteration on `prompt_batch`: `batch_size / group_size` prompts, each answered
+        `group_size` times."""
         config = self.config
+        prompt_batch = {k: np.repeat(np.asarray(v), config.group_size, axis=0)
+                        for k, v in prompt_batch.items()}
         prompts = [list(row[:length]) for row, length in
                    zip(prompt_batch['tokens'], prompt_batch['lengths'], strict=True)]
         timings = {}

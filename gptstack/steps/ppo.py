@@ -16,7 +16,7 @@ One iteration (`PPO.__call__`): sample `group_size` responses to each prompt
 plus the score at the last token, GAE, whitening, the KL controller and running reward
 statistics) -> `epochs` passes of `minibatches` jitted `update`s (clipped surrogate with an
 optional entropy bonus and PPO-ptx language-model term for the actor, clipped value loss for the
-critic). The rollout layout, one row per prompt:
+critic). The rollout layout, one row per reply:
 
     tokens  [B, P + N + 1]  the prompt left-padded to P, the N response slots (padded after the
                             stop token), and `<|reward|>` right after the response

@@ -94,7 +94,7 @@ def test_group_centring_subtracts_each_prompts_mean_score():
     np.testing.assert_allclose(np.asarray(rl.center_groups(jnp.asarray(scores), 4)), expected,
                                atol=1e-6)
     assert expected[:4].tolist() == [-1.0, 0.0, 4.0, -3.0]
-    # Groups of one are the identity up to their own mean: every score becomes 0.
+    # A group of one is its own mean: every score becomes 0 (PPO centres only groups of 2+).
     assert not np.asarray(rl.center_groups(jnp.asarray(scores), 1)).any()
 
 

@@ -47,9 +47,11 @@ def get_config(arg=None):
     # prompt's 'answer' (verifiable rewards).
     config.rl.reward = 'model'
     # Four replies to each of 16 prompts per iteration, each scored against its group's mean:
-    # the reward model learned only differences between replies to one prompt.
+    # the reward model learned only differences between replies to one prompt. β = 0.2 holds
+    # the policy near 1 nat from the SFT model, where this small reward model still agrees with
+    # the gold scorer; at β = 0.05 the policy drifts to 3-4 nats and over-optimises it.
     config.rl.ppo = ml_collections.ConfigDict(dataclasses.asdict(PPOConfig(
-        epochs=2, minibatches=2, kl_coef=0.05, truncated_penalty=0.0, group_size=4)))
+        epochs=2, minibatches=2, kl_coef=0.2, truncated_penalty=0.0, group_size=4)))
 
     # PPO-ptx (rl.ppo.ptx_coef > 0): the language-model loss on these pretraining rows joins
     # the actor's objective, `batch_size` rows per update.

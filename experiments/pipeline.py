@@ -40,6 +40,8 @@ STAGES = {'tokenizer': tokenizer.run, 'pretrain': pretrain.run, 'sft': sft.run,
           'reward': reward.run, 'rl': rl.run}
 LEDGER = 'pipeline.json'
 COMPARISON = 'comparison.json'
+# One line per held-out prompt of the comparison: its family, level and every model's scores.
+PER_PROMPT = 'comparison_prompts.jsonl'
 # The models of the comparison, in the order of the recipe.
 MODELS = ('base', 'sft', 'best_of_n', 'ppo')
 MODEL_NAMES = {'base': 'base (few-shot prompt)', 'sft': 'SFT', 'best_of_n': 'best-of-N (SFT + RM)',
@@ -60,11 +62,19 @@ def read_ledger(workdir: pathlib.Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def write_json(path: pathlib.Path, value) -> None:
+def write_whole(path: pathlib.Path, text: str) -> None:
     """Written whole or not at all (a kill mid-write leaves the previous file)."""
     temporary = path.with_suffix('.tmp')
-    temporary.write_text(json.dumps(value, indent=1) + '\n')
+    temporary.write_text(text)
     temporary.replace(path)
+
+
+def write_json(path: pathlib.Path, value) -> None:
+    write_whole(path, json.dumps(value, indent=1) + '\n')
+
+
+def write_jsonl(path: pathlib.Path, records: list[dict]) -> None:
+    write_whole(path, ''.join(json.dumps(r) + '\n' for r in records))
 
 
 def run(config, workdir: pathlib.Path) -> str:
@@ -95,7 +105,9 @@ def run(config, workdir: pathlib.Path) -> str:
         start = time.perf_counter()
         comparison = compare(config, workdir)
         comparison['seconds'] = time.perf_counter() - start
+        per_prompt = comparison.pop('per_prompt')
         if jax.process_index() == 0:
+            write_jsonl(workdir / PER_PROMPT, per_prompt)
             write_json(comparison_path, comparison)
     if jax.process_index() == 0:
         log.info('report: %s', write_report(config, workdir, ledger, comparison))
@@ -148,8 +160,23 @@ def diversity(replies: list[list[str]]) -> dict:
             'distinct_bigrams': float(np.mean(bigram)) if bigram else 0.0}
 
 
-def mean_and_stderr(values: np.ndarray) -> tuple[float, float]:
-    return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values)))
+def mean_and_stderr(values: np.ndarray, strata: np.ndarray | None = None) -> tuple[float, float]:
+    """The mean of per-prompt values and its standard error. Given each prompt's stratum (its
+    task family and level), the error is that of the mean given how many prompts each stratum holds
+    (post-stratification): the variance of the values around their stratum's mean, pooled over
+    strata, divided by the number of prompts. With equal strata it is the textbook stratified
+    error, the square root of sum_h w_h^2 s_h^2 / n_h. Differences between strata, which the
+    prompts' strata fix, then no longer count as noise."""
+    n = len(values)
+    if strata is None:
+        return float(values.mean()), float(values.std(ddof=1) / math.sqrt(n))
+    labels, index = np.unique(strata, return_inverse=True)
+    if n <= len(labels):
+        raise ValueError(f'{n} values in {len(labels)} strata: a stratified standard error '
+                         'needs more values than strata')
+    means = np.bincount(index, weights=values) / np.bincount(index)
+    variance = ((values - means[index]) ** 2).sum() / (n - len(labels))
+    return float(values.mean()), float(math.sqrt(variance / n))
 
 
 def compare(config, workdir: pathlib.Path) -> dict:
@@ -196,18 +223,22 @@ def compare(config, workdir: pathlib.Path) -> dict:
                                   zip(held_out, greedy_replies[m], strict=True)])
                    for m in greedy_replies}
 
+    # Standard errors are stratified by the task generator's cells, family and level; the
+    # unstratified ones are kept alongside.
+    cells = np.asarray([f'{t.family}/{t.level}' for t in held_out])
     result = {'prompts': len(held_out), 'samples': c.samples, 'best_of': c.best_of,
               'models': {}, 'families': {}, 'examples': []}
     for model in MODELS:
-        mean, stderr = mean_and_stderr(per_prompt[model])
-        entry = {'gold': mean, 'gold_stderr': stderr}
+        mean, stderr = mean_and_stderr(per_prompt[model], cells)
+        entry = {'gold': mean, 'gold_stderr': stderr,
+                 'gold_stderr_unstratified': mean_and_stderr(per_prompt[model])[1]}
         if model in greedy_gold:
-            entry['greedy'], entry['greedy_stderr'] = mean_and_stderr(greedy_gold[model])
+            entry['greedy'], entry['greedy_stderr'] = mean_and_stderr(greedy_gold[model], cells)
             entry.update(diversity(replies[model]))
         result['models'][model] = entry
     # Differences paired over prompts: the same prompts, so far less noisy than two means.
     for model, baseline in (('sft', 'base'), ('best_of_n', 'sft'), ('ppo', 'sft')):
-        gain, gain_stderr = mean_and_stderr(per_prompt[model] - per_prompt[baseline])
+        gain, gain_stderr = mean_and_stderr(per_prompt[model] - per_prompt[baseline], cells)
         result['models'][model]['gain'] = {'over': baseline, 'mean': gain, 'stderr': gain_stderr}
     for family in tasks.FAMILIES:
         mine = np.asarray([t.family == family for t in held_out])
@@ -219,6 +250,12 @@ def compare(config, workdir: pathlib.Path) -> dict:
             'prompt': task.prompt, 'answer': str(task.answer),
             'base': replies['base'][i][0], 'sft': replies['sft'][i][0],
             'best_of_n': replies['sft'][i][best], 'ppo': replies['ppo'][i][0]})
+    # Every prompt's scores, for analyses of one's own.
+    result['per_prompt'] = [
+        {'family': t.family, 'level': t.level, 'prompt': t.prompt,
+         'gold': {m: per_prompt[m][i] for m in MODELS},
+         'greedy': {m: greedy_gold[m][i] for m in greedy_gold}}
+        for i, t in enumerate(held_out)]
     return result
 
 
@@ -293,10 +330,9 @@ def stage_table(config, workdir: pathlib.Path, ledger: dict) -> list[tuple]:
     return rows
 
 
-def intervals(sft: dict, ppo: dict) -> str:
+def intervals(sft: dict, ppo: dict, stderr: str = 'gold_stderr') -> str:
     """The two models' gold scores as `mean ± 2 se` intervals, and whether they overlap."""
-    spans = [(m['gold'] - 2 * m['gold_stderr'], m['gold'] + 2 * m['gold_stderr'])
-             for m in (sft, ppo)]
+    spans = [(m['gold'] - 2 * m[stderr], m['gold'] + 2 * m[stderr]) for m in (sft, ppo)]
     if spans[1][0] > spans[0][1]:
         verdict = 'PPO above SFT, not overlapping'
     elif spans[0][0] > spans[1][1]:
@@ -349,6 +385,8 @@ def write_report(config, workdir: pathlib.Path, ledger: dict, comparison: dict) 
          f'{ppo_gain["mean"]:+.4f} ± {ppo_gain["stderr"]:.4f} '
          f'({ppo_gain["mean"] / max(ppo_gain["stderr"], 1e-12):.1f} standard errors)'),
         ('SFT and PPO gold score, ± 2 standard errors', intervals(models['sft'], models['ppo'])),
+        ('the same, standard errors not stratified',
+         intervals(models['sft'], models['ppo'], 'gold_stderr_unstratified')),
         ('reward model: held-out pairwise accuracy',
          f'{rm_eval.get("val_accuracy", math.nan):.3f} ± '
          f'{rm_eval.get("val_accuracy_stderr", math.nan):.3f} (agreement with the gold scorer '
@@ -373,6 +411,10 @@ def write_report(config, workdir: pathlib.Path, ledger: dict, comparison: dict) 
             ['model', 'sampled ± se', 'greedy ± se', 'gain ± se', 'distinct replies',
              'distinct bigrams'], gold_rows) + f'\n\n![{gold_plot}]({gold_plot})\n\n'
          f'Best-of-N is the reward model\'s pick among N = {comparison["best_of"]} SFT samples. '
+         'Standard errors are stratified by task family and level: these are fixed with the '
+         'prompts, so the spread of scores between them is not counted as noise (the '
+         'unstratified errors are in '
+         f'`{COMPARISON}`, every prompt\'s scores in `{PER_PROMPT}`). '
          'Distinct replies: the fraction of different answers among a prompt\'s samples (lower '
          'is a narrower model).'),
         ('Gold score by task family (sampled)', report.table(

@@ -2,9 +2,13 @@
 finished pipeline, and a pipeline killed with `kill -9` in the middle of a stage."""
 
 import json
+import math
 import shutil
 
-from experiments.pipeline import COMPARISON, LEDGER, MODELS, intervals
+import numpy as np
+import pytest
+
+from experiments.pipeline import COMPARISON, LEDGER, MODELS, PER_PROMPT, intervals, mean_and_stderr
 from tests.runs import metrics, pipeline_command, run, start_and_wait_for_checkpoint
 
 STAGES = ('tokenizer', 'pretrain', 'sft', 'reward', 'rl')
@@ -32,6 +36,27 @@ def test_intervals_of_two_standard_errors_and_their_overlap():
         '(PPO below SFT, not overlapping)')
 
 
+def test_stratified_standard_error_against_a_reference_loop():
+    rng = np.random.default_rng(0)
+    strata = np.repeat(['counting', 'sorting', 'string'], 40)
+    values = rng.random(120) * np.repeat([1.0, 0.1, 0.0], 40)
+    # Equal strata: sqrt(sum_h w_h^2 s_h^2 / n_h), stratum by stratum.
+    variance = 0.0
+    for stratum in ('counting', 'sorting', 'string'):
+        mine = values[strata == stratum]
+        variance += (len(mine) / len(values)) ** 2 * mine.var(ddof=1) / len(mine)
+    mean, stderr = mean_and_stderr(values, strata)
+    assert mean == pytest.approx(values.mean())
+    assert stderr == pytest.approx(math.sqrt(variance))
+    assert stderr < mean_and_stderr(values)[1]
+    # One stratum is no stratification; values that differ only between strata have no error.
+    assert mean_and_stderr(values, np.zeros(120))[1] == pytest.approx(mean_and_stderr(values)[1])
+    assert mean_and_stderr(np.repeat([0.5, 0.1, 0.0], 40), strata)[1] == pytest.approx(0.0)
+    with pytest.raises(ValueError, match='3 values in 3 strata: a stratified standard error '
+                                         'needs more values than strata'):
+        mean_and_stderr(values[::40], strata[::40])
+
+
 def test_pipeline_runs_every_stage_into_one_report(pipeline_workdir):
     ledger = json.loads((pipeline_workdir / LEDGER).read_text())
     assert list(ledger) == list(STAGES)
@@ -54,10 +79,17 @@ def test_pipeline_runs_every_stage_into_one_report(pipeline_workdir):
     assert configs['rl']['reward_from'] == str(pipeline_workdir / 'reward')
 
     comparison = json.loads((pipeline_workdir / COMPARISON).read_text())
-    assert comparison['prompts'] == 16 and comparison['samples'] == 2
+    assert comparison['prompts'] == 32 and comparison['samples'] == 2
+    lines = [json.loads(line) for line in (pipeline_workdir / PER_PROMPT).read_text().splitlines()]
+    assert len(lines) == 32
     for model in MODELS:
         entry = comparison['models'][model]
         assert 0.0 <= entry['gold'] <= 1.0 and entry['gold_stderr'] >= 0.0, model
+        scores = np.asarray([line['gold'][model] for line in lines])
+        cells = np.asarray([f'{line["family"]}/{line["level"]}' for line in lines])
+        assert (entry['gold'], entry['gold_stderr']) == pytest.approx(
+            mean_and_stderr(scores, cells)), model
+        assert entry['gold_stderr_unstratified'] == pytest.approx(mean_and_stderr(scores)[1])
     assert comparison['models']['ppo']['gain']['over'] == 'sft'
     assert len(comparison['examples']) == 2
     assert set(comparison['examples'][0]) == {'prompt', 'answer', *MODELS}
@@ -70,6 +102,7 @@ def test_pipeline_runs_every_stage_into_one_report(pipeline_workdir):
     assert 'reward model: held-out pairwise accuracy' in report
     assert 'KL of the final PPO policy to the SFT model' in report
     assert 'SFT and PPO gold score, ± 2 standard errors' in report
+    assert 'the same, standard errors not stratified' in report
     for image in ('stages.png', 'gold.png'):
         assert (pipeline_workdir / image).stat().st_size > 0
 

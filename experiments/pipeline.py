@@ -162,11 +162,11 @@ def diversity(replies: list[list[str]]) -> dict:
 
 def mean_and_stderr(values: np.ndarray, strata: np.ndarray | None = None) -> tuple[float, float]:
     """The mean of per-prompt values and its standard error. Given each prompt's stratum (its
-    task family and level), the error is that of the mean given how many prompts each stratum holds
-    (post-stratification): the variance of the values around their stratum's mean, pooled over
-    strata, divided by the number of prompts. With equal strata it is the textbook stratified
-    error, the square root of sum_h w_h^2 s_h^2 / n_h. Differences between strata, which the
-    prompts' strata fix, then no longer count as noise."""
+    task family and level), the error is that of the mean given how many prompts each stratum
+    holds (post-stratification): the variance of the values around their stratum's mean,
+    pooled over strata, divided by the number of prompts. With equal strata it is the textbook
+    stratified error, the square root of sum_h w_h^2 s_h^2 / n_h. Differences between strata,
+    which the prompts fix, then no longer count as noise."""
     n = len(values)
     if strata is None:
         return float(values.mean()), float(values.std(ddof=1) / math.sqrt(n))

@@ -358,7 +358,8 @@ def write_report(config, workdir: pathlib.Path, ledger: dict, comparison: dict) 
                    for family, scores in comparison['families'].items()]
     gold_plot = report.bars({MODEL_NAMES[m]: models[m]['gold'] for m in MODELS},
                             {MODEL_NAMES[m]: 2 * models[m]['gold_stderr'] for m in MODELS},
-                            workdir / 'gold.png', title='Held-out gold score (± 2 standard errors)',
+                            workdir / 'gold.png',
+                            title='Held-out gold score (± 2 standard errors, stratified)',
                             ylabel='mean gold score')
     pre, sft_r, rm_r, rl_r = (read_metrics(workdir / stage)
                               for stage in ('pretrain', 'sft', 'reward', 'rl'))

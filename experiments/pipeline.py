@@ -184,9 +184,15 @@ def compare(config, workdir: pathlib.Path) -> dict:
     prompts. Each model draws `samples` replies per prompt at temperature 1 (a prompt's score
     is the mean over them) and one greedy reply; best-of-N is the reward model's pick among N
     of the SFT samples, scored exactly over all N-subsets of the pool
-    (`gptstack.best_of_n.expected_best_of_n`)."""
+    (`gptstack.best_of_n.expected_best_of_n`). Standard errors are stratified by the task
+    generator's cells, family and level; the unstratified ones are kept alongside."""
     c = config.compare
     held_out = tasks.generate('test', c.prompts, config.seed)
+    cells = np.asarray([f'{t.family}/{t.level}' for t in held_out])
+    if len(held_out) <= len(set(cells)):
+        raise ValueError(f'compare.prompts={c.prompts}: the held-out prompts fall in '
+                         f'{len(set(cells))} task families and levels, and stratified standard '
+                         'errors need more prompts than that')
     conversations = [t.messages(with_answer=False) for t in held_out]
     key = jax.random.key(config.seed + 2)
     sampled, greedy = SamplingParams(temperature=1.0), SamplingParams(temperature=0.0)
@@ -223,9 +229,6 @@ def compare(config, workdir: pathlib.Path) -> dict:
                                   zip(held_out, greedy_replies[m], strict=True)])
                    for m in greedy_replies}
 
-    # Standard errors are stratified by the task generator's cells, family and level; the
-    # unstratified ones are kept alongside.
-    cells = np.asarray([f'{t.family}/{t.level}' for t in held_out])
     result = {'prompts': len(held_out), 'samples': c.samples, 'best_of': c.best_of,
               'models': {}, 'families': {}, 'examples': []}
     for model in MODELS:

@@ -8,6 +8,8 @@ import shutil
 import numpy as np
 import pytest
 
+from experiments import pipeline
+from experiments.configs import pipeline as pipeline_config
 from experiments.pipeline import COMPARISON, LEDGER, MODELS, PER_PROMPT, intervals, mean_and_stderr
 from tests.runs import metrics, pipeline_command, run, start_and_wait_for_checkpoint
 
@@ -55,6 +57,16 @@ def test_stratified_standard_error_against_a_reference_loop():
     with pytest.raises(ValueError, match='3 values in 3 strata: a stratified standard error '
                                          'needs more values than strata'):
         mean_and_stderr(values[::40], strata[::40])
+
+
+def test_too_few_comparison_prompts_for_stratified_errors_fail_before_any_sampling(tmp_path):
+    config = pipeline_config.get_config('quick')
+    config.compare.prompts = 4
+    # The workdir holds no models: the error must come before the first one is loaded.
+    with pytest.raises(ValueError, match=r'compare.prompts=4: the held-out prompts fall in 4 task '
+                                         'families and levels, and stratified standard errors '
+                                         'need more prompts than that'):
+        pipeline.compare(config, tmp_path)
 
 
 def test_pipeline_runs_every_stage_into_one_report(pipeline_workdir):

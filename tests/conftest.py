@@ -63,19 +63,9 @@ def tokenizer():
 @pytest.fixture(scope='session')
 def corpus(tmp_path_factory):
     """A few standard-library files as code and a JSONL of docstrings as prose."""
-    import itertools
-    import json
+    from tests.runs import write_corpus
 
-    from gptstack.data import sources
-
-    root = tmp_path_factory.mktemp('corpus')
-    (root / 'code').mkdir()
-    for i, doc in enumerate(itertools.islice(sources.python_code_documents(), 25)):
-        (root / 'code' / f'{i:02d}.txt').write_text(doc)
-    with open(root / 'prose.jsonl', 'w') as f:
-        for doc in itertools.islice(sources.python_prose_documents(), 60):
-            f.write(json.dumps({'text': doc}) + '\n')
-    return root
+    return write_corpus(tmp_path_factory.mktemp('corpus'))
 
 
 @pytest.fixture(scope='session')

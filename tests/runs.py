@@ -19,6 +19,21 @@ SFT = ('--config.data.seq_len=96',)
 REWARD = ('--config.data.validation_prompts=48',)
 
 
+def write_corpus(root: pathlib.Path) -> pathlib.Path:
+    """A few standard-library files as code and a JSONL of docstrings as prose, under `root`."""
+    import itertools
+
+    from gptstack.data import sources
+
+    (root / 'code').mkdir(parents=True)
+    for i, doc in enumerate(itertools.islice(sources.python_code_documents(), 25)):
+        (root / 'code' / f'{i:02d}.txt').write_text(doc)
+    with open(root / 'prose.jsonl', 'w') as f:
+        for doc in itertools.islice(sources.python_prose_documents(), 60):
+            f.write(json.dumps({'text': doc}) + '\n')
+    return root
+
+
 def command(corpus, workdir, *overrides, config='pretrain.py:runlocal'):
     return [sys.executable, '-m', 'experiments.run',
             f'--config=experiments/configs/{config}', f'--workdir={workdir}',

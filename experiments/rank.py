@@ -15,18 +15,17 @@ stage reads (`--config.data.train=comparisons.jsonl`).
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 import sys
 
 import jax
 from absl import app, flags
 
-from gptstack import workdirs
 from gptstack.chat import sample_replies
 from gptstack.data import preference
 from gptstack.data.sources import DataError, SkipBudget, read_json_records
-from gptstack.sampling import Sampler, SamplingParams
+from gptstack.sampling import SamplingParams
+from gptstack.stage import Workdir
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A finetuned (SFT or later) workdir.')
 _PROMPTS = flags.DEFINE_string('prompts', None, 'JSONL of {prompt} or {messages} records.')
@@ -77,13 +76,9 @@ def read_prompts() -> list[list[dict]]:
 def main(argv) -> int:
     del argv
     prompts = read_prompts()
-    tokenizer, config, graphdef, params, mesh, _ = workdirs.load_model(_WORKDIR.value)
-    shards = math.prod(mesh.shape[a] for a in ('data', 'fsdp'))
-    sampler = Sampler(graphdef, config, mesh, 'fsdp',
-                      batch_size=shards * math.ceil(_K.value / shards),
-                      max_new_tokens=_MAX_NEW.value,
-                      stop_ids=[tokenizer.end_of_turn_id, tokenizer.eot_id],
-                      pad_id=tokenizer.pad_id)
+    policy = Workdir(_WORKDIR.value).load_policy()
+    tokenizer, params = policy.tokenizer, policy.params
+    sampler = policy.sampler(_K.value, _MAX_NEW.value)
     sampling = SamplingParams(_TEMPERATURE.value)
     lines = iter(sys.stdin)
     written = skipped = 0

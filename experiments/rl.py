@@ -25,19 +25,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments import pretrain as pretrain_stage
-from experiments.sft import EMBEDDED_TASKS
-from gptstack import loop, report, rl, sharding, workdirs
+from gptstack import loop, rl, sharding, stage
 from gptstack.chat import reply_text
 from gptstack.checkpoint import Checkpointer, abstract_with_shardings
 from gptstack.config import ConfigError, OptimConfig
 from gptstack.data import pretrain as pretrain_data
 from gptstack.data import prompts as prompts_data
+from gptstack.data import tasks
 from gptstack.data.sources import DataError, SkipBudget, expand_paths, specs_from_config
 from gptstack.data.tokenizer import render_prompt
-from gptstack.metrics import MetricsWriter, read_metrics, truncate_jsonl
+from gptstack.metrics import MetricsWriter, truncate_jsonl
 from gptstack.model import GPT, ScoreModel
 from gptstack.optim import make_optimizer
+from gptstack.reports import rl as rl_report
 from gptstack.sampling import Sampler, SamplingParams
 from gptstack.state import TrainState, abstract_model, abstract_train_state, state_shardings
 from gptstack.steps import ppo
@@ -45,10 +45,18 @@ from gptstack.steps import ppo
 log = logging.getLogger(__name__)
 
 
+def validate(config) -> stage.Setup:
+    setup = stage.setup(config)
+    ppo.PPOConfig(**config.rl.ppo)
+    if config.rl.reward not in ('model', 'gold'):
+        raise ConfigError(f"rl.reward={config.rl.reward!r}: expected 'model' or 'gold'")
+    return setup
+
+
 def read_split(config, split: str) -> list[prompts_data.Prompt]:
     """Task prompts (train split for training, test split held out) or JSONL prompt files."""
     paths = config.data.train if split == 'train' else config.data.validation
-    if paths == EMBEDDED_TASKS:
+    if paths == tasks.EMBEDDED_TASKS:
         n = config.data.train_prompts if split == 'train' else config.data.validation_prompts
         return prompts_data.task_prompts('train' if split == 'train' else 'test', n, config.seed)
     budget = SkipBudget(config.data.max_skips)
@@ -66,28 +74,20 @@ def read_split(config, split: str) -> list[prompts_data.Prompt]:
 def load_roles(config):
     """Tokenizer, configs and checkpoints of the SFT (actor, reference) and reward-model (reward,
     critic) workdirs, checked to belong together."""
-    tokenizer, actor_config, sft_checkpointer, sft_step = workdirs.load_base(
-        config.init_from, 'the SFT workdir the policy starts from')
-    if not config.reward_from:
-        raise ConfigError('reward_from: name the reward-model workdir '
-                          '(--config.reward_from=workdirs/reward)')
-    rm_tokenizer, critic_config, rm_checkpointer, rm_step = workdirs.load_base(
-        config.reward_from, 'the reward-model workdir')
-    stage = rm_checkpointer.read_meta(rm_step).get('config', {}).get('stage')
-    if stage != 'reward':
-        raise ConfigError(f'reward_from={config.reward_from} is a {stage!r} run, not a reward '
-                          'model')
-    if rm_tokenizer.sha256 != tokenizer.sha256:
+    sft = stage.start_from(config, 'init_from', ('sft', 'rl'),
+                           'the SFT workdir the policy starts from')
+    rm = stage.start_from(config, 'reward_from', ('reward',), 'the reward-model workdir')
+    if rm.tokenizer.sha256 != sft.tokenizer.sha256:
         raise ConfigError(f'reward_from={config.reward_from} uses tokenizer '
-                          f'{rm_tokenizer.sha256}, but init_from={config.init_from} uses '
-                          f'{tokenizer.sha256}: they must share one tokenizer')
-    return tokenizer, actor_config, critic_config, (sft_checkpointer, sft_step), (
-        rm_checkpointer, rm_step)
+                          f'{rm.tokenizer.sha256}, but init_from={config.init_from} uses '
+                          f'{sft.tokenizer.sha256}: they must share one tokenizer')
+    return sft.tokenizer, sft.model_config, rm.model_config, (sft.checkpointer, sft.step), (
+        rm.checkpointer, rm.step)
 
 
 def run(config, workdir: pathlib.Path) -> str:
     # --- configs, mesh, the four roles: every check before expensive work --------------------
-    setup = pretrain_stage.setup(config)
+    setup = stage.setup(config)
     mesh, rules = setup.mesh, setup.rules
     if jax.process_count() > 1:
         raise ConfigError('the rl stage runs on one process for now (the rollout sampler takes '
@@ -141,7 +141,7 @@ def run(config, workdir: pathlib.Path) -> str:
     reward_params = rm_ckpt.restore_params(rm_step, critic_params)
     checkpointer = Checkpointer(workdir / 'checkpoints', keep=config.train.keep_checkpoints)
     latest = checkpointer.latest_step()
-    resumed = pretrain_stage.resume(checkpointer, abstract_state, shardings, tokenizer,
+    resumed = stage.resume(checkpointer, abstract_state, shardings, tokenizer,
                                     actor_config, data_iterator)
     if resumed:
         state, wall_offset = resumed
@@ -205,7 +205,7 @@ def run(config, workdir: pathlib.Path) -> str:
     writer.close()
     checkpointer.close()
     if result.status == 'finished' and jax.process_index() == 0:
-        path = write_report(workdir, config)
+        path = rl_report.write(workdir, config)
         log.info('report: %s', path)
     return result.status
 
@@ -294,66 +294,3 @@ def make_evaluate(config, trainer: ppo.PPO, tokenizer, prompts: list[prompts_dat
         return metrics
 
     return evaluate
-
-
-def write_report(workdir, config) -> str:
-    records = read_metrics(workdir)
-    evals = [r for r in records if 'val/kl' in r]
-    first, last = (evals[0], evals[-1]) if evals else ({}, {})
-
-    def score(record, mode):
-        if f'gold/{mode}' not in record:
-            return 'n/a'
-        return f'{record[f"gold/{mode}"]:.4f} ± {record[f"gold/{mode}_stderr"]:.4f}'
-
-    def gain(record, mode):
-        if f'gold/{mode}_gain' not in record:
-            return 'n/a'
-        mean, stderr = record[f'gold/{mode}_gain'], record[f'gold/{mode}_gain_stderr']
-        return f'{mean:+.4f} ± {stderr:.4f} ({mean / max(stderr, 1e-12):.1f} standard errors)'
-
-    plots = [
-        report.plot(records, {'reward-model score (train rollouts)': 'rm_score',
-                              'gold score (train rollouts)': 'gold'}, workdir / 'reward.png',
-                    title='Rewards during PPO', ylabel='mean per response'),
-        report.plot(records, {'KL to the SFT model (train rollouts)': 'kl'}, workdir / 'kl.png',
-                    title='KL per response', ylabel='nats'),
-        report.plot([{**r, 'step': r['val/kl']} for r in evals],
-                    {'reward-model score': 'val/rm_score', 'gold score (sampled)':
-                     'gold/sampled'}, workdir / 'reward_vs_kl.png',
-                    title='Held-out reward against KL (over-optimisation)',
-                    ylabel='mean per response', xlabel='KL to the SFT model (nats per response)'),
-        report.plot(records, {'policy': 'policy_loss', 'value': 'value_loss'},
-                    workdir / 'losses.png', title='PPO losses', ylabel='loss'),
-    ]
-    summary = [
-        ('policy from', config.init_from), ('reward model from', config.reward_from),
-        ('reward', 'reward model' if config.rl.reward == 'model' else 'gold scorer (verifiable)'),
-        ('iterations × rollouts', f'{last.get("step", 0)} × {config.data.batch_size}'),
-        (f'held-out gold score, sampled ({config.eval.samples} per prompt): SFT → PPO',
-         f'{score(first, "sampled")} → {score(last, "sampled")}'),
-        ('gain over the SFT policy, sampled (paired over prompts)', gain(last, 'sampled')),
-        ('held-out gold score, greedy: SFT → PPO', f'{score(first, "greedy")} → '
-                                                   f'{score(last, "greedy")}'),
-        ('gain over the SFT policy, greedy (paired over prompts)', gain(last, 'greedy')),
-        ('held-out reward-model score: SFT → PPO', f'{first.get("val/rm_score", math.nan):.4f}'
-                                                   f' → {last.get("val/rm_score", math.nan):.4f}'),
-        ('KL of the final policy to the SFT model (nats per response)',
-         f'{last.get("val/kl", math.nan):.3f}'),
-    ]
-    rows = [(r['step'], r.get('val/kl'), r.get('val/rm_score'), r.get('gold/sampled'),
-             gain(r, 'sampled') if r['step'] else '', r.get('gold/greedy'))
-            for r in evals]
-    families = sorted(k.split('/')[-1] for k in first if k.startswith('gold/sampled/'))
-    family_rows = [(f, first[f'gold/sampled/{f}'], last.get(f'gold/sampled/{f}', math.nan))
-                   for f in families]
-    return report.write(workdir, 'PPO report', [
-        ('Summary', report.table(['', ''], summary)),
-        ('Held-out evaluations', report.table(
-            ['step', 'KL', 'reward-model score', 'gold (sampled)', 'gain over SFT (paired)',
-             'gold (greedy)'], rows)),
-        ('Held-out gold score by task family (sampled)', report.table(
-            ['family', 'SFT', 'PPO'], family_rows) if family_rows else 'no gold scorer'),
-        ('Curves', '\n\n'.join(f'![{p}]({p})' for p in plots)),
-        ('Config', report.code_block(json.dumps(config.to_dict(), indent=1))),
-    ])

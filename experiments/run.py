@@ -23,13 +23,15 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments import pipeline
+from experiments import pipeline, pretrain, reward, rl, sft, tokenizer
 from gptstack.config import ConfigError
 from gptstack.data.sources import DataError
 from gptstack.loop import TrainingDivergedError
 
-# Every stage, and the pipeline that runs them all in order.
-STAGES = {**pipeline.STAGES, 'pipeline': pipeline.run}
+# The stages of the recipe in order, each a driver module with `validate(config)` and
+# `run(config, workdir) -> status`; `pipeline` runs them all.
+RECIPE = {'tokenizer': tokenizer, 'pretrain': pretrain, 'sft': sft, 'reward': reward, 'rl': rl}
+STAGES = (*RECIPE, 'pipeline')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Stage config: path.py[:args].',
                                           lock_config=True)
@@ -150,7 +152,10 @@ def main(argv) -> int:
         (workdir / 'config.json').write_text(json.dumps(config.to_dict(), indent=1,
                                                         default=str) + '\n')
     try:
-        status = STAGES[config.stage](config, workdir)
+        if config.stage == 'pipeline':
+            status = pipeline.run(config, workdir, RECIPE)
+        else:
+            status = RECIPE[config.stage].run(config, workdir)
     except (ConfigError, DataError, TrainingDivergedError) as error:
         log.error('%s: %s', type(error).__name__, error)
         return 1

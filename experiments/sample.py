@@ -15,16 +15,15 @@ input ends it.
 
 from __future__ import annotations
 
-import math
 import pathlib
 import sys
 
 import jax
 from absl import app, flags
 
-from gptstack import workdirs
 from gptstack.data.tokenizer import parse_chat, render_prompt
-from gptstack.sampling import Sampler, SamplingParams
+from gptstack.sampling import SamplingParams
+from gptstack.stage import Workdir
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A stage workdir with checkpoints.')
 _PROMPT = flags.DEFINE_string('prompt', '', 'Text to continue.')
@@ -58,16 +57,14 @@ def chat(tokenizer, sampler, params, sampling) -> None:
 def main(argv) -> int:
     del argv
     workdir = pathlib.Path(_WORKDIR.value)
-    tokenizer, config, graphdef, params, mesh, meta = workdirs.load_model(workdir, _STEP.value)
-    stage = meta.get('config', {}).get('stage')
+    policy = Workdir(workdir).load_policy(_STEP.value)
+    tokenizer, params = policy.tokenizer, policy.params
+    stage = policy.meta.get('config', {}).get('stage')
     if _CHAT.value and stage in ('tokenizer', 'pretrain'):
         raise app.UsageError(f'--chat needs a finetuned workdir; {workdir} is a {stage} run '
                              '(a base model only continues text: use --prompt)')
-    shards = math.prod(mesh.shape[a] for a in ('data', 'fsdp'))
     n = 1 if _CHAT.value else _NUM_SAMPLES.value
-    stops = [tokenizer.eot_id, tokenizer.end_of_turn_id] if _CHAT.value else [tokenizer.eot_id]
-    sampler = Sampler(graphdef, config, mesh, 'fsdp', batch_size=shards * math.ceil(n / shards),
-                      max_new_tokens=_MAX_NEW.value, stop_ids=stops, pad_id=tokenizer.pad_id)
+    sampler = policy.sampler(n, _MAX_NEW.value, chat=_CHAT.value)
     sampling = SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     if _CHAT.value:
         chat(tokenizer, sampler, params, sampling)

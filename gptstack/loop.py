@@ -30,6 +30,7 @@ import numpy as np
 import tqdm
 
 from gptstack.checkpoint import Checkpointer
+from gptstack.config import ConfigError
 from gptstack.metrics import MetricsWriter
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,26 @@ class LoopConfig:
     max_nonfinite_skips: int = 10
 
     def __post_init__(self):
+        if not isinstance(self.total_steps, int) or self.total_steps < 1:
+            raise ConfigError(f'train.total_steps={self.total_steps!r}: expected a positive '
+                              'integer')
+        for name in ('log_every', 'eval_every', 'sample_every', 'checkpoint_every',
+                     'max_nonfinite_skips'):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ConfigError(f'train.{name}={value!r}: expected an integer >= 0 (0 '
+                                  'disables)')
         if self.on_nonfinite not in ('stop', 'skip'):
-            raise ValueError(f'train.on_nonfinite={self.on_nonfinite!r}: expected stop or skip')
+            raise ConfigError(f'train.on_nonfinite={self.on_nonfinite!r}: expected stop or skip')
+
+    @classmethod
+    def from_dict(cls, train) -> LoopConfig:
+        """From a stage's `train` settings (`keep_checkpoints` belongs to the checkpointer)."""
+        values = {k: v for k, v in dict(train).items() if k != 'keep_checkpoints'}
+        unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ConfigError(f'train: unknown key(s) {unknown}')
+        return cls(**values)
 
 
 class TrainingDivergedError(RuntimeError):

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -47,8 +48,10 @@ def train_flops_per_token(config: GPTConfig, seq_len: int, lm_head: bool = True)
     return 6 * matmul_params(config, lm_head) + 12 * config.n_layer * config.d_model * seq_len
 
 
+@functools.cache
 def peak_flops_per_device(dtype: str = 'float32') -> tuple[float, str]:
-    """`(FLOP/s, where the number comes from)` for one local device."""
+    """`(FLOP/s, where the number comes from)` for one local device (measured once per
+    process where no spec sheet names it)."""
     device = jax.local_devices()[0]
     for kind, flops in PEAK_FLOPS.items():
         if device.device_kind.startswith(kind):

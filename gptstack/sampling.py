@@ -146,10 +146,11 @@ class Sampler:
             raise ValueError(f'max_new_tokens={max_new_tokens} leaves no room for a prompt in '
                              f'max_seq_len={config.max_seq_len}')
         self.graphdef, self.config, self.mesh, self.rules = graphdef, config, mesh, rules
-        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.batch_size = sharding.round_to_batch_shards(mesh, batch_size)
+        self.max_new_tokens = max_new_tokens
         self.stop_ids = np.asarray(sorted(set(stop_ids)), np.int32)
         self.pad_id = pad_id
-        self._batch_sharding = sharding.batch_sharding(mesh, rules, batch_size)
+        self._batch_sharding = sharding.batch_sharding(mesh, rules, self.batch_size)
         self._row_sharding = sharding.named_sharding(mesh, ('batch',), rules)
         self._compiled: dict[int, Callable] = {}
         self.truncated_prompts = 0

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from gptstack.best_of_n import best_of_n, expected_best_of_n
+from gptstack.evals.best_of_n import best_of_n, expected_best_of_n
 
 
 def test_expected_best_of_n_equals_the_average_over_every_subset():

@@ -101,7 +101,7 @@ def test_mesh_must_match_the_devices():
 
 
 def test_checkpoint_compatibility_ignores_compute_policy_and_fields_it_predates():
-    from experiments.pretrain import check_compatible
+    from gptstack.stage import check_compatible
     tokenizer = types.SimpleNamespace(sha256='abc')
     current = GPTConfig.preset('toy', matmul_dtype='bfloat16', remat=True)
     saved = dataclasses.asdict(GPTConfig.preset('toy'))

@@ -42,7 +42,7 @@ def check_stage(config):
     if 'train' in config:  # every training stage
         MeshConfig.from_dict(config.mesh)
         OptimConfig.from_dict(config.optim)
-        LoopConfig(**{k: v for k, v in config.train.items() if k != 'keep_checkpoints'})
+        LoopConfig.from_dict(config.train)
     if 'rl' in config:
         PPOConfig(**config.rl.ppo)
         OptimConfig.from_dict(config.critic_optim)

@@ -8,9 +8,13 @@ import shutil
 import numpy as np
 import pytest
 
-from experiments import pipeline
 from experiments.configs import pipeline as pipeline_config
-from experiments.pipeline import COMPARISON, LEDGER, MODELS, PER_PROMPT, intervals, mean_and_stderr
+from experiments.pipeline import LEDGER
+from gptstack.config import ConfigError
+from gptstack.evals import comparison
+from gptstack.evals.comparison import MODELS
+from gptstack.reports.pipeline import COMPARISON, PER_PROMPT, intervals
+from gptstack.stats import mean_and_stderr
 from tests.runs import metrics, pipeline_command, run, start_and_wait_for_checkpoint
 
 STAGES = ('tokenizer', 'pretrain', 'sft', 'reward', 'rl')
@@ -63,10 +67,10 @@ def test_too_few_comparison_prompts_for_stratified_errors_fail_before_any_sampli
     config = pipeline_config.get_config('quick')
     config.compare.prompts = 4
     # The workdir holds no models: the error must come before the first one is loaded.
-    with pytest.raises(ValueError, match=r'compare.prompts=4: the held-out prompts fall in 4 task '
-                                         'families and levels, and stratified standard errors '
-                                         'need more prompts than that'):
-        pipeline.compare(config, tmp_path)
+    with pytest.raises(ConfigError, match=r'compare.prompts=4: the held-out prompts fall in 4 '
+                                          'task families and levels, and stratified standard '
+                                          'errors need more prompts than that'):
+        comparison.compare(config, tmp_path)
 
 
 def test_pipeline_runs_every_stage_into_one_report(pipeline_workdir):

@@ -51,21 +51,18 @@ def test_reward_smoke_run_makes_comparisons_and_reports(sft_workdir, reward_work
 
 def test_reward_model_starts_from_the_sft_transformer(sft_workdir, reward_workdir):
     from experiments.reward import initial_state
-    from gptstack import sharding
+    from gptstack import sharding, stage
     from gptstack.checkpoint import abstract_with_shardings
     from gptstack.config import MeshConfig, OptimConfig
     from gptstack.model import GPT, ScoreModel
-    from gptstack.optim import make_optimizer
-    from gptstack.state import abstract_model, abstract_train_state, state_shardings
-    from gptstack.workdirs import load_base
+    from gptstack.state import abstract_model
 
-    _, model_config, checkpointer, step = load_base(str(sft_workdir))
+    lineage = stage.Workdir(sft_workdir).lineage('init_from')
+    model_config, checkpointer, step = lineage.model_config, lineage.checkpointer, lineage.step
     mesh = sharding.make_mesh(MeshConfig(fsdp=8))
-    tx, _ = make_optimizer(OptimConfig())
-    model_fn = lambda rngs: ScoreModel(model_config, rngs=rngs)  # noqa: E731
-    abstract = abstract_train_state(model_fn, tx)
-    shardings = state_shardings(abstract, mesh, 'fsdp', tx)
-    state = initial_state(model_fn, abstract, shardings, checkpointer, step, tx, 0)
+    trainable = stage.Trainable.create(lambda rngs: ScoreModel(model_config, rngs=rngs),
+                                       OptimConfig(), mesh, 'fsdp')
+    state = initial_state(trainable, lineage, 0)
     _, lm_abstract = abstract_model(lambda rngs: GPT(model_config, rngs=rngs))
     lm = checkpointer.restore_params(step, abstract_with_shardings(
         lm_abstract, sharding.param_shardings(lm_abstract, mesh, 'fsdp')))
@@ -75,7 +72,7 @@ def test_reward_model_starts_from_the_sft_transformer(sft_workdir, reward_workdi
     jax.tree.map(np.testing.assert_array_equal, ours['transformer'], theirs['transformer'])
     assert set(ours) == {'transformer', 'score_head'}
     assert state.params['transformer']['token_embed_vd'][...].sharding.spec == \
-        shardings.params['transformer']['token_embed_vd'].spec
+        trainable.shardings.params['transformer']['token_embed_vd'].spec
 
 
 @pytest.mark.slow  # covered by the pretraining kill test (same loop and checkpoints) and the

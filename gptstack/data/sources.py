@@ -28,6 +28,8 @@ import sys
 import sysconfig
 from collections.abc import Iterator, Mapping
 
+import numpy as np
+
 log = logging.getLogger(__name__)
 
 EMBEDDED_PREFIX = 'embedded:'
@@ -203,6 +205,35 @@ def read_source(spec: SourceSpec, budget: SkipBudget) -> Iterator[str]:
             yield doc
     if not count:
         raise DataError(f'data source {spec.name!r}: no documents in {list(spec.paths)}')
+
+
+def read_records(paths: str, reader, what: str, max_skips: int) -> list:
+    """Every record that `reader(path, budget)` yields from the comma-separated file patterns
+    `paths` (conversations, comparisons, prompts), in order; malformed records count against
+    one budget of `max_skips` and are logged.
+
+    Raises:
+        DataError: past the skip budget, or when no record is left.
+    """
+    budget = SkipBudget(max_skips)
+    records = [record for pattern in paths.split(',')
+               for path in expand_paths((pattern.strip(),), what)
+               for record in reader(path, budget)]
+    if budget.skipped:
+        log.warning('%s: skipped %d malformed records %s', what, budget.skipped,
+                    dict(budget.by_reason))
+    if not records:
+        raise DataError(f'no {what} in {paths}')
+    return records
+
+
+def hold_out(records: list, fraction: float, seed: int) -> tuple[list, list]:
+    """`(train, held out)`: a seeded `fraction` of the records (at least one) held out, both
+    parts in their original order."""
+    order = np.random.default_rng(seed).permutation(len(records))
+    n_held = max(1, round(fraction * len(records)))
+    return ([records[i] for i in sorted(order[n_held:])],
+            [records[i] for i in sorted(order[:n_held])])
 
 
 def fingerprint_inputs(spec: SourceSpec) -> list:

@@ -25,6 +25,8 @@ import random
 import re
 from collections.abc import Callable
 
+# The name that selects this suite wherever a stage reads data (`data.train`, `data.validation`).
+EMBEDDED_TASKS = 'embedded:tasks'
 SPLITS = {'train': (0, 80), 'validation': (80, 90), 'test': (90, 100)}
 FAMILIES = ('arithmetic', 'word_problem', 'counting', 'string', 'sorting', 'constraints')
 

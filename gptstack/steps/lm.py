@@ -18,8 +18,11 @@ decides whether that stops the run.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -95,3 +98,23 @@ def make_lm_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, rules: str, param_shar
 
     return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding),
                    out_shardings=sharding.replicated(mesh))
+
+
+def lm_evaluator(eval_step, eval_sets: dict[str, list]):
+    """`evaluate(state) -> {val/<name>/loss, val/<name>/bpb, val_loss, val_bpb}` over fixed
+    batches of each named set; the totals weigh every counted token equally."""
+    def evaluate(state) -> dict:
+        metrics, totals = {}, np.zeros(3)
+        for name, batches in eval_sets.items():
+            sums = np.zeros(3)
+            for batch in batches:
+                out = jax.device_get(eval_step(state.params, batch))
+                sums += [out['loss_sum'], out['count'], out['bytes']]
+            metrics[f'val/{name}/loss'] = sums[0] / sums[1]
+            metrics[f'val/{name}/bpb'] = sums[0] / (math.log(2) * sums[2])
+            totals += sums
+        metrics['val_loss'] = totals[0] / totals[1]
+        metrics['val_bpb'] = totals[0] / (math.log(2) * totals[2])
+        return metrics
+
+    return evaluate

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
+from gptstack import stats
 from gptstack.chat import sample_replies
 from gptstack.data.preference import completion_row
 from gptstack.data.tokenizer import Tokenizer
@@ -76,3 +77,21 @@ def expected_best_of_n(rewards_pm: np.ndarray, gold_pm: np.ndarray, n: int) -> n
     gold_sorted = np.take_along_axis(gold_pm, order, axis=1)
     weights = np.array([math.comb(i, n - 1) for i in range(m)], np.float64) / math.comb(m, n)
     return gold_sorted @ weights
+
+
+def curve(rewards_pm: np.ndarray, gold_pm: np.ndarray) -> dict[int, dict]:
+    """Best-of-N for N = 1, 2, 4, ... up to the pool of `M` samples per prompt: the gold score
+    of the reward model's pick (`rm`, mean and standard error over prompts), its gain over
+    N = 1 paired by prompt (far less noisy than the two means), and the pick of the gold scorer
+    itself (`oracle`, ties broken by the reward model): the ceiling of any reward model."""
+    out, n = {}, 1
+    single = expected_best_of_n(rewards_pm, gold_pm, 1)
+    while n <= rewards_pm.shape[1]:
+        by_rm = expected_best_of_n(rewards_pm, gold_pm, n)
+        by_gold = expected_best_of_n(gold_pm + 1e-9 * rewards_pm, gold_pm, n)
+        mean, stderr = stats.mean_and_stderr(by_rm)
+        gain, gain_stderr = stats.paired(by_rm, single)
+        out[n] = {'rm': mean, 'rm_stderr': stderr, 'gain': gain, 'gain_stderr': gain_stderr,
+                  'oracle': float(by_gold.mean())}
+        n *= 2
+    return out

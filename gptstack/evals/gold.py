@@ -1,0 +1,51 @@
+"""Gold scores: how well a policy's replies solve the embedded tasks, by their exact scorer.
+
+SFT's evaluation, the reward stage's labeler and best-of-N, PPO's held-out evaluation and the
+pipeline's comparison all score replies here; a prompt's score is the mean over its replies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+
+from gptstack import stats
+from gptstack.chat import sample_replies
+from gptstack.data import tasks
+from gptstack.data.tokenizer import Tokenizer
+from gptstack.sampling import Sampler, SamplingParams
+
+
+def conversations(held_out: Sequence[tasks.Task]) -> list[list[dict]]:
+    """The tasks as conversations awaiting the assistant's answer."""
+    return [t.messages(with_answer=False) for t in held_out]
+
+
+def score(held_out: Sequence[tasks.Task], replies: Sequence[Sequence[str]]) -> np.ndarray:
+    """`[P, n]` gold scores of `n` replies to each of `P` tasks."""
+    return np.asarray([[tasks.score(t, r) for r in rs]
+                       for t, rs in zip(held_out, replies, strict=True)])
+
+
+def sample_and_score(sampler: Sampler, params, tokenizer: Tokenizer,
+                     held_out: Sequence[tasks.Task], key: jax.Array, sampling: SamplingParams,
+                     n: int = 1, progress: str | None = None):
+    """`(scores [P, n], replies)`: `n` replies of the policy to each task and their scores."""
+    replies = sample_replies(sampler, params, tokenizer, conversations(held_out), key, sampling,
+                             n, progress=progress)
+    return score(held_out, replies), replies
+
+
+def summary(per_prompt: np.ndarray, name: str) -> dict[str, float]:
+    """`{gold/<name>, gold/<name>_stderr}` of per-prompt scores."""
+    mean, stderr = stats.mean_and_stderr(per_prompt)
+    return {f'gold/{name}': mean, f'gold/{name}_stderr': stderr}
+
+
+def by_family(per_prompt: np.ndarray, families: Sequence[str | None]) -> dict[str, float]:
+    """The mean score of each task family among the prompts (None: not a task)."""
+    families = np.asarray(families, dtype=object)
+    return {family: float(per_prompt[families == family].mean())
+            for family in sorted({f for f in families if f is not None})}

@@ -1,0 +1,178 @@
+"""The main job's report: the stages side by side (the talk's table), their curves, and the
+comparison of the base, SFT, best-of-N and PPO models on the same held-out prompts."""
+
+from __future__ import annotations
+
+import math
+import pathlib
+
+import numpy as np
+
+from gptstack import report
+from gptstack.config import GPTConfig
+from gptstack.evals.comparison import MODEL_NAMES, MODELS
+from gptstack.metrics import read_metrics
+from gptstack.model import GPT, ScoreModel, count_params
+from gptstack.stage import Workdir
+from gptstack.state import abstract_model
+
+COMPARISON = 'comparison.json'
+# One line per held-out prompt of the comparison: its family, level and every model's scores.
+PER_PROMPT = 'comparison_prompts.jsonl'
+
+
+def _median(records: list[dict], key: str) -> float | str:
+    values = [r[key] for r in records if key in r]
+    return float(np.median(values)) if values else 'n/a'
+
+
+def _last(records: list[dict], key: str) -> dict:
+    return next((r for r in reversed(records) if key in r), {})
+
+
+def _steps(records: list[dict]) -> int:
+    return max((r['step'] for r in records), default=0)
+
+
+def stage_table(config, workdir: pathlib.Path, ledger: dict) -> list[tuple]:
+    """The talk's table for this run: per stage, its data, what it trained on, the model and
+    what it cost."""
+    def n_params(stage, cls):
+        model_config = GPTConfig.from_dict(Workdir(workdir / stage).latest_meta()['model'])
+        return count_params(abstract_model(lambda rngs: cls(model_config, rngs=rngs))[1])
+
+    def minutes(stage):
+        return f'{ledger[stage]["seconds"] / 60:.1f}'
+
+    def packed_tokens(data, steps):  # a language-model stage's steps x batch x sequence
+        return (f'{steps * data.batch_size * data.seq_len:,} tokens '
+                f'({steps} × {data.batch_size} × {data.seq_len})')
+
+    rows = []
+    pre, sft_c, rm, ppo = config.pretrain, config.sft, config.reward, config.rl
+    sources = ', '.join(f'{name} {spec.weight:g}' for name, spec in pre.data.sources.items())
+    vocab = config.tokenizer.tokenizer.vocab_size
+    rows.append(('0 tokenizer', f'mixture ({sources})', f'BPE, {vocab} tokens', '', '',
+                 minutes('tokenizer'), ''))
+    records = read_metrics(workdir / 'pretrain')
+    steps = _steps(records)
+    rows.append(('1 pretraining', f'mixture ({sources})', packed_tokens(pre.data, steps),
+                 f'{n_params("pretrain", GPT):,}', f'lr {pre.optim.lr:g}', minutes('pretrain'),
+                 _median(records, 'tokens_per_sec')))
+    records = read_metrics(workdir / 'sft')
+    steps = _steps(records)
+    rows.append(('2 SFT', f'{sft_c.data.train_tasks:,} task conversations',
+                 packed_tokens(sft_c.data, steps), f'{n_params("sft", GPT):,}',
+                 f'lr {sft_c.optim.lr:g}', minutes('sft'), _median(records, 'tokens_per_sec')))
+    records = read_metrics(workdir / 'reward')
+    steps = _steps(records)
+    rows.append(('3 reward model', f'{rm.data.train_prompts:,} prompts × '
+                 f'{rm.data.completions} SFT samples, ranked',
+                 f'{steps * rm.data.batch_size:,} ranked groups ({steps} × '
+                 f'{rm.data.batch_size})', f'{n_params("reward", ScoreModel):,}',
+                 f'lr {rm.optim.lr:g}', minutes('reward'), _median(records, 'tokens_per_sec')))
+    records = read_metrics(workdir / 'rl')
+    steps = _steps(records)
+    rows.append(('4 RL (PPO)', f'{ppo.data.train_prompts:,} task prompts',
+                 f'{steps * ppo.data.batch_size:,} rollouts ({steps} × {ppo.data.batch_size}, '
+                 f'≤ {ppo.data.max_new_tokens} new tokens)', f'{n_params("rl", GPT):,} + critic',
+                 f'lr {ppo.optim.lr:g}, β {ppo.rl.ppo.kl_coef:g}', minutes('rl'),
+                 _median(records, 'tokens_per_sec')))
+    return rows
+
+
+def intervals(sft: dict, ppo: dict, stderr: str = 'gold_stderr') -> str:
+    """The two models' gold scores as `mean ± 2 se` intervals, and whether they overlap."""
+    spans = [(m['gold'] - 2 * m[stderr], m['gold'] + 2 * m[stderr]) for m in (sft, ppo)]
+    if spans[1][0] > spans[0][1]:
+        verdict = 'PPO above SFT, not overlapping'
+    elif spans[0][0] > spans[1][1]:
+        verdict = 'PPO below SFT, not overlapping'
+    else:
+        verdict = 'overlapping'
+    return ' vs '.join(f'[{a:.4f}, {b:.4f}]' for a, b in spans) + f' ({verdict})'
+
+
+def write(config, workdir: pathlib.Path, ledger: dict, comparison: dict) -> str:
+    models = comparison['models']
+    gold_rows = []
+    for model in MODELS:
+        entry = models[model]
+        gain = entry.get('gain')
+        gold_rows.append((
+            MODEL_NAMES[model], f'{entry["gold"]:.4f} ± {entry["gold_stderr"]:.4f}',
+            f'{entry["greedy"]:.4f} ± {entry["greedy_stderr"]:.4f}' if 'greedy' in entry else '',
+            f'{gain["mean"]:+.4f} ± {gain["stderr"]:.4f} (over {MODEL_NAMES[gain["over"]]})'
+            if gain else '',
+            entry.get('distinct_replies', ''), entry.get('distinct_bigrams', '')))
+    family_rows = [(family, *(scores[m] for m in MODELS))
+                   for family, scores in comparison['families'].items()]
+    gold_plot = report.bars({MODEL_NAMES[m]: models[m]['gold'] for m in MODELS},
+                            {MODEL_NAMES[m]: 2 * models[m]['gold_stderr'] for m in MODELS},
+                            workdir / 'gold.png',
+                            title='Held-out gold score (± 2 standard errors, stratified)',
+                            ylabel='mean gold score')
+    pre, sft_r, rm_r, rl_r = (read_metrics(workdir / stage)
+                              for stage in ('pretrain', 'sft', 'reward', 'rl'))
+    stages_plot = report.panels([
+        dict(records=pre, series={'train': 'loss', 'validation': 'val_loss'},
+             title='1 pretraining', ylabel='loss (nats per token)'),
+        dict(records=sft_r, series={'train': 'loss', 'validation': 'val_loss'},
+             title='2 SFT (assistant tokens)', ylabel='loss (nats per token)'),
+        dict(records=rm_r, series={'train': 'loss', 'validation': 'val_loss'},
+             title='3 reward model', ylabel='ranking loss'),
+        dict(records=rl_r, series={'reward-model score': 'rm_score', 'KL to SFT': 'kl'},
+             title='4 PPO (train rollouts)', ylabel='per response'),
+    ], workdir / 'stages.png', title='The four stages')
+    rm_eval, rl_eval = _last(rm_r, 'val_accuracy'), _last(rl_r, 'val/kl')
+    ppo_gain = models['ppo']['gain']
+    stage_seconds = sum(v['seconds'] for v in ledger.values())
+    compare_seconds = comparison.get('seconds', 0.0)
+    headline = [
+        ('held-out task prompts', f'{comparison["prompts"]} (test split), {comparison["samples"]} '
+                                  'samples each at temperature 1, plus one greedy reply'),
+        ('gold score: base → SFT → best-of-N → PPO',
+         ' → '.join(f'{models[m]["gold"]:.3f}' for m in MODELS)),
+        ('PPO over SFT (paired over prompts)',
+         f'{ppo_gain["mean"]:+.4f} ± {ppo_gain["stderr"]:.4f} '
+         f'({ppo_gain["mean"] / max(ppo_gain["stderr"], 1e-12):.1f} standard errors)'),
+        ('SFT and PPO gold score, ± 2 standard errors', intervals(models['sft'], models['ppo'])),
+        ('the same, standard errors not stratified',
+         intervals(models['sft'], models['ppo'], 'gold_stderr_unstratified')),
+        ('reward model: held-out pairwise accuracy',
+         f'{rm_eval.get("val_accuracy", math.nan):.3f} ± '
+         f'{rm_eval.get("val_accuracy_stderr", math.nan):.3f} (agreement with the gold scorer '
+         f'{rm_eval.get("gold_agreement", math.nan):.3f})'),
+        ('KL of the final PPO policy to the SFT model',
+         f'{rl_eval.get("val/kl", math.nan):.3f} nats per response'),
+        ('wall time', f'{(stage_seconds + compare_seconds) / 60:.1f} min (the comparison '
+                      f'{compare_seconds / 60:.1f} min)'),
+    ]
+    examples = '\n\n'.join(report.code_block(
+        f'prompt: {e["prompt"]}\nexpected: {e["answer"]}\n' + '\n'.join(
+            f'{MODEL_NAMES[m]:>22}: {e[m]!r}' for m in MODELS)) for e in comparison['examples'])
+    links = ('Stage reports: [tokenizer](tokenizer/report.md), [pretraining](pretrain/report.md), '
+             '[SFT](sft/report.md), [reward model](reward/report.md), [PPO](rl/report.md).')
+    return report.write(workdir, 'gptstack pipeline report', [
+        ('Summary', report.table(['', ''], headline)),
+        ('The stages', report.table(
+            ['stage', 'data', 'trained on', 'parameters', 'optimiser', 'wall time (min)',
+             'median tokens/s'], stage_table(config, workdir, ledger))
+         + f'\n\n![{stages_plot}]({stages_plot})\n\n{links}'),
+        ('Gold score on the same held-out prompts', report.table(
+            ['model', 'sampled ± se', 'greedy ± se', 'gain ± se', 'distinct replies',
+             'distinct bigrams'], gold_rows) + f'\n\n![{gold_plot}]({gold_plot})\n\n'
+         f'Best-of-N is the reward model\'s pick among N = {comparison["best_of"]} SFT samples. '
+         'Standard errors are stratified by task family and level: these are fixed with the '
+         'prompts, so the spread of scores between them is not counted as noise (the '
+         'unstratified errors are in '
+         f'`{COMPARISON}`, every prompt\'s scores in `{PER_PROMPT}`). '
+         'Distinct replies: the fraction of different answers among a prompt\'s samples (lower '
+         'is a narrower model).'),
+        ('Gold score by task family (sampled)', report.table(
+            ['family', *(MODEL_NAMES[m] for m in MODELS)], family_rows)),
+        ('Reward model', '![calibration](reward/calibration.png)\n\n'
+                         '![accuracy](reward/accuracy.png)'),
+        ('PPO', '![reward against KL](rl/reward_vs_kl.png)\n\n![KL](rl/kl.png)'),
+        ('The same prompts answered by each model', examples),
+    ])

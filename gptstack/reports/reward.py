@@ -1,0 +1,72 @@
+"""The reward-model report: held-out accuracy, loss and agreement with the gold scorer, the
+simulated labeler's statistics, calibration and reward histograms, and best-of-N."""
+
+from __future__ import annotations
+
+import math
+
+from gptstack import report
+from gptstack.evals.ranking import calibration, pair_table
+from gptstack.metrics import read_metrics
+
+
+def write(workdir, config, labeler, train_stats, val_stats, rewards, ranks, valid,
+          best_of) -> str:
+    records = read_metrics(workdir)
+    evals = [r for r in records if 'val_accuracy' in r]
+    first, last = (evals[0], evals[-1]) if evals else ({}, {})
+    predicted, observed, counts = calibration(rewards, ranks, valid)
+    pairs = pair_table(rewards, ranks, valid)
+    plots = [
+        report.plot(records, {'train': 'loss', 'validation': 'val_loss'}, workdir / 'loss.png',
+                    title='Ranking loss', ylabel='nats per prompt'),
+        report.plot(records, {'train (batch)': 'accuracy', 'validation': 'val_accuracy',
+                              'gold agreement (validation)': 'gold_agreement'},
+                    workdir / 'accuracy.png', title='Pairwise accuracy', ylabel='fraction'),
+        report.calibration_plot(predicted, observed, counts, workdir / 'calibration.png',
+                                title='Reward model calibration (held-out pairs)',
+                                xlabel='predicted P(first wins) = sigmoid(r1 - r2)'),
+        report.histogram({'preferred completion': pairs['better'],
+                          'other completion': pairs['worse']}, workdir / 'rewards.png',
+                         title='Held-out rewards', xlabel='reward'),
+    ]
+    summary = [
+        ('initialised from', config.init_from),
+        ('train comparisons', f'{train_stats.groups} prompts, {train_stats.pairs} pairs '
+                              f'({train_stats.all_tied} all-tied left out, '
+                              f'{train_stats.truncated} completions truncated)'),
+        ('held-out comparisons', f'{val_stats.groups} prompts, {val_stats.pairs} pairs'),
+        ('steps', last.get('step', 'n/a')),
+        ('held-out accuracy: untrained head → trained',
+         f'{first.get("val_accuracy", math.nan):.3f} → {last.get("val_accuracy", math.nan):.3f}'
+         f' ± {last.get("val_accuracy_stderr", math.nan):.3f}'),
+        ('held-out loss', f'{first.get("val_loss", math.nan):.4f} → '
+                          f'{last.get("val_loss", math.nan):.4f}'),
+    ]
+    if 'gold_agreement' in last:
+        summary.append(('agreement with the gold scorer (held-out pairs of different gold)',
+                        f'{last["gold_agreement"]:.3f} ± {last["gold_agreement_stderr"]:.3f}'))
+    sections = [('Summary', report.table(['', ''], summary))]
+    if labeler:
+        rows = [(split, s['groups'], s['all_tied'], s['pairs'],
+                 f'{s["labeler_agrees"] / max(s["gold_pairs"], 1):.3f}')
+                for split, s in labeler.items() if isinstance(s, dict)]
+        sections.append((f'Simulated labeler (Bradley-Terry noise {labeler["noise"]} on the gold '
+                         'score)', report.table(
+                             ['split', 'prompts', 'all tied', 'ranked pairs',
+                              'labeler agrees with gold'], rows)))
+    if best_of:
+        plots.append(report.plot(
+            [{'step': n, 'rm': v['rm'], 'oracle': v['oracle']} for n, v in best_of.items()],
+            {'picked by the reward model': 'rm', 'picked by the gold scorer (ceiling)': 'oracle'},
+            workdir / 'best_of_n.png', title='Best-of-N gold score (held-out prompts)',
+            ylabel='mean gold score', xlabel='N (samples per prompt)', logx=True))
+        sections.append((
+            f'Best-of-N with the SFT policy (gold score on {config.best_of_n.prompts} held-out '
+            'prompts; the gain over N = 1 is paired by prompt)',
+            report.table(['N', 'picked by the RM', '± se', 'gain over N = 1', '± se',
+                          'picked by gold (ceiling)'],
+                         [(n, v['rm'], v['rm_stderr'], v['gain'], v['gain_stderr'], v['oracle'])
+                          for n, v in best_of.items()])))
+    sections.append(('Curves and calibration', '\n\n'.join(f'![{p}]({p})' for p in plots)))
+    return report.write(workdir, 'Reward model report', sections)

@@ -1,0 +1,73 @@
+"""The PPO report: held-out gold and reward-model scores of the SFT and PPO policies with the
+paired gain, the evaluations along training, by task family, and reward against KL."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from gptstack import report
+from gptstack.metrics import read_metrics
+
+
+def write(workdir, config) -> str:
+    records = read_metrics(workdir)
+    evals = [r for r in records if 'val/kl' in r]
+    first, last = (evals[0], evals[-1]) if evals else ({}, {})
+
+    def score(record, mode):
+        if f'gold/{mode}' not in record:
+            return 'n/a'
+        return f'{record[f"gold/{mode}"]:.4f} ± {record[f"gold/{mode}_stderr"]:.4f}'
+
+    def gain(record, mode):
+        if f'gold/{mode}_gain' not in record:
+            return 'n/a'
+        mean, stderr = record[f'gold/{mode}_gain'], record[f'gold/{mode}_gain_stderr']
+        return f'{mean:+.4f} ± {stderr:.4f} ({mean / max(stderr, 1e-12):.1f} standard errors)'
+
+    plots = [
+        report.plot(records, {'reward-model score (train rollouts)': 'rm_score',
+                              'gold score (train rollouts)': 'gold'}, workdir / 'reward.png',
+                    title='Rewards during PPO', ylabel='mean per response'),
+        report.plot(records, {'KL to the SFT model (train rollouts)': 'kl'}, workdir / 'kl.png',
+                    title='KL per response', ylabel='nats'),
+        report.plot([{**r, 'step': r['val/kl']} for r in evals],
+                    {'reward-model score': 'val/rm_score', 'gold score (sampled)':
+                     'gold/sampled'}, workdir / 'reward_vs_kl.png',
+                    title='Held-out reward against KL (over-optimisation)',
+                    ylabel='mean per response', xlabel='KL to the SFT model (nats per response)'),
+        report.plot(records, {'policy': 'policy_loss', 'value': 'value_loss'},
+                    workdir / 'losses.png', title='PPO losses', ylabel='loss'),
+    ]
+    summary = [
+        ('policy from', config.init_from), ('reward model from', config.reward_from),
+        ('reward', 'reward model' if config.rl.reward == 'model' else 'gold scorer (verifiable)'),
+        ('iterations × rollouts', f'{last.get("step", 0)} × {config.data.batch_size}'),
+        (f'held-out gold score, sampled ({config.eval.samples} per prompt): SFT → PPO',
+         f'{score(first, "sampled")} → {score(last, "sampled")}'),
+        ('gain over the SFT policy, sampled (paired over prompts)', gain(last, 'sampled')),
+        ('held-out gold score, greedy: SFT → PPO', f'{score(first, "greedy")} → '
+                                                   f'{score(last, "greedy")}'),
+        ('gain over the SFT policy, greedy (paired over prompts)', gain(last, 'greedy')),
+        ('held-out reward-model score: SFT → PPO', f'{first.get("val/rm_score", math.nan):.4f}'
+                                                   f' → {last.get("val/rm_score", math.nan):.4f}'),
+        ('KL of the final policy to the SFT model (nats per response)',
+         f'{last.get("val/kl", math.nan):.3f}'),
+    ]
+    rows = [(r['step'], r.get('val/kl'), r.get('val/rm_score'), r.get('gold/sampled'),
+             gain(r, 'sampled') if r['step'] else '', r.get('gold/greedy'))
+            for r in evals]
+    families = sorted(k.split('/')[-1] for k in first if k.startswith('gold/sampled/'))
+    family_rows = [(f, first[f'gold/sampled/{f}'], last.get(f'gold/sampled/{f}', math.nan))
+                   for f in families]
+    return report.write(workdir, 'PPO report', [
+        ('Summary', report.table(['', ''], summary)),
+        ('Held-out evaluations', report.table(
+            ['step', 'KL', 'reward-model score', 'gold (sampled)', 'gain over SFT (paired)',
+             'gold (greedy)'], rows)),
+        ('Held-out gold score by task family (sampled)', report.table(
+            ['family', 'SFT', 'PPO'], family_rows) if family_rows else 'no gold scorer'),
+        ('Curves', '\n\n'.join(f'![{p}]({p})' for p in plots)),
+        ('Config', report.code_block(json.dumps(config.to_dict(), indent=1))),
+    ])

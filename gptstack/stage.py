@@ -1,0 +1,400 @@
+"""What every stage driver shares, so that a driver's `run()` is wiring: build, train, report.
+
+- `setup(config)` checks the settings every training stage has (mesh, optimizer, loop, batch)
+  before any work, and derives the mesh, the batch placement and the peak FLOP/s for MFU.
+- `Workdir` owns the layout of a stage folder. As the input of a later stage (`init_from`,
+  `reward_from`) it yields the `Lineage` to start from: the tokenizer, the model config and the
+  latest checkpoint, refusing a workdir of the wrong kind. `load_policy` and `load_reward_model`
+  load a finished stage's model as one object that makes its own sampler or scorer.
+- `obtain_tokenizer` gives pretraining its tokenizer: the configured one, the workdir's own (a
+  resumed run) or one trained on the corpus mixture.
+- `Trainable` is a model under training before any array exists (graphdef, abstract state,
+  shardings, optimizer); `Stage.start` restores it from the run's latest checkpoint or creates it,
+  and `Stage.train` runs the shared loop with the metrics writer and checkpoint metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+import shutil
+import time
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from gptstack import loop, sharding
+from gptstack.checkpoint import Checkpointer, abstract_with_shardings
+from gptstack.config import COMPUTE_FIELDS, ConfigError, GPTConfig, MeshConfig, OptimConfig
+from gptstack.data import sources
+from gptstack.data.tokenizer import Tokenizer, train_tokenizer
+from gptstack.evals.best_of_n import ScoreFn, reward_scorer
+from gptstack.metrics import MetricsWriter, peak_flops_per_device, truncate_jsonl
+from gptstack.model import GPT, ScoreModel
+from gptstack.optim import make_optimizer
+from gptstack.sampling import Sampler
+from gptstack.state import (
+    ModelFn,
+    TrainState,
+    abstract_model,
+    abstract_train_state,
+    state_shardings,
+)
+from gptstack.steps.reward import make_score_fn
+
+log = logging.getLogger(__name__)
+# The stages whose checkpoint holds a language model, and where in their state it sits.
+POLICY_WITHIN = {'pretrain': (), 'sft': (), 'rl': ('actor',)}
+# What each stage's checkpoint holds, for messages.
+KINDS = {'pretrain': 'a base model', 'sft': 'an SFT model', 'reward': 'a reward model',
+         'rl': 'a PPO policy'}
+
+
+# --- set-up ---------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What every training stage derives from its config before doing any work."""
+
+    mesh: jax.sharding.Mesh
+    rules: str
+    optim: OptimConfig
+    loop: loop.LoopConfig
+    batch_sharding: jax.sharding.NamedSharding
+    peak_flops: float
+    peak_source: str
+
+
+def setup(config) -> Setup:
+    """Validates the mesh, optimizer, loop and batch settings (cheap; fails with the key)."""
+    mesh_config = MeshConfig.from_dict(config.mesh)
+    optim_config = OptimConfig.from_dict(config.optim)
+    loop_config = loop.LoopConfig.from_dict(config.train)
+    mesh = sharding.make_mesh(mesh_config)
+    if config.data.batch_size % jax.process_count():
+        raise ConfigError(f'data.batch_size={config.data.batch_size} must divide over the '
+                          f'{jax.process_count()} processes')
+    batch_sharding = sharding.batch_sharding(mesh, mesh_config.rules, config.data.batch_size)
+    log.info('mesh: %s, rules %s', sharding.describe(mesh), mesh_config.rules)
+    # MFU is against the peak of the dtype the matmuls run in.
+    model = config.get('model', {})
+    peak, source = peak_flops_per_device(model.get('matmul_dtype') or model.get('dtype', 'float32'))
+    return Setup(mesh, mesh_config.rules, optim_config, loop_config, batch_sharding,
+                 peak * jax.device_count(), source)
+
+
+def check_seq_len(seq_len: int, model_config: GPTConfig, whose: str = 'the model') -> None:
+    if seq_len > model_config.max_seq_len:
+        raise ConfigError(f'data.seq_len={seq_len} exceeds {whose}\'s max_seq_len='
+                          f'{model_config.max_seq_len}')
+
+
+def check_compatible(meta: dict, tokenizer: Tokenizer, model_config: GPTConfig, where) -> None:
+    """Refuses a checkpoint trained with another tokenizer or model shape. The saved config is
+    read back as a `GPTConfig` (fields it predates take their defaults), and the compute policy
+    (`COMPUTE_FIELDS`) may differ."""
+    if meta.get('tokenizer_sha256') != tokenizer.sha256:
+        raise ConfigError(f'{where} was trained with tokenizer sha256 '
+                          f'{meta.get("tokenizer_sha256")}, but this run uses {tokenizer.sha256}')
+    if 'model' not in meta:
+        raise ConfigError(f'{where} records no model config')
+    saved = dataclasses.asdict(GPTConfig.from_dict(meta['model']))
+    current = dataclasses.asdict(model_config)
+    diff = sorted(k for k in current if k not in COMPUTE_FIELDS and saved[k] != current[k])
+    if diff:
+        raise ConfigError(f'{where} has a different model config: ' + ', '.join(
+            f'{k}={saved[k]!r} there vs {current[k]!r} here' for k in diff))
+
+
+# --- workdirs -------------------------------------------------------------------------------
+class Lineage(NamedTuple):
+    """What a stage starts from: an earlier stage's tokenizer, model config and checkpoint."""
+
+    tokenizer: Tokenizer
+    model_config: GPTConfig
+    checkpointer: Checkpointer
+    step: int
+    meta: dict
+
+
+class Workdir:
+    """A stage's folder: `tokenizer.model`, `checkpoints/<step>/{state,data,meta}` (the meta
+    names the model config, the tokenizer's sha256 and the resolved stage config),
+    `metrics.jsonl`, `tensorboard/`, `samples.jsonl` and `report.md`."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+        self.tokenizer_path = self.path / 'tokenizer.model'
+        self.checkpoints = self.path / 'checkpoints'
+        self.samples = self.path / 'samples.jsonl'
+
+    def __truediv__(self, name: str) -> pathlib.Path:
+        return self.path / name
+
+    def lineage(self, key: str, stages: tuple[str, ...] | None = None) -> Lineage:
+        """The start of a later stage whose config names this workdir under `key` (say
+        `init_from`); `stages`: the kinds of run it may be."""
+        if not self.tokenizer_path.exists():
+            raise ConfigError(f'{key}={self.path}: no tokenizer.model there; is it a stage '
+                              'workdir?')
+        tokenizer = Tokenizer.load(self.tokenizer_path)
+        checkpointer = Checkpointer(self.checkpoints)
+        step = checkpointer.latest_step()
+        if step is None:
+            raise ConfigError(f'{key}={self.path}: no checkpoint in {self.checkpoints}')
+        meta = checkpointer.read_meta(step)
+        if meta.get('tokenizer_sha256') != tokenizer.sha256:
+            raise ConfigError(f'{key}={self.path}: checkpoint {step} was trained with tokenizer '
+                              f'{meta.get("tokenizer_sha256")}, but {self.tokenizer_path} is '
+                              f'{tokenizer.sha256}')
+        stage = meta.get('config', {}).get('stage')
+        if stages is not None and stage not in stages:
+            kinds = [KINDS.get(s, repr(s)) for s in stages]
+            expected = ' or '.join([', '.join(kinds[:-1]), kinds[-1]] if len(kinds) > 1 else kinds)
+            raise ConfigError(f'{key}={self.path} is a {stage!r} run, not {expected}')
+        return Lineage(tokenizer, GPTConfig.from_dict(meta['model']), checkpointer, step, meta)
+
+    def latest_meta(self) -> dict:
+        """The metadata of the latest checkpoint (model config, tokenizer, stage config)."""
+        lineage = self.lineage('workdir')
+        lineage.checkpointer.close()
+        return lineage.meta
+
+    def load_policy(self, step: int | None = None) -> Policy:
+        """The language model of a pretraining, SFT or PPO run (the latest checkpoint, or
+        `step`), its parameters laid out over all local devices by FSDP; no optimizer state is
+        read."""
+        return Policy(*self._load(step, GPT, tuple(POLICY_WITHIN)))
+
+    def load_reward_model(self, step: int | None = None) -> RewardModel:
+        """Like `load_policy`, for the `ScoreModel` of a reward-model run."""
+        return RewardModel(*self._load(step, ScoreModel, ('reward',)))
+
+    def _load(self, step, model_cls, stages):
+        lineage = self.lineage('workdir', stages)
+        step = lineage.step if step is None else step
+        if step not in lineage.checkpointer.all_steps():
+            raise ConfigError(f'workdir={self.path}: no checkpoint of step {step} (there are '
+                              f'{lineage.checkpointer.all_steps()})')
+        mesh = sharding.make_mesh(MeshConfig(fsdp=-1))
+        config = lineage.model_config
+        graphdef, abstract = abstract_model(lambda rngs: model_cls(config, rngs=rngs))
+        within = POLICY_WITHIN.get(lineage.meta['config']['stage'], ())
+        params = lineage.checkpointer.restore_params(step, abstract_with_shardings(
+            abstract, sharding.param_shardings(abstract, mesh, 'fsdp')), within=within)
+        lineage.checkpointer.close()
+        return lineage.tokenizer, config, graphdef, params, mesh, lineage.meta
+
+
+def start_from(config, key: str, stages: tuple[str, ...], purpose: str,
+               workdir: pathlib.Path | None = None) -> Lineage:
+    """The `Lineage` of the workdir that `config.<key>` names; with `workdir`, its tokenizer is
+    copied there so the lineage is on disk."""
+    if not config.get(key):
+        raise ConfigError(f'{key}: name {purpose} (--config.{key}=workdirs/...)')
+    lineage = Workdir(config[key]).lineage(key, stages)
+    if workdir is not None:
+        shutil.copyfile(Workdir(config[key]).tokenizer_path, Workdir(workdir).tokenizer_path)
+    return lineage
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """A finished stage's language model, ready to sample."""
+
+    tokenizer: Tokenizer
+    config: GPTConfig
+    graphdef: object
+    params: object
+    mesh: jax.sharding.Mesh
+    meta: dict
+
+    def sampler(self, batch_size: int, max_new_tokens: int, chat: bool = True) -> Sampler:
+        """A sampler of at least `batch_size` rows; `chat` stops at the end of the assistant's
+        turn too, otherwise only at `<|endoftext|>`."""
+        tok = self.tokenizer
+        stops = [tok.end_of_turn_id, tok.eot_id] if chat else [tok.eot_id]
+        return Sampler(self.graphdef, self.config, self.mesh, 'fsdp', batch_size=batch_size,
+                       max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=tok.pad_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModel:
+    """A finished reward-model run's score model, ready to score replies."""
+
+    tokenizer: Tokenizer
+    config: GPTConfig
+    graphdef: object
+    params: object
+    mesh: jax.sharding.Mesh
+    meta: dict
+
+    def scorer(self, batch_size: int) -> ScoreFn:
+        """`scorer(prompts, completions) -> rewards`, rows as long as the model was trained on."""
+        batch_size = sharding.round_to_batch_shards(self.mesh, batch_size)
+        shardings = jax.tree.map(lambda x: x.sharding, self.params)
+        score_fn = make_score_fn(self.graphdef, self.mesh, 'fsdp', shardings, batch_size,
+                                 self.tokenizer.reward_id)
+        return reward_scorer(score_fn, self.params, self.tokenizer, batch_size,
+                             self.meta['config']['data']['seq_len'])
+
+
+# --- the tokenizer --------------------------------------------------------------------------
+def train_tokenizer_on(config) -> tuple[Tokenizer, dict]:
+    """A tokenizer trained on every document of `config.data.sources`, and its statistics,
+    including `documents`: {source name: [texts]}."""
+    budget = sources.SkipBudget(config.data.max_skips)
+    start = time.perf_counter()
+    documents = {spec.name: list(sources.read_source(spec, budget))
+                 for spec in sources.specs_from_config(config.data.sources)}
+    read_time = time.perf_counter() - start
+    tokenizer = train_tokenizer((d for docs in documents.values() for d in docs),
+                                config.tokenizer.vocab_size,
+                                max_lines=config.tokenizer.max_lines, seed=config.seed)
+    stats = dict(documents=documents, read_seconds=read_time,
+                 train_seconds=time.perf_counter() - start - read_time,
+                 skipped=dict(budget.by_reason))
+    return tokenizer, stats
+
+
+def obtain_tokenizer(config, workdir: Workdir) -> Tokenizer:
+    """The tokenizer a stage runs with, copied into its workdir so the lineage is on disk."""
+    target = workdir.tokenizer_path
+    if config.tokenizer.path:
+        if not pathlib.Path(config.tokenizer.path).is_file():
+            raise ConfigError(f'tokenizer.path={config.tokenizer.path}: no such file (give a '
+                              'tokenizer.model, or leave the key unset to train one)')
+        tokenizer = Tokenizer.load(config.tokenizer.path)
+        if target.exists() and Tokenizer.load(target).sha256 != tokenizer.sha256:
+            raise ConfigError(f'tokenizer.path={config.tokenizer.path} differs from {target}, '
+                              'which this workdir was trained with; use a new workdir')
+    elif target.exists():
+        return Tokenizer.load(target)
+    elif jax.process_count() > 1:  # process 0 trains it; the others read it from the workdir
+        if jax.process_index() == 0:
+            train_tokenizer_on(config)[0].save(target)
+        sharding.barrier('tokenizer trained')
+        return Tokenizer.load(target)
+    else:
+        tokenizer, stats = train_tokenizer_on(config)
+        log.info('trained a %d-token tokenizer in %.1f s', tokenizer.vocab_size,
+                 stats['train_seconds'])
+    if jax.process_index() == 0:
+        tokenizer.save(target)
+    sharding.barrier('tokenizer saved')
+    return tokenizer
+
+
+# --- state and the loop ---------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+    """A model under training before any array exists: its graphdef, the abstract train state,
+    the state's shardings and the optimizer."""
+
+    model_fn: ModelFn
+    graphdef: object
+    abstract_state: TrainState
+    shardings: TrainState
+    tx: object
+    schedule: Callable
+
+    @classmethod
+    def create(cls, model_fn: ModelFn, optim: OptimConfig, mesh, rules: str) -> Trainable:
+        tx, schedule = make_optimizer(optim)
+        abstract_state = abstract_train_state(model_fn, tx)
+        return cls(model_fn, abstract_model(model_fn)[0], abstract_state,
+                   state_shardings(abstract_state, mesh, rules, tx), tx, schedule)
+
+    def abstract_params(self, within: str | None = None):
+        """The abstract parameters placed by their shardings: a restore target."""
+        params, shardings = self.abstract_state.params, self.shardings.params
+        if within:
+            params, shardings = params[within], shardings[within]
+        return abstract_with_shardings(params, shardings)
+
+    def from_params(self, params) -> TrainState:
+        """Step 0 with `params` and a fresh optimizer, in the state's shardings."""
+        return jax.jit(lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                                            opt_state=self.tx.init(p)),
+                       out_shardings=self.shardings)(params)
+
+
+def resume(checkpointer: Checkpointer, abstract_state, shardings, tokenizer: Tokenizer,
+           model_config: GPTConfig, data_iterator):
+    """`(state, wall time so far)` from the run's latest checkpoint, restored onto `shardings`
+    with the data iterator, or None for a fresh run. A checkpoint of another tokenizer or model
+    shape is refused."""
+    latest = checkpointer.latest_step()
+    if latest is None:
+        return None
+    check_compatible(checkpointer.read_meta(latest), tokenizer, model_config,
+                     checkpointer.path(latest))
+    state, meta = checkpointer.restore(latest, abstract_with_shardings(abstract_state, shardings),
+                                       data_iterator=data_iterator)
+    log.info('resuming from %s (step %d)', checkpointer.path(latest), latest)
+    return state, meta.get('wall_time', 0.0)
+
+
+class Stage:
+    """One training stage's run in its workdir: its checkpoints, its metrics and the loop.
+
+    `start` restores the state from the latest checkpoint (with the data iterator) or makes it
+    with `init`; `train` runs `loop.train` with every setting the stages share and closes the
+    writer and checkpointer unless told to keep them for work after the loop.
+    """
+
+    def __init__(self, config, workdir: str | os.PathLike, setup_: Setup):
+        self.config, self.workdir, self.setup = config, Workdir(workdir), setup_
+        self.checkpointer = Checkpointer(self.workdir.checkpoints,
+                                         keep=config.train.keep_checkpoints)
+        self.resumed_from = self.checkpointer.latest_step()
+        self.wall_offset = 0.0
+        self.writer: MetricsWriter | None = None
+
+    def start(self, abstract_state, shardings, tokenizer: Tokenizer, model_config: GPTConfig,
+              data_iterator, init: Callable[[], object]):
+        resumed = resume(self.checkpointer, abstract_state, shardings, tokenizer, model_config,
+                         data_iterator)
+        if resumed is None:
+            return init()
+        state, self.wall_offset = resumed
+        return state
+
+    def metrics(self) -> MetricsWriter:
+        """The run's metrics writer (on resume, records past the restored step are dropped)."""
+        if self.writer is None:
+            self.writer = MetricsWriter(self.workdir.path, resume_step=self.resumed_from)
+            truncate_jsonl(self.workdir.samples, self.resumed_from or 0)
+        return self.writer
+
+    def meta(self, tokenizer: Tokenizer, model_config: GPTConfig, **extra) -> dict:
+        """What every checkpoint of this run records besides the state."""
+        return {'model': dataclasses.asdict(model_config), 'tokenizer_sha256': tokenizer.sha256,
+                'seed': self.config.seed, 'config': self.config.to_dict(), **extra}
+
+    def train(self, state, step_fn, batches, data_iterator, *, meta: dict, evaluate=None,
+              sample=None, tokens_per_step: int = 0, flops_per_step: float = 0.0,
+              keep_open: bool = False) -> loop.LoopResult:
+        writer = self.metrics()
+        result = loop.train(
+            state=state, step_fn=step_fn, batches=batches, data_iterator=data_iterator,
+            config=self.setup.loop, checkpointer=self.checkpointer, writer=writer,
+            workdir=self.workdir.path, evaluate=evaluate, sample=sample, checkpoint_meta=meta,
+            tokens_per_step=tokens_per_step, flops_per_step=flops_per_step,
+            peak_flops=self.setup.peak_flops if flops_per_step else 0.0,
+            wall_time_offset=self.wall_offset)
+        if not keep_open:
+            self.close()
+        return result
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.checkpointer.close()
+
+    def finished(self, result: loop.LoopResult) -> bool:
+        """Whether the stage ran to its last step, here on the process that writes reports."""
+        return result.status == 'finished' and jax.process_index() == 0

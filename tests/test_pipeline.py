@@ -73,6 +73,20 @@ def test_too_few_comparison_prompts_for_stratified_errors_fail_before_any_sampli
         comparison.compare(config, tmp_path)
 
 
+@pytest.mark.parametrize('override, message', [
+    ('--config.compare.prompts=4', 'ConfigError: compare.prompts=4: the held-out prompts fall in '
+                                   '4 task families and levels'),
+    ('--config.rl.rl.ppo.kl_estimator=k9', "kl_estimator='k9': expected k1 or k3"),
+    ('--config.reward.data.completions=1', 'ConfigError: data.completions=1: a comparison needs '
+                                           'at least 2 completions'),
+])
+def test_a_bad_stage_config_fails_before_the_first_stage(corpus, tmp_path, override, message):
+    result = run(pipeline_command(corpus, tmp_path, override))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert message in result.stderr and 'Traceback' not in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / 'tokenizer').exists()
+
+
 def test_pipeline_runs_every_stage_into_one_report(pipeline_workdir):
     ledger = json.loads((pipeline_workdir / LEDGER).read_text())
     assert list(ledger) == list(STAGES)

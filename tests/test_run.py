@@ -83,6 +83,13 @@ def test_sigterm_saves_the_current_step_and_exits_0(corpus, tmp_path):
                              'does not divide the 8 available devices'),
     ('--config.model.n_head=3', 'GPTConfig.n_head=3 must divide d_model=32'),
     ('--config.data.sources.code.weight=-1', "data source 'code': weight=-1.0 must be > 0"),
+    ('--config.train.on_nonfinite=ignore',
+     "ConfigError: train.on_nonfinite='ignore': expected stop or skip"),
+    ('--config.train.log_every=-1',
+     'ConfigError: train.log_every=-1: expected an integer >= 0 (0 disables)'),
+    ('--config.tokenizer.path=/nowhere/tokenizer.model',
+     'ConfigError: tokenizer.path=/nowhere/tokenizer.model: no such file (give a '
+     'tokenizer.model, or leave the key unset to train one)'),
 ])
 def test_bad_config_fails_before_any_work(corpus, tmp_path, override, message):
     workdir = tmp_path / 'bad'
@@ -90,6 +97,8 @@ def test_bad_config_fails_before_any_work(corpus, tmp_path, override, message):
     assert result.returncode != 0
     assert message in result.stderr, result.stderr[-3000:]
     assert not (workdir / 'cache').exists() and not (workdir / 'checkpoints').exists()
+    if 'ConfigError' in message:  # a user's mistake: exit 1 with one line, no traceback
+        assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
 
 
 def test_resume_refuses_a_different_model(corpus, tmp_path):

@@ -169,6 +169,13 @@ def batch_sharding(mesh: Mesh, rules: str, batch_size: int) -> NamedSharding:
     return NamedSharding(mesh, spec)
 
 
+def round_to_batch_shards(mesh: Mesh, n: int) -> int:
+    """The smallest batch size `>= n` that splits evenly over the mesh's batch shards
+    (data*fsdp)."""
+    shards = math.prod(mesh.shape[a] for a in _BATCH[1])
+    return shards * math.ceil(n / shards)
+
+
 def describe(mesh: Mesh) -> str:
     """One line for logs: axis sizes and device kind."""
     sizes = ' x '.join(f'{name}={size}' for name, size in mesh.shape.items())

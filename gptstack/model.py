@@ -8,8 +8,10 @@ Notable features:
   (GPT-2 paper, section 2.3).
 - Attention is causal and can be kept inside documents of a packed row with `segment_ids`; RoPE
   and learned positions read per-token `positions`, which restart at every document.
-- Layers are stacked along a leading `layers` axis (`nnx.vmap`) and run with `jax.lax.scan`, so
-  compile time does not grow with depth.
+- Layers are stacked along a leading `layers` axis (`nnx.vmap`) and run with `jax.lax.scan`
+  (`scan_layers`, compile time independent of depth) or unrolled over slices of the stack (no
+  stacked buffers of saved activations); generation always unrolls them.
+- Matmuls and attention come from `gptstack.ops`: inputs in `matmul_dtype`, float32 accumulation.
 - No dropout: the forward pass needs no RNG. Logits and softmax are computed in float32.
 - `GPT` returns next-token logits; `ScoreModel` swaps the LM head for `ScoreHead` (one scalar per
   position) and serves as the reward and value model.
@@ -19,17 +21,15 @@ Notable features:
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from gptstack.config import GPTConfig
+from gptstack.ops import KVCache, dot_product_attention, matmul
 from gptstack.sharding import constrain
 
 Array = jax.Array
@@ -98,182 +98,6 @@ def attention_mask(segment_ids_bt: Array) -> Array:
     return causal_ts[None] & same_segment_bts
 
 
-def dot_product_attention(q_bnth: Array, keys: Sequence[Array], values: Sequence[Array],
-                          mask_bts: Array, matmul_dtype=None) -> Array:
-    """Softmax attention with grouped-query heads (`N = K*G`).
-
-    Keys and values come as blocks `[B, K, S_i, H]` along the key axis (one block for a
-    sequence attending to itself; the KV cache's blocks when decoding), joined in one softmax:
-    the cache is read in place, never concatenated. `mask_bts` covers all `S = sum(S_i)` keys.
-    Both matmuls take inputs in `matmul_dtype` (default: the queries' dtype) and accumulate in
-    float32; scores and softmax are float32, the probabilities are cast to `matmul_dtype` for
-    the second matmul. The `G` query heads that share a key/value head are stacked along the
-    query axis, and the matmuls run over `B*K` as one batch axis with the contracted dimension
-    in place (XLA:CPU's fast bf16 path wants that).
-
-    One key block (a sequence attending to itself in training, scoring and prefill) goes
-    through `_self_attention`, whose backward pass runs its matmuls in `matmul_dtype` too.
-    """
-    b, n, t, h = q_bnth.shape
-    k, g = keys[0].shape[1], n // keys[0].shape[1]
-    dtype = jnp.dtype(matmul_dtype or q_bnth.dtype)
-    q_bkqh = (q_bnth.reshape(b, k, g * t, h) / math.sqrt(h)).astype(dtype)  # q = g*T + t
-    mask_b1qs = jnp.tile(mask_bts[:, None], (1, 1, g, 1))
-    keys = [keys_bksh.astype(dtype) for keys_bksh in keys]
-    values = [values_bksh.astype(dtype) for values_bksh in values]
-    # Decoding one token with one query head per key/value head gives matrix-vector products,
-    # which XLA:CPU runs in float32 on its slow generic path, converting the cache first; with
-    # the query row doubled they stay bf16 matmuls (3x faster here).
-    rows = g * t
-    if rows == 1:
-        q_bkqh, mask_b1qs = (jnp.concatenate([x, x], axis=2) for x in (q_bkqh, mask_b1qs))
-    if len(keys) == 1:
-        out_bkqh = _self_attention(q_bkqh, keys[0], values[0], mask_b1qs)
-    else:
-        out_bkqh = _attention(q_bkqh, keys, values, mask_b1qs)[0]
-    return out_bkqh[:, :, :rows].reshape(b, n, t, h).astype(q_bnth.dtype)
-
-
-def _batched(x_bk__: Array) -> Array:
-    """`[B, K, ...]` as `[B*K, ...]`: one batch axis for XLA's batched matmuls."""
-    return x_bk__.reshape(-1, *x_bk__.shape[2:])
-
-
-def _attention(q_bkqh: Array, keys: Sequence[Array], values: Sequence[Array],
-               mask_b1qs: Array) -> tuple[Array, Array]:
-    """The attention core on scaled queries and key/value blocks already in the matmul dtype:
-    returns the float32 output `[B, K, Q, H]` and the probabilities `[B, K, Q, S]` in the matmul
-    dtype (what the second matmul consumed)."""
-    b, k, q, h = q_bkqh.shape
-    scores_bkqs = jnp.concatenate([
-        jnp.einsum('NQH,NSH->NQS', _batched(q_bkqh), _batched(keys_bksh),
-                   preferred_element_type=jnp.float32).reshape(b, k, q, -1)
-        for keys_bksh in keys], axis=-1)
-    scores_bkqs = jnp.where(mask_b1qs, scores_bkqs, jnp.finfo(jnp.float32).min)
-    probs_bkqs = jax.nn.softmax(scores_bkqs, axis=-1).astype(q_bkqh.dtype)
-    splits = np.cumsum([keys_bksh.shape[2] for keys_bksh in keys])[:-1]
-    out_bkqh = sum(jnp.einsum('NQS,NSH->NQH', _batched(p_bkqs), _batched(values_bksh),
-                              preferred_element_type=jnp.float32)
-                   for p_bkqs, values_bksh in zip(jnp.split(probs_bkqs, splits, axis=-1), values,
-                                                  strict=True))
-    return out_bkqh.reshape(b, k, q, h), probs_bkqs
-
-
-@jax.custom_vjp
-def _self_attention(q_bkqh: Array, k_bksh: Array, v_bksh: Array, mask_b1qs: Array) -> Array:
-    """`_attention` over one key block, with a hand-written backward pass: its four matmuls
-    take inputs in the matmul dtype (autodiff would feed them float32 gradients, off the fast
-    bf16 path), and the residuals are the inputs and the probabilities in that dtype, rather
-    than float32 scores and probabilities."""
-    return _attention(q_bkqh, [k_bksh], [v_bksh], mask_b1qs)[0]
-
-
-def _self_attention_forward(q_bkqh, k_bksh, v_bksh, mask_b1qs):
-    out_bkqh, probs_bkqs = _attention(q_bkqh, [k_bksh], [v_bksh], mask_b1qs)
-    return out_bkqh, (q_bkqh, k_bksh, v_bksh, probs_bkqs)
-
-
-def _self_attention_backward(residuals, grad_bkqh):
-    q_bkqh, k_bksh, v_bksh, _ = residuals
-    dtype = q_bkqh.dtype
-    q, k, v, p = (_batched(x) for x in residuals)
-    dout = _batched(grad_bkqh.astype(dtype))
-    dprobs = jnp.einsum('NQH,NSH->NQS', dout, v, preferred_element_type=jnp.float32)
-    # The softmax's backward pass, p * (dp - sum(p * dp)). Masked probabilities are exactly 0
-    # (every query sees at least itself), so masked scores get no gradient, as under autodiff.
-    p32 = p.astype(jnp.float32)
-    dscores = (p32 * (dprobs - jnp.sum(p32 * dprobs, axis=-1, keepdims=True))).astype(dtype)
-    dq = jnp.einsum('NQS,NSH->NQH', dscores, k, preferred_element_type=jnp.float32)
-    dk = _transposed_product(dscores, q)
-    dv = _transposed_product(p, dout)
-    return (dq.reshape(q_bkqh.shape).astype(dtype), dk.reshape(k_bksh.shape).astype(dtype),
-            dv.reshape(v_bksh.shape).astype(dtype), None)
-
-
-_self_attention.defvjp(_self_attention_forward, _self_attention_backward)
-
-
-def _transposed_product(a_nqs: Array, b_nqh: Array) -> Array:
-    """`einsum('NQS,NQH->NSH', a, b)` in float32. Its left operand is transposed (contracted
-    axis first), which XLA:CPU's fast bf16 matmuls refuse; a transpose written out is folded
-    back into the matmul, even behind a barrier. So `a` is transposed into a copy padded with
-    a few rows of zeros, which cannot be folded, and the padding is sliced off the product."""
-    s = a_nqs.shape[2]
-    a_nsq = jnp.pad(jnp.swapaxes(a_nqs, 1, 2), ((0, 0), (0, 8), (0, 0)))
-    return jnp.einsum('NSQ,NQH->NSH', a_nsq, b_nqh, preferred_element_type=jnp.float32)[:, :s]
-
-
-class KVCache(NamedTuple):
-    """One layer's cached keys and values for decoding, in blocks `[B, K, S_i, H]` along the
-    slot axis. New tokens are written into the last block at slot `index` of that block;
-    earlier blocks are only read (a decoding loop carries just the block it writes)."""
-
-    keys: Sequence[Array]
-    values: Sequence[Array]
-    index: Array | int
-
-
-def matmul(spec: str, x: Array, weight: Array, dtype, out_dtype=None) -> Array:
-    """`einsum(spec, x, weight)` with both inputs in `dtype` (the config's `matmul_dtype`) and
-    float32 accumulation, returned in `out_dtype` (default: `x`'s dtype). Below float32 the
-    backward pass runs in `dtype` as well (`_reduced_precision_matmul`)."""
-    out_dtype = out_dtype or x.dtype
-    if jnp.dtype(dtype) == jnp.float32:
-        y = jnp.einsum(spec, x.astype(dtype), weight.astype(dtype),
-                       preferred_element_type=jnp.float32)
-    else:
-        y = _reduced_precision_matmul(spec, jnp.dtype(dtype).name, jnp.dtype(x.dtype).name,
-                                      jnp.dtype(weight.dtype).name)(x, weight)
-    return y.astype(out_dtype)
-
-
-@functools.cache
-def _reduced_precision_matmul(spec: str, dtype: str, x_dtype: str, weight_dtype: str):
-    """`einsum(spec)` with inputs in `dtype` and float32 accumulation in the forward pass and in
-    both backward matmuls, whose incoming gradient is cast to `dtype` too. Left to autodiff,
-    the backward matmuls would take a float32 gradient and run mixed float32 x bfloat16, which
-    misses the fast path on CPUs with bf16 matrix units. The residuals are the inputs in
-    `dtype`, half the activation memory of float32 ones."""
-    inputs, out = spec.split('->')
-    x_spec, w_spec = inputs.split(',')
-    dx_spec, dw_spec = f'{out},{w_spec}->{x_spec}', f'{x_spec},{out}->{w_spec}'
-
-    def forward(x, weight):
-        x, weight = x.astype(dtype), weight.astype(dtype)
-        return _weight_product(spec, x, weight), (x, weight)
-
-    @jax.custom_vjp
-    def mm(x, weight):
-        return forward(x, weight)[0]
-
-    def backward(residuals, grad):
-        x, weight = residuals
-        grad = grad.astype(dtype)
-        dx = _weight_product(dx_spec, grad, weight)
-        dw = jnp.einsum(dw_spec, x, grad, preferred_element_type=jnp.float32)
-        return dx.astype(x_dtype), dw.astype(weight_dtype)
-
-    mm.defvjp(forward, backward)
-    return mm
-
-
-def _weight_product(spec: str, x: Array, weight: Array) -> Array:
-    """`einsum(spec, x, weight)` in float32 with the weight laid out `[contracted..., free...]`
-    first: XLA:CPU's fast bf16 matmuls want that layout and run 2-3x slower on a transposed
-    weight (a backward pass's `grad @ weight.T`, a tied embedding's logits). Transposing a
-    weight costs little; the barrier keeps XLA from folding the transpose back into the matmul.
-    """
-    (x_spec, w_spec), out = spec.split('->')[0].split(','), spec.split('->')[1]
-    order = ([c for c in w_spec if c in x_spec and c in out]  # batch
-             + [c for c in w_spec if c in x_spec and c not in out]  # contracted
-             + [c for c in w_spec if c not in x_spec])  # free
-    if list(w_spec) != order:
-        weight = jax.lax.optimization_barrier(
-            jnp.transpose(weight, [w_spec.index(c) for c in order]))
-        w_spec = ''.join(order)
-    return jnp.einsum(f'{x_spec},{w_spec}->{out}', x, weight, preferred_element_type=jnp.float32)
-
-
 class Attention(nnx.Module):
     def __init__(self, config: GPTConfig, *, rngs: nnx.Rngs):
         self.config = config
@@ -325,14 +149,8 @@ class Attention(nnx.Module):
             kv = (k, v)
             out_bnth = dot_product_attention(q, [k], [v], mask, mm)
         else:
-            at = (0, 0, cache.index, 0)
-            *keys, last_keys = cache.keys
-            *values, last_values = cache.values
-            keys.append(jax.lax.dynamic_update_slice(last_keys, k.astype(last_keys.dtype), at))
-            values.append(jax.lax.dynamic_update_slice(last_values, v.astype(last_values.dtype),
-                                                       at))
-            kv = KVCache(keys, values, cache.index)
-            out_bnth = dot_product_attention(q, keys, values, mask, mm)
+            kv = cache.write(k, v)
+            out_bnth = dot_product_attention(q, kv.keys, kv.values, mask, mm)
         out_btnh = out_bnth.transpose(0, 2, 1, 3)
         y_btd = matmul('BTNH,NHD->BTD', out_btnh, self.o_weight_nhd[...], mm)
         if c.use_bias:
@@ -419,9 +237,8 @@ class Transformer(nnx.Module):
         """Hidden states and every layer's keys and values `(k_lbkth, v_lbkth)` (the start of a
         KV cache; XLA drops them when only the hidden states are used).
 
-        `blocks` (`unstacked_blocks()`, as decoding uses) runs the layers unrolled over those,
-        whose weights are already sliced and cast; by default the stacked blocks run as
-        `config.scan_layers` says."""
+        `blocks` (`unstacked_blocks()`, as generation uses) unrolls the layers over those; by
+        default the stacked blocks run as `config.scan_layers` says."""
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
         if segment_ids_bt is None:
@@ -449,18 +266,16 @@ class Transformer(nnx.Module):
         return self.final_norm(x_btd), kv
 
     def unstacked_blocks(self) -> list[Block]:
-        """The stacked blocks as one `Block` per layer (slices of the stacked parameters).
+        """The stacked blocks as one `Block` per layer, with the matmul weights (`*_weight_*`)
+        cast once to `matmul_dtype`, as every matmul would cast them.
 
         Generation (prefill and decoding) unrolls its layers over these, sliced once per call: a
-        `scan` would slice every layer's weights and KV cache out of the stacked arrays again at
-        every token.
-        The matmul weights (`*_weight_*`) come in `matmul_dtype`, as every matmul uses them.
+        `scan` would slice every layer's weights and KV cache again at every token.
         """
         graphdef, state = nnx.split(self.blocks)
         matmul_dtype = self.config.matmul_dtype
 
         def layer_slice(path, x, i):
-            # Matmul weights are cast here, once, to the dtype every matmul casts them to.
             x = x[i]
             return x.astype(matmul_dtype) if '_weight_' in str(path[-1]) else x
 
@@ -472,18 +287,12 @@ class Transformer(nnx.Module):
 
     def decode(self, tokens_bt: Array, positions_bt: Array, blocks: Sequence[Block],
                caches: Sequence[KVCache], mask_btc: Array):
-        """Hidden states of `T` new tokens whose keys and values are written into every
-        layer's cache, and which attend to the cache slots where `mask_btc` is true (their own
-        included).
+        """`(h_btd, updated caches)` for `T` new tokens whose keys and values are written into
+        every layer's cache and which attend to the slots where `mask_btc` (`[B, T, C]` over the
+        `C` slots of the cache blocks passed) is true, their own included.
 
-        Args:
-            blocks: `unstacked_blocks()`.
-            caches: one `KVCache` per layer; only the blocks passed are read, so a caller
-                passes those that hold tokens so far.
-            mask_btc: `[B, T, C]` over the `C` slots of the cache blocks passed.
-
-        Returns:
-            `(h_btd, updated caches)`.
+        `blocks` are `unstacked_blocks()`; `caches` holds one `KVCache` per layer, of which only
+        the blocks passed are read, so a caller passes those that hold tokens so far.
         """
         x_btd = self.embed(tokens_bt, positions_bt)
         updated = []

@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +39,8 @@ from jax.sharding import Mesh
 
 from gptstack import sharding
 from gptstack.config import GPTConfig
-from gptstack.model import KVCache
+from gptstack.model import GPT, Block
+from gptstack.ops import KVCache
 
 log = logging.getLogger(__name__)
 Array = jax.Array
@@ -134,7 +136,8 @@ class Sampler:
         graphdef: the `GPT` graphdef (from `nnx.split`).
         config: its `GPTConfig`.
         mesh, rules: where the params live and how activations are sharded.
-        batch_size: rows per call (a shorter list of prompts is padded with dummy rows).
+        batch_size: rows per call, rounded up to a multiple of the mesh's batch shards
+            (`sharding.round_to_batch_shards`); fewer prompts are padded with dummy rows.
         max_new_tokens: generation budget per row.
         stop_ids: tokens that end a row (kept in the output).
         pad_id: fills slots after a row stopped.
@@ -198,119 +201,172 @@ class Sampler:
         return {k: np.asarray(v)[:len(prompts)] for k, v in jax.device_get(out).items()}
 
     def _build(self, prompt_len: int):
+        """The jitted generation for prompts of `prompt_len` tokens (a bucket)."""
         graphdef, mesh, rules = self.graphdef, self.mesh, self.rules
         n_new, stop_ids, pad_id = self.max_new_tokens, jnp.asarray(self.stop_ids), self.pad_id
-        block = CACHE_BLOCK
-        slots = block * math.ceil((prompt_len + n_new) / block)
 
         def generate(params, tokens_bp, lengths_b, key, temperature, top_k, top_p):
             with sharding.activation_sharding(mesh, rules):
-                model = nnx.merge(graphdef, params)
-                layers = model.transformer.unstacked_blocks()
-                batch = tokens_bp.shape[0]
-                pad_b = prompt_len - lengths_b
-                slots_c = jnp.arange(slots)
-                # Cache slots holding real tokens: the prompt after its padding, then everything
-                # generated (written at slot prompt_len + step - 1 by decode step `step`).
-                valid_bc = slots_c[None, :] >= pad_b[:, None]
-                positions_bp = jnp.maximum(slots_c[None, :prompt_len] - pad_b[:, None], 0)
-                segment_ids_bp = valid_bc[:, :prompt_len].astype(jnp.int32)
-                logits_bv, (k_lbkph, v_lbkph) = model.prefill(tokens_bp, positions_bp,
-                                                              segment_ids_bp, layers)
-                # The cache, per layer: keys and values in blocks of `block` slots. Blocks before
-                # the one being written are only read; the prompt fills the first ones.
-                first_block = prompt_len // block
-                blocks_bkch = ('batch', 'kv_heads', 'seq', 'head_dim')
-
-                def blocks_of(kv_bkph):
-                    room = (first_block + 1) * block - prompt_len
-                    kv_bkch = jnp.pad(kv_bkph, ((0, 0), (0, 0), (0, room), (0, 0)))
-                    return [sharding.constrain(b, blocks_bkch)
-                            for b in jnp.split(kv_bkch, first_block + 1, axis=2)]
-
-                prompt_cache = [(blocks_of(k_lbkph[i]), blocks_of(v_lbkph[i]))
-                                for i in range(len(layers))]
-
-                def merged(blocks):
-                    """Read-only blocks as one (a copy once per loop, not per step): a step then
-                    runs two attention matmuls per layer on them rather than two per block."""
-                    return ([sharding.constrain(jnp.concatenate(blocks, axis=2), blocks_bkch)]
-                            if blocks else [])
-
-                full = [(merged(keys[:-1]), merged(values[:-1])) for keys, values in prompt_cache]
-                current = [(keys[-1], values[-1]) for keys, values in prompt_cache]
-
-                def pick(logits_bv, step):
-                    log_probs_bv = filter_logits(logits_bv, temperature, top_k, top_p)
-                    token_b = sample_tokens(jax.random.fold_in(key, step), log_probs_bv)
-                    sampled_lp = jnp.take_along_axis(log_probs_bv, token_b[:, None], -1)[:, 0]
-                    model_lp = jnp.take_along_axis(jax.nn.log_softmax(logits_bv, axis=-1),
-                                                   token_b[:, None], -1)[:, 0]
-                    return token_b, sampled_lp, model_lp
-
-                out = dict(tokens=jnp.full((batch, n_new), pad_id, jnp.int32),
-                           logprobs=jnp.zeros((batch, n_new), jnp.float32),
-                           model_logprobs=jnp.zeros((batch, n_new), jnp.float32),
-                           mask=jnp.zeros((batch, n_new), jnp.int32))
-
-                def record(out, step, token_b, sampled_lp, model_lp, live_b):
-                    values = dict(tokens=jnp.where(live_b, token_b, pad_id),
-                                  logprobs=jnp.where(live_b, sampled_lp, 0.0),
-                                  model_logprobs=jnp.where(live_b, model_lp, 0.0),
-                                  mask=live_b.astype(jnp.int32))
-                    return {k: out[k].at[:, step].set(values[k]) for k in out}
-
-                token_b, sampled_lp, model_lp = pick(logits_bv, 0)
-                out = record(out, 0, token_b, sampled_lp, model_lp, jnp.ones((batch,), bool))
-                done_b = jnp.isin(token_b, stop_ids)
-
-                def joined(full, current):
-                    """Per layer, the read-only blocks followed by the block being written."""
-                    return [([*keys, k_bkch], [*values, v_bkch])
-                            for (keys, values), (k_bkch, v_bkch)
-                            in zip(full, current, strict=True)]
-
-                def decode_loop(carry, full, block_index, end_step):
-                    """Decode steps up to `end_step` whose token goes into cache block
-                    `block_index` (carried and written); earlier blocks (`full`) are only
-                    read, and later ones not at all."""
-                    visible = (block_index + 1) * block
-
-                    def cond(carry):
-                        step, _, done_b, _, _ = carry
-                        return (step < end_step) & ~jnp.all(done_b)
-
-                    def body(carry):
-                        step, token_b, done_b, current, out = carry
-                        slot = prompt_len + step - 1  # where the previous token is written
-                        mask_bc = valid_bc[:, :visible] & (slots_c[None, :visible] <= slot)
-                        position_b1 = (lengths_b + step - 1)[:, None]
-                        caches = [KVCache(keys, values, slot - block_index * block)
-                                  for keys, values in joined(full, current)]
-                        logits_b1v, caches = model.decode(token_b[:, None], position_b1, layers,
-                                                          caches, mask_bc[:, None])
-                        current = [(c.keys[-1], c.values[-1]) for c in caches]
-                        next_b, sampled_lp, model_lp = pick(logits_b1v[:, 0], step)
-                        out = record(out, step, next_b, sampled_lp, model_lp, ~done_b)
-                        done_b = done_b | jnp.isin(next_b, stop_ids)
-                        return step + 1, next_b, done_b, current, out
-
-                    return jax.lax.while_loop(cond, body, carry)
-
-                # One loop per cache block, so that a step reads only the blocks in use: decoding
-                # is bound by reading the cache, which fills up as generation proceeds.
-                step, block_index = jnp.int32(1), first_block
-                while block_index * block - prompt_len + 1 < n_new:
-                    end_step = min(n_new, (block_index + 1) * block - prompt_len + 1)
-                    step, token_b, done_b, current, out = decode_loop(
-                        (step, token_b, done_b, current, out), full, block_index, end_step)
-                    full = [(merged(keys), merged(values))
-                            for keys, values in joined(full, current)]
-                    empty = sharding.constrain(jnp.zeros_like(current[0][0]), blocks_bkch)
-                    current = [(empty, empty)] * len(layers)
-                    block_index += 1
-                out['lengths'] = out['mask'].sum(axis=1)
-                return out
+                sampling = _Sampling(key, temperature, top_k, top_p, stop_ids, pad_id)
+                return _generate(nnx.merge(graphdef, params), tokens_bp, lengths_b, sampling,
+                                 prompt_len, n_new)
 
         # Outputs are small and replicated, so every process can read them (multi-host too).
         return jax.jit(generate, out_shardings=sharding.replicated(mesh))
+
+
+# --- decoding -----------------------------------------------------------------------------------
+_BLOCK_AXES = ('batch', 'kv_heads', 'seq', 'head_dim')
+_LayerBlocks = list[tuple[list[Array], list[Array]]]  # per layer, key blocks and value blocks
+
+
+class _Sampling(NamedTuple):
+    """How a token is drawn (traced: changing these does not recompile) and where a row ends."""
+
+    key: Array
+    temperature: Array
+    top_k: Array
+    top_p: Array
+    stop_ids: Array
+    pad_id: int
+
+
+class _Layout(NamedTuple):
+    """Where the batch's tokens sit in the cache: every row's prompt ends at slot
+    `prompt_len - 1`, after `prompt_len - lengths_b` slots of padding."""
+
+    prompt_len: int
+    lengths_b: Array
+    slots_c: Array
+    valid_bc: Array  # slots holding real tokens: the prompt after its padding, then all new ones
+
+
+class DecodeCarry(NamedTuple):
+    """The state a decoding loop carries from step to step."""
+
+    step: Array  # the step about to run: it feeds `token_b` and draws token `step`
+    token_b: Array
+    done_b: Array  # rows that have drawn a stop token
+    current: list[tuple[Array, Array]]  # per layer, the key and value cache block being written
+    out: dict[str, Array]  # the outputs `[B, N]` so far
+
+
+def _generate(model: GPT, tokens_bp: Array, lengths_b: Array, sampling: _Sampling,
+              prompt_len: int, n_new: int) -> dict[str, Array]:
+    """`n_new` tokens after the left-padded prompts `tokens_bp` `[B, prompt_len]`: prefill, the
+    first token, then one decoding loop per cache block, so that a step reads only the blocks in
+    use (decoding is bound by reading the cache, which fills up as generation proceeds)."""
+    layers = model.transformer.unstacked_blocks()
+    batch = tokens_bp.shape[0]
+    block = CACHE_BLOCK
+    slots = block * math.ceil((prompt_len + n_new) / block)
+    pad_b = prompt_len - lengths_b
+    slots_c = jnp.arange(slots)
+    layout = _Layout(prompt_len, lengths_b, slots_c, slots_c[None, :] >= pad_b[:, None])
+    logits_bv, full, current = _prefill_cache(model, layers, tokens_bp, pad_b, layout)
+    out = dict(tokens=jnp.full((batch, n_new), sampling.pad_id, jnp.int32),
+               logprobs=jnp.zeros((batch, n_new), jnp.float32),
+               model_logprobs=jnp.zeros((batch, n_new), jnp.float32),
+               mask=jnp.zeros((batch, n_new), jnp.int32))
+    token_b, sampled_lp, model_lp = _pick(logits_bv, 0, sampling)
+    out = _record(out, 0, token_b, sampled_lp, model_lp, jnp.ones((batch,), bool), sampling)
+    done_b = jnp.isin(token_b, sampling.stop_ids)
+    carry = DecodeCarry(jnp.int32(1), token_b, done_b, current, out)
+    block_index = prompt_len // block
+    while block_index * block - prompt_len + 1 < n_new:
+        end_step = min(n_new, (block_index + 1) * block - prompt_len + 1)
+        carry = _decode_block(model, layers, carry, full, block_index, end_step, layout,
+                              sampling)
+        full = [(_merged(keys), _merged(values)) for keys, values in _joined(full, carry.current)]
+        empty = sharding.constrain(jnp.zeros_like(carry.current[0][0]), _BLOCK_AXES)
+        carry = carry._replace(current=[(empty, empty)] * len(layers))
+        block_index += 1
+    return {**carry.out, 'lengths': carry.out['mask'].sum(axis=1)}
+
+
+def _prefill_cache(model: GPT, layers: Sequence[Block], tokens_bp: Array, pad_b: Array,
+                   layout: _Layout) -> tuple[Array, _LayerBlocks, list[tuple[Array, Array]]]:
+    """Runs the prompts: the logits after them `[B, V]` and, per layer, the cache they start,
+    as the read-only blocks joined into one and the block that decoding writes next."""
+    prompt_len = layout.prompt_len
+    positions_bp = jnp.maximum(layout.slots_c[None, :prompt_len] - pad_b[:, None], 0)
+    segment_ids_bp = layout.valid_bc[:, :prompt_len].astype(jnp.int32)
+    logits_bv, (k_lbkph, v_lbkph) = model.prefill(tokens_bp, positions_bp, segment_ids_bp,
+                                                  layers)
+    prompt_cache = [(_cache_blocks(k_lbkph[i]), _cache_blocks(v_lbkph[i]))
+                    for i in range(len(layers))]
+    full = [(_merged(keys[:-1]), _merged(values[:-1])) for keys, values in prompt_cache]
+    current = [(keys[-1], values[-1]) for keys, values in prompt_cache]
+    return logits_bv, full, current
+
+
+def _cache_blocks(kv_bkph: Array) -> list[Array]:
+    """A prompt's keys or values `[B, K, P, H]` as cache blocks of `CACHE_BLOCK` slots: the
+    prompt fills the first ones, and the last has room for new tokens."""
+    n_blocks = kv_bkph.shape[2] // CACHE_BLOCK + 1
+    room = n_blocks * CACHE_BLOCK - kv_bkph.shape[2]
+    kv_bkch = jnp.pad(kv_bkph, ((0, 0), (0, 0), (0, room), (0, 0)))
+    return [sharding.constrain(b, _BLOCK_AXES) for b in jnp.split(kv_bkch, n_blocks, axis=2)]
+
+
+def _merged(blocks: Sequence[Array]) -> list[Array]:
+    """Read-only blocks as one (a copy once per loop, not per step): a step then runs two
+    attention matmuls per layer on them rather than two per block."""
+    return [sharding.constrain(jnp.concatenate(blocks, axis=2), _BLOCK_AXES)] if blocks else []
+
+
+def _joined(full: _LayerBlocks, current: list[tuple[Array, Array]]) -> _LayerBlocks:
+    """Per layer, the read-only blocks followed by the block being written."""
+    return [([*keys, k_bkch], [*values, v_bkch])
+            for (keys, values), (k_bkch, v_bkch) in zip(full, current, strict=True)]
+
+
+def _pick(logits_bv: Array, step: Array | int, sampling: _Sampling):
+    """Token `step` `[B]`, drawn with key `fold_in(key, step)`, and its log-probabilities under
+    the sampling distribution and under the model."""
+    log_probs_bv = filter_logits(logits_bv, sampling.temperature, sampling.top_k, sampling.top_p)
+    token_b = sample_tokens(jax.random.fold_in(sampling.key, step), log_probs_bv)
+    sampled_lp = jnp.take_along_axis(log_probs_bv, token_b[:, None], -1)[:, 0]
+    model_lp = jnp.take_along_axis(jax.nn.log_softmax(logits_bv, axis=-1),
+                                   token_b[:, None], -1)[:, 0]
+    return token_b, sampled_lp, model_lp
+
+
+def _record(out: dict[str, Array], step: Array | int, token_b: Array, sampled_lp: Array,
+            model_lp: Array, live_b: Array, sampling: _Sampling) -> dict[str, Array]:
+    """`out` with token `step` written in the rows still generating (`live_b`), padding in the
+    others."""
+    values = dict(tokens=jnp.where(live_b, token_b, sampling.pad_id),
+                  logprobs=jnp.where(live_b, sampled_lp, 0.0),
+                  model_logprobs=jnp.where(live_b, model_lp, 0.0),
+                  mask=live_b.astype(jnp.int32))
+    return {k: out[k].at[:, step].set(values[k]) for k in out}
+
+
+def _decode_block(model: GPT, layers: Sequence[Block], carry: DecodeCarry, full: _LayerBlocks,
+                  block_index: int, end_step: int, layout: _Layout,
+                  sampling: _Sampling) -> DecodeCarry:
+    """Decode steps up to `end_step` (or until every row has stopped) whose token goes into
+    cache block `block_index`, carried and written; earlier blocks (`full`) are only read, and
+    later ones not at all."""
+    visible = (block_index + 1) * CACHE_BLOCK
+
+    def cond(carry: DecodeCarry):
+        return (carry.step < end_step) & ~jnp.all(carry.done_b)
+
+    def body(carry: DecodeCarry) -> DecodeCarry:
+        step = carry.step
+        slot = layout.prompt_len + step - 1  # where the previous token is written
+        mask_bc = layout.valid_bc[:, :visible] & (layout.slots_c[None, :visible] <= slot)
+        position_b1 = (layout.lengths_b + step - 1)[:, None]
+        caches = [KVCache(keys, values, slot - block_index * CACHE_BLOCK)
+                  for keys, values in _joined(full, carry.current)]
+        logits_b1v, caches = model.decode(carry.token_b[:, None], position_b1, layers, caches,
+                                          mask_bc[:, None])
+        current = [(c.keys[-1], c.values[-1]) for c in caches]
+        next_b, sampled_lp, model_lp = _pick(logits_b1v[:, 0], step, sampling)
+        out = _record(carry.out, step, next_b, sampled_lp, model_lp, ~carry.done_b, sampling)
+        done_b = carry.done_b | jnp.isin(next_b, sampling.stop_ids)
+        return DecodeCarry(step + 1, next_b, done_b, current, out)
+
+    return jax.lax.while_loop(cond, body, carry)

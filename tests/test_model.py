@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from gptstack import model as gpt_model
+from gptstack import ops
 from gptstack.config import GPTConfig
 
 FAMILIES = ['toy', 'toy-llama']
@@ -142,7 +143,7 @@ def test_attention_gradients_equal_autodiff_of_the_textbook_formula(dtype, toler
         return jnp.einsum('bnts,bnsh->bnth', probs, values)
 
     def ours(q, keys, values):
-        return gpt_model.dot_product_attention(q, [keys], [values], mask_bts, dtype)
+        return ops.dot_product_attention(q, [keys], [values], mask_bts, dtype)
 
     def grads(attention):
         return jax.grad(lambda *x: jnp.sum(attention(*x) * weight), argnums=(0, 1, 2))(

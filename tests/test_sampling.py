@@ -120,6 +120,15 @@ def test_same_key_same_samples_and_sharded_equals_single(mesh_1, mesh_8):
     np.testing.assert_array_equal(a['tokens'], c['tokens'])
 
 
+def test_batch_is_rounded_to_the_batch_shards(mesh_1, mesh_8):
+    config, graphdef, params = build('toy', mesh_1)
+    sampler = Sampler(graphdef, config, mesh_8, 'fsdp', batch_size=3, max_new_tokens=4,
+                      stop_ids=[STOP], pad_id=PAD)
+    assert sampler.batch_size == 8
+    out = sampler(params, [[5, 6, 7]] * 5, jax.random.key(0))
+    assert out['tokens'].shape == (5, 4)
+
+
 def reference_top_p_set(probs, p):
     order = np.argsort(-probs, kind='stable')
     kept, mass = [], 0.0

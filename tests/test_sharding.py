@@ -88,3 +88,9 @@ def test_parameter_that_does_not_divide_its_mesh_axis_is_an_error(mesh_2x4):
 def test_batch_must_divide_the_batch_shards(mesh_8):
     with pytest.raises(ValueError, match='batch size 12 is not divisible by the 8 batch shards'):
         sharding.batch_sharding(mesh_8, 'fsdp', 12)
+
+
+def test_round_to_batch_shards(mesh_8, mesh_2x4, mesh_1):
+    assert [sharding.round_to_batch_shards(mesh_8, n) for n in (1, 8, 9, 12)] == [8, 8, 16, 16]
+    assert [sharding.round_to_batch_shards(mesh_2x4, n) for n in (1, 3, 4)] == [2, 4, 4]
+    assert sharding.round_to_batch_shards(mesh_1, 3) == 3

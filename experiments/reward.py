@@ -27,7 +27,6 @@ import numpy as np
 from flax import nnx
 
 from gptstack import labeler, sharding, stage
-from gptstack.checkpoint import abstract_with_shardings
 from gptstack.config import ConfigError
 from gptstack.data import preference, tasks
 from gptstack.data.sources import DataError, hold_out, read_records
@@ -36,7 +35,7 @@ from gptstack.metrics import train_flops_per_token
 from gptstack.model import GPT, ScoreModel
 from gptstack.reports import reward as reward_report
 from gptstack.sampling import Sampler, SamplingParams
-from gptstack.state import TrainState, abstract_model, init_params
+from gptstack.state import TrainState, init_params
 from gptstack.steps.reward import (
     batch_shardings,
     make_reward_eval_step,
@@ -61,9 +60,7 @@ def validate(config) -> stage.Setup:
 
 def policy(config, lineage: stage.Lineage, mesh, rules):
     """The SFT model's parameters (on this stage's mesh) and a function making its sampler."""
-    graphdef, abstract = abstract_model(lambda rngs: GPT(lineage.model_config, rngs=rngs))
-    params = lineage.checkpointer.restore_params(lineage.step, abstract_with_shardings(
-        abstract, sharding.param_shardings(abstract, mesh, rules)))
+    graphdef, params = lineage.restore_params(GPT, mesh, rules)
     tok = lineage.tokenizer
     return params, lambda: Sampler(
         graphdef, lineage.model_config, mesh, rules, batch_size=config.labeler.batch_size,

@@ -104,8 +104,9 @@ def make_evaluate(config, evaluate_loss, sampler: Sampler, tokenizer, held_out):
 
 def run(config, workdir: pathlib.Path) -> str:
     setup = validate(config)
-    tokenizer, model_config, base, base_step, _ = stage.start_from(
-        config, 'init_from', STARTS_FROM, 'the pretraining workdir to finetune', workdir)
+    base = stage.start_from(config, 'init_from', STARTS_FROM,
+                            'the pretraining workdir to finetune', workdir)
+    tokenizer, model_config = base.tokenizer, base.model_config
     stage.check_seq_len(config.data.seq_len, model_config, 'the base model')
     (train, val, train_stats), data_iterator, eval_batches, val_tasks = load_data(
         config, tokenizer, setup.batch_sharding)
@@ -117,8 +118,8 @@ def run(config, workdir: pathlib.Path) -> str:
     run_ = stage.Stage(config, workdir, setup)
     state = run_.start(trainable.abstract_state, trainable.shardings, tokenizer, model_config,
                        data_iterator, init=lambda: trainable.from_params(
-                           base.restore_params(base_step, trainable.abstract_params())))
-    base.close()
+                           base.restore_params(GPT, mesh, rules)[1]))
+    base.checkpointer.close()
 
     # --- compiled functions, evaluation and the loop ------------------------------------------
     train_step = make_lm_step(trainable.graphdef, trainable.tx, trainable.schedule, mesh, rules,

@@ -38,7 +38,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from gptstack import sharding
-from gptstack.config import GPTConfig
+from gptstack.config import ConfigError, GPTConfig
 from gptstack.model import GPT, Block
 from gptstack.ops import KVCache
 
@@ -58,11 +58,11 @@ class SamplingParams:
 
     def __post_init__(self):
         if self.temperature < 0:
-            raise ValueError(f'temperature={self.temperature}: expected >= 0')
+            raise ConfigError(f'temperature={self.temperature}: expected >= 0')
         if self.top_k < 0:
-            raise ValueError(f'top_k={self.top_k}: expected >= 0 (0 disables)')
+            raise ConfigError(f'top_k={self.top_k}: expected >= 0 (0 disables)')
         if not 0 < self.top_p <= 1:
-            raise ValueError(f'top_p={self.top_p}: expected in (0, 1]')
+            raise ConfigError(f'top_p={self.top_p}: expected in (0, 1]')
 
 
 def filter_logits(logits_bv: Array, temperature: Array, top_k: Array, top_p: Array) -> Array:
@@ -146,7 +146,7 @@ class Sampler:
     def __init__(self, graphdef: nnx.GraphDef, config: GPTConfig, mesh: Mesh, rules: str, *,
                  batch_size: int, max_new_tokens: int, stop_ids: Sequence[int], pad_id: int):
         if max_new_tokens >= config.max_seq_len:
-            raise ValueError(f'max_new_tokens={max_new_tokens} leaves no room for a prompt in '
+            raise ConfigError(f'max_new_tokens={max_new_tokens} leaves no room for a prompt in '
                              f'max_seq_len={config.max_seq_len}')
         self.graphdef, self.config, self.mesh, self.rules = graphdef, config, mesh, rules
         self.batch_size = sharding.round_to_batch_shards(mesh, batch_size)

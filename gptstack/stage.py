@@ -74,6 +74,9 @@ def setup(config) -> Setup:
     optim_config = OptimConfig.from_dict(config.optim)
     loop_config = loop.LoopConfig.from_dict(config.train)
     mesh = sharding.make_mesh(mesh_config)
+    if config.data.batch_size % optim_config.accum_steps:
+        raise ConfigError(f'data.batch_size={config.data.batch_size} is not divisible by '
+                          f'optim.accum_steps={optim_config.accum_steps}')
     if config.data.batch_size % jax.process_count():
         raise ConfigError(f'data.batch_size={config.data.batch_size} must divide over the '
                           f'{jax.process_count()} processes')
@@ -118,6 +121,18 @@ class Lineage(NamedTuple):
     checkpointer: Checkpointer
     step: int
     meta: dict
+
+    def restore_params(self, model_cls, mesh, rules: str, step: int | None = None):
+        """`(graphdef, params)` of the checkpoint's `model_cls` (`GPT` or `ScoreModel`), laid
+        out over `mesh` by `rules`; no optimizer state is read."""
+        config = self.model_config
+        graphdef, abstract = abstract_model(lambda rngs: model_cls(config, rngs=rngs))
+        within = POLICY_WITHIN.get(self.meta.get('config', {}).get('stage'), ())
+        params = self.checkpointer.restore_params(
+            self.step if step is None else step,
+            abstract_with_shardings(abstract, sharding.param_shardings(abstract, mesh, rules)),
+            within=within)
+        return graphdef, params
 
 
 class Workdir:
@@ -180,13 +195,9 @@ class Workdir:
             raise ConfigError(f'workdir={self.path}: no checkpoint of step {step} (there are '
                               f'{lineage.checkpointer.all_steps()})')
         mesh = sharding.make_mesh(MeshConfig(fsdp=-1))
-        config = lineage.model_config
-        graphdef, abstract = abstract_model(lambda rngs: model_cls(config, rngs=rngs))
-        within = POLICY_WITHIN.get(lineage.meta['config']['stage'], ())
-        params = lineage.checkpointer.restore_params(step, abstract_with_shardings(
-            abstract, sharding.param_shardings(abstract, mesh, 'fsdp')), within=within)
+        graphdef, params = lineage.restore_params(model_cls, mesh, 'fsdp', step)
         lineage.checkpointer.close()
-        return lineage.tokenizer, config, graphdef, params, mesh, lineage.meta
+        return lineage.tokenizer, lineage.model_config, graphdef, params, mesh, lineage.meta
 
 
 def start_from(config, key: str, stages: tuple[str, ...], purpose: str,
@@ -202,8 +213,9 @@ def start_from(config, key: str, stages: tuple[str, ...], purpose: str,
 
 
 @dataclasses.dataclass(frozen=True)
-class Policy:
-    """A finished stage's language model, ready to sample."""
+class LoadedModel:
+    """A finished stage's model with what it needs to run: the tokenizer, its config and
+    graphdef, its parameters over all local devices, and its checkpoint's metadata."""
 
     tokenizer: Tokenizer
     config: GPTConfig
@@ -211,6 +223,10 @@ class Policy:
     params: object
     mesh: jax.sharding.Mesh
     meta: dict
+
+
+class Policy(LoadedModel):
+    """A language model, ready to sample."""
 
     def sampler(self, batch_size: int, max_new_tokens: int, chat: bool = True) -> Sampler:
         """A sampler of at least `batch_size` rows; `chat` stops at the end of the assistant's
@@ -221,16 +237,8 @@ class Policy:
                        max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=tok.pad_id)
 
 
-@dataclasses.dataclass(frozen=True)
-class RewardModel:
-    """A finished reward-model run's score model, ready to score replies."""
-
-    tokenizer: Tokenizer
-    config: GPTConfig
-    graphdef: object
-    params: object
-    mesh: jax.sharding.Mesh
-    meta: dict
+class RewardModel(LoadedModel):
+    """A reward model, ready to score replies."""
 
     def scorer(self, batch_size: int) -> ScoreFn:
         """`scorer(prompts, completions) -> rewards`, rows as long as the model was trained on."""

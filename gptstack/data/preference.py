@@ -190,6 +190,9 @@ def simulated_ranking(gold: Sequence[float], noise: float, rng: np.random.Genera
 # --- rendering and batching ---------------------------------------------------------------------
 @dataclasses.dataclass
 class RenderStats:
+    """What rendering kept: prompts (groups) and their completions, ranked pairs, completions
+    cut to the row length, groups left out because every completion tied, and tokens."""
+
     groups: int = 0
     completions: int = 0
     pairs: int = 0

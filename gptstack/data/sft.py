@@ -85,6 +85,9 @@ def read_conversations(path: str | pathlib.Path, budget: SkipBudget, *,
 
 @dataclasses.dataclass
 class RenderStats:
+    """What rendering kept: conversations, how many were cut to the row length, and their
+    tokens (all, and the assistant's, which the loss counts)."""
+
     conversations: int = 0
     truncated: int = 0
     tokens: int = 0

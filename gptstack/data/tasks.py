@@ -25,6 +25,8 @@ import random
 import re
 from collections.abc import Callable
 
+from gptstack.config import ConfigError
+
 # The name that selects this suite wherever a stage reads data (`data.train`, `data.validation`).
 EMBEDDED_TASKS = 'embedded:tasks'
 SPLITS = {'train': (0, 80), 'validation': (80, 90), 'test': (90, 100)}
@@ -65,17 +67,17 @@ def generate(split: str, n: int, seed: int = 0,
              families: tuple[str, ...] = FAMILIES) -> list[Task]:
     """`n` distinct tasks of `split`, families and levels drawn uniformly, by `seed`."""
     if split not in SPLITS:
-        raise ValueError(f'task split {split!r}: expected one of {sorted(SPLITS)}')
+        raise ConfigError(f'task split {split!r}: expected one of {sorted(SPLITS)}')
     unknown = sorted(set(families) - set(FAMILIES))
     if unknown:
-        raise ValueError(f'task families {unknown}: expected some of {list(FAMILIES)}')
+        raise ConfigError(f'task families {unknown}: expected some of {list(FAMILIES)}')
     rng = random.Random(f'{seed}-{split}')
     tasks, seen = [], set()
     attempts = 0
     while len(tasks) < n:
         attempts += 1
         if attempts > 200 * n + 1000:
-            raise ValueError(f'could not draw {n} distinct {split} tasks; ask for fewer')
+            raise ConfigError(f'could not draw {n} distinct {split} tasks; ask for fewer')
         family, level = rng.choice(families), rng.randint(1, 3)
         task = _MAKERS[family](rng, level)
         if task.prompt in seen or split_of(task.prompt) != split:

@@ -5,7 +5,8 @@ starting point).
 Each iteration samples `data.batch_size` responses (`rl.ppo.group_size` to each training
 prompt) with our KV-cache sampler, scores them with the reward model (or, with
 `rl.reward='gold'`, with the task gold scorer: the verifiable-reward mode), subtracts a
-per-token KL penalty to the reference and runs PPO epochs (see `gptstack.steps.ppo`).
+per-token KL penalty to the reference and runs PPO epochs (see `gptstack.rollout` and
+`gptstack.steps.ppo`).
 Evaluation samples held-out prompts and reports their gold score (sampled and greedy),
 reward-model score and KL to the reference, for the SFT policy at step 0 and then during
 training, so the report can plot proxy reward and gold score against KL: over-optimisation of
@@ -27,7 +28,7 @@ import numpy as np
 
 from experiments import pretrain as pretrain_stage
 from experiments.sft import EMBEDDED_TASKS
-from gptstack import loop, report, rl, sharding, workdirs
+from gptstack import loop, report, sharding, workdirs
 from gptstack.chat import reply_text
 from gptstack.checkpoint import Checkpointer, abstract_with_shardings
 from gptstack.config import ConfigError, OptimConfig
@@ -38,6 +39,7 @@ from gptstack.data.tokenizer import render_prompt
 from gptstack.metrics import MetricsWriter, read_metrics, truncate_jsonl
 from gptstack.model import GPT, ScoreModel
 from gptstack.optim import make_optimizer
+from gptstack.rollout import PPOIteration
 from gptstack.sampling import Sampler, SamplingParams
 from gptstack.state import TrainState, abstract_model, abstract_train_state, state_shardings
 from gptstack.steps import ppo
@@ -93,6 +95,7 @@ def run(config, workdir: pathlib.Path) -> str:
         raise ConfigError('the rl stage runs on one process for now (the rollout sampler takes '
                           'host prompts)')
     ppo_config = ppo.PPOConfig(**config.rl.ppo)
+    ppo_config.check_batch(config.data.batch_size)
     if config.rl.reward not in ('model', 'gold'):
         raise ConfigError(f"rl.reward={config.rl.reward!r}: expected 'model' or 'gold'")
     tokenizer, actor_config, critic_config, (sft_ckpt, sft_step), (rm_ckpt, rm_step) = \
@@ -108,9 +111,6 @@ def run(config, workdir: pathlib.Path) -> str:
         raise ConfigError("rl.reward='gold' needs prompts with a gold scorer (embedded:tasks) "
                           "or an 'answer' field")
     batch_size, max_new = config.data.batch_size, config.data.max_new_tokens
-    if batch_size % ppo_config.group_size:
-        raise ConfigError(f'data.batch_size={batch_size} rollouts is not divisible by '
-                          f'rl.ppo.group_size={ppo_config.group_size} replies per prompt')
     max_prompt = actor_config.max_seq_len - max_new - 1
     data_iterator = iter(prompts_data.prompt_dataset(train_prompts, tokenizer, max_prompt,
                                                      batch_size // ppo_config.group_size,
@@ -129,12 +129,10 @@ def run(config, workdir: pathlib.Path) -> str:
     abstract_actor = abstract_train_state(actor_fn, tx_actor)
     abstract_critic = abstract_train_state(critic_fn, tx_critic)
     scalar = jax.ShapeDtypeStruct((), jnp.float32)
-    abstract_state = ppo.PPOState(abstract_actor, abstract_critic, scalar,
-                                  rl.RunningMoments(scalar, scalar, scalar))
-    replicated = sharding.replicated(mesh)
-    shardings = ppo.PPOState(state_shardings(abstract_actor, mesh, rules, tx_actor),
-                             state_shardings(abstract_critic, mesh, rules, tx_critic),
-                             replicated, rl.RunningMoments(replicated, replicated, replicated))
+    abstract_state = ppo.PPOState.structure(abstract_actor, abstract_critic, ppo_config, scalar)
+    shardings = ppo.PPOState.structure(state_shardings(abstract_actor, mesh, rules, tx_actor),
+                                       state_shardings(abstract_critic, mesh, rules, tx_critic),
+                                       ppo_config, sharding.replicated(mesh))
     actor_params = abstract_with_shardings(abstract_actor.params, shardings.actor.params)
     critic_params = abstract_with_shardings(abstract_critic.params, shardings.critic.params)
     reference_params = sft_ckpt.restore_params(sft_step, actor_params)
@@ -146,10 +144,9 @@ def run(config, workdir: pathlib.Path) -> str:
     if resumed:
         state, wall_offset = resumed
     else:
-        state = jax.jit(lambda actor, critic: ppo.PPOState(
+        state = jax.jit(lambda actor, critic: ppo.PPOState.create(
             TrainState(jnp.zeros((), jnp.int32), actor, tx_actor.init(actor)),
-            TrainState(jnp.zeros((), jnp.int32), critic, tx_critic.init(critic)),
-            jnp.float32(ppo_config.kl_coef), rl.RunningMoments.create()),
+            TrainState(jnp.zeros((), jnp.int32), critic, tx_critic.init(critic)), ppo_config),
             out_shardings=shardings)(sft_ckpt.restore_params(sft_step, actor_params),
                                      rm_ckpt.restore_params(rm_step, critic_params))
         wall_offset = 0.0
@@ -170,13 +167,13 @@ def run(config, workdir: pathlib.Path) -> str:
             return {}
         return {'reward': np.asarray(gold, np.float32), 'gold': np.asarray(gold)}
 
-    trainer = ppo.PPO(ppo_config, ppo.Roles(actor_graphdef, critic_graphdef, actor_graphdef,
-                                            critic_graphdef),
-                      reference_params=reference_params, reward_params=reward_params,
-                      sampler=sampler, tx_actor=tx_actor, tx_critic=tx_critic, mesh=mesh,
-                      rules=rules, state_shardings=shardings, reward_id=tokenizer.reward_id,
-                      pad_id=tokenizer.pad_id, stop_ids=stops,
-                      verifiable=config.rl.reward == 'gold', judge=judge)
+    trainer = PPOIteration(ppo_config, actor_graphdef=actor_graphdef,
+                           critic_graphdef=critic_graphdef,
+                           reference=ppo.Frozen(actor_graphdef, reference_params),
+                           reward=ppo.Frozen(critic_graphdef, reward_params), sampler=sampler,
+                           tx_actor=tx_actor, tx_critic=tx_critic, mesh=mesh, rules=rules,
+                           reward_id=tokenizer.reward_id, verifiable=config.rl.reward == 'gold',
+                           judge=judge)
     base_key = jax.random.key(config.seed)
 
     def step_fn(state, batch):
@@ -225,7 +222,7 @@ def ptx_dataset(config, workdir, tokenizer, ppo_config: ppo.PPOConfig):
 HELD_OUT = 'held_out.jsonl'
 
 
-def make_evaluate(config, trainer: ppo.PPO, tokenizer, prompts: list[prompts_data.Prompt],
+def make_evaluate(config, trainer: PPOIteration, tokenizer, prompts: list[prompts_data.Prompt],
                   max_prompt: int, workdir: pathlib.Path):
     """`evaluate(state)`: on the held-out prompts, the gold score of `eval.samples` sampled
     replies per prompt (a prompt scores their mean) and of one greedy reply, each with its
@@ -236,35 +233,20 @@ def make_evaluate(config, trainer: ppo.PPO, tokenizer, prompts: list[prompts_dat
     chosen = prompts[:config.eval.prompts]
     samples = config.eval.samples
     rendered = [render_prompt(tokenizer, p.messages)[-max_prompt:] for p in chosen]
-    sampler, size = trainer.sampler, trainer.batch_size
     modes = {'sampled': (SamplingParams(temperature=trainer.config.temperature), samples),
              'greedy': (SamplingParams(temperature=0.0), 1)}
     path = workdir / HELD_OUT
 
     def evaluate(state) -> dict:
         key = jax.random.fold_in(jax.random.key(config.seed + 1), 0)  # the same draws each time
-        metrics, kls, scores, per_prompt = {}, [], [], {}
+        metrics, per_prompt = {}, {}
         for mode, (sampling, n) in modes.items():
-            ids = [row for row in rendered for _ in range(n)]
-            gold = []
-            for start in range(0, len(ids), size):
-                chunk = ids[start:start + size]
-                padded = chunk + [chunk[-1]] * (size - len(chunk))
-                out = sampler(state.actor.params, padded, jax.random.fold_in(key, start),
-                              sampling)
-                lengths = out['lengths'].astype(np.int32)
-                for i, (row, length) in enumerate(zip(out['tokens'][:len(chunk)],
-                                                      lengths[:len(chunk)], strict=True)):
-                    gold.append(chosen[(start + i) // n].gold(reply_text(tokenizer,
-                                                                         row[:length])))
-                if mode == 'sampled':
-                    rows = trainer.rollout_rows(padded, out['tokens'], lengths)
-                    scored = jax.device_get(trainer.score_fn(
-                        state.actor.params, trainer.reference_params, state.critic.params,
-                        trainer.reward_params, rows))
-                    kl = ((scored['logp'] - scored['ref_logp']) * rows['mask']).sum(axis=1)
-                    kls += list(kl[:len(chunk)])
-                    scores += list(scored['rm_score'][:len(chunk)])
+            sample = trainer.evaluate(state, [row for row in rendered for _ in range(n)], key,
+                                      sampling, score=mode == 'sampled')
+            if mode == 'sampled':
+                kls, scores = sample.kl, sample.rm_score
+            gold = [chosen[i // n].gold(reply_text(tokenizer, reply))
+                    for i, reply in enumerate(sample.replies)]
             if any(g is None for g in gold):
                 continue
             gold = np.asarray(gold).reshape(len(chosen), n).mean(axis=1)
@@ -294,6 +276,27 @@ def make_evaluate(config, trainer: ppo.PPO, tokenizer, prompts: list[prompts_dat
         return metrics
 
     return evaluate
+
+
+def kl_coefs(records, config) -> str:
+    """The β the iterations used, as logged: its start and end under the adaptive controller,
+    else each value with its steps (a resumed run may have changed `rl.ppo.kl_coef`)."""
+    logged = [(r['step'], r['kl_coef']) for r in records if 'kl_coef' in r]
+    if not logged:
+        return 'n/a'
+    if config.rl.ppo.target_kl > 0:
+        return (f'{logged[0][1]:.4g} → {logged[-1][1]:.4g} (adapted toward a KL of '
+                f'{config.rl.ppo.target_kl:g} nats per response)')
+    spans = []
+    for step, value in logged:
+        if spans and f'{value:.4g}' == spans[-1][0]:
+            spans[-1][2] = step
+        else:
+            spans.append([f'{value:.4g}', step, step])
+    if len(spans) == 1:
+        return spans[0][0]
+    return ', '.join(f'{v} (steps {a}–{b})' if a < b else f'{v} (step {a})'
+                     for v, a, b in spans)
 
 
 def write_report(workdir, config) -> str:
@@ -330,6 +333,7 @@ def write_report(workdir, config) -> str:
         ('policy from', config.init_from), ('reward model from', config.reward_from),
         ('reward', 'reward model' if config.rl.reward == 'model' else 'gold scorer (verifiable)'),
         ('iterations × rollouts', f'{last.get("step", 0)} × {config.data.batch_size}'),
+        ('KL coefficient β', kl_coefs(records, config)),
         (f'held-out gold score, sampled ({config.eval.samples} per prompt): SFT → PPO',
          f'{score(first, "sampled")} → {score(last, "sampled")}'),
         ('gain over the SFT policy, sampled (paired over prompts)', gain(last, 'sampled')),

@@ -2,7 +2,7 @@
 
     python -m benchmarks.ppo_iteration [--policy mixed] [--iterations 3] [--out ppo_iteration.json]
 
-The rl stage's iteration (`gptstack.steps.ppo.PPO`) with its default sizes: 64 prompts of 64
+The rl stage's iteration (`gptstack.rollout.PPOIteration`) with its default sizes: 64 prompts of 64
 tokens, 48 new tokens each at temperature 1, 2 epochs of 2 minibatches. Actor and reference are
 the GPT-2 shape of ../shared/bench (6 layers, d_model 384, vocab 8192, context 256); critic and
 reward model are the same backbone with a score head. All four start from random weights: the
@@ -25,10 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.generate import POLICIES, parse_policies
-from gptstack import rl, sharding
+from gptstack import sharding
 from gptstack.config import GPTConfig, MeshConfig, OptimConfig
 from gptstack.model import GPT, ScoreModel
 from gptstack.optim import make_optimizer
+from gptstack.rollout import PPOIteration
 from gptstack.sampling import Sampler
 from gptstack.state import (
     TrainState,
@@ -40,6 +41,8 @@ from gptstack.state import (
 from gptstack.steps import ppo
 
 BATCH, PROMPT, NEW = 64, 64, 48
+# One reply to each of the 64 prompts, β = 0.05: the sittings of docs/performance.md.
+CONFIG = ppo.PPOConfig(kl_coef=0.05, group_size=1)
 PARTS = ('generate', 'score', 'update')
 
 
@@ -52,29 +55,28 @@ def build(policy: str):
     actor_fn = lambda rngs: GPT(config, rngs=rngs)  # noqa: E731
     critic_fn = lambda rngs: ScoreModel(config, rngs=rngs)  # noqa: E731
     actor_graphdef, critic_graphdef = abstract_model(actor_fn)[0], abstract_model(critic_fn)[0]
-    replicated = sharding.replicated(mesh)
-    shardings = ppo.PPOState(
+    shardings = ppo.PPOState.structure(
         state_shardings(abstract_train_state(actor_fn, tx), mesh, 'fsdp', tx),
-        state_shardings(abstract_train_state(critic_fn, tx), mesh, 'fsdp', tx), replicated,
-        rl.RunningMoments(replicated, replicated, replicated))
+        state_shardings(abstract_train_state(critic_fn, tx), mesh, 'fsdp', tx), CONFIG,
+        sharding.replicated(mesh))
 
     def init(key):
         actor = init_params(actor_fn, jax.random.fold_in(key, 0))
         critic = init_params(critic_fn, jax.random.fold_in(key, 1))
-        return ppo.PPOState(TrainState(jnp.zeros((), jnp.int32), actor, tx.init(actor)),
-                            TrainState(jnp.zeros((), jnp.int32), critic, tx.init(critic)),
-                            jnp.float32(0.05), rl.RunningMoments.create())
+        return ppo.PPOState.create(
+            TrainState(jnp.zeros((), jnp.int32), actor, tx.init(actor)),
+            TrainState(jnp.zeros((), jnp.int32), critic, tx.init(critic)), CONFIG)
 
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
     frozen = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
     sampler = Sampler(actor_graphdef, config, mesh, 'fsdp', batch_size=BATCH, max_new_tokens=NEW,
                       stop_ids=[], pad_id=0)
-    trainer = ppo.PPO(ppo.PPOConfig(), ppo.Roles(actor_graphdef, critic_graphdef, actor_graphdef,
-                                                 critic_graphdef),
-                      reference_params=frozen.actor.params, reward_params=frozen.critic.params,
-                      sampler=sampler, tx_actor=tx, tx_critic=tx, mesh=mesh, rules='fsdp',
-                      state_shardings=shardings, reward_id=config.vocab_size - 1, pad_id=0,
-                      stop_ids=[])
+    trainer = PPOIteration(CONFIG, actor_graphdef=actor_graphdef,
+                           critic_graphdef=critic_graphdef,
+                           reference=ppo.Frozen(actor_graphdef, frozen.actor.params),
+                           reward=ppo.Frozen(critic_graphdef, frozen.critic.params),
+                           sampler=sampler, tx_actor=tx, tx_critic=tx, mesh=mesh, rules='fsdp',
+                           reward_id=config.vocab_size - 1)
     return trainer, state
 
 

@@ -5,7 +5,8 @@ starting point).
 Each iteration samples `data.batch_size` responses (`rl.ppo.group_size` to each training
 prompt) with our KV-cache sampler, scores them with the reward model (or, with
 `rl.reward='gold'`, with the task gold scorer: the verifiable-reward mode), subtracts a
-per-token KL penalty to the reference and runs PPO epochs (see `gptstack.steps.ppo`).
+per-token KL penalty to the reference and runs PPO epochs (see `gptstack.rollout` and
+`gptstack.steps.ppo`).
 Evaluation samples held-out prompts and reports their gold score (sampled and greedy),
 reward-model score and KL to the reference, for the SFT policy at step 0 and then during
 training, so the report can plot proxy reward and gold score against KL: over-optimisation of
@@ -17,37 +18,39 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import pathlib
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptstack import loop, rl, sharding, stage
+from gptstack import sharding, stage, stats
 from gptstack.chat import reply_text
-from gptstack.checkpoint import Checkpointer, abstract_with_shardings
 from gptstack.config import ConfigError, OptimConfig
 from gptstack.data import pretrain as pretrain_data
 from gptstack.data import prompts as prompts_data
 from gptstack.data import tasks
-from gptstack.data.sources import DataError, SkipBudget, expand_paths, specs_from_config
+from gptstack.data.sources import read_records, specs_from_config
 from gptstack.data.tokenizer import render_prompt
-from gptstack.metrics import MetricsWriter, truncate_jsonl
+from gptstack.evals import gold as gold_eval
+from gptstack.metrics import truncate_jsonl
 from gptstack.model import GPT, ScoreModel
-from gptstack.optim import make_optimizer
 from gptstack.reports import rl as rl_report
+from gptstack.rollout import PPOIteration
 from gptstack.sampling import Sampler, SamplingParams
-from gptstack.state import TrainState, abstract_model, abstract_train_state, state_shardings
+from gptstack.state import TrainState
 from gptstack.steps import ppo
 
 log = logging.getLogger(__name__)
+HELD_OUT = 'held_out.jsonl'
 
 
 def validate(config) -> stage.Setup:
     setup = stage.setup(config)
-    ppo.PPOConfig(**config.rl.ppo)
+    if jax.process_count() > 1:
+        raise ConfigError('the rl stage runs on one process for now (the rollout sampler takes '
+                          'host prompts)')
+    ppo.PPOConfig(**config.rl.ppo).check_batch(config.data.batch_size)
     if config.rl.reward not in ('model', 'gold'):
         raise ConfigError(f"rl.reward={config.rl.reward!r}: expected 'model' or 'gold'")
     return setup
@@ -59,155 +62,40 @@ def read_split(config, split: str) -> list[prompts_data.Prompt]:
     if paths == tasks.EMBEDDED_TASKS:
         n = config.data.train_prompts if split == 'train' else config.data.validation_prompts
         return prompts_data.task_prompts('train' if split == 'train' else 'test', n, config.seed)
-    budget = SkipBudget(config.data.max_skips)
-    prompts = [p for pattern in paths.split(',')
-               for path in expand_paths((pattern.strip(),), 'rl prompts')
-               for p in prompts_data.read_prompts(path, budget)]
-    if budget.skipped:
-        log.warning('skipped %d malformed prompts %s', budget.skipped, dict(budget.by_reason))
-    if not prompts:
-        raise DataError(f'no prompts in {paths}')
-    return prompts
+    return read_records(paths, prompts_data.read_prompts, 'rl prompts', config.data.max_skips)
 
 
-# --- the stage --------------------------------------------------------------------------------
-def load_roles(config):
-    """Tokenizer, configs and checkpoints of the SFT (actor, reference) and reward-model (reward,
-    critic) workdirs, checked to belong together."""
+def load_roles(config, workdir: pathlib.Path) -> tuple[stage.Lineage, stage.Lineage]:
+    """The SFT (actor, reference) and reward-model (reward, critic) lineages, checked to share
+    one tokenizer."""
     sft = stage.start_from(config, 'init_from', ('sft', 'rl'),
-                           'the SFT workdir the policy starts from')
+                           'the SFT workdir the policy starts from', workdir)
     rm = stage.start_from(config, 'reward_from', ('reward',), 'the reward-model workdir')
     if rm.tokenizer.sha256 != sft.tokenizer.sha256:
         raise ConfigError(f'reward_from={config.reward_from} uses tokenizer '
                           f'{rm.tokenizer.sha256}, but init_from={config.init_from} uses '
                           f'{sft.tokenizer.sha256}: they must share one tokenizer')
-    return sft.tokenizer, sft.model_config, rm.model_config, (sft.checkpointer, sft.step), (
-        rm.checkpointer, rm.step)
+    return sft, rm
 
 
-def run(config, workdir: pathlib.Path) -> str:
-    # --- configs, mesh, the four roles: every check before expensive work --------------------
-    setup = stage.setup(config)
-    mesh, rules = setup.mesh, setup.rules
-    if jax.process_count() > 1:
-        raise ConfigError('the rl stage runs on one process for now (the rollout sampler takes '
-                          'host prompts)')
-    ppo_config = ppo.PPOConfig(**config.rl.ppo)
-    if config.rl.reward not in ('model', 'gold'):
-        raise ConfigError(f"rl.reward={config.rl.reward!r}: expected 'model' or 'gold'")
-    tokenizer, actor_config, critic_config, (sft_ckpt, sft_step), (rm_ckpt, rm_step) = \
-        load_roles(config)
-    shutil.copyfile(pathlib.Path(config.init_from) / 'tokenizer.model',
-                    workdir / 'tokenizer.model')
-    train_prompts, eval_prompts = read_split(config, 'train'), read_split(config, 'validation')
-    if config.eval.prompts > len(eval_prompts):
-        raise ConfigError(f'eval.prompts={config.eval.prompts} exceeds the {len(eval_prompts)} '
+def load_prompts(config, workdir, tokenizer, ppo_config: ppo.PPOConfig, max_prompt: int):
+    """The training and held-out prompts and the iterator over training prompt batches (zipped
+    with PPO-ptx's pretraining rows, so both resume together)."""
+    train, held_out = read_split(config, 'train'), read_split(config, 'validation')
+    if config.eval.prompts > len(held_out):
+        raise ConfigError(f'eval.prompts={config.eval.prompts} exceeds the {len(held_out)} '
                           f'held-out prompts of data.validation={config.data.validation} '
                           '(raise data.validation_prompts for the embedded suite)')
-    if config.rl.reward == 'gold' and train_prompts[0].gold('') is None:
+    if config.rl.reward == 'gold' and train[0].gold('') is None:
         raise ConfigError("rl.reward='gold' needs prompts with a gold scorer (embedded:tasks) "
                           "or an 'answer' field")
-    batch_size, max_new = config.data.batch_size, config.data.max_new_tokens
-    if batch_size % ppo_config.group_size:
-        raise ConfigError(f'data.batch_size={batch_size} rollouts is not divisible by '
-                          f'rl.ppo.group_size={ppo_config.group_size} replies per prompt')
-    max_prompt = actor_config.max_seq_len - max_new - 1
-    data_iterator = iter(prompts_data.prompt_dataset(train_prompts, tokenizer, max_prompt,
-                                                     batch_size // ppo_config.group_size,
-                                                     config.seed))
-    if ppo_config.ptx_coef > 0:  # PPO-ptx: pretraining rows resume together with the prompts
+    data_iterator = iter(prompts_data.prompt_dataset(
+        train, tokenizer, max_prompt, config.data.batch_size // ppo_config.group_size,
+        config.seed))
+    if ppo_config.ptx_coef > 0:
         data_iterator = prompts_data.ZipIterator(
             prompts=data_iterator, ptx=iter(ptx_dataset(config, workdir, tokenizer, ppo_config)))
-
-    # --- state: resumed, or SFT actor + RM critic with fresh optimizers -----------------------
-    tx_actor, _ = make_optimizer(setup.optim)
-    tx_critic, _ = make_optimizer(OptimConfig.from_dict(config.critic_optim))
-    actor_fn = lambda rngs: GPT(actor_config, rngs=rngs)  # noqa: E731
-    critic_fn = lambda rngs: ScoreModel(critic_config, rngs=rngs)  # noqa: E731
-    actor_graphdef, _ = abstract_model(actor_fn)
-    critic_graphdef, _ = abstract_model(critic_fn)
-    abstract_actor = abstract_train_state(actor_fn, tx_actor)
-    abstract_critic = abstract_train_state(critic_fn, tx_critic)
-    scalar = jax.ShapeDtypeStruct((), jnp.float32)
-    abstract_state = ppo.PPOState(abstract_actor, abstract_critic, scalar,
-                                  rl.RunningMoments(scalar, scalar, scalar))
-    replicated = sharding.replicated(mesh)
-    shardings = ppo.PPOState(state_shardings(abstract_actor, mesh, rules, tx_actor),
-                             state_shardings(abstract_critic, mesh, rules, tx_critic),
-                             replicated, rl.RunningMoments(replicated, replicated, replicated))
-    actor_params = abstract_with_shardings(abstract_actor.params, shardings.actor.params)
-    critic_params = abstract_with_shardings(abstract_critic.params, shardings.critic.params)
-    reference_params = sft_ckpt.restore_params(sft_step, actor_params)
-    reward_params = rm_ckpt.restore_params(rm_step, critic_params)
-    checkpointer = Checkpointer(workdir / 'checkpoints', keep=config.train.keep_checkpoints)
-    latest = checkpointer.latest_step()
-    resumed = stage.resume(checkpointer, abstract_state, shardings, tokenizer,
-                                    actor_config, data_iterator)
-    if resumed:
-        state, wall_offset = resumed
-    else:
-        state = jax.jit(lambda actor, critic: ppo.PPOState(
-            TrainState(jnp.zeros((), jnp.int32), actor, tx_actor.init(actor)),
-            TrainState(jnp.zeros((), jnp.int32), critic, tx_critic.init(critic)),
-            jnp.float32(ppo_config.kl_coef), rl.RunningMoments.create()),
-            out_shardings=shardings)(sft_ckpt.restore_params(sft_step, actor_params),
-                                     rm_ckpt.restore_params(rm_step, critic_params))
-        wall_offset = 0.0
-    sft_ckpt.close()
-    rm_ckpt.close()
-
-    # --- the PPO iteration and evaluation -----------------------------------------------------
-    stops = [tokenizer.end_of_turn_id, tokenizer.eot_id]
-    sampler = Sampler(actor_graphdef, actor_config, mesh, rules, batch_size=batch_size,
-                      max_new_tokens=max_new, stop_ids=stops, pad_id=tokenizer.pad_id)
-
-    def judge(prompt_batch, responses, lengths):
-        replies = [reply_text(tokenizer, row[:n]) for row, n in zip(responses, lengths,
-                                                                     strict=True)]
-        gold = [train_prompts[int(i)].gold(r) for i, r in zip(prompt_batch['index'], replies,
-                                                               strict=True)]
-        if any(g is None for g in gold):
-            return {}
-        return {'reward': np.asarray(gold, np.float32), 'gold': np.asarray(gold)}
-
-    trainer = ppo.PPO(ppo_config, ppo.Roles(actor_graphdef, critic_graphdef, actor_graphdef,
-                                            critic_graphdef),
-                      reference_params=reference_params, reward_params=reward_params,
-                      sampler=sampler, tx_actor=tx_actor, tx_critic=tx_critic, mesh=mesh,
-                      rules=rules, state_shardings=shardings, reward_id=tokenizer.reward_id,
-                      pad_id=tokenizer.pad_id, stop_ids=stops,
-                      verifiable=config.rl.reward == 'gold', judge=judge)
-    base_key = jax.random.key(config.seed)
-
-    def step_fn(state, batch):
-        key = jax.random.fold_in(base_key, int(state.step))
-        if ppo_config.ptx_coef > 0:
-            return trainer(state, batch['prompts'], key, batch['ptx'])
-        return trainer(state, batch, key)
-
-    evaluate = make_evaluate(config, trainer, tokenizer, eval_prompts, max_prompt, workdir)
-    writer = MetricsWriter(workdir, resume_step=latest)
-    if latest is None:
-        (workdir / HELD_OUT).unlink(missing_ok=True)
-    else:
-        truncate_jsonl(workdir / HELD_OUT, latest)
-    if latest is None:  # the SFT policy: step 0 of the curves
-        writer.write(0, evaluate(state))
-    meta = {'model': dataclasses.asdict(actor_config), 'critic_model':
-            dataclasses.asdict(critic_config), 'tokenizer_sha256': tokenizer.sha256,
-            'seed': config.seed, 'config': config.to_dict(), 'init_from': str(config.init_from),
-            'reward_from': str(config.reward_from)}
-    result = loop.train(
-        state=state, step_fn=step_fn, batches=data_iterator, data_iterator=data_iterator,
-        config=setup.loop, checkpointer=checkpointer, writer=writer, workdir=workdir,
-        evaluate=evaluate, sample=None, checkpoint_meta=meta,
-        tokens_per_step=batch_size * max_new, wall_time_offset=wall_offset)
-    writer.close()
-    checkpointer.close()
-    if result.status == 'finished' and jax.process_index() == 0:
-        path = rl_report.write(workdir, config)
-        log.info('report: %s', path)
-    return result.status
+    return train, held_out, data_iterator
 
 
 def ptx_dataset(config, workdir, tokenizer, ppo_config: ppo.PPOConfig):
@@ -222,10 +110,22 @@ def ptx_dataset(config, workdir, tokenizer, ppo_config: ppo.PPOConfig):
                                             seed=config.seed)
 
 
-HELD_OUT = 'held_out.jsonl'
+def make_judge(tokenizer, train_prompts: list[prompts_data.Prompt]):
+    """`judge(prompt_batch, responses, lengths)`: the gold score of each reply (the reward in
+    the verifiable-reward mode, logged otherwise), or nothing for prompts without a scorer."""
+    def judge(prompt_batch, responses, lengths):
+        replies = [reply_text(tokenizer, row[:n]) for row, n in zip(responses, lengths,
+                                                                     strict=True)]
+        gold = [train_prompts[int(i)].gold(r) for i, r in zip(prompt_batch['index'], replies,
+                                                               strict=True)]
+        if any(g is None for g in gold):
+            return {}
+        return {'reward': np.asarray(gold, np.float32), 'gold': np.asarray(gold)}
+
+    return judge
 
 
-def make_evaluate(config, trainer: ppo.PPO, tokenizer, prompts: list[prompts_data.Prompt],
+def make_evaluate(config, trainer: PPOIteration, tokenizer, prompts: list[prompts_data.Prompt],
                   max_prompt: int, workdir: pathlib.Path):
     """`evaluate(state)`: on the held-out prompts, the gold score of `eval.samples` sampled
     replies per prompt (a prompt scores their mean) and of one greedy reply, each with its
@@ -234,50 +134,32 @@ def make_evaluate(config, trainer: ppo.PPO, tokenizer, prompts: list[prompts_dat
     `<workdir>/held_out.jsonl`, so the gain over the SFT policy (step 0) is paired over prompts:
     the same prompts and the same random draws, far less noisy than two separate means."""
     chosen = prompts[:config.eval.prompts]
+    families = [p.task.family if p.task else None for p in chosen]
     samples = config.eval.samples
     rendered = [render_prompt(tokenizer, p.messages)[-max_prompt:] for p in chosen]
-    sampler, size = trainer.sampler, trainer.batch_size
     modes = {'sampled': (SamplingParams(temperature=trainer.config.temperature), samples),
              'greedy': (SamplingParams(temperature=0.0), 1)}
     path = workdir / HELD_OUT
 
     def evaluate(state) -> dict:
         key = jax.random.fold_in(jax.random.key(config.seed + 1), 0)  # the same draws each time
-        metrics, kls, scores, per_prompt = {}, [], [], {}
+        metrics, per_prompt = {}, {}
         for mode, (sampling, n) in modes.items():
-            ids = [row for row in rendered for _ in range(n)]
-            gold = []
-            for start in range(0, len(ids), size):
-                chunk = ids[start:start + size]
-                padded = chunk + [chunk[-1]] * (size - len(chunk))
-                out = sampler(state.actor.params, padded, jax.random.fold_in(key, start),
-                              sampling)
-                lengths = out['lengths'].astype(np.int32)
-                for i, (row, length) in enumerate(zip(out['tokens'][:len(chunk)],
-                                                      lengths[:len(chunk)], strict=True)):
-                    gold.append(chosen[(start + i) // n].gold(reply_text(tokenizer,
-                                                                         row[:length])))
-                if mode == 'sampled':
-                    rows = trainer.rollout_rows(padded, out['tokens'], lengths)
-                    scored = jax.device_get(trainer.score_fn(
-                        state.actor.params, trainer.reference_params, state.critic.params,
-                        trainer.reward_params, rows))
-                    kl = ((scored['logp'] - scored['ref_logp']) * rows['mask']).sum(axis=1)
-                    kls += list(kl[:len(chunk)])
-                    scores += list(scored['rm_score'][:len(chunk)])
+            sample = trainer.evaluate(state, [row for row in rendered for _ in range(n)], key,
+                                      sampling, score=mode == 'sampled')
+            if mode == 'sampled':
+                kls, scores = sample.kl, sample.rm_score
+            gold = [chosen[i // n].gold(reply_text(tokenizer, reply))
+                    for i, reply in enumerate(sample.replies)]
             if any(g is None for g in gold):
                 continue
             gold = np.asarray(gold).reshape(len(chosen), n).mean(axis=1)
             per_prompt[mode] = gold.tolist()
-            metrics[f'gold/{mode}'] = float(gold.mean())
-            metrics[f'gold/{mode}_stderr'] = float(gold.std(ddof=1) / math.sqrt(len(gold)))
-            for family in sorted({p.task.family for p in chosen if p.task}):
-                mine = np.asarray([p.task is not None and p.task.family == family
-                                   for p in chosen])
-                metrics[f'gold/{mode}/{family}'] = float(gold[mine].mean())
+            metrics.update(gold_eval.summary(gold, mode))
+            metrics.update({f'gold/{mode}/{family}': value for family, value
+                            in gold_eval.by_family(gold, families).items()})
         metrics['val/kl'] = float(np.mean(kls))
-        metrics['val/rm_score'] = float(np.mean(scores))
-        metrics['val/rm_score_stderr'] = float(np.std(scores, ddof=1) / math.sqrt(len(scores)))
+        metrics['val/rm_score'], metrics['val/rm_score_stderr'] = stats.mean_and_stderr(scores)
         if per_prompt and jax.process_index() == 0:
             step = int(state.step)
             earlier = [json.loads(line) for line in path.read_text().splitlines()] \
@@ -287,10 +169,73 @@ def make_evaluate(config, trainer: ppo.PPO, tokenizer, prompts: list[prompts_dat
                 f.write(json.dumps({'step': step, **per_prompt}) + '\n')
             for mode, values in per_prompt.items():
                 if baseline is not None and step > 0:
-                    gain = np.asarray(values) - np.asarray(baseline[mode])
-                    metrics[f'gold/{mode}_gain'] = float(gain.mean())
-                    metrics[f'gold/{mode}_gain_stderr'] = float(
-                        gain.std(ddof=1) / math.sqrt(len(gain)))
+                    metrics[f'gold/{mode}_gain'], metrics[f'gold/{mode}_gain_stderr'] = \
+                        stats.paired(values, baseline[mode])
         return metrics
 
     return evaluate
+
+
+def run(config, workdir: pathlib.Path) -> str:
+    setup = validate(config)
+    mesh, rules = setup.mesh, setup.rules
+    ppo_config = ppo.PPOConfig(**config.rl.ppo)
+    sft, rm = load_roles(config, workdir)
+    tokenizer, actor_config, critic_config = sft.tokenizer, sft.model_config, rm.model_config
+    batch_size, max_new = config.data.batch_size, config.data.max_new_tokens
+    max_prompt = actor_config.max_seq_len - max_new - 1
+    train_prompts, eval_prompts, data_iterator = load_prompts(config, workdir, tokenizer,
+                                                              ppo_config, max_prompt)
+
+    # --- state: resumed, or SFT actor + RM critic with fresh optimizers -----------------------
+    actor = stage.Trainable.create(lambda rngs: GPT(actor_config, rngs=rngs), setup.optim,
+                                   mesh, rules)
+    critic = stage.Trainable.create(lambda rngs: ScoreModel(critic_config, rngs=rngs),
+                                    OptimConfig.from_dict(config.critic_optim), mesh, rules)
+    abstract_state = ppo.PPOState.structure(actor.abstract_state, critic.abstract_state,
+                                            ppo_config, jax.ShapeDtypeStruct((), jnp.float32))
+    shardings = ppo.PPOState.structure(actor.shardings, critic.shardings, ppo_config,
+                                       sharding.replicated(mesh))
+    reference = ppo.Frozen(actor.graphdef, sft.restore_params(GPT, mesh, rules)[1])
+    reward = ppo.Frozen(critic.graphdef, rm.restore_params(ScoreModel, mesh, rules)[1])
+    run_ = stage.Stage(config, workdir, setup)
+    state = run_.start(abstract_state, shardings, tokenizer, actor_config, data_iterator,
+                       init=lambda: jax.jit(lambda a, c: ppo.PPOState.create(
+                           TrainState(jnp.zeros((), jnp.int32), a, actor.tx.init(a)),
+                           TrainState(jnp.zeros((), jnp.int32), c, critic.tx.init(c)),
+                           ppo_config), out_shardings=shardings)(
+                           sft.restore_params(GPT, mesh, rules)[1],
+                           rm.restore_params(ScoreModel, mesh, rules)[1]))
+    sft.checkpointer.close()
+    rm.checkpointer.close()
+
+    # --- the PPO iteration, evaluation and the loop -------------------------------------------
+    sampler = Sampler(actor.graphdef, actor_config, mesh, rules, batch_size=batch_size,
+                      max_new_tokens=max_new, stop_ids=[tokenizer.end_of_turn_id,
+                                                        tokenizer.eot_id],
+                      pad_id=tokenizer.pad_id)
+    trainer = PPOIteration(ppo_config, actor_graphdef=actor.graphdef,
+                           critic_graphdef=critic.graphdef, reference=reference, reward=reward,
+                           sampler=sampler, tx_actor=actor.tx, tx_critic=critic.tx, mesh=mesh,
+                           rules=rules, reward_id=tokenizer.reward_id,
+                           verifiable=config.rl.reward == 'gold',
+                           judge=make_judge(tokenizer, train_prompts))
+
+    def step_fn(state, batch):
+        key = jax.random.fold_in(jax.random.key(config.seed), int(state.step))
+        if ppo_config.ptx_coef > 0:
+            return trainer(state, batch['prompts'], key, batch['ptx'])
+        return trainer(state, batch, key)
+
+    evaluate = make_evaluate(config, trainer, tokenizer, eval_prompts, max_prompt, workdir)
+    truncate_jsonl(workdir / HELD_OUT, run_.resumed_from or 0)
+    if run_.resumed_from is None:  # the SFT policy: step 0 of the curves
+        (workdir / HELD_OUT).unlink(missing_ok=True)
+        run_.metrics().write(0, evaluate(state))
+    meta = run_.meta(tokenizer, actor_config, critic_model=dataclasses.asdict(critic_config),
+                     init_from=str(config.init_from), reward_from=str(config.reward_from))
+    result = run_.train(state, step_fn, data_iterator, data_iterator, meta=meta,
+                        evaluate=evaluate, tokens_per_step=batch_size * max_new)
+    if run_.finished(result):
+        log.info('report: %s', rl_report.write(workdir, config))
+    return result.status

@@ -1,5 +1,6 @@
 """The PPO iteration on a toy model: the rollout layout, scores against direct computation,
-the KL penalty's hold on the policy, and learning a rewarded token.
+β from the config against a traced one, policy evaluation, the KL penalty's hold on the policy,
+and learning a rewarded token.
 
 Run: `python -m pytest -q tests/test_ppo.py`.
 """
@@ -10,12 +11,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gptstack import losses, rl
-from gptstack.config import GPTConfig, OptimConfig
+from gptstack import losses, rollout
+from gptstack.config import ConfigError, GPTConfig, OptimConfig
 from gptstack.model import GPT, ScoreModel, read_at_token
 from gptstack.optim import make_optimizer
-from gptstack.sampling import Sampler
-from gptstack.state import create_train_state, init_params
+from gptstack.sampling import Sampler, SamplingParams
+from gptstack.state import TrainState, create_train_state, init_params
 from gptstack.steps import ppo
 
 VOCAB, TARGET, PAD, REWARD, STOP = 16, 3, 13, 14, 15
@@ -24,7 +25,7 @@ CONFIG = GPTConfig.preset('toy', vocab_size=VOCAB)
 
 
 def test_rollout_rows_put_the_reward_token_right_after_the_response():
-    rows = ppo.rollout_batch([[5, 6, 7], [8]], np.array([[1, 2, STOP, PAD], [4, 4, 4, 4]]),
+    rows = rollout.rollout_batch([[5, 6, 7], [8]], np.array([[1, 2, STOP, PAD], [4, 4, 4, 4]]),
                              np.array([3, 4]), prompt_len=4, pad_id=PAD, reward_id=REWARD)
     assert rows['tokens'].tolist() == [[PAD, 5, 6, 7, 1, 2, STOP, REWARD, PAD],
                                        [PAD, PAD, PAD, 8, 4, 4, 4, 4, REWARD]]
@@ -35,59 +36,106 @@ def test_rollout_rows_put_the_reward_token_right_after_the_response():
     assert rows['mask'].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
 
 
+def test_ppo_config_names_its_keys_and_checks_the_rollout_batch():
+    with pytest.raises(ConfigError, match=r"rl.ppo.kl_estimator='k2': expected k1 or k3"):
+        ppo.PPOConfig(kl_estimator='k2')
+    with pytest.raises(ConfigError, match=r'rl.ppo.minibatches=0: expected >= 1'):
+        ppo.PPOConfig(minibatches=0)
+    ppo.PPOConfig(minibatches=4).check_batch(16)
+    with pytest.raises(ConfigError, match=r'^data.batch_size=16 rollouts is not divisible by '
+                                          r'rl.ppo.minibatches=3$'):
+        ppo.PPOConfig(minibatches=3).check_batch(16)
+    with pytest.raises(ConfigError, match=r'rl.ppo.group_size=3 replies per prompt'):
+        ppo.PPOConfig(group_size=3).check_batch(16)
+
+
+def test_kl_coef_is_state_only_under_the_controller_and_a_config_beta_is_bit_identical():
+    """A fixed β is a constant of the advantages program, an adaptive one a traced leaf of the
+    state; at the same value every output agrees bit for bit."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    b, n = 8, 12
+    lengths = jax.random.randint(keys[0], (b,), 1, n + 1)
+    mask = (jnp.arange(n)[None] < lengths[:, None]).astype(jnp.int32)
+    logp = -jax.random.exponential(keys[1], (b, n))
+    scored = {'logp': logp, 'ref_logp': logp + 0.1 * jax.random.normal(keys[2], (b, n)),
+              'values': jax.random.normal(keys[3], (b, n)),
+              'rm_score': jax.random.normal(keys[0], (b,))}
+    truncated = (jnp.arange(b) % 3 == 0).astype(jnp.float32)
+    def blank():
+        return TrainState(jnp.zeros((), jnp.int32), {}, ())
+
+    fixed = ppo.PPOConfig(kl_coef=0.2, group_size=2, kl_estimator='k3', truncated_penalty=0.5)
+    adaptive = ppo.PPOConfig(**{**fixed.__dict__, 'target_kl': 6.0})
+    fixed_state = ppo.PPOState.create(blank(), blank(), fixed)
+    adaptive_state = ppo.PPOState.create(blank(), blank(), adaptive)
+    assert fixed_state.kl_coef is None and len(jax.tree.leaves(adaptive_state)) == \
+        len(jax.tree.leaves(fixed_state)) + 1
+    outputs = []
+    for config, state in ((fixed, fixed_state), (adaptive, adaptive_state)):
+        state, advantages, returns, metrics = ppo.make_advantages_fn(config, b)(
+            state, scored, mask, scored['rm_score'], truncated)
+        outputs.append(jax.device_get((advantages, returns, metrics)))
+    np.testing.assert_array_equal(outputs[0][0], outputs[1][0])
+    np.testing.assert_array_equal(outputs[0][1], outputs[1][1])
+    assert outputs[0][2] == outputs[1][2]
+    assert outputs[0][2]['kl_coef'] == np.float32(0.2)
+    assert float(state.kl_coef) != np.float32(0.2)  # the controller moved it
+
+
 @pytest.fixture(scope='module')
-def trainer(mesh_8):
+def toy(mesh_8):
     tx, _ = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, total_steps=1000,
                                        weight_decay=0.0, end_lr_ratio=1.0))
-    actor_graphdef, actor, actor_shardings = create_train_state(
+    actor_graphdef, actor, _ = create_train_state(
         lambda rngs: GPT(CONFIG, rngs=rngs), tx, mesh_8, 'fsdp', jax.random.key(0))
-    critic_graphdef, critic, critic_shardings = create_train_state(
+    critic_graphdef, critic, _ = create_train_state(
         lambda rngs: ScoreModel(CONFIG, rngs=rngs), tx, mesh_8, 'fsdp', jax.random.key(1))
     reward_params = jax.jit(lambda k: init_params(
         lambda rngs: ScoreModel(CONFIG, rngs=rngs), k))(jax.random.key(2))
     sampler = Sampler(actor_graphdef, CONFIG, mesh_8, 'fsdp', batch_size=BATCH,
                       max_new_tokens=NEW, stop_ids=[STOP], pad_id=PAD)
+    reference = ppo.Frozen(actor_graphdef, jax.tree.map(jnp.copy, actor.params))
+    reward = ppo.Frozen(critic_graphdef, reward_params)
 
     def judge(prompt_batch, responses, lengths):
         hits = [(row[:n] == TARGET).mean() for row, n in zip(responses, lengths, strict=True)]
         return {'reward': np.asarray(hits, np.float32), 'gold': np.asarray(hits)}
 
-    def start(kl_coef):
-        copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731 (updates donate)
-        return ppo.PPOState(actor=copy(actor), critic=copy(critic), kl_coef=jnp.float32(kl_coef),
-                            reward_stats=rl.RunningMoments.create())
+    def make(kl_coef):
+        """The iteration with a fixed β and a fresh state (updates donate it)."""
+        config = ppo.PPOConfig(kl_coef=kl_coef, group_size=1)
+        iteration = rollout.PPOIteration(
+            config, actor_graphdef=actor_graphdef, critic_graphdef=critic_graphdef,
+            reference=reference, reward=reward, sampler=sampler, tx_actor=tx, tx_critic=tx,
+            mesh=mesh_8, rules='fsdp', reward_id=REWARD, verifiable=True, judge=judge)
+        copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
+        return iteration, ppo.PPOState.create(copy(actor), copy(critic), config)
 
-    shardings = ppo.PPOState(actor_shardings, critic_shardings, None, None)
-    config = ppo.PPOConfig(epochs=2, minibatches=2, whiten_advantages=True)
-    trainer = ppo.PPO(config, ppo.Roles(actor_graphdef, critic_graphdef, actor_graphdef,
-                                        critic_graphdef),
-                      reference_params=jax.tree.map(jnp.copy, actor.params),
-                      reward_params=reward_params, sampler=sampler, tx_actor=tx, tx_critic=tx,
-                      mesh=mesh_8, rules='fsdp', state_shardings=shardings, reward_id=REWARD,
-                      pad_id=PAD, stop_ids=[STOP], verifiable=True, judge=judge)
     prompts = {'tokens': np.tile([[1, 2, 4, 5]], (BATCH, 1)), 'lengths': np.full(BATCH, 4)}
-    return trainer, start, prompts, (actor_graphdef, critic_graphdef, reward_params)
+    return make, prompts, sampler, reference, reward, critic_graphdef
 
 
-def run_iterations(trainer, state, prompts, n):
+def run_iterations(iteration, state, prompts, n):
     history = []
     for i in range(n):
-        state, metrics = trainer(state, prompts, jax.random.key(i))
+        state, metrics = iteration(state, prompts, jax.random.key(i))
         history.append(metrics)
     return state, history
 
 
-def test_scores_match_direct_forward_passes(trainer):
-    trainer, start, prompts, (actor_graphdef, critic_graphdef, reward_params) = trainer
-    state = start(0.1)
-    out = trainer.sampler(state.actor.params, [list(p) for p in prompts['tokens']],
-                          jax.random.key(0))
-    rows = trainer.rollout_rows(list(prompts['tokens']), out['tokens'], out['lengths'])
+def test_scores_match_direct_forward_passes(toy, mesh_8):
+    make, prompts, sampler, reference, reward, critic_graphdef = toy
+    _, state = make(0.1)
+    out = sampler(state.actor.params, [list(p) for p in prompts['tokens']], jax.random.key(0))
+    rows = rollout.rollout_rows(list(prompts['tokens']), out['tokens'], out['lengths'], sampler,
+                                REWARD)
     p = rows['tokens'].shape[1] - rows['mask'].shape[1] - 1
     assert p == 16 and rows['mask'].shape[1] in (8, 16)  # trimmed to the buckets
-    scored = trainer.score_fn(state.actor.params, trainer.reference_params,
-                                 state.critic.params, reward_params, rows)
-    logits = nnx.merge(actor_graphdef, state.actor.params)(
+    score = ppo.make_score_fn(reference.graphdef, reference.graphdef, critic_graphdef,
+                              reward.graphdef, mesh_8, 'fsdp', REWARD)
+    scored = score(state.actor.params, reference.params, state.critic.params, reward.params,
+                   rows)
+    logits = nnx.merge(reference.graphdef, state.actor.params)(
         rows['tokens'], rows['positions'], rows['segment_ids'])
     expected = losses.token_log_probs(logits[:, p - 1:-2], rows['tokens'][:, p:-1])
     mask = rows['mask'] > 0
@@ -97,21 +145,41 @@ def test_scores_match_direct_forward_passes(trainer):
     np.testing.assert_allclose(out['model_logprobs'][mask], np.asarray(expected)[mask],
                                rtol=1e-3, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(scored['logp']), np.asarray(scored['ref_logp']))
-    rm = nnx.merge(critic_graphdef, reward_params)(rows['tokens'], rows['positions'],
+    rm = nnx.merge(reward.graphdef, reward.params)(rows['tokens'], rows['positions'],
                                                    rows['segment_ids'])
     np.testing.assert_allclose(np.asarray(scored['rm_score']),
                                np.asarray(read_at_token(rm, rows['tokens'], REWARD)), rtol=1e-5)
 
 
-def test_rewarded_token_rises_without_kl_and_a_large_kl_holds_the_policy(trainer):
-    trainer, start, prompts, _ = trainer
-    _, free = run_iterations(trainer, start(0.0), prompts, 12)
-    _, held = run_iterations(trainer, start(10.0), prompts, 12)
+def test_evaluate_replies_to_any_number_of_prompts_with_scores_and_kl(toy):
+    make, _, sampler, _, _, _ = toy
+    iteration, state = make(0.1)
+    prompts = [[1, 2, 4, 5 + i % 3] for i in range(BATCH + 4)]  # two batches, one filled up
+    key = jax.random.key(7)
+    sample = iteration.evaluate(state, prompts, key, SamplingParams(temperature=1.0))
+    assert len(sample.replies) == sample.rm_score.shape[0] == sample.kl.shape[0] == BATCH + 4
+    assert np.all(sample.kl == 0.0)  # the actor is still the reference
+    first = sampler(state.actor.params, prompts[:BATCH], jax.random.fold_in(key, 0))
+    for reply, row, length in zip(sample.replies[:BATCH], first['tokens'], first['lengths'],
+                                  strict=True):
+        np.testing.assert_array_equal(reply, row[:length])
+    again = iteration.evaluate(state, prompts, key, SamplingParams(temperature=1.0),
+                               score=False)
+    assert again.rm_score is None and again.kl is None
+    for a, b in zip(sample.replies, again.replies, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_rewarded_token_rises_without_kl_and_a_large_kl_holds_the_policy(toy):
+    make, prompts, *_ = toy
+    _, free = run_iterations(*make(0.0), prompts, 12)
+    _, held = run_iterations(*make(10.0), prompts, 12)
     assert free[0]['nonfinite'] == 0 and free[0]['gold'] < 0.25
     assert np.mean([m['gold'] for m in free[-3:]]) > 2 * free[0]['gold'] + 0.1
     assert free[-1]['kl'] > 1.0
     assert np.mean([m['kl'] for m in held[-3:]]) < 0.2 * free[-1]['kl']
     assert np.mean([m['gold'] for m in held[-3:]]) < np.mean([m['gold'] for m in free[-3:]])
+    assert {m['kl_coef'] for m in free} == {0.0} and {m['kl_coef'] for m in held} == {10.0}
     for key in ('clipfrac', 'approx_kl', 'value_loss', 'explained_variance', 'entropy',
                 'tokens_per_sec/generate', 'time/update'):
         assert np.isfinite(free[-1][key]), key

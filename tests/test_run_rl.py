@@ -100,7 +100,7 @@ def test_rl_verifiable_rewards_and_bad_inputs(sft_workdir, reward_workdir, tmp_p
     assert 'reward_from: name the reward-model workdir' in result.stderr
     result = run(rl_command(tmp_path / 'c', sft_workdir, reward_workdir,
                             '--config.rl.ppo.kl_estimator=k2'))
-    assert "rl.kl_estimator='k2': expected k1 or k3" in result.stderr
+    assert "rl.ppo.kl_estimator='k2': expected k1 or k3" in result.stderr
     result = run(rl_command(tmp_path / 'e', sft_workdir, reward_workdir,
                             '--config.rl.ppo.group_size=3'))
     assert result.returncode == 1
@@ -111,3 +111,32 @@ def test_rl_verifiable_rewards_and_bad_inputs(sft_workdir, reward_workdir, tmp_p
     assert result.returncode == 1
     assert ('eval.prompts=17 exceeds the 16 held-out prompts of data.validation=embedded:tasks '
             '(raise data.validation_prompts for the embedded suite)') in result.stderr
+
+
+def test_rl_minibatches_not_dividing_the_rollouts_fail_before_loading_anything(
+        sft_workdir, reward_workdir, tmp_path):
+    result = run(rl_command(tmp_path, sft_workdir, reward_workdir,
+                            '--config.rl.ppo.minibatches=3'))
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if 'ConfigError' in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        'ConfigError: data.batch_size=16 rollouts is not divisible by rl.ppo.minibatches=3')
+    # Nothing was loaded or compiled: no tokenizer copied, no checkpoint directory.
+    assert not (tmp_path / 'tokenizer.model').exists()
+    assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_rl_resumed_with_another_kl_coef_uses_and_reports_it(sft_workdir, reward_workdir,
+                                                             tmp_path):
+    """With the KL controller off, β is read from the config, not from the checkpoint."""
+    steps = ('--config.train.eval_every=0', '--config.train.checkpoint_every=1')
+    first = run(rl_command(tmp_path, sft_workdir, reward_workdir, *steps))
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = run(rl_command(tmp_path, sft_workdir, reward_workdir, *steps,
+                             '--config.train.total_steps=3', '--config.rl.ppo.kl_coef=0.7'))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert 'resuming from' in resumed.stderr
+    used = {r['step']: r['kl_coef'] for r in metrics(tmp_path) if 'kl_coef' in r}
+    assert used == {1: np.float32(0.2), 2: np.float32(0.2), 3: np.float32(0.7)}
+    report = (tmp_path / 'report.md').read_text()
+    assert '| KL coefficient β | 0.2 (steps 1–2), 0.7 (step 3) |' in report

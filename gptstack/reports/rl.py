@@ -1,5 +1,6 @@
 """The PPO report: held-out gold and reward-model scores of the SFT and PPO policies with the
-paired gain, the evaluations along training, by task family, and reward against KL."""
+paired gain, the KL coefficient really used, the evaluations along training, by task family, and
+reward against KL."""
 
 from __future__ import annotations
 
@@ -8,6 +9,27 @@ import math
 
 from gptstack import report
 from gptstack.metrics import read_metrics
+
+
+def kl_coefs(records, config) -> str:
+    """The β the iterations used, as logged: its start and end under the adaptive controller,
+    else each value with its steps (a resumed run may have changed `rl.ppo.kl_coef`)."""
+    logged = [(r['step'], r['kl_coef']) for r in records if 'kl_coef' in r]
+    if not logged:
+        return 'n/a'
+    if config.rl.ppo.target_kl > 0:
+        return (f'{logged[0][1]:.4g} → {logged[-1][1]:.4g} (adapted toward a KL of '
+                f'{config.rl.ppo.target_kl:g} nats per response)')
+    spans = []
+    for step, value in logged:
+        if spans and f'{value:.4g}' == spans[-1][0]:
+            spans[-1][2] = step
+        else:
+            spans.append([f'{value:.4g}', step, step])
+    if len(spans) == 1:
+        return spans[0][0]
+    return ', '.join(f'{v} (steps {a}–{b})' if a < b else f'{v} (step {a})'
+                     for v, a, b in spans)
 
 
 def write(workdir, config) -> str:
@@ -44,6 +66,7 @@ def write(workdir, config) -> str:
         ('policy from', config.init_from), ('reward model from', config.reward_from),
         ('reward', 'reward model' if config.rl.reward == 'model' else 'gold scorer (verifiable)'),
         ('iterations × rollouts', f'{last.get("step", 0)} × {config.data.batch_size}'),
+        ('KL coefficient β', kl_coefs(records, config)),
         (f'held-out gold score, sampled ({config.eval.samples} per prompt): SFT → PPO',
          f'{score(first, "sampled")} → {score(last, "sampled")}'),
         ('gain over the SFT policy, sampled (paired over prompts)', gain(last, 'sampled')),

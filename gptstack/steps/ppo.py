@@ -1,5 +1,5 @@
-"""PPO, stage 4 of the recipe: rollouts from our sampler, scored by a frozen reward model, with a
-per-token KL penalty to the frozen SFT model.
+"""PPO's jitted math, stage 4 of the recipe: scoring rollouts, advantages with a per-token KL
+penalty to the frozen SFT model, and the clipped updates of actor and critic.
 
 Four roles, each its own graphdef and parameters (so a separate rollout mesh can be added
 without touching the rest):
@@ -10,33 +10,23 @@ without touching the rest):
     reference  `GPT`, frozen SFT model: the anchor of the KL penalty
     reward     `ScoreModel`, frozen; the reward is its score at `<|reward|>` after the response
 
-One iteration (`PPO.__call__`): sample `group_size` responses to each prompt
-(`gptstack.sampling`) -> `score` (jitted: actor and reference log-probs, values, reward) ->
-`advantages` (jitted: the scores centred within each prompt's group, per-token rewards `-β·KL`
+The trained roles live in `PPOState`, the frozen ones are `Frozen` pairs. The factories here
+return the jitted pieces of one iteration: `score` (actor and reference log-probs, values,
+reward), `advantages` (the scores centred within each prompt's group, per-token rewards `-β·KL`
 plus the score at the last token, GAE, whitening, the KL controller and running reward
-statistics) -> `epochs` passes of `minibatches` jitted `update`s (clipped surrogate with an
-optional entropy bonus and PPO-ptx language-model term for the actor, clipped value loss for the
-critic). The rollout layout, one row per reply:
-
-    tokens  [B, P + N + 1]  the prompt left-padded to P, the N response slots (padded after the
-                            stop token), and `<|reward|>` right after the response
-    mask    [B, N]          1 on generated tokens (up to and including the stop token)
-
-Response token `j` sits at `P + j` and is predicted at `P + j - 1`; everything the actor, critic
-and reference read is at or before that, so the reward token after the response changes nothing
-for them.
+statistics) and `update` (clipped surrogate with an optional entropy bonus and PPO-ptx
+language-model term for the actor, clipped value loss for the critic). They read rollout rows
+laid out as `gptstack.rollout` describes; its `PPOIteration` runs them on the host.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -44,31 +34,16 @@ from jax.sharding import Mesh
 from gptstack import losses, rl, sharding
 from gptstack.config import ConfigError
 from gptstack.model import read_at_token
-from gptstack.sampling import Sampler, SamplingParams
 from gptstack.state import TrainState
 from gptstack.steps.lm import keep_if_finite, lm_loss
 
 Array = jax.Array
-# Rollout rows are trimmed to multiples of this many tokens (prompt part and response part).
-ROLLOUT_BUCKET = 16
-
-
-@flax.struct.dataclass
-class PPOState:
-    """Everything an exact resume needs besides the prompt iterator and the seed."""
-
-    actor: TrainState
-    critic: TrainState
-    kl_coef: Array
-    reward_stats: rl.RunningMoments
-
-    @property
-    def step(self) -> Array:
-        return self.actor.step
 
 
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
+    """PPO's settings (`rl.ppo.*`); the defaults are the recommended ones for the rl stage."""
+
     epochs: int = 2
     minibatches: int = 2
     clip: float = 0.2
@@ -76,9 +51,10 @@ class PPOConfig:
     gamma: float = 1.0
     lam: float = 0.95
     # β: the KL penalty's coefficient (the start value when target_kl > 0).
-    kl_coef: float = 0.05
+    kl_coef: float = 0.2
     kl_estimator: str = 'k1'
-    # > 0: adapt β toward this KL per response (nats), Ziegler et al.'s controller.
+    # > 0: adapt β toward this KL per response (nats), Ziegler et al.'s controller; β then
+    # lives in the checkpointed state. 0: β is `kl_coef`, read from the config on every run.
     target_kl: float = 0.0
     kl_horizon: int = 10_000
     entropy_coef: float = 0.0
@@ -92,53 +68,85 @@ class PPOConfig:
     temperature: float = 1.0
     # Replies sampled per prompt (consecutive rollout rows). > 1: each score is centred on the
     # mean score of its prompt's replies before the KL penalty is added (`rl.center_groups`).
-    group_size: int = 1
+    group_size: int = 4
 
     def __post_init__(self):
-        if self.kl_estimator not in ('k1', 'k3'):
-            raise ConfigError(f'rl.kl_estimator={self.kl_estimator!r}: expected k1 or k3')
-        if self.epochs < 1 or self.minibatches < 1:
-            raise ConfigError('rl.epochs and rl.minibatches must be >= 1')
-        if self.group_size < 1:
-            raise ConfigError(f'rl.group_size={self.group_size}: expected >= 1')
+        def require(ok, field, expected):
+            if not ok:
+                raise ConfigError(f'rl.ppo.{field}={getattr(self, field)!r}: expected {expected}')
+
+        require(self.kl_estimator in ('k1', 'k3'), 'kl_estimator', 'k1 or k3')
+        for field in ('epochs', 'minibatches', 'group_size', 'kl_horizon'):
+            require(getattr(self, field) >= 1, field, '>= 1')
+        for field in ('kl_coef', 'target_kl', 'entropy_coef', 'ptx_coef', 'temperature'):
+            require(getattr(self, field) >= 0, field, '>= 0')
+        for field in ('clip', 'value_clip'):
+            require(getattr(self, field) > 0, field, '> 0')
+        for field in ('gamma', 'lam'):
+            require(0 <= getattr(self, field) <= 1, field, 'in [0, 1]')
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the KL controller adapts β (then β is part of `PPOState`)."""
+        return self.target_kl > 0
+
+    def check_batch(self, batch_size: int) -> None:
+        """Raises `ConfigError` unless `batch_size` rollouts split into whole groups of replies
+        and whole minibatches: cheap, so a stage checks it before loading anything."""
+        if batch_size % self.group_size:
+            raise ConfigError(f'data.batch_size={batch_size} rollouts is not divisible by '
+                              f'rl.ppo.group_size={self.group_size} replies per prompt')
+        if batch_size % self.minibatches:
+            raise ConfigError(f'data.batch_size={batch_size} rollouts is not divisible by '
+                              f'rl.ppo.minibatches={self.minibatches}')
 
 
-@dataclasses.dataclass(frozen=True)
-class Roles:
-    """Graphdefs of the four roles (parameters travel separately)."""
+@flax.struct.dataclass
+class PPOState:
+    """Everything an exact resume needs besides the prompt iterator and the seed.
 
-    actor: nnx.GraphDef
-    critic: nnx.GraphDef
-    reference: nnx.GraphDef
-    reward: nnx.GraphDef
+    `kl_coef` (β) is a leaf only when the controller adapts it (`PPOConfig.adaptive`); else it
+    is None and β comes from the config, so a resumed run takes a changed `rl.ppo.kl_coef`."""
+
+    actor: TrainState
+    critic: TrainState
+    kl_coef: Array | None
+    reward_stats: rl.RunningMoments
+
+    @property
+    def step(self) -> Array:
+        return self.actor.step
+
+    @classmethod
+    def create(cls, actor: TrainState, critic: TrainState, config: PPOConfig) -> PPOState:
+        """A fresh state: β at `config.kl_coef` if adaptive, empty reward statistics."""
+        kl_coef = jnp.float32(config.kl_coef) if config.adaptive else None
+        return cls(actor, critic, kl_coef, rl.RunningMoments.create())
+
+    @classmethod
+    def structure(cls, actor: Any, critic: Any, config: PPOConfig, scalar: Any) -> PPOState:
+        """The state's tree with `scalar` at each scalar leaf (β if adaptive, the reward
+        statistics): its abstract shapes or its shardings, given the actor's and critic's."""
+        return cls(actor, critic, scalar if config.adaptive else None,
+                   rl.RunningMoments(scalar, scalar, scalar))
 
 
-def rollout_batch(prompts: Sequence[Sequence[int]], response: np.ndarray, lengths: np.ndarray,
-                  prompt_len: int, pad_id: int, reward_id: int) -> dict[str, np.ndarray]:
-    """Host-side rollout rows (see the module docstring) from prompts and sampled responses."""
-    b, n = response.shape
-    tokens = np.full((b, prompt_len + n + 1), pad_id, np.int32)
-    segment_ids = np.zeros_like(tokens)
-    mask = (np.arange(n)[None] < lengths[:, None]).astype(np.int32)
-    for row, prompt in enumerate(prompts):
-        prompt = list(prompt)[-prompt_len:]
-        tokens[row, prompt_len - len(prompt):prompt_len] = prompt
-        segment_ids[row, prompt_len - len(prompt):prompt_len + lengths[row] + 1] = 1
-        tokens[row, prompt_len:prompt_len + lengths[row]] = response[row, :lengths[row]]
-        tokens[row, prompt_len + lengths[row]] = reward_id
-    positions = np.maximum(np.cumsum(segment_ids, axis=1) - 1, 0).astype(np.int32)
-    return {'tokens': tokens, 'positions': positions, 'segment_ids': segment_ids, 'mask': mask}
+class Frozen(NamedTuple):
+    """A frozen role: the reference or the reward model."""
+
+    graphdef: nnx.GraphDef
+    params: nnx.State
 
 
-def _layout(batch) -> tuple[int, int]:
+def layout(batch) -> tuple[int, int]:
     """`(P, N)` of a rollout batch, from its static shapes."""
     n = batch['mask'].shape[1]
     return batch['tokens'].shape[1] - n - 1, n
 
 
-def _response_log_probs(graphdef, params, batch):
+def response_log_probs(graphdef, params, batch) -> tuple[Array, Array]:
     """`(log-probs [B, N] of the response tokens, their logits [B, N, V])` under an LM."""
-    prompt_len, n = _layout(batch)
+    prompt_len, n = layout(batch)
     model = nnx.merge(graphdef, params)
     h_btd = model.transformer(batch['tokens'], batch['positions'], batch['segment_ids'])
     logits_bnv = model.logits(h_btd[:, prompt_len - 1:prompt_len - 1 + n])
@@ -146,270 +154,136 @@ def _response_log_probs(graphdef, params, batch):
     return losses.token_log_probs(logits_bnv, targets_bn), logits_bnv
 
 
-def _values(graphdef, params, batch):
-    prompt_len, n = _layout(batch)
+def values(graphdef, params, batch) -> Array:
+    """The critic's value `[B, N]` of each response token's state."""
+    prompt_len, n = layout(batch)
     model = nnx.merge(graphdef, params)
     scores_bt = model(batch['tokens'], batch['positions'], batch['segment_ids'])
     return scores_bt[:, prompt_len - 1:prompt_len - 1 + n]
 
 
-class PPO:
-    """`ppo(state, prompts, key) -> (state, metrics)`: one PPO iteration.
+def make_score_fn(actor_graphdef: nnx.GraphDef, reference_graphdef: nnx.GraphDef,
+                  critic_graphdef: nnx.GraphDef, reward_graphdef: nnx.GraphDef, mesh: Mesh,
+                  rules: str, reward_id: int):
+    """Jitted `score(actor, reference, critic, reward params, rollout batch)` ->
+    `{'logp', 'ref_logp', 'values': [B, N], 'rm_score': [B]}`."""
 
-    Args:
-        roles: the four graphdefs; `reference_params` and `reward_params` stay frozen.
-        sampler: generates from the actor's parameters (its batch size is the rollout batch).
-        judge: `judge(prompt_batch, responses, lengths) -> {'reward'?: [B], 'gold'?: [B]}` on
-            the host; `reward` replaces the reward model's score (verifiable-reward mode) and
-            `gold` is logged.
+    def score(actor_params, reference_params, critic_params, reward_params, batch):
+        with sharding.activation_sharding(mesh, rules):
+            logp, _ = response_log_probs(actor_graphdef, actor_params, batch)
+            ref_logp, _ = response_log_probs(reference_graphdef, reference_params, batch)
+            values_bn = values(critic_graphdef, critic_params, batch)
+            reward_model = nnx.merge(reward_graphdef, reward_params)
+            score_b = read_at_token(reward_model(batch['tokens'], batch['positions'],
+                                                 batch['segment_ids']),
+                                    batch['tokens'], reward_id)
+        return {'logp': logp, 'ref_logp': ref_logp, 'values': values_bn, 'rm_score': score_b}
 
-    With `ptx_coef > 0` every call also takes `ptx_batch`: `epochs * minibatches` language-model
-    batches of pretraining rows stacked on the batch axis, one slice per update (PPO-ptx).
-    """
+    return jax.jit(score)
 
-    def __init__(self, config: PPOConfig, roles: Roles, *, reference_params, reward_params,
-                 sampler: Sampler, tx_actor: optax.GradientTransformation,
-                 tx_critic: optax.GradientTransformation, mesh: Mesh, rules: str,
-                 state_shardings: PPOState, reward_id: int, pad_id: int,
-                 stop_ids: Sequence[int], verifiable: bool = False,
-                 judge: Callable | None = None):
-        self.config, self.roles, self.mesh, self.rules = config, roles, mesh, rules
-        self.reference_params, self.reward_params = reference_params, reward_params
-        self.sampler, self.tx_actor, self.tx_critic = sampler, tx_actor, tx_critic
-        self.state_shardings = state_shardings
-        self.reward_id, self.pad_id = reward_id, pad_id
-        self.stop_ids = np.asarray(list(stop_ids))
-        self.verifiable, self.judge = verifiable, judge
-        self.batch_size = sampler.batch_size
-        if self.batch_size % config.minibatches:
-            raise ConfigError(f'rollout batch {self.batch_size} is not divisible by '
-                             f'rl.minibatches={config.minibatches}')
-        self.minibatch_size = self.batch_size // config.minibatches
-        if self.batch_size % config.group_size:
-            raise ConfigError(f'rollout batch {self.batch_size} is not divisible by '
-                             f'rl.group_size={config.group_size}')
-        if verifiable and judge is None:
-            raise ValueError('the verifiable-reward mode needs a judge')
-        # Each compiles once per rollout shape (a few prompt and response buckets).
-        self.score_fn = self._make_score()
-        self.advantages_fn = self._make_advantages()
-        self.update_fn = self._make_update()
 
-    def _rows(self, size: int):
-        return sharding.batch_sharding(self.mesh, self.rules, size)
+def make_advantages_fn(config: PPOConfig, batch_size: int):
+    """Jitted `advantages(state, scored, mask, score, truncated)` ->
+    `(state, advantages [B, N], returns [B, N], metrics)`; donates the state.
 
-    # --- the jitted pieces ----------------------------------------------------------------------
-    def _make_score(self):
-        """Jitted `score(actor, reference, critic, reward params, rollout batch)`."""
-        roles, mesh, rules, reward_id = self.roles, self.mesh, self.rules, self.reward_id
+    β is `state.kl_coef` when adaptive (then moved by the controller), else `config.kl_coef`;
+    the metric `kl_coef` is the β this iteration used."""
 
-        def score(actor_params, reference_params, critic_params, reward_params, batch):
-            with sharding.activation_sharding(mesh, rules):
-                logp, _ = _response_log_probs(roles.actor, actor_params, batch)
-                ref_logp, _ = _response_log_probs(roles.reference, reference_params, batch)
-                values = _values(roles.critic, critic_params, batch)
-                reward_model = nnx.merge(roles.reward, reward_params)
-                score = read_at_token(reward_model(batch['tokens'], batch['positions'],
-                                                   batch['segment_ids']),
-                                      batch['tokens'], reward_id)
-            return {'logp': logp, 'ref_logp': ref_logp, 'values': values, 'rm_score': score}
+    def advantages(state: PPOState, scored, mask_bn, score_b, truncated_b):
+        kl_coef = state.kl_coef if config.adaptive else config.kl_coef
+        mask_bn = mask_bn.astype(jnp.float32)
+        kl_bn = losses.kl_penalty(scored['logp'], scored['ref_logp'],
+                                  config.kl_estimator) * mask_bn
+        stats = state.reward_stats
+        if config.group_size > 1:
+            score_b = rl.center_groups(score_b, config.group_size)
+        if config.normalize_reward:
+            stats = stats.update(score_b)
+            score_b = (score_b - stats.mean) / (stats.std + 1e-6)
+        score_b = score_b - config.truncated_penalty * truncated_b
+        lengths_b = mask_bn.sum(axis=1).astype(jnp.int32)
+        last_bn = jax.nn.one_hot(lengths_b - 1, mask_bn.shape[1]) * mask_bn
+        rewards_bn = -kl_coef * kl_bn + score_b[:, None] * last_bn
+        advantages_bn, returns_bn = rl.gae(rewards_bn, scored['values'], mask_bn,
+                                           config.gamma, config.lam)
+        if config.whiten_advantages:
+            advantages_bn = rl.whiten(advantages_bn, mask_bn)
+        kl_b = kl_bn.sum(axis=1)
+        values_bn = scored['values']
+        _, return_var = rl.masked_mean_var(returns_bn, mask_bn)
+        _, error_var = rl.masked_mean_var(returns_bn - values_bn, mask_bn)
+        metrics = {'kl': kl_b.mean(), 'kl_coef': jnp.float32(kl_coef),
+                   'score': score_b.mean(),
+                   'non_score_reward': (-kl_coef * kl_b).mean(),
+                   'total_reward': rewards_bn.sum(axis=1).mean(),
+                   'explained_variance': 1.0 - error_var / jnp.maximum(return_var, 1e-8),
+                   'value_mean': jnp.sum(values_bn * mask_bn) / mask_bn.sum()}
+        if config.adaptive:
+            kl_coef = rl.adaptive_kl_coef(kl_coef, kl_b.mean(), config.target_kl,
+                                          config.kl_horizon, batch_size)
+            state = state.replace(kl_coef=kl_coef)
+        return state.replace(reward_stats=stats), advantages_bn, returns_bn, metrics
 
-        return jax.jit(score)
+    return jax.jit(advantages, donate_argnums=0)
 
-    def _make_advantages(self):
-        """Jitted `advantages(state, scored, mask, score, truncated)`; donates the state."""
-        config, batch_size = self.config, self.batch_size
 
-        def advantages(state: PPOState, scored, mask_bn, score_b, truncated_b):
-            mask_bn = mask_bn.astype(jnp.float32)
-            kl_bn = losses.kl_penalty(scored['logp'], scored['ref_logp'],
-                                      config.kl_estimator) * mask_bn
-            stats = state.reward_stats
-            if config.group_size > 1:
-                score_b = rl.center_groups(score_b, config.group_size)
-            if config.normalize_reward:
-                stats = stats.update(score_b)
-                score_b = (score_b - stats.mean) / (stats.std + 1e-6)
-            score_b = score_b - config.truncated_penalty * truncated_b
-            lengths_b = mask_bn.sum(axis=1).astype(jnp.int32)
-            last_bn = jax.nn.one_hot(lengths_b - 1, mask_bn.shape[1]) * mask_bn
-            rewards_bn = -state.kl_coef * kl_bn + score_b[:, None] * last_bn
-            advantages_bn, returns_bn = rl.gae(rewards_bn, scored['values'], mask_bn,
-                                               config.gamma, config.lam)
-            if config.whiten_advantages:
-                advantages_bn = rl.whiten(advantages_bn, mask_bn)
-            kl_b = kl_bn.sum(axis=1)
-            kl_coef = state.kl_coef
-            if config.target_kl > 0:
-                kl_coef = rl.adaptive_kl_coef(kl_coef, kl_b.mean(), config.target_kl,
-                                              config.kl_horizon, batch_size)
-            values_bn = scored['values']
-            _, return_var = rl.masked_mean_var(returns_bn, mask_bn)
-            _, error_var = rl.masked_mean_var(returns_bn - values_bn, mask_bn)
-            metrics = {'kl': kl_b.mean(), 'kl_coef': state.kl_coef,
-                       'score': score_b.mean(),
-                       'non_score_reward': (-state.kl_coef * kl_b).mean(),
-                       'total_reward': rewards_bn.sum(axis=1).mean(),
-                       'explained_variance': 1.0 - error_var / jnp.maximum(return_var, 1e-8),
-                       'value_mean': jnp.sum(values_bn * mask_bn) / mask_bn.sum()}
-            state = state.replace(kl_coef=kl_coef, reward_stats=stats)
-            return state, advantages_bn, returns_bn, metrics
+def make_update_fn(config: PPOConfig, actor_graphdef: nnx.GraphDef,
+                   critic_graphdef: nnx.GraphDef, tx_actor: optax.GradientTransformation,
+                   tx_critic: optax.GradientTransformation, mesh: Mesh, rules: str):
+    """Jitted `update(state, minibatch, ptx_batch)` -> `(state, metrics)`: one optimizer step
+    of actor and critic on a minibatch of scored rollout rows (with `old_logp`, `old_values`,
+    `advantages`, `returns`); donates the state. `ptx_batch` (PPO-ptx) is None unless
+    `ptx_coef > 0`. The steps counters do not move: one iteration is one step."""
 
-        return jax.jit(advantages, donate_argnums=0)
+    def update(state: PPOState, batch, ptx_batch):
+        mask_bn = batch['mask'].astype(jnp.float32)
+        count = jnp.maximum(mask_bn.sum(), 1.0)
 
-    def _make_update(self):
-        """Jitted `update(state, minibatch, ptx_batch)`; donates the state."""
-        config, roles = self.config, self.roles
-        mesh, rules, tx_actor, tx_critic = self.mesh, self.rules, self.tx_actor, self.tx_critic
+        def actor_objective(params):
+            logp, logits = response_log_probs(actor_graphdef, params, batch)
+            loss_sum, sums = losses.ppo_policy_loss(logp, batch['old_logp'],
+                                                    batch['advantages'], mask_bn, config.clip)
+            entropy_sum = losses.entropy(logits, mask_bn)
+            objective = (loss_sum - config.entropy_coef * entropy_sum) / count
+            aux = {'policy_loss': loss_sum / count, 'entropy': entropy_sum / count,
+                   'clipfrac': sums['clipped'] / count, 'approx_kl': sums['approx_kl'] / count}
+            if config.ptx_coef > 0:
+                ptx_sum, ptx_count = lm_loss(actor_graphdef, params, ptx_batch)
+                aux['ptx_loss'] = ptx_sum / jnp.maximum(ptx_count, 1.0)
+                objective = objective + config.ptx_coef * aux['ptx_loss']
+            return objective, aux
 
-        def update(state: PPOState, batch, ptx_batch):
-            mask_bn = batch['mask'].astype(jnp.float32)
-            count = jnp.maximum(mask_bn.sum(), 1.0)
+        def critic_objective(params):
+            values_bn = values(critic_graphdef, params, batch)
+            loss_sum, clipped = losses.ppo_value_loss(values_bn, batch['old_values'],
+                                                      batch['returns'], mask_bn,
+                                                      config.value_clip)
+            return loss_sum / count, {'value_loss': loss_sum / count,
+                                      'value_clipfrac': clipped / count}
 
-            def actor_objective(params):
-                logp, logits = _response_log_probs(roles.actor, params, batch)
-                loss_sum, sums = losses.ppo_policy_loss(logp, batch['old_logp'],
-                                                        batch['advantages'], mask_bn,
-                                                        config.clip)
-                entropy_sum = losses.entropy(logits, mask_bn)
-                objective = (loss_sum - config.entropy_coef * entropy_sum) / count
-                aux = {'policy_loss': loss_sum / count, 'entropy': entropy_sum / count,
-                       'clipfrac': sums['clipped'] / count,
-                       'approx_kl': sums['approx_kl'] / count}
-                if config.ptx_coef > 0:
-                    ptx_sum, ptx_count = lm_loss(roles.actor, params, ptx_batch)
-                    aux['ptx_loss'] = ptx_sum / jnp.maximum(ptx_count, 1.0)
-                    objective = objective + config.ptx_coef * aux['ptx_loss']
-                return objective, aux
+        with sharding.activation_sharding(mesh, rules):
+            (_, actor_aux), actor_grads = jax.value_and_grad(
+                actor_objective, has_aux=True)(state.actor.params)
+            (_, critic_aux), critic_grads = jax.value_and_grad(
+                critic_objective, has_aux=True)(state.critic.params)
+            actor_updates, actor_opt = tx_actor.update(actor_grads, state.actor.opt_state,
+                                                       state.actor.params)
+            critic_updates, critic_opt = tx_critic.update(critic_grads, state.critic.opt_state,
+                                                          state.critic.params)
+        actor_norm, critic_norm = optax.tree.norm(actor_grads), optax.tree.norm(critic_grads)
+        finite = (jnp.isfinite(actor_norm) & jnp.isfinite(critic_norm)
+                  & jnp.isfinite(actor_aux['policy_loss'])
+                  & jnp.isfinite(critic_aux['value_loss']))
+        actor = keep_if_finite(finite, state.actor,
+                               optax.apply_updates(state.actor.params, actor_updates), actor_opt)
+        critic = keep_if_finite(finite, state.critic,
+                                optax.apply_updates(state.critic.params, critic_updates),
+                                critic_opt)
+        # One PPO iteration is one step: the counters advance once per iteration.
+        actor = actor.replace(step=state.actor.step)
+        critic = critic.replace(step=state.critic.step)
+        metrics = {**actor_aux, **critic_aux, 'actor_grad_norm': actor_norm,
+                   'critic_grad_norm': critic_norm, 'nonfinite': (~finite).astype(jnp.float32)}
+        return state.replace(actor=actor, critic=critic), metrics
 
-            def critic_objective(params):
-                values = _values(roles.critic, params, batch)
-                loss_sum, clipped = losses.ppo_value_loss(values, batch['old_values'],
-                                                          batch['returns'], mask_bn,
-                                                          config.value_clip)
-                return loss_sum / count, {'value_loss': loss_sum / count,
-                                          'value_clipfrac': clipped / count}
-
-            with sharding.activation_sharding(mesh, rules):
-                (_, actor_aux), actor_grads = jax.value_and_grad(
-                    actor_objective, has_aux=True)(state.actor.params)
-                (_, critic_aux), critic_grads = jax.value_and_grad(
-                    critic_objective, has_aux=True)(state.critic.params)
-                actor_updates, actor_opt = tx_actor.update(actor_grads, state.actor.opt_state,
-                                                           state.actor.params)
-                critic_updates, critic_opt = tx_critic.update(
-                    critic_grads, state.critic.opt_state, state.critic.params)
-            actor_norm, critic_norm = optax.tree.norm(actor_grads), optax.tree.norm(
-                critic_grads)
-            finite = (jnp.isfinite(actor_norm) & jnp.isfinite(critic_norm)
-                      & jnp.isfinite(actor_aux['policy_loss'])
-                      & jnp.isfinite(critic_aux['value_loss']))
-            actor = keep_if_finite(finite, state.actor,
-                                   optax.apply_updates(state.actor.params, actor_updates),
-                                   actor_opt)
-            critic = keep_if_finite(finite, state.critic,
-                                    optax.apply_updates(state.critic.params, critic_updates),
-                                    critic_opt)
-            # One PPO iteration is one step: the counters advance once per iteration.
-            actor, critic = actor.replace(step=state.actor.step), critic.replace(
-                step=state.critic.step)
-            metrics = {**actor_aux, **critic_aux, 'actor_grad_norm': actor_norm,
-                       'critic_grad_norm': critic_norm,
-                       'nonfinite': (~finite).astype(jnp.float32)}
-            return state.replace(actor=actor, critic=critic), metrics
-
-        return jax.jit(update, donate_argnums=0)
-
-    def rollout_rows(self, prompts, responses: np.ndarray, lengths: np.ndarray) -> dict:
-        """Rollout rows trimmed to buckets of `ROLLOUT_BUCKET` tokens: the prompt part to the
-        longest prompt, the response part to the longest response, so padding costs little in
-        scoring and updates while only a few shapes compile."""
-        def bucket(n, limit):
-            return min(limit, ROLLOUT_BUCKET * max(1, -(-n // ROLLOUT_BUCKET)))
-
-        prompt_len = bucket(max(len(p) for p in prompts),
-                            self.sampler.prompt_bucket(max(len(p) for p in prompts)))
-        n = bucket(int(lengths.max()), self.sampler.max_new_tokens)
-        return rollout_batch(prompts, responses[:, :n], lengths, prompt_len, self.pad_id,
-                             self.reward_id)
-
-    # --- one iteration on the host ------------------------------------------------------------
-    def __call__(self, state: PPOState, prompt_batch: dict, key: Array,
-                 ptx_batch: dict | None = None):
-        """One iteration on `prompt_batch`: `batch_size / group_size` prompts, each answered
-        `group_size` times."""
-        config = self.config
-        prompt_batch = {k: np.repeat(np.asarray(v), config.group_size, axis=0)
-                        for k, v in prompt_batch.items()}
-        prompts = [list(row[:length]) for row, length in
-                   zip(prompt_batch['tokens'], prompt_batch['lengths'], strict=True)]
-        timings = {}
-
-        start = time.perf_counter()
-        sample_key, shuffle_key = jax.random.split(key)
-        out = self.sampler(state.actor.params, prompts, sample_key,
-                           SamplingParams(temperature=config.temperature))
-        lengths = out['lengths'].astype(np.int32)
-        timings['generate'] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        rows = self.rollout_rows(prompts, out['tokens'], lengths)
-        device_rows = {k: jax.device_put(v, self._rows(self.batch_size)) for k, v in rows.items()}
-        scored = self.score_fn(state.actor.params, self.reference_params,
-                                 state.critic.params, self.reward_params, device_rows)
-        last = out['tokens'][np.arange(len(lengths)), lengths - 1]
-        truncated = (~np.isin(last, self.stop_ids)).astype(np.float32)
-        judged = self.judge(prompt_batch, out['tokens'], lengths) if self.judge else {}
-        score = (jnp.asarray(judged['reward'], jnp.float32) if self.verifiable
-                 else scored['rm_score'])
-        state, advantages, returns, metrics = self.advantages_fn(
-            state, scored, device_rows['mask'], score, jnp.asarray(truncated))
-        host = jax.device_get({**rows, 'old_logp': scored['logp'],
-                               'old_values': scored['values'], 'advantages': advantages,
-                               'returns': returns})
-        timings['score'] = time.perf_counter() - start
-
-        start = time.perf_counter()
-        update = self.update_fn
-        rng = np.random.default_rng(np.asarray(jax.random.key_data(shuffle_key)))
-        updates = config.epochs * config.minibatches
-        if config.ptx_coef > 0:
-            if ptx_batch is None:
-                raise ValueError('rl.ptx_coef > 0: every iteration needs a ptx_batch')
-            ptx_rows = len(next(iter(ptx_batch.values()))) // updates
-        update_metrics = []
-        for _ in range(config.epochs):
-            order = rng.permutation(self.batch_size)
-            for m in range(config.minibatches):
-                index = np.sort(order[m * self.minibatch_size:(m + 1) * self.minibatch_size])
-                minibatch = {k: jax.device_put(v[index], self._rows(self.minibatch_size))
-                             for k, v in host.items()}
-                ptx = None
-                if config.ptx_coef > 0:
-                    u = len(update_metrics)
-                    ptx = {k: jax.device_put(v[u * ptx_rows:(u + 1) * ptx_rows],
-                                             self._rows(ptx_rows)) for k, v in ptx_batch.items()}
-                state, step_metrics = update(state, minibatch, ptx)
-                update_metrics.append(step_metrics)
-        update_metrics = jax.device_get(update_metrics)
-        timings['update'] = time.perf_counter() - start
-
-        state = state.replace(actor=state.actor.replace(step=state.actor.step + 1),
-                              critic=state.critic.replace(step=state.critic.step + 1))
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        for k in update_metrics[0]:
-            values = [float(m[k]) for m in update_metrics]
-            metrics[k] = float(np.max(values)) if k == 'nonfinite' else float(np.mean(values))
-        metrics['rm_score'] = float(np.mean(jax.device_get(scored['rm_score'])))
-        if 'gold' in judged:
-            metrics['gold'] = float(np.mean(judged['gold']))
-        metrics['response_length'] = float(lengths.mean())
-        metrics['truncated'] = float(truncated.mean())
-        tokens = rows['tokens'].size
-        metrics.update({
-            'time/generate': timings['generate'], 'time/score': timings['score'],
-            'time/update': timings['update'],
-            'tokens_per_sec/generate': float(lengths.sum()) / timings['generate'],
-            'tokens_per_sec/score': tokens / timings['score'],
-            'tokens_per_sec/update': config.epochs * tokens / timings['update']})
-        return state, metrics
+    return jax.jit(update, donate_argnums=0)

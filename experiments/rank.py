@@ -22,6 +22,7 @@ import jax
 from absl import app, flags
 
 from gptstack.chat import sample_replies
+from gptstack.config import ConfigError
 from gptstack.data import preference
 from gptstack.data.sources import DataError, SkipBudget, read_json_records
 from gptstack.sampling import SamplingParams
@@ -76,7 +77,10 @@ def read_prompts() -> list[list[dict]]:
 def main(argv) -> int:
     del argv
     prompts = read_prompts()
-    policy = Workdir(_WORKDIR.value).load_policy()
+    try:
+        policy = Workdir(_WORKDIR.value).load_policy()
+    except ConfigError as error:  # not a workdir of a language model
+        raise app.UsageError(str(error)) from None
     tokenizer, params = policy.tokenizer, policy.params
     sampler = policy.sampler(_K.value, _MAX_NEW.value)
     sampling = SamplingParams(_TEMPERATURE.value)

@@ -21,6 +21,7 @@ import sys
 import jax
 from absl import app, flags
 
+from gptstack.config import ConfigError
 from gptstack.data.tokenizer import parse_chat, render_prompt
 from gptstack.sampling import SamplingParams
 from gptstack.stage import Workdir
@@ -57,7 +58,10 @@ def chat(tokenizer, sampler, params, sampling) -> None:
 def main(argv) -> int:
     del argv
     workdir = pathlib.Path(_WORKDIR.value)
-    policy = Workdir(workdir).load_policy(_STEP.value)
+    try:
+        policy = Workdir(workdir).load_policy(_STEP.value)
+    except ConfigError as error:  # not a workdir of a language model
+        raise app.UsageError(str(error)) from None
     tokenizer, params = policy.tokenizer, policy.params
     stage = policy.meta.get('config', {}).get('stage')
     if _CHAT.value and stage in ('tokenizer', 'pretrain'):

@@ -45,10 +45,7 @@ def get_config(arg=None):
 
     # The held-out comparison of base, SFT, best-of-N and PPO.
     config.compare = ml_collections.ConfigDict()
-    # PPO's gain over SFT on this suite is near 0.01: telling two such models apart by their
-    # ±2-standard-error intervals takes errors near 0.002, which 4096 prompts give once the
-    # errors are stratified by task family and level (unstratified 0.0025-0.003; 2048 prompts
-    # give 0.004). 8192 prompts took twice as long and separated the two no further.
+    # Held-out task prompts; how many the separation of SFT and PPO takes: docs/results.md.
     config.compare.prompts = 4096
     # Replies per prompt at temperature 1 (a prompt's score is their mean; best-of-N picks
     # among them).

@@ -44,10 +44,13 @@ Array = jax.Array
 class PPOConfig:
     """PPO's settings (`rl.ppo.*`); the defaults are the recommended ones for the rl stage."""
 
+    # Passes over an iteration's rollouts, and updates (minibatches) per pass.
     epochs: int = 2
     minibatches: int = 2
+    # Clip ranges of the policy's probability ratio and of the value's change (PPO's ε).
     clip: float = 0.2
     value_clip: float = 0.2
+    # The discount and GAE's λ.
     gamma: float = 1.0
     lam: float = 0.95
     # β: the KL penalty's coefficient (the start value when target_kl > 0).

@@ -193,13 +193,6 @@ def test_sft_refuses_a_bad_base(base_workdir, tmp_path):
     (empty / 'tokenizer.model').write_bytes((base_workdir / 'tokenizer.model').read_bytes())
     result = run(sft_command(tmp_path / 'b', empty))
     assert f'init_from={empty}: no checkpoint in {empty / "checkpoints"}' in result.stderr
-
-
-def test_sft_refuses_a_reward_model_as_its_start(reward_workdir, tmp_path):
-    result = run(sft_command(tmp_path, reward_workdir))
-    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
-    assert (f"ConfigError: init_from={reward_workdir} is a 'reward' run, not a base model, an "
-            'SFT model or a PPO policy') in result.stderr
     # A base whose tokenizer.model is not the one its checkpoint was trained with.
     mixed = tmp_path / 'mixed'
     shutil.copytree(base_workdir, mixed)
@@ -209,6 +202,13 @@ def test_sft_refuses_a_reward_model_as_its_start(reward_workdir, tmp_path):
     result = run(sft_command(tmp_path / 'c', mixed))
     assert result.returncode == 1
     assert 'was trained with tokenizer' in result.stderr and other.sha256 in result.stderr
+
+
+def test_sft_refuses_a_reward_model_as_its_start(reward_workdir, tmp_path):
+    result = run(sft_command(tmp_path, reward_workdir))
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+    assert (f"ConfigError: init_from={reward_workdir} is a 'reward' run, not a base model, an "
+            'SFT model or a PPO policy') in result.stderr
 
 
 DOLLY = ROOT.parent / 'shared' / 'data' / 'dolly15k_open_qa' / 'open_qa.prompt_response.jsonl'

@@ -22,14 +22,10 @@ import subprocess
 import sys
 import tempfile
 
-# Keep XLA's temporaries mapped between steps instead of returning them to the kernel and
-# faulting them in again (20-40% of a training step here).
-KEEP_MAPPED = ('glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:'
-               'glibc.malloc.trim_threshold=100000000000:glibc.malloc.top_pad=536870912')
-# A single malloc arena is a further ~10% on training steps (and so on a PPO iteration, two
-# thirds of which is its update) but costs the batch-16 decoding loop 15-25%: measured
-# alternately, process by process, on this workload.
-ONE_ARENA = KEEP_MAPPED + ':glibc.malloc.arena_max=1'
+from gptstack.environment import KEEP_MAPPED, ONE_ARENA
+
+# The settings each benchmark measured fastest with (`gptstack.environment`): a single arena
+# for training steps and PPO iterations; the batch-16 decoding loop keeps glibc's arenas.
 MALLOC = {'train_step': ONE_ARENA, 'generate': KEEP_MAPPED, 'ppo_iteration': ONE_ARENA,
           'memory': KEEP_MAPPED}
 

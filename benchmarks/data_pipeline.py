@@ -22,8 +22,8 @@ import numpy as np
 
 from experiments.configs import pretrain as pretrain_config
 from experiments.pretrain import model_config_for
+from gptstack import environment, sharding
 from gptstack import model as gpt_model
-from gptstack import sharding
 from gptstack.config import MeshConfig, OptimConfig
 from gptstack.data import pretrain as data
 from gptstack.data import sources
@@ -67,7 +67,8 @@ def main():
         batch = next(iterator)
 
     # The training step of the default model, on this machine (one device: all cores).
-    model_config = model_config_for(config, tokenizer)
+    model_config = model_config_for(
+        config, tokenizer, environment.precision(config.precision, jax.default_backend())[1])
     mesh = sharding.make_mesh(MeshConfig(fsdp=1), devices=jax.devices()[:1])
     tx, schedule = make_optimizer(OptimConfig(total_steps=100, warmup_steps=1))
     graphdef, state, shardings = create_train_state(

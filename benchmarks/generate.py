@@ -33,12 +33,12 @@ from benchmarks import peer as peer_bench
 from gptstack import model as gpt_model
 from gptstack import sharding
 from gptstack.config import GPTConfig, MeshConfig
+from gptstack.environment import PRECISIONS
 from gptstack.sampling import Sampler, SamplingParams
 
 BATCH, PROMPT, NEW = 16, 32, 224
-POLICIES = {'float32': dict(dtype='float32'),
-            'mixed': dict(dtype='float32', matmul_dtype='bfloat16'),
-            'bfloat16': dict(dtype='bfloat16')}
+# The precision policies, as the runner names them (`--config.precision`).
+POLICIES = PRECISIONS
 
 
 def parse_policies(parser: argparse.ArgumentParser, text: str) -> list[str]:

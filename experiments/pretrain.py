@@ -29,9 +29,10 @@ from gptstack.steps.lm import lm_evaluator, make_lm_eval_step, make_lm_step
 log = logging.getLogger(__name__)
 
 
-def model_config_for(config, tokenizer: Tokenizer) -> GPTConfig:
-    """The model config with the tokenizer's vocabulary (a larger vocab_size pads the table)."""
-    values = config.model.to_dict()
+def model_config_for(config, tokenizer: Tokenizer, policy: dict) -> GPTConfig:
+    """The model config with the tokenizer's vocabulary (a larger vocab_size pads the table),
+    computing in `policy`'s dtypes."""
+    values = {**config.model.to_dict(), **policy}
     if values['vocab_size'] is None:
         values['vocab_size'] = tokenizer.vocab_size
     elif values['vocab_size'] < tokenizer.vocab_size:
@@ -86,7 +87,7 @@ def make_sample(config, sampler: Sampler, tokenizer: Tokenizer):
 def run(config, workdir: pathlib.Path) -> str:
     setup = validate(config)
     tokenizer = stage.obtain_tokenizer(config, stage.Workdir(workdir))
-    model_config = model_config_for(config, tokenizer)
+    model_config = model_config_for(config, tokenizer, setup.policy)
     stage.check_seq_len(config.data.seq_len, model_config)
     tokenized, data_iterator, eval_sets = load_data(config, workdir, tokenizer,
                                                     setup.batch_sharding)

@@ -58,12 +58,14 @@ def validate(config) -> stage.Setup:
     return setup
 
 
-def policy(config, lineage: stage.Lineage, mesh, rules):
+def policy(config, lineage: stage.Lineage, setup: stage.Setup):
     """The SFT model's parameters (on this stage's mesh) and a function making its sampler."""
-    graphdef, params = lineage.restore_params(GPT, mesh, rules)
+    model_config = setup.computing(lineage.model_config)
+    graphdef, params = lineage.restore_params(GPT, setup.mesh, setup.rules,
+                                              model_config=model_config)
     tok = lineage.tokenizer
     return params, lambda: Sampler(
-        graphdef, lineage.model_config, mesh, rules, batch_size=config.labeler.batch_size,
+        graphdef, model_config, setup.mesh, setup.rules, batch_size=config.labeler.batch_size,
         max_new_tokens=config.labeler.max_new_tokens, stop_ids=[tok.end_of_turn_id, tok.eot_id],
         pad_id=tok.pad_id)
 
@@ -140,10 +142,10 @@ def run(config, workdir: pathlib.Path) -> str:
     setup = validate(config)
     lineage = stage.start_from(config, 'init_from', ('sft', 'rl'),
                                'the SFT workdir to start the reward model from', workdir)
-    tokenizer, model_config = lineage.tokenizer, lineage.model_config
+    tokenizer, model_config = lineage.tokenizer, setup.computing(lineage.model_config)
     stage.check_seq_len(config.data.seq_len, model_config, 'the base model')
     mesh, rules, batch_size = setup.mesh, setup.rules, config.data.batch_size
-    policy_params, make_sampler = policy(config, lineage, mesh, rules)
+    policy_params, make_sampler = policy(config, lineage, setup)
     (train, train_stats), (val, val_stats), val_gold, labels = load_comparisons(
         config, workdir, tokenizer, make_sampler, policy_params)
     data_iterator, eval_batches = batches(config, train, val)

@@ -181,7 +181,8 @@ def run(config, workdir: pathlib.Path) -> str:
     mesh, rules = setup.mesh, setup.rules
     ppo_config = ppo.PPOConfig(**config.rl.ppo)
     sft, rm = load_roles(config, workdir)
-    tokenizer, actor_config, critic_config = sft.tokenizer, sft.model_config, rm.model_config
+    tokenizer = sft.tokenizer
+    actor_config, critic_config = (setup.computing(x.model_config) for x in (sft, rm))
     batch_size, max_new = config.data.batch_size, config.data.max_new_tokens
     max_prompt = actor_config.max_seq_len - max_new - 1
     train_prompts, eval_prompts, data_iterator = load_prompts(config, workdir, tokenizer,

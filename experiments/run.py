@@ -12,18 +12,26 @@ configuration, bad data or divergence.
 
 from __future__ import annotations
 
+import os
+import sys
+
+if __name__ == '__main__':
+    # Before anything else: glibc reads its malloc settings when a process starts.
+    from gptstack import environment
+
+    environment.reexec_tuned()
+
 import json
 import logging
-import os
 import pathlib
 import platform
-import sys
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import pipeline, pretrain, reward, rl, sft, tokenizer
+from gptstack import environment
 from gptstack.config import ConfigError
 from gptstack.data.sources import DataError
 from gptstack.loop import TrainingDivergedError
@@ -116,6 +124,7 @@ def log_environment(config) -> None:
                 'flax': flax.__version__, 'optax': optax.__version__,
                 'orbax': orbax.checkpoint.__version__, 'grain': grain.__version__}
     log.info('versions: %s', ' '.join(f'{k}={v}' for k, v in versions.items()))
+    log.info('process environment: %s', environment.describe_malloc())
     log.info('process %d of %d; %d local / %d global %s devices (%s)', jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count(),
              jax.default_backend(), jax.devices()[0].device_kind)

@@ -106,7 +106,7 @@ def run(config, workdir: pathlib.Path) -> str:
     setup = validate(config)
     base = stage.start_from(config, 'init_from', STARTS_FROM,
                             'the pretraining workdir to finetune', workdir)
-    tokenizer, model_config = base.tokenizer, base.model_config
+    tokenizer, model_config = base.tokenizer, setup.computing(base.model_config)
     stage.check_seq_len(config.data.seq_len, model_config, 'the base model')
     (train, val, train_stats), data_iterator, eval_batches, val_tasks = load_data(
         config, tokenizer, setup.batch_sharding)

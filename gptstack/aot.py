@@ -21,7 +21,7 @@ import re
 import jax
 import jax.numpy as jnp
 
-from gptstack import sharding
+from gptstack import environment, sharding
 from gptstack.checkpoint import abstract_with_shardings
 from gptstack.config import ConfigError, GPTConfig, MeshConfig, OptimConfig
 from gptstack.metrics import train_flops_per_token
@@ -170,7 +170,7 @@ def compile_pretrain_step(config, topology: str, mfu: float = 0.4) -> CompileRep
     mesh_config = MeshConfig.from_dict(config.mesh)
     mesh = sharding.make_mesh(mesh_config, devices=devices)
     rules = mesh_config.rules
-    model = config.model.to_dict()
+    model = {**config.model.to_dict(), **environment.precision(config.precision, 'tpu')[1]}
     model['vocab_size'] = model['vocab_size'] or config.tokenizer.vocab_size
     model_config = GPTConfig.from_dict(model)
     batch_size, seq_len = config.data.batch_size, config.data.seq_len

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from gptstack import loop, sharding
+from gptstack import environment, loop, sharding
 from gptstack.checkpoint import Checkpointer, abstract_with_shardings
 from gptstack.config import COMPUTE_FIELDS, ConfigError, GPTConfig, MeshConfig, OptimConfig
 from gptstack.data import sources
@@ -66,6 +66,13 @@ class Setup:
     batch_sharding: jax.sharding.NamedSharding
     peak_flops: float
     peak_source: str
+    # The compute policy: its name and the `GPTConfig` fields it sets (dtype, matmul_dtype).
+    precision: str
+    policy: dict
+
+    def computing(self, model_config: GPTConfig) -> GPTConfig:
+        """`model_config` computing in this run's precision (what the parameters are stays)."""
+        return dataclasses.replace(model_config, **self.policy)
 
 
 def setup(config) -> Setup:
@@ -81,12 +88,17 @@ def setup(config) -> Setup:
         raise ConfigError(f'data.batch_size={config.data.batch_size} must divide over the '
                           f'{jax.process_count()} processes')
     batch_sharding = sharding.batch_sharding(mesh, mesh_config.rules, config.data.batch_size)
-    log.info('mesh: %s, rules %s', sharding.describe(mesh), mesh_config.rules)
+    if config.get('precision', 'auto') not in ('auto', *environment.PRECISIONS):
+        raise ConfigError(f'precision={config.precision!r}: expected auto or one of '
+                          f'{sorted(environment.PRECISIONS)}')
+    precision, policy = environment.precision(config.get('precision', 'auto'),
+                                              jax.default_backend())
+    log.info('mesh: %s, rules %s; precision %s (%s)', sharding.describe(mesh), mesh_config.rules,
+             precision, ', '.join(f'{k} {v}' for k, v in policy.items()))
     # MFU is against the peak of the dtype the matmuls run in.
-    model = config.get('model', {})
-    peak, source = peak_flops_per_device(model.get('matmul_dtype') or model.get('dtype', 'float32'))
+    peak, source = peak_flops_per_device(policy['matmul_dtype'])
     return Setup(mesh, mesh_config.rules, optim_config, loop_config, batch_sharding,
-                 peak * jax.device_count(), source)
+                 peak * jax.device_count(), source, precision, policy)
 
 
 def check_seq_len(seq_len: int, model_config: GPTConfig, whose: str = 'the model') -> None:
@@ -122,10 +134,12 @@ class Lineage(NamedTuple):
     step: int
     meta: dict
 
-    def restore_params(self, model_cls, mesh, rules: str, step: int | None = None):
+    def restore_params(self, model_cls, mesh, rules: str, step: int | None = None,
+                       model_config: GPTConfig | None = None):
         """`(graphdef, params)` of the checkpoint's `model_cls` (`GPT` or `ScoreModel`), laid
-        out over `mesh` by `rules`; no optimizer state is read."""
-        config = self.model_config
+        out over `mesh` by `rules`; no optimizer state is read. The graphdef computes as
+        `model_config` says (default: as the checkpoint's run did)."""
+        config = model_config or self.model_config
         graphdef, abstract = abstract_model(lambda rngs: model_cls(config, rngs=rngs))
         within = POLICY_WITHIN.get(self.meta.get('config', {}).get('stage'), ())
         params = self.checkpointer.restore_params(

@@ -115,3 +115,17 @@ def test_checkpoint_compatibility_ignores_compute_policy_and_fields_it_predates(
                          tokenizer, current, 'ckpt/7')
     with pytest.raises(ConfigError, match='ckpt/7 was trained with tokenizer sha256 xyz'):
         check_compatible({**meta, 'tokenizer_sha256': 'xyz'}, tokenizer, current, 'ckpt/7')
+
+
+def test_auto_precision_is_the_fastest_policy_of_the_platform():
+    from gptstack.environment import PRECISIONS, auto_precision, precision
+
+    assert auto_precision('tpu', set()) == auto_precision('gpu', set()) == 'bfloat16'
+    assert auto_precision('cpu', {'avx2', 'amx_bf16', 'amx_tile'}) == 'mixed'
+    assert auto_precision('cpu', {'avx2', 'avx512f', 'avx512_bf16'}) == 'mixed'
+    assert auto_precision('cpu', {'avx2', 'avx512f'}) == 'float32'
+    assert precision('mixed', 'tpu') == ('mixed', PRECISIONS['mixed'])
+    configs = {name: GPTConfig.preset('toy', **policy) for name, policy in PRECISIONS.items()}
+    assert {name: (c.dtype, c.matmul_dtype) for name, c in configs.items()} == {
+        'float32': ('float32', 'float32'), 'mixed': ('float32', 'bfloat16'),
+        'bfloat16': ('bfloat16', 'bfloat16')}

@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from gptstack import environment
 from gptstack.data.tokenizer import train_tokenizer
 from tests.runs import (
     LONG,
@@ -34,6 +35,10 @@ def test_two_step_smoke_run(corpus, tmp_path):
         assert (workdir / name).exists(), name
     assert sorted(losses(workdir)) == [1, 2]
     assert (workdir / 'checkpoints' / '2').is_dir()
+    # The runner starts over with its malloc settings unless the caller chose some.
+    if 'GLIBC_TUNABLES' not in os.environ:
+        assert (f'process environment: GLIBC_TUNABLES={environment.ONE_ARENA} (set by '
+                'experiments.run)') in result.stderr
     assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
     assert 'final validation loss' in (workdir / 'report.md').read_text()
     # Running the finished command again resumes at the end and does no more steps.
@@ -87,6 +92,8 @@ def test_sigterm_saves_the_current_step_and_exits_0(corpus, tmp_path):
      "ConfigError: train.on_nonfinite='ignore': expected stop or skip"),
     ('--config.train.log_every=-1',
      'ConfigError: train.log_every=-1: expected an integer >= 0 (0 disables)'),
+    ('--config.precision=fp8', "ConfigError: precision='fp8': expected auto or one of "
+                               "['bfloat16', 'float32', 'mixed']"),
     ('--config.tokenizer.path=/nowhere/tokenizer.model',
      'ConfigError: tokenizer.path=/nowhere/tokenizer.model: no such file (give a '
      'tokenizer.model, or leave the key unset to train one)'),

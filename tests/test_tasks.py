@@ -75,3 +75,16 @@ def test_bad_arguments():
         tasks.generate('dev', 1)
     with pytest.raises(ValueError, match=r"task families \['poetry'\]"):
         tasks.generate('train', 1, families=('poetry',))
+
+
+def test_worked_examples_are_plain_text_of_train_tasks_only():
+    documents = tasks.worked_documents(documents=50, per_document=8, seed=3)
+    assert len(documents) == 50 and documents == tasks.worked_documents(50, 8, seed=3)
+    text = '\n\n'.join(documents)
+    assert '<|' not in text  # no special token, no chat template
+    held_out = tasks.generate('validation', 300, 0) + tasks.generate('test', 300, 0)
+    assert not any(t.prompt in text for t in held_out)
+    # Each solved task is there with its answer, in one of the plain layouts.
+    drawn = tasks.generate('train', 400, seed=3 + 1_000_003)
+    for task in drawn[:20]:
+        assert task.prompt in text or f'= {task.answer}' in text

@@ -45,11 +45,20 @@ def _typed_fields(cls, values: dict) -> ml_collections.ConfigDict:
 
 
 def model_config(preset: str, **overrides) -> ml_collections.ConfigDict:
-    """All `GPTConfig` fields of a preset; `vocab_size` None means "the tokenizer's"."""
+    """The `GPTConfig` fields of a preset that say what the parameters are; `vocab_size` None
+    means "the tokenizer's". The dtypes the model computes in are the stage's `precision`."""
     if preset not in PRESETS:
         raise ValueError(f'model preset {preset!r}: expected one of {sorted(PRESETS)}')
     values = {**PRESETS[preset], **overrides}
-    return _typed_fields(GPTConfig, values)
+    config = _typed_fields(GPTConfig, values)
+    for name in ('dtype', 'matmul_dtype'):
+        del config[name]
+    return config
+
+
+# The dtypes a stage computes in (`gptstack.environment.PRECISIONS`): float32, mixed (bfloat16
+# matmul inputs) or bfloat16; auto picks the fastest that keeps the loss equal on the platform.
+PRECISION = 'auto'
 
 
 def mesh_config(**overrides) -> ml_collections.ConfigDict:

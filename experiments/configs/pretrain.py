@@ -60,6 +60,7 @@ def get_config(arg=None):
     config.optim.total_steps = config.train.get_ref('total_steps')
 
     config.mesh = common.mesh_config()
+    config.precision = common.PRECISION
 
     config.sample = ml_collections.ConfigDict()
     # Prompts continued at every sampling point (each starts a new document).

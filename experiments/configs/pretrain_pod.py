@@ -40,7 +40,7 @@ def get_config(arg=None):
     config = pretrain.get_config(f'size={arg.model}')
     config.tokenizer.vocab_size = vocab
     config.tokenizer.max_lines = 10_000_000
-    config.model.dtype = 'bfloat16'
+    config.precision = 'bfloat16'
     config.model.remat = True
     config.data.seq_len = 2048
     config.data.batch_size = rows

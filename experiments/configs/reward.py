@@ -65,6 +65,7 @@ def get_config(arg=None):
     config.optim = common.optim_config(lr=3e-4, warmup_steps=20, weight_decay=0.0)
     config.optim.total_steps = config.train.get_ref('total_steps')
     config.mesh = common.mesh_config()
+    config.precision = common.PRECISION
 
     # Best-of-N with the SFT policy on held-out task prompts, after training (embedded:tasks).
     config.best_of_n = ml_collections.ConfigDict()

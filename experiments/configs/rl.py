@@ -72,6 +72,7 @@ def get_config(arg=None):
                                               end_lr_ratio=1.0)
     config.critic_optim.total_steps = config.train.get_ref('total_steps')
     config.mesh = common.mesh_config()
+    config.precision = common.PRECISION
 
     config.eval = ml_collections.ConfigDict()
     # Held-out prompts answered at every evaluation: `samples` sampled replies each (a prompt

@@ -49,6 +49,7 @@ def get_config(arg=None):
     config.optim = common.optim_config(lr=1e-3, warmup_steps=20, weight_decay=0.0)
     config.optim.total_steps = config.train.get_ref('total_steps')
     config.mesh = common.mesh_config()
+    config.precision = common.PRECISION
 
     config.eval = ml_collections.ConfigDict()
     # Held-out task prompts answered at every evaluation (greedy and sampled).

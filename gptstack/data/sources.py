@@ -291,7 +291,15 @@ def python_prose_documents() -> Iterator[str]:
             yield '\n\n'.join(docstrings)
 
 
-EMBEDDED = {'python_code': python_code_documents, 'python_prose': python_prose_documents}
+def worked_example_documents() -> Iterator[str]:
+    """Solved instruction tasks as plain text (`gptstack.data.tasks.worked_documents`)."""
+    from gptstack.data import tasks
+
+    yield from tasks.worked_documents()
+
+
+EMBEDDED = {'python_code': python_code_documents, 'python_prose': python_prose_documents,
+            'worked_examples': worked_example_documents}
 
 
 def describe_source(spec: SourceSpec) -> str:

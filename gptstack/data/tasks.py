@@ -185,6 +185,36 @@ _MAKERS: dict[str, Callable[[random.Random, int], Task]] = {
     'string': _string, 'sorting': _sorting, 'constraints': _constraints}
 
 
+# --- worked examples as plain text -----------------------------------------------------------
+# How a solved task reads in the pretraining corpus: a question and its answer in a few plain
+# layouts (never the chat template), the first of which is how the base model is prompted.
+_LAYOUTS = ('Question: {prompt}\nAnswer: {answer}', 'Q: {prompt}\nA: {answer}',
+            '{prompt}\n{answer}', 'Problem: {prompt}\nSolution: {answer}')
+_EQUATION = re.compile(r'What is (\d+) ([-+*]) (\d+)\?')
+
+
+def worked_text(task: Task, rng: random.Random) -> str:
+    """A solved task as plain text in one of the layouts (an arithmetic one sometimes as the
+    bare equation)."""
+    equation = _EQUATION.match(task.prompt)
+    if equation and rng.random() < 0.3:
+        a, op, b = equation.groups()
+        return f'{a} {op} {b} = {task.answer}'
+    return rng.choice(_LAYOUTS).format(prompt=task.prompt, answer=task.answer)
+
+
+def worked_documents(documents: int = 4000, per_document: int = 16,
+                     seed: int = 0) -> list[str]:
+    """Pages of solved train-split tasks as plain text: the worked examples of the pretraining
+    mixture (the role of the LLaMA table's StackExchange and ArXiv rows). A task's split is a hash
+    of its prompt, so no validation or test task, and no prompt the pipeline compares models on,
+    appears in them."""
+    drawn = generate('train', documents * per_document, seed=seed + 1_000_003)
+    rng = random.Random(f'{seed}-worked')
+    return ['\n\n'.join(worked_text(task, rng) for task in drawn[i:i + per_document])
+            for i in range(0, len(drawn), per_document)]
+
+
 # --- the gold scorer ------------------------------------------------------------------------
 def score(task: Task, completion: str) -> float:
     """Gold score of `completion` for `task`, in [0, 1].

@@ -87,13 +87,19 @@ def train_config(total_steps: int, *, eval_every: int, sample_every: int,
     })
 
 
-def embedded_sources(code_weight: float = 0.8) -> ml_collections.ConfigDict:
-    """The zero-download default mixture: Python's standard library (code) and the English
-    prose that ships with Python."""
-    return ml_collections.ConfigDict({
-        'code': {'paths': 'embedded:python_code', 'weight': code_weight},
-        'prose': {'paths': 'embedded:python_prose', 'weight': round(1 - code_weight, 6)},
-    })
+def embedded_sources(code_weight: float = 0.8,
+                     worked_weight: float = 0.0) -> ml_collections.ConfigDict:
+    """The zero-download mixture: Python's standard library (code), the English prose that ships
+    with Python, and (with `worked_weight` > 0) solved instruction tasks written as plain text;
+    code and prose share what the worked examples leave, `code_weight` to the code."""
+    rest = 1 - worked_weight
+    sources = {
+        'code': {'paths': 'embedded:python_code', 'weight': round(rest * code_weight, 6)},
+        'prose': {'paths': 'embedded:python_prose', 'weight': round(rest * (1 - code_weight), 6)},
+    }
+    if worked_weight > 0:
+        sources['worked'] = {'paths': 'embedded:worked_examples', 'weight': worked_weight}
+    return ml_collections.ConfigDict(sources)
 
 
 def tokenizer_config(vocab_size: int = 8192) -> ml_collections.ConfigDict:

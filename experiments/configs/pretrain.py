@@ -12,6 +12,8 @@ Longer runs keep improving: --config.train.total_steps=3000. The report is
 Args (after a colon, comma-separated):
   size=<preset>   a model preset of gptstack.config.PRESETS instead of the default CPU model
                   (e.g. size=mini is the 13.9M peer-benchmark shape; size=llama-7b for a pod);
+  worked=<w>      the share w of training tokens from the embedded worked examples (solved
+                  train-split tasks as plain text), code and prose sharing the rest;
   runlocal        a tiny model for a few steps: a smoke test of the whole command (seconds).
 Any field can be overridden: --config.train.total_steps=3000 --config.optim.lr=1e-3.
 """
@@ -22,7 +24,7 @@ from experiments.configs import common
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, size='', runlocal=False)
+    arg = common.parse_arg(arg, size='', runlocal=False, worked=0.0)
     config = ml_collections.ConfigDict()
     config.stage = 'pretrain'
     # Seeds parameter init, data order and sampling (every random draw is fold_in(seed, step)).
@@ -32,7 +34,7 @@ def get_config(arg=None):
 
     config.data = ml_collections.ConfigDict()
     # The mixture: {name: {paths, weight}}; a weight is the source's share of training tokens.
-    config.data.sources = common.embedded_sources(code_weight=0.8)
+    config.data.sources = common.embedded_sources(code_weight=0.8, worked_weight=arg.worked)
     # Tokens per row and rows per step (global, over all processes).
     config.data.seq_len = 256
     config.data.batch_size = 16

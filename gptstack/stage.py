@@ -1,7 +1,8 @@
 """What every stage driver shares, so that a driver's `run()` is wiring: build, train, report.
 
 - `setup(config)` checks the settings every training stage has (mesh, optimizer, loop, batch)
-  before any work, and derives the mesh, the batch placement and the peak FLOP/s for MFU.
+  before any work, and derives the mesh, the batch placement, the precision policy and the peak
+  FLOP/s for MFU.
 - `Workdir` owns the layout of a stage folder. As the input of a later stage (`init_from`,
   `reward_from`) it yields the `Lineage` to start from: the tokenizer, the model config and the
   latest checkpoint, refusing a workdir of the wrong kind. `load_policy` and `load_reward_model`

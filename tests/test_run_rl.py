@@ -96,6 +96,8 @@ def test_rl_verifiable_rewards_and_bad_inputs(sft_workdir, reward_workdir, tmp_p
     result = run(rl_command(tmp_path / 'a', sft_workdir, sft_workdir))
     assert result.returncode == 1
     assert f"reward_from={sft_workdir} is a 'sft' run, not a reward model" in result.stderr
+    assert 'Traceback' not in result.stderr  # one line, before anything is compiled
+    assert not (tmp_path / 'a' / 'checkpoints').exists()
     result = run(rl_command(tmp_path / 'b', sft_workdir, ''))
     assert 'reward_from: name the reward-model workdir' in result.stderr
     result = run(rl_command(tmp_path / 'c', sft_workdir, reward_workdir,

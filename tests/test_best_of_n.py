@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from gptstack.evals.best_of_n import best_of_n, expected_best_of_n
+from gptstack.evals.best_of_n import best_of_n, curve, expected_best_of_n
+from gptstack.evals.overoptimization import best_of_n_kl
 
 
 def test_expected_best_of_n_equals_the_average_over_every_subset():
@@ -22,6 +23,24 @@ def test_expected_best_of_n_equals_the_average_over_every_subset():
                                gold[np.arange(5), rewards.argmax(axis=1)])
     with pytest.raises(ValueError, match='best-of-8 needs 1 <= n <= 7'):
         expected_best_of_n(rewards, gold, 8)
+
+
+def test_curve_over_a_pool_of_eight_against_brute_force():
+    rng = np.random.default_rng(1)
+    rewards, gold = rng.normal(size=(6, 8)), rng.random(size=(6, 8))
+    out = curve(rewards, gold)
+    assert list(out) == [1, 2, 4, 8]
+    for n, entry in out.items():
+        subsets = list(itertools.combinations(range(8), n))
+        pick = [[max(s, key=lambda i: rewards[p, i]) for s in subsets] for p in range(6)]
+        by_rm = np.mean([[gold[p, i] for i in row] for p, row in enumerate(pick)], axis=1)
+        proxy = np.mean([[rewards[p, i] for i in row] for p, row in enumerate(pick)], axis=1)
+        assert entry['rm'] == pytest.approx(by_rm.mean())
+        assert entry['gain'] == pytest.approx((by_rm - gold.mean(axis=1)).mean())
+        assert entry['proxy'] == pytest.approx(proxy.mean())
+        assert entry['kl'] == pytest.approx(float(best_of_n_kl(n)))
+        assert entry['oracle'] == pytest.approx(np.mean(
+            [np.mean([gold[p, list(s)].max() for s in subsets]) for p in range(6)]))
 
 
 class FakeSampler:

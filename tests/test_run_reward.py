@@ -39,7 +39,8 @@ def test_reward_smoke_run_makes_comparisons_and_reports(sft_workdir, reward_work
     assert 'best_of_4/gold' in records[-1]
     report = (reward_workdir / 'report.md').read_text()
     for text in ('held-out accuracy', 'Simulated labeler (Bradley-Terry noise 0.2',
-                 'Best-of-N with the SFT policy', 'calibration.png', 'rewards.png'):
+                 'Best-of-N with the SFT policy', 'calibration.png', 'rewards.png',
+                 'best_of_n_overoptimisation.png', 'least-squares fit, d = sqrt(KL)'):
         assert text in report, text
     # Running the finished command again resumes at the end and reuses the comparisons.
     mtime = (reward_workdir / 'comparisons' / 'train.jsonl').stat().st_mtime

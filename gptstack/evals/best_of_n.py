@@ -19,6 +19,7 @@ from gptstack import stats
 from gptstack.chat import sample_replies
 from gptstack.data.preference import completion_row
 from gptstack.data.tokenizer import Tokenizer
+from gptstack.evals.overoptimization import best_of_n_kl
 
 ScoreFn = Callable[[Sequence[list[dict]], Sequence[list[dict]]], np.ndarray]
 
@@ -82,8 +83,9 @@ def expected_best_of_n(rewards_pm: np.ndarray, gold_pm: np.ndarray, n: int) -> n
 def curve(rewards_pm: np.ndarray, gold_pm: np.ndarray) -> dict[int, dict]:
     """Best-of-N for N = 1, 2, 4, ... up to the pool of `M` samples per prompt: the gold score
     of the reward model's pick (`rm`, mean and standard error over prompts), its gain over
-    N = 1 paired by prompt (far less noisy than the two means), and the pick of the gold scorer
-    itself (`oracle`, ties broken by the reward model): the ceiling of any reward model."""
+    N = 1 paired by prompt (far less noisy than the two means), the pick of the gold scorer
+    itself (`oracle`, ties broken by the reward model: the ceiling of any reward model), the
+    reward model's score of its pick (`proxy`) and best-of-N's KL from the policy (`kl`)."""
     out, n = {}, 1
     single = expected_best_of_n(rewards_pm, gold_pm, 1)
     while n <= rewards_pm.shape[1]:
@@ -92,6 +94,10 @@ def curve(rewards_pm: np.ndarray, gold_pm: np.ndarray) -> dict[int, dict]:
         mean, stderr = stats.mean_and_stderr(by_rm)
         gain, gain_stderr = stats.paired(by_rm, single)
         out[n] = {'rm': mean, 'rm_stderr': stderr, 'gain': gain, 'gain_stderr': gain_stderr,
-                  'oracle': float(by_gold.mean())}
+                  'oracle': float(by_gold.mean()),
+                  # The reward model's own score of its pick (the proxy) and the distance the
+                  # pick moved from the policy, for the over-optimisation fits.
+                  'proxy': float(expected_best_of_n(rewards_pm, rewards_pm, n).mean()),
+                  'kl': float(best_of_n_kl(n))}
         n *= 2
     return out

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from gptstack import report
+from gptstack.evals import overoptimization
 from gptstack.evals.ranking import calibration, pair_table
 from gptstack.metrics import read_metrics
 
@@ -64,9 +67,32 @@ def write(workdir, config, labeler, train_stats, val_stats, rewards, ranks, vali
         sections.append((
             f'Best-of-N with the SFT policy (gold score on {config.best_of_n.prompts} held-out '
             'prompts; the gain over N = 1 is paired by prompt)',
-            report.table(['N', 'picked by the RM', '± se', 'gain over N = 1', '± se',
-                          'picked by gold (ceiling)'],
-                         [(n, v['rm'], v['rm_stderr'], v['gain'], v['gain_stderr'], v['oracle'])
-                          for n, v in best_of.items()])))
+            report.table(['N', 'KL', 'picked by the RM', '± se', 'gain over N = 1', '± se',
+                          'RM score of its pick', 'picked by gold (ceiling)'],
+                         [(n, v['kl'], v['rm'], v['rm_stderr'], v['gain'], v['gain_stderr'],
+                           v['proxy'], v['oracle']) for n, v in best_of.items()])
+            + '\n\n' + over_optimisation(workdir, best_of)))
     sections.append(('Curves and calibration', '\n\n'.join(f'![{p}]({p})' for p in plots)))
     return report.write(workdir, 'Reward model report', sections)
+
+
+def over_optimisation(workdir, best_of: dict[int, dict]) -> str:
+    """Gold and proxy gains of best-of-N against `d = sqrt(KL)`, with Gao et al.'s fitted
+    form `d (alpha - beta d)` and where the gold gain peaks; a plot and the fits."""
+    d = np.sqrt([v['kl'] for v in best_of.values()])
+    gold = np.asarray([v['rm'] for v in best_of.values()]) - best_of[1]['rm']
+    proxy = np.asarray([v['proxy'] for v in best_of.values()]) - best_of[1]['proxy']
+    records = [{'step': float(x), 'gold': float(g), 'proxy': float(r)}
+               for x, g, r in zip(d, gold, proxy, strict=True)]
+    plot = report.panels([
+        dict(records=records, series={'gold score': 'gold'}, title='gold',
+             ylabel='gain over N = 1', xlabel='sqrt(KL)'),
+        dict(records=records, series={'reward-model score': 'proxy'}, title='proxy',
+             ylabel='gain over N = 1', xlabel='sqrt(KL)'),
+    ], workdir / 'best_of_n_overoptimisation.png', title='Best-of-N against sqrt(KL)')
+    if (d > 0).sum() < 2:
+        return f'![{plot}]({plot})\n\nToo few N above 1 to fit the functional forms.'
+    fits = [(name, overoptimization.fit('bon', d, gain).describe())
+            for name, gain in (('gold score', gold), ('reward-model score', proxy))]
+    return (f'![{plot}]({plot})\n\n' + report.table(
+        ['gain over N = 1', 'least-squares fit, d = sqrt(KL) (Gao et al. 2022)'], fits))

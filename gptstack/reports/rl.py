@@ -7,7 +7,10 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
+
 from gptstack import report
+from gptstack.evals import overoptimization
 from gptstack.metrics import read_metrics
 
 
@@ -91,6 +94,26 @@ def write(workdir, config) -> str:
              'gold (greedy)'], rows)),
         ('Held-out gold score by task family (sampled)', report.table(
             ['family', 'SFT', 'PPO'], family_rows) if family_rows else 'no gold scorer'),
+        ('Over-optimisation', over_optimisation(evals)),
         ('Curves', '\n\n'.join(f'![{p}]({p})' for p in plots)),
         ('Config', report.code_block(json.dumps(config.to_dict(), indent=1))),
     ])
+
+
+def over_optimisation(evals: list[dict]) -> str:
+    """Gao et al.'s RL form `d (alpha - beta ln d)`, `d = sqrt(KL)`, fitted to the held-out gold
+    and reward-model gains over the SFT policy at the evaluations, and where each peaks."""
+    points = [r for r in evals if 'gold/sampled' in r and 'val/rm_score' in r]
+    if len(points) < 3 or points[0]['step'] != 0:
+        return 'Too few held-out evaluations to fit the functional form (it takes three).'
+    d = np.sqrt(np.maximum([r['val/kl'] for r in points], 0.0))
+    fits = []
+    for name, key in (('gold score (sampled)', 'gold/sampled'),
+                      ('reward-model score', 'val/rm_score')):
+        gain = np.asarray([r[key] for r in points]) - points[0][key]
+        try:
+            fits.append((name, overoptimization.fit('rl', d, gain).describe()))
+        except ValueError as error:  # the policy never moved from the reference
+            fits.append((name, str(error)))
+    return report.table(['gain over SFT', 'least-squares fit, d = sqrt(KL) (Gao et al. 2022)'],
+                        fits)

@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from gptstack import labeler, sharding, stage
+from gptstack.checkpoint import abstract_with_shardings
 from gptstack.config import ConfigError
 from gptstack.data import preference, tasks
 from gptstack.data.sources import DataError, hold_out, read_records
@@ -111,6 +112,25 @@ def batches(config, train: list[dict], val: list[dict]):
         val, local_batch, max_batches=config.data.eval_batches, **where)
 
 
+def make_evaluate(config, eval_step, eval_batches: list[dict], placement, val_gold):
+    """`(evaluate(state) -> ranking metrics, held_out_rewards(params) -> [groups, K], ranks,
+    valid)` over the fixed held-out batches (this process's share, in order)."""
+    eval_device = [sharding.global_batch(b, placement) for b in eval_batches]
+    ranks, valid = (np.concatenate([b[k] for b in eval_batches]) for k in ('ranks', 'valid'))
+
+    def held_out_rewards(params) -> np.ndarray:
+        return np.concatenate([np.asarray(jax.device_get(eval_step(params, b)))
+                               for b in eval_device])
+
+    def evaluate(state) -> dict:
+        rewards = held_out_rewards(state.params)
+        # Padding groups (valid 0) add no pair; gold covers the groups evaluated.
+        group_gold = val_gold[:len(rewards)] if val_gold and jax.process_count() == 1 else None
+        return ranking.ranking_metrics(rewards, ranks, valid, group_gold, config.loss.margin)
+
+    return evaluate, held_out_rewards, ranks, valid
+
+
 def initial_state(trainable: stage.Trainable, lineage: stage.Lineage, seed: int) -> TrainState:
     """The SFT model's `transformer` subtree, a fresh score head and a fresh optimizer, created
     directly in their shardings (no device holds more than its shards)."""
@@ -166,20 +186,8 @@ def run(config, workdir: pathlib.Path) -> str:
                                   accum_steps=setup.optim.accum_steps, margin=config.loss.margin)
     eval_step = make_reward_eval_step(trainable.graphdef, mesh, rules,
                                       trainable.shardings.params, batch_size, reward_id)
-    eval_device = [sharding.global_batch(b, placement) for b in eval_batches]
-    ranks, valid = (np.concatenate([b[k] for b in eval_batches]) for k in ('ranks', 'valid'))
-
-    def held_out_rewards(params) -> np.ndarray:
-        """`[groups, K]` rewards of the held-out groups (this process's share, in order)."""
-        return np.concatenate([np.asarray(jax.device_get(eval_step(params, b)))
-                               for b in eval_device])
-
-    def evaluate(state) -> dict:
-        rewards = held_out_rewards(state.params)
-        # Padding groups (valid 0) add no pair; gold covers the groups evaluated.
-        group_gold = val_gold[:len(rewards)] if val_gold and jax.process_count() == 1 else None
-        return ranking.ranking_metrics(rewards, ranks, valid, group_gold, config.loss.margin)
-
+    evaluate, held_out_rewards, ranks, valid = make_evaluate(config, eval_step, eval_batches,
+                                                             placement, val_gold)
     if run_.resumed_from is None:  # the untrained head: step 0 of the curves
         run_.metrics().write(0, evaluate(state))
     seq_len, k = config.data.seq_len, config.data.completions
@@ -191,7 +199,10 @@ def run(config, workdir: pathlib.Path) -> str:
         flops_per_step=train_flops_per_token(model_config, seq_len, lm_head=False) *
         batch_size * k * seq_len, keep_open=True)
     if result.status == 'finished':
-        final = result.state
+        # Later stages and this report use the checkpoint of the lowest held-out loss.
+        best = run_.checkpointer.best_step()
+        final = result.state if best in (None, result.step) else run_.checkpointer.restore(
+            best, abstract_with_shardings(trainable.abstract_state, trainable.shardings))[0]
         best_of = None
         if labels is not None and config.best_of_n.prompts:
             score_fn = make_score_fn(trainable.graphdef, mesh, rules, trainable.shardings.params,
@@ -203,7 +214,8 @@ def run(config, workdir: pathlib.Path) -> str:
                                                    for n, v in best_of.items()})
         if jax.process_index() == 0:
             path = reward_report.write(workdir, config, labels, train_stats, val_stats,
-                                       held_out_rewards(final.params), ranks, valid, best_of)
+                                       held_out_rewards(final.params), ranks, valid, best_of,
+                                       int(final.step))
             log.info('report: %s', path)
     run_.close()
     return result.status

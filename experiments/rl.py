@@ -70,7 +70,9 @@ def load_roles(config, workdir: pathlib.Path) -> tuple[stage.Lineage, stage.Line
     one tokenizer."""
     sft = stage.start_from(config, 'init_from', ('sft', 'rl'),
                            'the SFT workdir the policy starts from', workdir)
-    rm = stage.start_from(config, 'reward_from', ('reward',), 'the reward-model workdir')
+    # The reward model of the lowest held-out loss (the reward stage stops early and keeps it).
+    rm = stage.start_from(config, 'reward_from', ('reward',), 'the reward-model workdir',
+                          best=True)
     if rm.tokenizer.sha256 != sft.tokenizer.sha256:
         raise ConfigError(f'reward_from={config.reward_from} uses tokenizer '
                           f'{rm.tokenizer.sha256}, but init_from={config.init_from} uses '

@@ -48,6 +48,12 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def best_step(self) -> int | None:
+        """The kept step of the lowest validation loss, or None if no kept step has one."""
+        scored = [(meta[BEST_METRIC], step) for step in self.all_steps()
+                  if (meta := self.read_meta(step)).get(BEST_METRIC) is not None]
+        return min(scored)[1] if scored else None
+
     def all_steps(self) -> list[int]:
         return list(self.manager.all_steps())
 
@@ -57,8 +63,10 @@ class Checkpointer:
     def save(self, step: int, state, *, data_iterator: grain.DatasetIterator | None = None,
              meta: dict | None = None, val_loss: float | None = None) -> None:
         """Starts an asynchronous save of `state` (plus iterator state and metadata) at `step`."""
-        items = {'state': ocp.args.StandardSave(state),
-                 'meta': ocp.args.JsonSave({'step': int(step), **(meta or {})})}
+        meta = {'step': int(step), **(meta or {})}
+        if val_loss is not None:
+            meta[BEST_METRIC] = float(val_loss)
+        items = {'state': ocp.args.StandardSave(state), 'meta': ocp.args.JsonSave(meta)}
         if data_iterator is not None:
             items['data'] = grain.checkpoint.CheckpointSave(data_iterator)
         metrics = None if val_loss is None else {BEST_METRIC: float(val_loss)}

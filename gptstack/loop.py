@@ -48,13 +48,16 @@ class LoopConfig:
     # What a non-finite loss or gradient does: 'stop' the run, or 'skip' the batch.
     on_nonfinite: str = 'stop'
     max_nonfinite_skips: int = 10
+    # Early stopping: evaluations in a row without a lower `val_loss` after which training
+    # stops (0: never); the checkpointer keeps the best one.
+    patience: int = 0
 
     def __post_init__(self):
         if not isinstance(self.total_steps, int) or self.total_steps < 1:
             raise ConfigError(f'train.total_steps={self.total_steps!r}: expected a positive '
                               'integer')
         for name in ('log_every', 'eval_every', 'sample_every', 'checkpoint_every',
-                     'max_nonfinite_skips'):
+                     'max_nonfinite_skips', 'patience'):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f'train.{name}={value!r}: expected an integer >= 0 (0 '
@@ -115,7 +118,7 @@ def train(*, state, step_fn: Callable, batches: Iterator[dict], config: LoopConf
           sample: Callable[[object], list[dict]] | None = None,
           checkpoint_meta: dict | None = None, tokens_per_step: int = 0,
           flops_per_step: float = 0.0, peak_flops: float = 0.0,
-          wall_time_offset: float = 0.0) -> LoopResult:
+          wall_time_offset: float = 0.0, early_stopping: dict | None = None) -> LoopResult:
     """Runs `step_fn` from `state.step` to `config.total_steps`.
 
     Args:
@@ -127,6 +130,8 @@ def train(*, state, step_fn: Callable, batches: Iterator[dict], config: LoopConf
         sample: `sample(state) -> [{'prompt', 'completion', ...}]`, written to samples.jsonl.
         tokens_per_step, flops_per_step, peak_flops: for tokens/s and MFU (0 leaves them out).
         wall_time_offset: seconds spent before a resume, so `wall_time` counts the whole run.
+        early_stopping: the early-stopping record of the checkpoint resumed from (its best
+            `val_loss`, the evaluations since, whether it stopped); a stopped run stays stopped.
     """
     workdir = pathlib.Path(workdir)
     is_main = jax.process_index() == 0
@@ -139,12 +144,15 @@ def train(*, state, step_fn: Callable, batches: Iterator[dict], config: LoopConf
     window_count = 0
     first_step: dict[str, float] = {}
     clock_start = time.perf_counter()
+    record = {'best_val_loss': None, 'evals_since_best': 0, 'stopped': False,
+              **(early_stopping or {})}
 
     def wall_time() -> float:
         return wall_time_offset + time.perf_counter() - clock_start
 
     def save(step: int, val_loss: float | None = None):
-        meta = {**(checkpoint_meta or {}), 'nonfinite_skips': skips, 'wall_time': wall_time()}
+        meta = {**(checkpoint_meta or {}), 'nonfinite_skips': skips, 'wall_time': wall_time(),
+                'early_stopping': dict(record)}
         checkpointer.save(step, state, data_iterator=data_iterator, meta=meta, val_loss=val_loss)
 
     def finish_step(step: int, metrics) -> None:
@@ -200,8 +208,12 @@ def train(*, state, step_fn: Callable, batches: Iterator[dict], config: LoopConf
     bar = tqdm.tqdm(total=config.total_steps, initial=start, unit='step', dynamic_ncols=True,
                     disable=not is_main, desc='train')
     status = 'finished'
+    if record['stopped']:
+        log.info('training stopped early at step %d (no lower val_loss in %d evaluations)',
+                 start, record['evals_since_best'])
+    last = start if record['stopped'] else config.total_steps
     with _StopSignal() as stop:
-        for step in range(start + 1, config.total_steps + 1):
+        for step in range(start + 1, last + 1):
             state, metrics = step_fn(state, next(batches))
             if pending is not None:
                 finish_step(*pending)
@@ -219,6 +231,9 @@ def train(*, state, step_fn: Callable, batches: Iterator[dict], config: LoopConf
                 writer.write(step, last_eval)
                 log.info('step %d: %s', step, ' '.join(f'{k}={v:.4g}'
                                                         for k, v in last_eval.items()))
+                record['stopped'] = _no_better(record, last_eval.get('val_loss'),
+                                               config.patience)
+                saving = saving or record['stopped']
             if sample is not None and ((config.sample_every and step % config.sample_every == 0)
                                        or step == config.total_steps):
                 _write_samples(workdir, step, sample(state), is_main)
@@ -226,6 +241,11 @@ def train(*, state, step_fn: Callable, batches: Iterator[dict], config: LoopConf
                 save(step, last_eval.get('val_loss') if evaluating else None)
             if stop.signal_name:
                 status = 'preempted'
+                break
+            if record['stopped']:
+                log.info('step %d: no lower val_loss in %d evaluations; stopping (the best, '
+                         '%.4g, is kept)', step, record['evals_since_best'],
+                         record['best_val_loss'])
                 break
         if pending is not None:
             finish_step(*pending)
@@ -236,6 +256,18 @@ def train(*, state, step_fn: Callable, batches: Iterator[dict], config: LoopConf
         log.warning('stopped by %s at step %d; checkpoint saved in %s. Re-run the same command '
                     'to resume.', stop.signal_name, final, checkpointer.path(final))
     return LoopResult(state, status, final, last_eval, skips)
+
+
+def _no_better(record: dict, val_loss: float | None, patience: int) -> bool:
+    """Updates the early-stopping `record` with an evaluation's `val_loss`; True when
+    `patience` evaluations in a row have not lowered it."""
+    if val_loss is None:
+        return False
+    if record['best_val_loss'] is None or val_loss < record['best_val_loss']:
+        record['best_val_loss'], record['evals_since_best'] = val_loss, 0
+    else:
+        record['evals_since_best'] += 1
+    return bool(patience) and record['evals_since_best'] >= patience
 
 
 def _write_samples(workdir: pathlib.Path, step: int, samples: list[dict], is_main: bool) -> None:

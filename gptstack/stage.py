@@ -164,9 +164,11 @@ class Workdir:
     def __truediv__(self, name: str) -> pathlib.Path:
         return self.path / name
 
-    def lineage(self, key: str, stages: tuple[str, ...] | None = None) -> Lineage:
+    def lineage(self, key: str, stages: tuple[str, ...] | None = None,
+                best: bool = False) -> Lineage:
         """The start of a later stage whose config names this workdir under `key` (say
-        `init_from`); `stages`: the kinds of run it may be."""
+        `init_from`); `stages`: the kinds of run it may be. Its checkpoint is the latest one,
+        or with `best` the one of the lowest validation loss (the latest if none has one)."""
         if not self.tokenizer_path.exists():
             raise ConfigError(f'{key}={self.path}: no tokenizer.model there; is it a stage '
                               'workdir?')
@@ -175,6 +177,8 @@ class Workdir:
         step = checkpointer.latest_step()
         if step is None:
             raise ConfigError(f'{key}={self.path}: no checkpoint in {self.checkpoints}')
+        if best:
+            step = checkpointer.best_step() or step
         meta = checkpointer.read_meta(step)
         if meta.get('tokenizer_sha256') != tokenizer.sha256:
             raise ConfigError(f'{key}={self.path}: checkpoint {step} was trained with tokenizer '
@@ -200,11 +204,12 @@ class Workdir:
         return Policy(*self._load(step, GPT, tuple(POLICY_WITHIN)))
 
     def load_reward_model(self, step: int | None = None) -> RewardModel:
-        """Like `load_policy`, for the `ScoreModel` of a reward-model run."""
-        return RewardModel(*self._load(step, ScoreModel, ('reward',)))
+        """Like `load_policy`, for the `ScoreModel` of a reward-model run; by default its
+        checkpoint of the lowest held-out loss."""
+        return RewardModel(*self._load(step, ScoreModel, ('reward',), best=True))
 
-    def _load(self, step, model_cls, stages):
-        lineage = self.lineage('workdir', stages)
+    def _load(self, step, model_cls, stages, best: bool = False):
+        lineage = self.lineage('workdir', stages, best)
         step = lineage.step if step is None else step
         if step not in lineage.checkpointer.all_steps():
             raise ConfigError(f'workdir={self.path}: no checkpoint of step {step} (there are '
@@ -216,12 +221,13 @@ class Workdir:
 
 
 def start_from(config, key: str, stages: tuple[str, ...], purpose: str,
-               workdir: pathlib.Path | None = None) -> Lineage:
-    """The `Lineage` of the workdir that `config.<key>` names; with `workdir`, its tokenizer is
-    copied there so the lineage is on disk."""
+               workdir: pathlib.Path | None = None, best: bool = False) -> Lineage:
+    """The `Lineage` of the workdir that `config.<key>` names (its best checkpoint by
+    validation loss with `best`); with `workdir`, its tokenizer is copied there so the lineage
+    is on disk."""
     if not config.get(key):
         raise ConfigError(f'{key}: name {purpose} (--config.{key}=workdirs/...)')
-    lineage = Workdir(config[key]).lineage(key, stages)
+    lineage = Workdir(config[key]).lineage(key, stages, best)
     if workdir is not None:
         shutil.copyfile(Workdir(config[key]).tokenizer_path, Workdir(workdir).tokenizer_path)
     return lineage
@@ -347,9 +353,9 @@ class Trainable:
 
 def resume(checkpointer: Checkpointer, abstract_state, shardings, tokenizer: Tokenizer,
            model_config: GPTConfig, data_iterator):
-    """`(state, wall time so far)` from the run's latest checkpoint, restored onto `shardings`
-    with the data iterator, or None for a fresh run. A checkpoint of another tokenizer or model
-    shape is refused."""
+    """`(state, its checkpoint's metadata)` from the run's latest checkpoint, restored onto
+    `shardings` with the data iterator, or None for a fresh run. A checkpoint of another
+    tokenizer or model shape is refused."""
     latest = checkpointer.latest_step()
     if latest is None:
         return None
@@ -358,7 +364,7 @@ def resume(checkpointer: Checkpointer, abstract_state, shardings, tokenizer: Tok
     state, meta = checkpointer.restore(latest, abstract_with_shardings(abstract_state, shardings),
                                        data_iterator=data_iterator)
     log.info('resuming from %s (step %d)', checkpointer.path(latest), latest)
-    return state, meta.get('wall_time', 0.0)
+    return state, meta
 
 
 class Stage:
@@ -374,7 +380,7 @@ class Stage:
         self.checkpointer = Checkpointer(self.workdir.checkpoints,
                                          keep=config.train.keep_checkpoints)
         self.resumed_from = self.checkpointer.latest_step()
-        self.wall_offset = 0.0
+        self.resumed_meta: dict = {}
         self.writer: MetricsWriter | None = None
 
     def start(self, abstract_state, shardings, tokenizer: Tokenizer, model_config: GPTConfig,
@@ -383,8 +389,13 @@ class Stage:
                          data_iterator)
         if resumed is None:
             return init()
-        state, self.wall_offset = resumed
+        state, self.resumed_meta = resumed
         return state
+
+    @property
+    def wall_offset(self) -> float:
+        """Seconds the run spent before this process resumed it."""
+        return self.resumed_meta.get('wall_time', 0.0)
 
     def metrics(self) -> MetricsWriter:
         """The run's metrics writer (on resume, records past the restored step are dropped)."""
@@ -408,7 +419,8 @@ class Stage:
             workdir=self.workdir.path, evaluate=evaluate, sample=sample, checkpoint_meta=meta,
             tokens_per_step=tokens_per_step, flops_per_step=flops_per_step,
             peak_flops=self.setup.peak_flops if flops_per_step else 0.0,
-            wall_time_offset=self.wall_offset)
+            wall_time_offset=self.wall_offset,
+            early_stopping=self.resumed_meta.get('early_stopping'))
         if not keep_open:
             self.close()
         return result

@@ -79,3 +79,36 @@ def test_keep_if_finite_refuses_the_update():
     assert int(kept.step) == 5
     taken = keep_if_finite(jnp.bool_(True), old, jnp.full(3, 2.0), jnp.full(3, 9.0))
     np.testing.assert_array_equal(taken.params, 2.0)
+
+
+def test_early_stopping_keeps_the_best_and_a_resumed_run_stays_stopped(tmp_path):
+    losses = {2: 3.0, 4: 2.0, 6: 2.5, 8: 2.2, 10: 1.0}  # step -> val_loss
+
+    def run(total_steps, state, early_stopping=None):
+        checkpointer = Checkpointer(tmp_path / 'ckpt', keep=1, async_save=False)
+        writer = MetricsWriter(tmp_path, enabled=True)
+        try:
+            return loop.train(
+                state=state, step_fn=jax.jit(lambda s, b: (ToyState(s.step + 1, s.params + b),
+                                                           {'loss': s.params})),
+                batches=iter(lambda: jnp.ones(()), None), checkpointer=checkpointer,
+                writer=writer, workdir=tmp_path, evaluate=lambda s: {
+                    'val_loss': losses[int(s.step)]},
+                config=loop.LoopConfig(total_steps=total_steps, eval_every=2,
+                                       checkpoint_every=2, patience=2),
+                early_stopping=early_stopping), checkpointer
+        finally:
+            writer.close()
+
+    (result, checkpointer) = run(10, ToyState(step=jnp.int32(0), params=jnp.zeros(())))
+    # 2.5 and 2.2 did not beat 2.0: it stops at step 8, and step 4 is kept as the best.
+    assert result.status == 'finished' and result.step == 8
+    assert checkpointer.best_step() == 4 and checkpointer.latest_step() == 8
+    meta = checkpointer.read_meta(8)
+    assert meta['early_stopping'] == {'best_val_loss': 2.0, 'evals_since_best': 2,
+                                      'stopped': True}
+    checkpointer.close()
+    # Resumed from its last checkpoint, the stopped run does no more steps.
+    again, checkpointer = run(10, result.state, meta['early_stopping'])
+    assert again.step == 8 and checkpointer.latest_step() == 8
+    checkpointer.close()

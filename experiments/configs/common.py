@@ -84,6 +84,8 @@ def train_config(total_steps: int, *, eval_every: int, sample_every: int,
         # max_nonfinite_skips).
         'on_nonfinite': 'stop',
         'max_nonfinite_skips': 10,
+        # Early stopping: evaluations in a row without a lower val_loss (0: never stop early).
+        'patience': 0,
     })
 
 

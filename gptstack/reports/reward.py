@@ -14,7 +14,7 @@ from gptstack.metrics import read_metrics
 
 
 def write(workdir, config, labeler, train_stats, val_stats, rewards, ranks, valid,
-          best_of) -> str:
+          best_of, kept_step: int | None = None) -> str:
     records = read_metrics(workdir)
     evals = [r for r in records if 'val_accuracy' in r]
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
@@ -40,6 +40,8 @@ def write(workdir, config, labeler, train_stats, val_stats, rewards, ranks, vali
                               f'{train_stats.truncated} completions truncated)'),
         ('held-out comparisons', f'{val_stats.groups} prompts, {val_stats.pairs} pairs'),
         ('steps', last.get('step', 'n/a')),
+        ('checkpoint kept for PPO and the comparison',
+         f'step {kept_step} (the lowest held-out loss)' if kept_step is not None else 'n/a'),
         ('held-out accuracy: untrained head → trained',
          f'{first.get("val_accuracy", math.nan):.3f} → {last.get("val_accuracy", math.nan):.3f}'
          f' ± {last.get("val_accuracy_stderr", math.nan):.3f}'),

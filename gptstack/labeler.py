@@ -28,17 +28,26 @@ STATS = 'labeler.json'
 
 def label(config, sampler, params, tokenizer, split: str, n_prompts: int,
           path: pathlib.Path) -> dict:
-    """Samples `data.completions` replies to `n_prompts` task prompts of `split`, ranks them
-    with the simulated labeler and writes the K-way JSONL whole (a temporary file renamed).
-    Returns the labeler's statistics."""
-    drawn = tasks.generate(split, n_prompts, config.seed)
+    """Samples `data.completions` replies to task prompts of `split`, ranks them with the
+    simulated labeler and writes `n_prompts` K-way groups to a JSONL, whole (a temporary file
+    renamed). With `labeler.oversample` > 1, replies to that many times more prompts are drawn
+    and the groups whose replies differ in gold score go first: a group of tied replies teaches
+    a reward model nothing. Returns the labeler's statistics."""
+    oversample = config.labeler.get('oversample', 1)
+    drawn = tasks.generate(split, n_prompts * oversample, config.seed)
     stream = list(tasks.SPLITS).index(split)  # one random stream per split, the same each run
     key = jax.random.fold_in(jax.random.key(config.seed), stream)
     scores, replies = gold.sample_and_score(
         sampler, params, tokenizer, drawn, key, SamplingParams(config.labeler.temperature),
         n=config.data.completions, progress=f'sampling {split} replies')
+    if oversample > 1:  # informative groups first, each part in the order drawn
+        order = sorted(range(len(drawn)), key=lambda i: len(set(scores[i].tolist())) == 1)
+        chosen = sorted(order[:n_prompts])
+        drawn, replies, scores = ([drawn[i] for i in chosen], [replies[i] for i in chosen],
+                                  scores[chosen])
     rng = np.random.default_rng([config.seed, stream])
-    stats = {'groups': 0, 'all_tied': 0, 'pairs': 0, 'gold_pairs': 0, 'labeler_agrees': 0}
+    stats = {'sampled_prompts': n_prompts * oversample, 'groups': 0, 'all_tied': 0, 'pairs': 0,
+             'gold_pairs': 0, 'labeler_agrees': 0}
     tmp = path.with_suffix('.tmp')
     with open(tmp, 'w') as f:
         for task, texts, group_gold in zip(drawn, replies, scores.tolist(), strict=True):

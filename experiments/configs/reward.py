@@ -54,6 +54,9 @@ def get_config(arg=None):
     config.labeler.temperature = 1.0
     config.labeler.max_new_tokens = 48
     config.labeler.batch_size = 64
+    # Replies are drawn for this many times `data.*_prompts` prompts, and the groups whose
+    # replies differ in gold score are kept first (tied groups teach nothing).
+    config.labeler.oversample = 1
 
     config.loss = ml_collections.ConfigDict()
     # The better completion's reward must exceed the other's by this much before the loss

@@ -53,13 +53,14 @@ def write(workdir, config, labeler, train_stats, val_stats, rewards, ranks, vali
                         f'{last["gold_agreement"]:.3f} ± {last["gold_agreement_stderr"]:.3f}'))
     sections = [('Summary', report.table(['', ''], summary))]
     if labeler:
-        rows = [(split, s['groups'], s['all_tied'], s['pairs'],
+        rows = [(split, s.get('sampled_prompts', s['groups']), s['groups'],
+                 f'{s["all_tied"]} ({s["all_tied"] / max(s["groups"], 1):.0%})', s['pairs'],
                  f'{s["labeler_agrees"] / max(s["gold_pairs"], 1):.3f}')
                 for split, s in labeler.items() if isinstance(s, dict)]
         sections.append((f'Simulated labeler (Bradley-Terry noise {labeler["noise"]} on the gold '
                          'score)', report.table(
-                             ['split', 'prompts', 'all tied', 'ranked pairs',
-                              'labeler agrees with gold'], rows)))
+                             ['split', 'prompts sampled', 'groups kept', 'all tied',
+                              'ranked pairs', 'labeler agrees with gold'], rows)))
     if best_of:
         plots.append(report.plot(
             [{'step': n, 'rm': v['rm'], 'oracle': v['oracle']} for n, v in best_of.items()],

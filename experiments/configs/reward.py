@@ -65,9 +65,8 @@ def get_config(arg=None):
 
     config.train = common.train_config(300, eval_every=50, sample_every=0,
                                        checkpoint_every=50)
-    # Stop once two evaluations in a row find no lower held-out loss; later stages take the
-    # checkpoint of the lowest one.
-    config.train.patience = 2
+    # Later stages take the checkpoint of the lowest held-out loss (one is saved at every
+    # evaluation); `train.patience=2` stops once two evaluations in a row find no lower one.
     config.optim = common.optim_config(lr=3e-4, warmup_steps=20, weight_decay=0.0)
     config.optim.total_steps = config.train.get_ref('total_steps')
     config.mesh = common.mesh_config()

@@ -161,9 +161,6 @@ class Workdir:
         self.checkpoints = self.path / 'checkpoints'
         self.samples = self.path / 'samples.jsonl'
 
-    def __truediv__(self, name: str) -> pathlib.Path:
-        return self.path / name
-
     def lineage(self, key: str, stages: tuple[str, ...] | None = None,
                 best: bool = False) -> Lineage:
         """The start of a later stage whose config names this workdir under `key` (say

@@ -1,20 +1,26 @@
 """The embedded instruction suite: procedurally generated tasks with an exact gold scorer.
 
 Every task is a user prompt, a reference answer (the demonstration SFT learns from) and what the
-scorer needs; `score(task, completion)` returns a number in [0, 1]. Families, each at difficulty
-levels 1-3:
-- arithmetic: addition, subtraction, multiplication with more digits at higher levels;
-- word problems: one- to three-step stories about counting things;
-- counting: letters in a word, words in a sentence;
-- string transforms: reverse, upper-case, sort the letters of a word;
-- sorting: numbers in ascending or descending order (partial credit per position);
-- constraints: write exactly N words that include (or avoid) a word, in a given case (credit
-  per satisfied constraint). Judging these is far easier than producing them, the property that
-  makes comparisons cheaper than demonstrations.
+scorer needs; `score(task, completion)` returns a number in [0, 1]. Six families at three
+levels, calibrated so that level 1 is within reach of the default SFT model (a few million
+parameters), level 3 beyond it, and level 2 between, where RL has room:
+- arithmetic: a one-digit number added to or taken from one below 100 (1); two digits and two,
+  or times one digit (2); three digits and three, or two digits times two (3);
+- word problems: one to three steps of getting or giving away things;
+- counting: the words of a sentence (longer at each level), the occurrences of a letter;
+- string transforms: upper-case two words (1); reverse them or sort their letters (2); any of
+  those on three words (3);
+- sorting: three, four or six numbers of one, two or three digits, ascending or descending
+  (partial credit per position);
+- constraints: write exactly N words that include a word, in a given case (1), avoiding another
+  word (2), or both (3); credit per satisfied constraint. Judging these is far easier than
+  producing them, the property that makes comparisons cheaper than demonstrations.
 
 Answers are "answer only": the scorer compares the completion with surrounding whitespace
 removed. A prompt's split (train 80%, validation 10%, test 10%) is a hash of its text, so the
-splits are disjoint whatever the seed, and `generate(split, n, seed)` is deterministic.
+splits are disjoint whatever the seed, and `generate(split, n, seed)` is deterministic. Some
+level-1 cells hold only a few hundred distinct prompts (the constraints' about 240), so a large
+draw holds fewer of them than of the others: results are reported by level.
 """
 
 from __future__ import annotations
@@ -94,22 +100,28 @@ def _exact(family: str, level: int, prompt: str, answer) -> Task:
 
 
 def _arithmetic(rng: random.Random, level: int) -> Task:
-    digits = level + 1
-    a, b = rng.randint(10 ** (digits - 1), 10 ** digits - 1), rng.randint(1, 10 ** digits - 1)
-    op = rng.choice('+-*' if level < 3 else '+-*+-')
-    if op == '*':
-        b = rng.randint(2, 10 ** level - 1)
+    if level == 1:  # a one-digit number added to or taken from one below 100, never below 0
+        op, b = rng.choice('+-'), rng.randint(1, 9)
+        a = rng.randint(b if op == '-' else 1, 99)
+    elif level == 2:  # two digits and two, or two digits times one
+        op = rng.choice('+-*')
+        a, b = rng.randint(10, 99), rng.randint(2, 9) if op == '*' else rng.randint(10, 99)
+    else:  # three digits and three, or two digits times two
+        op = rng.choice('+-*')
+        a, b = ((rng.randint(10, 99), rng.randint(10, 99)) if op == '*' else
+                (rng.randint(100, 999), rng.randint(100, 999)))
     result = {'+': a + b, '-': a - b, '*': a * b}[op]
     return _exact('arithmetic', level, f'What is {a} {op} {b}? Answer with the number only.',
                   result)
 
 
 def _word_problem(rng: random.Random, level: int) -> Task:
+    """`level` steps of getting or giving away; one small step at level 1."""
     name, item = rng.choice(_NAMES), rng.choice(_ITEMS)
-    total = rng.randint(2, 20)
+    total = rng.randint(1, 9) if level == 1 else rng.randint(2, 20)
     story = [f'{name} has {total} {item}.']
     for _ in range(level):
-        amount = rng.randint(1, 12)
+        amount = rng.randint(1, (5, 9, 12)[level - 1])
         if rng.random() < 0.5 or amount > total:
             story.append(f'{name} gets {amount} more.')
             total += amount
@@ -121,35 +133,41 @@ def _word_problem(rng: random.Random, level: int) -> Task:
 
 
 def _counting(rng: random.Random, level: int) -> Task:
-    if level == 1 or rng.random() < 0.5:
+    """Words in a sentence, longer at each level; from level 2 on, also a letter's occurrences
+    in a word (two words run together at level 3)."""
+    if level > 1 and rng.random() < 0.5:
         word = rng.choice(_WORDS) + (rng.choice(_WORDS) if level == 3 else '')
         letter = rng.choice(sorted(set(word)))
         return _exact('counting', level, f'How many times does the letter "{letter}" appear in '
                                          f'"{word}"? Answer with the number only.',
                       word.count(letter))
-    words = [rng.choice(_FILLER + _WORDS) for _ in range(rng.randint(3, 5 * level))]
+    low, high = ((2, 5), (4, 10), (8, 15))[level - 1]
+    words = [rng.choice(_FILLER + _WORDS) for _ in range(rng.randint(low, high))]
     return _exact('counting', level, f'How many words are in this sentence: "{" ".join(words)}"? '
                                      'Answer with the number only.', len(words))
 
 
 def _string(rng: random.Random, level: int) -> Task:
-    word = rng.choice(_WORDS)
-    if level == 3:
-        word = f'{word} {rng.choice(_WORDS)}'
-    kind = rng.choice(('reverse', 'upper', 'sort'))
+    """Two words in capitals at level 1; two words reversed or their letters sorted at level 2;
+    any of the three on three words at level 3."""
+    text = ' '.join(rng.choice(_WORDS) for _ in range(2 if level < 3 else 3))
+    kind = 'upper' if level == 1 else rng.choice(('reverse', 'sort') if level == 2 else
+                                                   ('reverse', 'upper', 'sort'))
     if kind == 'reverse':
-        return _exact('string', level, f'Reverse the text "{word}". Reply with the result only.',
-                      word[::-1])
+        return _exact('string', level, f'Reverse the text "{text}". Reply with the result only.',
+                      text[::-1])
     if kind == 'upper':
-        return _exact('string', level, f'Write "{word}" in capital letters. Reply with the '
-                                       'result only.', word.upper())
-    return _exact('string', level, f'Sort the letters of "{word.replace(" ", "")}" in '
-                                   'alphabetical order. Reply with the letters only.',
-                  ''.join(sorted(word.replace(' ', ''))))
+        return _exact('string', level, f'Write "{text}" in capital letters. Reply with the '
+                                       'result only.', text.upper())
+    letters = text.replace(' ', '')
+    return _exact('string', level, f'Sort the letters of "{letters}" in alphabetical order. '
+                                   'Reply with the letters only.', ''.join(sorted(letters)))
 
 
 def _sorting(rng: random.Random, level: int) -> Task:
-    numbers = rng.sample(range(1, 10 ** (level + 1)), 2 + 2 * level)
+    """Three one-digit numbers at level 1, four of two digits at 2, six of three at 3."""
+    count, high = ((3, 9), (4, 99), (6, 999))[level - 1]
+    numbers = rng.sample(range(1, high + 1), count)
     descending = rng.random() < 0.5
     ordered = sorted(numbers, reverse=descending)
     order = 'descending' if descending else 'ascending'
@@ -160,10 +178,12 @@ def _sorting(rng: random.Random, level: int) -> Task:
 
 
 def _constraints(rng: random.Random, level: int) -> Task:
-    n_words = rng.randint(3, 4 + 2 * level)
+    """Exactly N words including a word, and in a given case (1) or avoiding another word (2),
+    or both (3)."""
+    n_words = rng.randint(*((2, 5), (3, 7), (4, 10))[level - 1])
     include = rng.choice(_WORDS)
-    case = rng.choice(('lower', 'upper')) if level >= 2 else None
-    exclude = rng.choice([w for w in _FILLER if w not in ('a', 'the')]) if level == 3 else None
+    case = rng.choice(('lower', 'upper')) if level != 2 else None
+    exclude = rng.choice([w for w in _FILLER if w not in ('a', 'the')]) if level > 1 else None
     parts = [f'Write exactly {n_words} words that include the word "{include}"']
     if exclude:
         parts.append(f'do not use the word "{exclude}"')

@@ -131,12 +131,14 @@ def make_evaluate(config, trainer: PPOIteration, tokenizer, prompts: list[prompt
                   max_prompt: int, workdir: pathlib.Path):
     """`evaluate(state)`: on the held-out prompts, the gold score of `eval.samples` sampled
     replies per prompt (a prompt scores their mean) and of one greedy reply, each with its
-    standard error over prompts; for the sampled replies the reward-model score and the KL to
-    the reference (summed over each response). Every evaluation's per-prompt scores go to
-    `<workdir>/held_out.jsonl`, so the gain over the SFT policy (step 0) is paired over prompts:
-    the same prompts and the same random draws, far less noisy than two separate means."""
+    standard error over prompts and its mean by task family and level; for the sampled replies the
+    reward-model score and the KL to the reference (summed over each response). Every
+    evaluation's per-prompt scores go to `<workdir>/held_out.jsonl`, so the gain over the SFT
+    policy (step 0) is paired over prompts: the same prompts and the same random draws, far less
+    noisy than two separate means."""
     chosen = prompts[:config.eval.prompts]
     families = [p.task.family if p.task else None for p in chosen]
+    levels = [p.task.level if p.task else None for p in chosen]
     samples = config.eval.samples
     rendered = [render_prompt(tokenizer, p.messages)[-max_prompt:] for p in chosen]
     modes = {'sampled': (SamplingParams(temperature=trainer.config.temperature), samples),
@@ -158,8 +160,8 @@ def make_evaluate(config, trainer: PPOIteration, tokenizer, prompts: list[prompt
             gold = np.asarray(gold).reshape(len(chosen), n).mean(axis=1)
             per_prompt[mode] = gold.tolist()
             metrics.update(gold_eval.summary(gold, mode))
-            metrics.update({f'gold/{mode}/{family}': value for family, value
-                            in gold_eval.by_family(gold, families).items()})
+            metrics.update(gold_eval.by_family(gold, families, mode))
+            metrics.update(gold_eval.by_level(gold, levels, mode))
         metrics['val/kl'] = float(np.mean(kls))
         metrics['val/rm_score'], metrics['val/rm_score_stderr'] = stats.mean_and_stderr(scores)
         if per_prompt and jax.process_index() == 0:

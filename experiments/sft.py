@@ -77,9 +77,10 @@ def load_data(config, tokenizer, batch_sharding):
 
 def make_evaluate(config, evaluate_loss, sampler: Sampler, tokenizer, held_out):
     """`evaluate(state)`: the validation loss and the gold score of greedy and sampled answers
-    to the held-out tasks (each mode's draws fixed by the step)."""
+    to the held-out tasks, overall and by task level (each mode's draws fixed by the step)."""
     modes = {'greedy': SamplingParams(temperature=0.0),
              'sampled': SamplingParams(temperature=config.eval.temperature)}
+    levels = [t.level for t in held_out]
 
     def evaluate(state) -> dict:
         metrics = evaluate_loss(state)
@@ -88,7 +89,9 @@ def make_evaluate(config, evaluate_loss, sampler: Sampler, tokenizer, held_out):
             if held_out:
                 scores, _ = gold.sample_and_score(sampler, state.params, tokenizer, held_out,
                                                   key, sampling)
-                metrics.update(gold.summary(scores.mean(axis=1), name))
+                per_prompt = scores.mean(axis=1)
+                metrics.update(gold.summary(per_prompt, name))
+                metrics.update(gold.by_level(per_prompt, levels, name))
         return metrics
 
     def sample(state) -> list[dict]:

@@ -11,9 +11,10 @@ import pytest
 from experiments.configs import pipeline as pipeline_config
 from experiments.pipeline import LEDGER
 from gptstack.config import ConfigError
-from gptstack.evals import comparison
+from gptstack.data import tasks
+from gptstack.evals import comparison, gold
 from gptstack.evals.comparison import MODELS
-from gptstack.reports.pipeline import COMPARISON, PER_PROMPT, intervals
+from gptstack.reports.pipeline import COMPARISON, PER_PROMPT, intervals, level_rows
 from gptstack.stats import mean_and_stderr
 from tests.runs import metrics, pipeline_command, run, start_and_wait_for_checkpoint
 
@@ -61,6 +62,69 @@ def test_stratified_standard_error_against_a_reference_loop():
     with pytest.raises(ValueError, match='3 values in 3 strata: a stratified standard error '
                                          'needs more values than strata'):
         mean_and_stderr(values[::40], strata[::40])
+
+
+def test_gold_by_group_averages_the_prompts_of_each_label():
+    scores = np.asarray([1.0, 0.0, 0.5, 0.25, 0.75])
+    # Levels sort as numbers, and a prompt that is not a task (None) is in no group.
+    assert gold.by_group(scores, [3, 1, 3, None, 1]) == {1: 0.375, 3: 0.75}
+    rng = np.random.default_rng(0)
+    scores = rng.random(60)
+    levels = [None if i % 7 == 0 else int(rng.integers(1, 4)) for i in range(60)]
+    families = [None if level is None else str(rng.choice(tasks.FAMILIES[:3]))
+                for level in levels]
+    by_level = gold.by_level(scores, levels, 'sampled')
+    assert list(by_level) == ['gold/sampled/level1', 'gold/sampled/level2',
+                              'gold/sampled/level3']
+    for level in (1, 2, 3):
+        mine = np.asarray([x == level for x in levels])
+        assert by_level[f'gold/sampled/level{level}'] == pytest.approx(scores[mine].mean())
+    by_family = gold.by_family(scores, families, 'greedy')
+    assert list(by_family) == [f'gold/greedy/{f}' for f in sorted(set(families) - {None})]
+    for family in sorted(set(families) - {None}):
+        mine = np.asarray([x == family for x in families])
+        assert by_family[f'gold/greedy/{family}'] == pytest.approx(scores[mine].mean())
+    assert gold.by_group(scores, [None] * 60) == {}
+
+
+def test_gold_level_rows_pair_two_records_and_skip_absent_levels():
+    before = {'gold/greedy/level1': 0.1, 'gold/sampled/level1': 0.2, 'gold/sampled/level3': 0.0}
+    after = {'gold/greedy/level1': 0.3, 'gold/sampled/level1': 0.4, 'gold/greedy/level3': 0.5}
+    assert gold.level_rows(before, after) == [
+        ('level 1', 0.1, 0.3, 0.2, 0.4), ('level 3', 'n/a', 0.5, 0.0, 'n/a')]
+    assert gold.level_rows(before, after, ('sampled',)) == [
+        ('level 1', 0.2, 0.4), ('level 3', 0.0, 'n/a')]
+    assert gold.level_rows({}, {}) == []
+
+
+def test_comparison_by_level_against_numpy_and_through_json():
+    held_out = tasks.generate('test', 40, seed=0)
+    cells = np.asarray([f'{t.family}/{t.level}' for t in held_out])
+    rng = np.random.default_rng(0)
+    per_prompt = {m: rng.random(40) for m in MODELS}
+    means, stderrs = comparison.by_level(held_out, cells, per_prompt)
+    assert list(means) == list(stderrs) == ['1', '2', '3']
+    for level in ('1', '2', '3'):
+        mine = np.asarray([str(t.level) == level for t in held_out])
+        for m in MODELS:
+            assert means[level][m] == pytest.approx(per_prompt[m][mine].mean())
+            assert stderrs[level][m] == pytest.approx(
+                mean_and_stderr(per_prompt[m][mine], cells[mine])[1])
+    # Three level-1 prompts of one family, and two level-2 prompts of two families: a mean
+    # and no stratified error.
+    pool = tasks.generate('test', 200, seed=0)
+    few = [t for t in pool if t.level == 1 and t.family == 'sorting'][:3] + [
+        next(t for t in pool if t.level == 2 and t.family == f)
+        for f in ('arithmetic', 'counting')]
+    few_cells = np.asarray([f'{t.family}/{t.level}' for t in few])
+    means, stderrs = comparison.by_level(few, few_cells, {m: np.arange(5.0) for m in MODELS})
+    assert means['2'] == {m: 3.5 for m in MODELS} and stderrs['2'] == {m: None for m in MODELS}
+    result = {'levels': means, 'levels_stderr': stderrs}
+    assert json.loads(json.dumps(result)) == result
+    rows = level_rows(json.loads(json.dumps(result)))
+    assert [row[0] for row in rows] == ['level 1', 'level 2']
+    assert rows[1] == ('level 2', *['3.5000'] * len(MODELS))
+    assert rows[0] == ('level 1', *['1.0000 ± 0.5774'] * len(MODELS))  # 0, 1, 2: sd 1
 
 
 def test_too_few_comparison_prompts_for_stratified_errors_fail_before_any_sampling(tmp_path):
@@ -121,18 +185,29 @@ def test_pipeline_runs_every_stage_into_one_report(pipeline_workdir):
             mean_and_stderr(scores, cells)), model
         assert entry['gold_stderr_unstratified'] == pytest.approx(mean_and_stderr(scores)[1])
     assert comparison['models']['ppo']['gain']['over'] == 'sft'
+    levels = sorted({line['level'] for line in lines})
+    assert list(comparison['levels']) == [str(k) for k in levels]
+    for level, scores in comparison['levels'].items():
+        mine = [line for line in lines if str(line['level']) == level]
+        assert set(scores) == set(MODELS) == set(comparison['levels_stderr'][level]), level
+        for model in MODELS:
+            mean = np.mean([line['gold'][model] for line in mine])
+            assert scores[model] == pytest.approx(mean), (level, model)
     assert len(comparison['examples']) == 2
     assert set(comparison['examples'][0]) == {'prompt', 'answer', *MODELS}
 
     report = (pipeline_workdir / 'report.md').read_text()
     for heading in ('## The stages', '## Gold score on the same held-out prompts',
-                    '## Gold score by task family', '## Reward model', '## PPO',
+                    '## Gold score by task family', '## Gold score by task level',
+                    '## Reward model', '## PPO',
                     '## The same prompts answered by each model'):
         assert heading in report, heading
     assert 'reward model: held-out pairwise accuracy' in report
     assert 'KL of the final PPO policy to the SFT model' in report
     assert 'SFT and PPO gold score, ± 2 standard errors' in report
     assert 'the same, standard errors not stratified' in report
+    for level in comparison['levels']:
+        assert f'| level {level} | ' in report, level
     for image in ('stages.png', 'gold.png'):
         assert (pipeline_workdir / image).stat().st_size > 0
 

@@ -4,6 +4,8 @@ Run: `python -m pytest -q tests/test_run.py`. Each test starts `python -m experi
 separate process on a small corpus written to a temporary directory.
 """
 
+import collections
+import json
 import os
 import shutil
 import signal
@@ -12,6 +14,7 @@ import sys
 import pytest
 
 from gptstack import environment
+from gptstack.data import tasks
 from gptstack.data.tokenizer import train_tokenizer
 from tests.runs import (
     LONG,
@@ -165,7 +168,22 @@ def test_sft_smoke_run_reports_base_and_sft_gold_scores(base_workdir, sft_workdi
     assert 'gold/sampled_stderr' in records[-1]
     assert (sft_workdir / 'tokenizer.model').read_bytes() == (
         base_workdir / 'tokenizer.model').read_bytes()
-    assert 'Gold score on held-out prompts' in (sft_workdir / 'report.md').read_text()
+    report = (sft_workdir / 'report.md').read_text()
+    assert 'Gold score on held-out prompts' in report
+    # By level: the levels of the held-out tasks, whose means weighted by count are the mean.
+    config = json.loads((sft_workdir / 'config.json').read_text())
+    held_out = tasks.generate('validation', config['data']['validation_tasks'],
+                              config['seed'])[:config['eval']['gold_prompts']]
+    count = collections.Counter(t.level for t in held_out)
+    for record in (records[0], records[-1]):
+        assert {k for k in record if '/level' in k} == {
+            f'gold/{mode}/level{level}' for mode in ('greedy', 'sampled') for level in count}
+        for mode in ('greedy', 'sampled'):
+            weighted = sum(n * record[f'gold/{mode}/level{level}'] for level, n in count.items())
+            assert weighted / len(held_out) == pytest.approx(record[f'gold/{mode}'])
+    assert '## Gold score by task level' in report
+    for level in count:
+        assert f'| level {level} | ' in report, level
     chat = run([sys.executable, '-m', 'experiments.sample', f'--workdir={sft_workdir}', '--chat',
                 '--max_new_tokens=5', '--temperature=0'], input='What is 2 + 2?\nAnd 3 + 3?\n')
     assert chat.returncode == 0, chat.stderr[-3000:]

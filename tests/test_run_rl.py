@@ -4,12 +4,15 @@ Run: `python -m pytest -q tests/test_run_rl.py` (starts from the shared runlocal
 runs).
 """
 
+import collections
 import json
 import signal
 import sys
 
 import numpy as np
+import pytest
 
+from gptstack.data import tasks
 from tests.runs import metrics, rl_command, run, start_and_wait_for_checkpoint
 
 # What must repeat exactly after a resume (timings do not).
@@ -38,11 +41,28 @@ def test_rl_smoke_run_reports_sft_and_ppo(sft_workdir, reward_workdir, tmp_path)
                 'time/update', 'tokens_per_sec/generate'):
         assert key in train[-1], key
     report = (tmp_path / 'report.md').read_text()
-    assert any(k.startswith('gold/sampled/') for k in records[0])  # by task family
+    # By task family and by level: those of the held-out prompts, whose means weighted by count
+    # are the mean.
+    config = json.loads((tmp_path / 'config.json').read_text())
+    prompts = tasks.generate('test', config['data']['validation_prompts'],
+                             config['seed'])[:config['eval']['prompts']]
+    groups = ([t.family for t in prompts], [f'level{t.level}' for t in prompts])
+    for record in (records[0], records[-1]):
+        for mode in ('sampled', 'greedy'):
+            assert {k for k in record if k.startswith(f'gold/{mode}/')} == {
+                f'gold/{mode}/{g}' for labels in groups for g in labels}
+            for labels in groups:
+                weighted = sum(n * record[f'gold/{mode}/{g}']
+                               for g, n in collections.Counter(labels).items())
+                assert weighted / len(prompts) == pytest.approx(record[f'gold/{mode}'])
     for text in ('held-out gold score, sampled (2 per prompt): SFT → PPO', 'reward_vs_kl.png',
                  'KL of the final policy', 'Held-out gold score by task family',
+                 'Held-out gold score by task level',
                  'gain over the SFT policy, sampled (paired over prompts)'):
         assert text in report, text
+    assert '| level1 |' not in report  # the family table holds families only
+    for level in {t.level for t in prompts}:
+        assert f'| level {level} | ' in report, level
     # The per-prompt scores behind the paired gain: 16 prompts, each the mean of 2 samples.
     held_out = [json.loads(line) for line in (tmp_path / 'held_out.jsonl').read_text().splitlines()]
     assert [r['step'] for r in held_out] == [0, 2]

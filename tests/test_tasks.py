@@ -25,7 +25,7 @@ def test_deterministic_by_seed_and_disjoint_splits():
 def test_every_family_and_level_appears():
     drawn = tasks.generate('train', 600, seed=0)
     assert set(collections.Counter(t.family for t in drawn)) == set(tasks.FAMILIES)
-    assert {t.level for t in drawn} == {1, 2, 3}
+    assert {t.level for t in drawn} == set(tasks.LEVELS) == {1, 2, 3}
 
 
 def test_reference_answers_score_one():

@@ -37,6 +37,7 @@ from gptstack.config import ConfigError
 EMBEDDED_TASKS = 'embedded:tasks'
 SPLITS = {'train': (0, 80), 'validation': (80, 90), 'test': (90, 100)}
 FAMILIES = ('arithmetic', 'word_problem', 'counting', 'string', 'sorting', 'constraints')
+LEVELS = (1, 2, 3)
 
 _WORDS = ('apple', 'river', 'stone', 'cloud', 'garden', 'window', 'silver', 'planet', 'forest',
           'candle', 'bridge', 'winter', 'summer', 'mountain', 'ocean', 'letter', 'pencil',
@@ -84,7 +85,7 @@ def generate(split: str, n: int, seed: int = 0,
         attempts += 1
         if attempts > 200 * n + 1000:
             raise ConfigError(f'could not draw {n} distinct {split} tasks; ask for fewer')
-        family, level = rng.choice(families), rng.randint(1, 3)
+        family, level = rng.choice(families), rng.randint(LEVELS[0], LEVELS[-1])
         task = _MAKERS[family](rng, level)
         if task.prompt in seen or split_of(task.prompt) != split:
             continue

@@ -7,7 +7,8 @@ them) and one greedy reply; best-of-N is the reward model's pick among N of the 
 scored exactly over all N-subsets of the pool (`best_of_n.expected_best_of_n`). Gains are paired
 over prompts. Standard errors are stratified by the task generator's cells, family and level:
 the prompts fix that mix, so the spread between cells is not noise in a comparison of models on
-these prompts; the unstratified errors are kept alongside.
+these prompts; the unstratified errors are kept alongside. The sampled scores are also given by
+task family and by level (keys '1', '2', '3', as JSON keeps them).
 """
 
 from __future__ import annotations
@@ -115,6 +116,25 @@ def sample_models(config, workdir: pathlib.Path, held_out: list[tasks.Task]):
     return replies['sampled'], replies['greedy']
 
 
+def by_level(held_out: list[tasks.Task], cells: np.ndarray,
+             per_prompt: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    """`({level: {model: mean}}, {level: {model: standard error}})` of the sampled scores for
+    each level among the prompts, levels as strings; the errors are stratified by family within
+    the level, None where the level holds no more prompts than families."""
+    means, stderrs = {}, {}
+    levels = np.asarray([t.level for t in held_out])
+    for level in tasks.LEVELS:
+        mine = levels == level
+        if not mine.any():
+            continue
+        enough = mine.sum() > len(set(cells[mine]))
+        means[str(level)] = {m: float(per_prompt[m][mine].mean()) for m in MODELS}
+        stderrs[str(level)] = {
+            m: stats.mean_and_stderr(per_prompt[m][mine], cells[mine])[1] if enough else None
+            for m in MODELS}
+    return means, stderrs
+
+
 def compare(config, workdir: pathlib.Path) -> dict:
     """Gold scores, diversity and example answers of the four models (see the module
     docstring); `per_prompt` holds every prompt's scores."""
@@ -132,7 +152,8 @@ def compare(config, workdir: pathlib.Path) -> dict:
     greedy = {m: gold.score(held_out, greedy_replies[m])[:, 0] for m in greedy_replies}
 
     result = {'prompts': len(held_out), 'samples': c.samples, 'best_of': c.best_of,
-              'models': {}, 'families': {}, 'examples': []}
+              'models': {}, 'families': {}, 'levels': {}, 'levels_stderr': {},
+              'examples': []}
     for model in MODELS:
         mean, stderr = stats.mean_and_stderr(per_prompt[model], cells)
         entry = {'gold': mean, 'gold_stderr': stderr,
@@ -149,6 +170,7 @@ def compare(config, workdir: pathlib.Path) -> dict:
         mine = np.asarray([t.family == family for t in held_out])
         if mine.any():
             result['families'][family] = {m: float(per_prompt[m][mine].mean()) for m in MODELS}
+    result['levels'], result['levels_stderr'] = by_level(held_out, cells, per_prompt)
     for i, task in enumerate(held_out[:c.examples]):
         best = int(np.argmax(rewards[i]))
         result['examples'].append({

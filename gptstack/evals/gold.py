@@ -44,8 +44,38 @@ def summary(per_prompt: np.ndarray, name: str) -> dict[str, float]:
     return {f'gold/{name}': mean, f'gold/{name}_stderr': stderr}
 
 
-def by_family(per_prompt: np.ndarray, families: Sequence[str | None]) -> dict[str, float]:
-    """The mean score of each task family among the prompts (None: not a task)."""
-    families = np.asarray(families, dtype=object)
-    return {family: float(per_prompt[families == family].mean())
-            for family in sorted({f for f in families if f is not None})}
+def by_group(per_prompt: np.ndarray, labels: Sequence) -> dict:
+    """`{label: mean score of its prompts}`, labels sorted; a prompt labelled None is in no
+    group."""
+    labels = np.asarray(labels, dtype=object)
+    return {label: float(per_prompt[labels == label].mean())
+            for label in sorted({x for x in labels if x is not None})}
+
+
+def by_family(per_prompt: np.ndarray, families: Sequence[str | None],
+              name: str) -> dict[str, float]:
+    """`{gold/<name>/<family>: mean}` for each task family among the prompts (None: not a
+    task)."""
+    groups = by_group(per_prompt, families)
+    return {f'gold/{name}/{family}': mean for family, mean in groups.items()}
+
+
+def by_level(per_prompt: np.ndarray, levels: Sequence[int | None],
+             name: str) -> dict[str, float]:
+    """`{gold/<name>/level<k>: mean}` for each task level among the prompts (None: not a
+    task)."""
+    groups = by_group(per_prompt, levels)
+    return {f'gold/{name}/level{level}': mean for level, mean in groups.items()}
+
+
+def level_rows(before: dict, after: dict,
+               modes: Sequence[str] = ('greedy', 'sampled')) -> list[tuple]:
+    """Table rows of `by_level`'s scores in two metric records: `(level k, mode's score before,
+    after, for each mode)` for each level either record holds ('n/a' where one lacks it)."""
+    rows = []
+    for level in tasks.LEVELS:
+        keys = [f'gold/{mode}/level{level}' for mode in modes]
+        if any(key in r for key in keys for r in (before, after)):
+            rows.append((f'level {level}', *(r.get(key, 'n/a') for key in keys
+                                               for r in (before, after))))
+    return rows

@@ -1,5 +1,6 @@
 """The main job's report: the stages side by side (the talk's table), their curves, and the
-comparison of the base, SFT, best-of-N and PPO models on the same held-out prompts."""
+comparison of the base, SFT, best-of-N and PPO models on the same held-out prompts, overall, by
+task family and by level."""
 
 from __future__ import annotations
 
@@ -93,6 +94,17 @@ def intervals(sft: dict, ppo: dict, stderr: str = 'gold_stderr') -> str:
     return ' vs '.join(f'[{a:.4f}, {b:.4f}]' for a, b in spans) + f' ({verdict})'
 
 
+def level_rows(comparison: dict) -> list[tuple]:
+    """Per task level, each model's sampled gold score `mean ± se` (the mean alone where the
+    level holds too few prompts for an error)."""
+    def cell(mean, stderr):
+        return f'{mean:.4f}' if stderr is None else f'{mean:.4f} ± {stderr:.4f}'
+
+    return [(f'level {level}', *(cell(scores[m], comparison['levels_stderr'][level][m])
+                                 for m in MODELS))
+            for level, scores in comparison.get('levels', {}).items()]
+
+
 def write(config, workdir: pathlib.Path, ledger: dict, comparison: dict) -> str:
     models = comparison['models']
     gold_rows = []
@@ -171,6 +183,8 @@ def write(config, workdir: pathlib.Path, ledger: dict, comparison: dict) -> str:
          'is a narrower model).'),
         ('Gold score by task family (sampled)', report.table(
             ['family', *(MODEL_NAMES[m] for m in MODELS)], family_rows)),
+        ('Gold score by task level (sampled, ± se stratified by family)', report.table(
+            ['level', *(MODEL_NAMES[m] for m in MODELS)], level_rows(comparison))),
         ('Reward model', '![calibration](reward/calibration.png)\n\n'
                          '![accuracy](reward/accuracy.png)'),
         ('PPO', '![reward against KL](rl/reward_vs_kl.png)\n\n![KL](rl/kl.png)'),

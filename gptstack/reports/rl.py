@@ -1,6 +1,6 @@
 """The PPO report: held-out gold and reward-model scores of the SFT and PPO policies with the
-paired gain, the KL coefficient really used, the evaluations along training, by task family, and
-reward against KL."""
+paired gain, the KL coefficient really used, the evaluations along training, by task family and
+level, and reward against KL."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ import math
 import numpy as np
 
 from gptstack import report
+from gptstack.data import tasks
 from gptstack.evals import overoptimization
+from gptstack.evals.gold import level_rows
 from gptstack.metrics import read_metrics
 
 
@@ -84,9 +86,10 @@ def write(workdir, config) -> str:
     rows = [(r['step'], r.get('val/kl'), r.get('val/rm_score'), r.get('gold/sampled'),
              gain(r, 'sampled') if r['step'] else '', r.get('gold/greedy'))
             for r in evals]
-    families = sorted(k.split('/')[-1] for k in first if k.startswith('gold/sampled/'))
+    families = [f for f in tasks.FAMILIES if f'gold/sampled/{f}' in first]
     family_rows = [(f, first[f'gold/sampled/{f}'], last.get(f'gold/sampled/{f}', math.nan))
                    for f in families]
+    by_level = level_rows(first, last, ('sampled', 'greedy'))
     return report.write(workdir, 'PPO report', [
         ('Summary', report.table(['', ''], summary)),
         ('Held-out evaluations', report.table(
@@ -94,6 +97,9 @@ def write(workdir, config) -> str:
              'gold (greedy)'], rows)),
         ('Held-out gold score by task family (sampled)', report.table(
             ['family', 'SFT', 'PPO'], family_rows) if family_rows else 'no gold scorer'),
+        ('Held-out gold score by task level', report.table(
+            ['level', 'SFT, sampled', 'PPO, sampled', 'SFT, greedy', 'PPO, greedy'],
+            by_level) if by_level else 'no task prompts'),
         ('Over-optimisation', over_optimisation(evals)),
         ('Curves', '\n\n'.join(f'![{p}]({p})' for p in plots)),
         ('Config', report.code_block(json.dumps(config.to_dict(), indent=1))),

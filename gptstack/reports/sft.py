@@ -1,11 +1,13 @@
 """The SFT report: what it trained on, the validation loss on assistant tokens and the gold
-score of the base and finetuned models on held-out prompts, curves, and greedy answers."""
+score of the base and finetuned models on held-out prompts (overall and by task level), curves,
+and greedy answers."""
 
 from __future__ import annotations
 
 import math
 
 from gptstack import report
+from gptstack.evals.gold import level_rows
 from gptstack.metrics import read_metrics
 
 
@@ -16,6 +18,7 @@ def write(workdir, config, train_stats, n_train, n_val) -> str:
     rows = [(name, first.get(f'gold/{name}', 'n/a'), first.get(f'gold/{name}_stderr', 'n/a'),
              last.get(f'gold/{name}', 'n/a'), last.get(f'gold/{name}_stderr', 'n/a'))
             for name in ('greedy', 'sampled')]
+    by_level = level_rows(first, last)
     plots = [
         report.plot(records, {'train (assistant tokens)': 'loss', 'validation': 'val_loss'},
                     workdir / 'loss.png', title='SFT loss', ylabel='nats per token'),
@@ -37,6 +40,9 @@ def write(workdir, config, train_stats, n_train, n_val) -> str:
         ])),
         ('Gold score on held-out prompts (mean ± standard error)', report.table(
             ['decoding', 'base', '± se', 'SFT', '± se'], rows)),
+        ('Gold score by task level', report.table(
+            ['level', 'base, greedy', 'SFT, greedy', 'base, sampled', 'SFT, sampled'],
+            by_level) if by_level else 'no held-out tasks'),
         ('Curves', '\n\n'.join(f'![{p}]({p})' for p in plots)),
         ('Greedy answers at the last evaluation', report.code_block('\n'.join(samples))),
     ])

@@ -18,6 +18,7 @@ Re-running resumes like every stage.
 
 from __future__ import annotations
 
+import json
 import logging
 import pathlib
 
@@ -212,6 +213,8 @@ def run(config, workdir: pathlib.Path) -> str:
             best_of = best_of_n_curve(config, make_sampler(), policy_params, tokenizer, scorer)
             run_.metrics().write(int(final.step), {f'best_of_{n}/gold': v['rm']
                                                    for n, v in best_of.items()})
+            if jax.process_index() == 0:
+                (workdir / best_of_n.CURVE_FILE).write_text(json.dumps(best_of, indent=1) + '\n')
         if jax.process_index() == 0:
             path = reward_report.write(workdir, config, labels, train_stats, val_stats,
                                        held_out_rewards(final.params), ranks, valid, best_of,

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import pipeline as pipeline_config
-from experiments.pipeline import LEDGER
+from experiments.pipeline import LEDGER, STAGES
 from gptstack.config import ConfigError
 from gptstack.data import tasks
 from gptstack.evals import comparison, gold
@@ -17,8 +17,6 @@ from gptstack.evals.comparison import MODELS
 from gptstack.reports.pipeline import COMPARISON, PER_PROMPT, intervals, level_rows
 from gptstack.stats import mean_and_stderr
 from tests.runs import metrics, pipeline_command, run, start_and_wait_for_checkpoint
-
-STAGES = ('tokenizer', 'pretrain', 'sft', 'reward', 'rl')
 
 
 def comparable(workdir):
@@ -169,8 +167,14 @@ def test_pipeline_runs_every_stage_into_one_report(pipeline_workdir):
         pipeline_workdir / 'tokenizer' / 'tokenizer.model')
     assert configs['sft']['init_from'] == str(pipeline_workdir / 'pretrain')
     assert configs['reward']['init_from'] == str(pipeline_workdir / 'sft')
-    assert configs['rl']['init_from'] == str(pipeline_workdir / 'sft')
-    assert configs['rl']['reward_from'] == str(pipeline_workdir / 'reward')
+    for name in ('rl', 'rl_small_beta', 'rl_gold'):
+        assert configs[name]['init_from'] == str(pipeline_workdir / 'sft'), name
+        assert configs[name]['reward_from'] == str(pipeline_workdir / 'reward'), name
+    # The over-optimisation run differs from PPO only by β, the ceiling only by its reward.
+    betas = {name: configs[name]['rl']['ppo'].pop('kl_coef') for name in configs if 'rl' in name}
+    assert betas == {'rl': 0.2, 'rl_small_beta': 0.02, 'rl_gold': 0.2}
+    assert [configs[name]['rl'].pop('reward') for name in betas] == ['model', 'model', 'gold']
+    assert configs['rl'] == configs['rl_small_beta'] == configs['rl_gold']
 
     comparison = json.loads((pipeline_workdir / COMPARISON).read_text())
     assert comparison['prompts'] == 32 and comparison['samples'] == 2
@@ -185,6 +189,7 @@ def test_pipeline_runs_every_stage_into_one_report(pipeline_workdir):
             mean_and_stderr(scores, cells)), model
         assert entry['gold_stderr_unstratified'] == pytest.approx(mean_and_stderr(scores)[1])
     assert comparison['models']['ppo']['gain']['over'] == 'sft'
+    assert comparison['models']['ppo_gold']['gain']['over'] == 'sft'
     levels = sorted({line['level'] for line in lines})
     assert list(comparison['levels']) == [str(k) for k in levels]
     for level, scores in comparison['levels'].items():
@@ -199,7 +204,7 @@ def test_pipeline_runs_every_stage_into_one_report(pipeline_workdir):
     report = (pipeline_workdir / 'report.md').read_text()
     for heading in ('## The stages', '## Gold score on the same held-out prompts',
                     '## Gold score by task family', '## Gold score by task level',
-                    '## Reward model', '## PPO',
+                    '## Reward model', '## PPO', '## Over-optimisation',
                     '## The same prompts answered by each model'):
         assert heading in report, heading
     assert 'reward model: held-out pairwise accuracy' in report
@@ -208,7 +213,10 @@ def test_pipeline_runs_every_stage_into_one_report(pipeline_workdir):
     assert 'the same, standard errors not stratified' in report
     for level in comparison['levels']:
         assert f'| level {level} | ' in report, level
-    for image in ('stages.png', 'gold.png'):
+    assert 'PPO against the gold scorer over SFT: the ceiling' in report
+    for run_label in ('best-of-N', 'PPO, β 0.2', 'PPO, β 0.02', 'PPO, β 0.2, gold reward'):
+        assert f'| {run_label} | gold | ' in report, run_label
+    for image in ('stages.png', 'gold.png', 'overoptimisation.png'):
         assert (pipeline_workdir / image).stat().st_size > 0
 
 
@@ -217,7 +225,7 @@ def test_pipeline_killed_mid_stage_then_rerun_finishes_with_the_same_results(
     # The first three stages as the uninterrupted run left them; the rest starts again.
     workdir = tmp_path / 'pipeline'
     shutil.copytree(pipeline_workdir, workdir)
-    for name in ('reward', 'rl'):
+    for name in STAGES[3:]:
         shutil.rmtree(workdir / name)
     for name in (COMPARISON, 'report.md'):
         (workdir / name).unlink()

@@ -18,6 +18,8 @@ Args (after a colon):
   large   a 124M-parameter GPT-2 and longer stages: for a real accelerator.
 """
 
+import copy
+
 import ml_collections
 
 from experiments.configs import common, pretrain, reward, rl, sft, tokenizer
@@ -40,13 +42,11 @@ def get_config(arg=None):
     for field in ('vocab_size', 'max_lines'):
         config.tokenizer.tokenizer[field] = config.pretrain.tokenizer.get_ref(field)
     config.tokenizer.data.sources = config.pretrain.data.sources
-    for stage in ('tokenizer', 'pretrain', 'sft', 'reward', 'rl'):
-        config[stage].seed = config.get_ref('seed')
 
     # The held-out comparison of base, SFT, best-of-N and PPO.
     config.compare = ml_collections.ConfigDict()
-    # Held-out task prompts; how many the separation of SFT and PPO takes: docs/results.md.
-    config.compare.prompts = 4096
+    # Held-out task prompts (a few minutes on 2 cores); their standard errors: docs/results.md.
+    config.compare.prompts = 1024
     # Replies per prompt at temperature 1 (a prompt's score is their mean; best-of-N picks
     # among them).
     config.compare.samples = 4
@@ -87,4 +87,21 @@ def get_config(arg=None):
         config.rl.data.batch_size = 256
         config.rl.train.total_steps = 500
         config.compare.batch_size = 256
+
+    # Two more PPO runs like `rl`, each its own stage (override them by their own names):
+    # at a small KL coefficient, where the policy drifts far enough from the SFT model that the
+    # reward model's score keeps rising after the gold score has peaked (over-optimisation);
+    # and with the gold scorer as the reward at the same β: what a perfect reward model gives.
+    # Each runs half the iterations of `rl`, evaluated as often.
+    config.rl_small_beta = copy.deepcopy(config.rl)
+    config.rl_small_beta.rl.ppo.kl_coef = 0.02
+    config.rl_gold = copy.deepcopy(config.rl)
+    config.rl_gold.rl.reward = 'gold'
+    if not arg.quick:
+        for name in ('rl_small_beta', 'rl_gold'):
+            config[name].train.total_steps = config.rl.train.total_steps // 2
+            config[name].train.eval_every = config.rl.train.eval_every // 2
+            config[name].train.checkpoint_every = config.rl.train.eval_every // 2
+    for stage in ('tokenizer', 'pretrain', 'sft', 'reward', 'rl', 'rl_small_beta', 'rl_gold'):
+        config[stage].seed = config.get_ref('seed')
     return config

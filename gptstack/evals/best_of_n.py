@@ -9,7 +9,9 @@ mean over the pool, for every N <= M at once.
 
 from __future__ import annotations
 
+import json
 import math
+import pathlib
 from collections.abc import Callable, Sequence
 
 import jax
@@ -85,9 +87,10 @@ def curve(rewards_pm: np.ndarray, gold_pm: np.ndarray) -> dict[int, dict]:
     of the reward model's pick (`rm`, mean and standard error over prompts), its gain over
     N = 1 paired by prompt (far less noisy than the two means), the pick of the gold scorer
     itself (`oracle`, ties broken by the reward model: the ceiling of any reward model), the
-    reward model's score of its pick (`proxy`) and best-of-N's KL from the policy (`kl`)."""
+    reward model's score of its pick (`proxy`) and best-of-N's KL from the policy (`kl`);
+    from N = 2 on, the paired gain over the N before (`step_gain`, `step_gain_stderr`)."""
     out, n = {}, 1
-    single = expected_best_of_n(rewards_pm, gold_pm, 1)
+    single = previous = expected_best_of_n(rewards_pm, gold_pm, 1)
     while n <= rewards_pm.shape[1]:
         by_rm = expected_best_of_n(rewards_pm, gold_pm, n)
         by_gold = expected_best_of_n(gold_pm + 1e-9 * rewards_pm, gold_pm, n)
@@ -99,5 +102,16 @@ def curve(rewards_pm: np.ndarray, gold_pm: np.ndarray) -> dict[int, dict]:
                   # pick moved from the policy, for the over-optimisation fits.
                   'proxy': float(expected_best_of_n(rewards_pm, rewards_pm, n).mean()),
                   'kl': float(best_of_n_kl(n))}
-        n *= 2
+        if n > 1:
+            out[n]['step_gain'], out[n]['step_gain_stderr'] = stats.paired(by_rm, previous)
+        previous, n = by_rm, n * 2
     return out
+
+
+# The reward stage's best-of-N curve, in its workdir (keys are N as strings).
+CURVE_FILE = 'best_of_n.json'
+
+
+def read_curve(path) -> dict[int, dict]:
+    """A curve written by the reward stage (`CURVE_FILE`), keyed by N."""
+    return {int(n): point for n, point in json.loads(pathlib.Path(path).read_text()).items()}

@@ -1,6 +1,7 @@
 """The recipe's models side by side on the same held-out task prompts: the base model (prompted
 with solved examples, the way a base model can be coaxed into answering), the SFT model,
-best-of-N with the reward model, and the PPO policy.
+best-of-N with the reward model, the PPO policy, and PPO with the gold scorer as its reward (the
+ceiling of a perfect reward model).
 
 Each model draws `samples` replies per prompt at temperature 1 (a prompt's score is the mean over
 them) and one greedy reply; best-of-N is the reward model's pick among N of the SFT samples,
@@ -27,11 +28,12 @@ from gptstack.evals.best_of_n import expected_best_of_n
 from gptstack.sampling import Sampler, SamplingParams
 from gptstack.stage import Workdir
 
-# The models of the comparison, in the order of the recipe, and the stage each comes from.
-MODELS = ('base', 'sft', 'best_of_n', 'ppo')
+# The models of the comparison, in the order of the recipe, and the stage each comes from; the
+# last, PPO with the gold scorer as its reward, is the ceiling a perfect reward model would give.
+MODELS = ('base', 'sft', 'best_of_n', 'ppo', 'ppo_gold')
 MODEL_NAMES = {'base': 'base (few-shot prompt)', 'sft': 'SFT', 'best_of_n': 'best-of-N (SFT + RM)',
-               'ppo': 'PPO'}
-SAMPLED_FROM = {'base': 'pretrain', 'sft': 'sft', 'ppo': 'rl'}
+               'ppo': 'PPO', 'ppo_gold': 'PPO, gold reward (ceiling)'}
+SAMPLED_FROM = {'base': 'pretrain', 'sft': 'sft', 'ppo': 'rl', 'ppo_gold': 'rl_gold'}
 
 
 def held_out_prompts(config) -> tuple[list[tasks.Task], np.ndarray]:
@@ -163,7 +165,8 @@ def compare(config, workdir: pathlib.Path) -> dict:
             entry.update(diversity(replies[model]))
         result['models'][model] = entry
     # Differences paired over prompts: the same prompts, so far less noisy than two means.
-    for model, baseline in (('sft', 'base'), ('best_of_n', 'sft'), ('ppo', 'sft')):
+    for model, baseline in (('sft', 'base'), ('best_of_n', 'sft'), ('ppo', 'sft'),
+                            ('ppo_gold', 'sft')):
         gain, gain_stderr = stats.paired(per_prompt[model], per_prompt[baseline], cells)
         result['models'][model]['gain'] = {'over': baseline, 'mean': gain, 'stderr': gain_stderr}
     for family in tasks.FAMILIES:
@@ -176,7 +179,8 @@ def compare(config, workdir: pathlib.Path) -> dict:
         result['examples'].append({
             'prompt': task.prompt, 'answer': str(task.answer),
             'base': replies['base'][i][0], 'sft': replies['sft'][i][0],
-            'best_of_n': replies['sft'][i][best], 'ppo': replies['ppo'][i][0]})
+            'best_of_n': replies['sft'][i][best], 'ppo': replies['ppo'][i][0],
+            'ppo_gold': replies['ppo_gold'][i][0]})
     result['per_prompt'] = [
         {'family': t.family, 'level': t.level, 'prompt': t.prompt,
          'gold': {m: per_prompt[m][i] for m in MODELS},

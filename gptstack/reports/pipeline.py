@@ -11,6 +11,7 @@ import numpy as np
 
 from gptstack import report
 from gptstack.config import GPTConfig
+from gptstack.evals import best_of_n, overoptimization
 from gptstack.evals.comparison import MODEL_NAMES, MODELS
 from gptstack.metrics import read_metrics
 from gptstack.model import GPT, ScoreModel, count_params
@@ -18,6 +19,9 @@ from gptstack.stage import Workdir
 from gptstack.state import abstract_model
 
 COMPARISON = 'comparison.json'
+# The pipeline's PPO runs (stage folders) and how the report names them.
+PPO_RUNS = {'rl': '4 RL (PPO)', 'rl_small_beta': '4 PPO at a small β',
+            'rl_gold': '4 PPO against the gold scorer'}
 # One line per held-out prompt of the comparison: its family, level and every model's scores.
 PER_PROMPT = 'comparison_prompts.jsonl'
 
@@ -50,7 +54,7 @@ def stage_table(config, workdir: pathlib.Path, ledger: dict) -> list[tuple]:
                 f'({steps} × {data.batch_size} × {data.seq_len})')
 
     rows = []
-    pre, sft_c, rm, ppo = config.pretrain, config.sft, config.reward, config.rl
+    pre, sft_c, rm = config.pretrain, config.sft, config.reward
     sources = ', '.join(f'{name} {spec.weight:g}' for name, spec in pre.data.sources.items())
     vocab = config.tokenizer.tokenizer.vocab_size
     rows.append(('0 tokenizer', f'mixture ({sources})', f'BPE, {vocab} tokens', '', '',
@@ -72,13 +76,16 @@ def stage_table(config, workdir: pathlib.Path, ledger: dict) -> list[tuple]:
                  f'{steps * rm.data.batch_size:,} ranked groups ({steps} × '
                  f'{rm.data.batch_size})', f'{n_params("reward", ScoreModel):,}',
                  f'lr {rm.optim.lr:g}', minutes('reward'), _median(records, 'tokens_per_sec')))
-    records = read_metrics(workdir / 'rl')
-    steps = _steps(records)
-    rows.append(('4 RL (PPO)', f'{ppo.data.train_prompts:,} task prompts',
-                 f'{steps * ppo.data.batch_size:,} rollouts ({steps} × {ppo.data.batch_size}, '
-                 f'≤ {ppo.data.max_new_tokens} new tokens)', f'{n_params("rl", GPT):,} + critic',
-                 f'lr {ppo.optim.lr:g}, β {ppo.rl.ppo.kl_coef:g}', minutes('rl'),
-                 _median(records, 'tokens_per_sec')))
+    for name, label in PPO_RUNS.items():
+        ppo = config[name]
+        records = read_metrics(workdir / name)
+        steps = _steps(records)
+        rows.append((label, f'{ppo.data.train_prompts:,} task prompts',
+                     f'{steps * ppo.data.batch_size:,} rollouts ({steps} × '
+                     f'{ppo.data.batch_size}, ≤ {ppo.data.max_new_tokens} new tokens)',
+                     f'{n_params(name, GPT):,} + critic',
+                     f'lr {ppo.optim.lr:g}, β {ppo.rl.ppo.kl_coef:g}', minutes(name),
+                     _median(records, 'tokens_per_sec')))
     return rows
 
 
@@ -103,6 +110,74 @@ def level_rows(comparison: dict) -> list[tuple]:
     return [(f'level {level}', *(cell(scores[m], comparison['levels_stderr'][level][m])
                                  for m in MODELS))
             for level, scores in comparison.get('levels', {}).items()]
+
+
+def best_of_n_rows(workdir: pathlib.Path) -> list[tuple]:
+    """The reward stage's best-of-N gains (paired over its held-out prompts) for the summary."""
+    path = workdir / 'reward' / best_of_n.CURVE_FILE
+    if not path.exists():
+        return []
+    curve = best_of_n.read_curve(path)
+    return [(f'best-of-{n}: gain over N = 1, over N = {n // 2} (reward stage, paired)',
+             f'{p["gain"]:+.4f} ± {p["gain_stderr"]:.4f}, '
+             f'{p["step_gain"]:+.4f} ± {p["step_gain_stderr"]:.4f}')
+            for n, p in curve.items() if 'step_gain' in p]
+
+
+def over_optimisation_runs(config, workdir: pathlib.Path) -> dict[str, tuple]:
+    """`{run: (form, d, gold gain, proxy gain)}`: best-of-N's points over N (the reward stage's
+    curve) and each PPO run's held-out evaluations, as gains over the SFT policy against
+    `d = sqrt(KL)` from it (the proxy is the reward model's score)."""
+    runs = {}
+    curve_path = workdir / 'reward' / best_of_n.CURVE_FILE
+    if curve_path.exists():
+        curve = list(best_of_n.read_curve(curve_path).values())
+        runs['best-of-N'] = ('bon', np.sqrt([p['kl'] for p in curve]),
+                             np.asarray([p['rm'] - curve[0]['rm'] for p in curve]),
+                             np.asarray([p['proxy'] - curve[0]['proxy'] for p in curve]))
+    for name in PPO_RUNS:
+        evals = [r for r in read_metrics(workdir / name)
+                 if 'val/kl' in r and 'gold/sampled' in r]
+        if not evals or evals[0]['step'] != 0:
+            continue
+        ppo = config[name].rl
+        label = f'PPO, β {ppo.ppo.kl_coef:g}' + (', gold reward' if ppo.reward == 'gold' else '')
+        runs[label] = ('rl', np.sqrt(np.maximum([r['val/kl'] for r in evals], 0.0)),
+                       np.asarray([r['gold/sampled'] - evals[0]['gold/sampled'] for r in evals]),
+                       np.asarray([r['val/rm_score'] - evals[0]['val/rm_score'] for r in evals]))
+    return runs
+
+
+def over_optimisation(config, workdir: pathlib.Path) -> str:
+    """Gold and proxy gains against `d = sqrt(KL)` for best-of-N and every PPO run in one
+    figure, and Gao et al.'s forms fitted to each with the KL where the fitted gain peaks."""
+    runs = over_optimisation_runs(config, workdir)
+    if not runs:
+        return 'No best-of-N curve or PPO evaluations to draw.'
+    panels = []
+    for score, index in (('gold', 2), ('proxy', 3)):
+        records = [{'step': float(x), label: float(y)} for label, run in runs.items()
+                   for x, y in zip(run[1], run[index], strict=True)]
+        panels.append(dict(records=records, series={label: label for label in runs},
+                           title=f'{score} score' if score == 'gold' else 'reward-model score',
+                           ylabel='gain over the SFT policy', xlabel='sqrt(KL to SFT)'))
+    plot = report.panels(panels, workdir / 'overoptimisation.png',
+                         title='Over-optimisation: gains against the distance from SFT')
+    rows = []
+    for label, (form, d, gold, proxy) in runs.items():
+        for score, gain in (('gold', gold), ('reward model', proxy)):
+            try:
+                described = overoptimization.fit(form, d, gain).describe()
+            except ValueError as error:  # the policy never moved from the SFT model
+                described = str(error)
+            rows.append((label, score, f'{float(gain[np.argmax(gain)]):+.4f} at KL '
+                                       f'{float(d[np.argmax(gain)]) ** 2:.3g}', described))
+    return (f'![{plot}]({plot})\n\n' + report.table(
+        ['run', 'score', 'largest gain measured', 'least-squares fit, d = sqrt(KL) (Gao, '
+         'Schulman & Hilton 2022)'], rows) + '\n\nBest-of-N is fitted with d (α − β d), PPO '
+        'with d (α − β ln d). Over-optimisation shows where the reward model\'s score keeps '
+        'rising while the gold score has peaked: compare the small β with the default one, and '
+        'both with PPO against the gold scorer itself.')
 
 
 def write(config, workdir: pathlib.Path, ledger: dict, comparison: dict) -> str:
@@ -137,17 +212,20 @@ def write(config, workdir: pathlib.Path, ledger: dict, comparison: dict) -> str:
              title='4 PPO (train rollouts)', ylabel='per response'),
     ], workdir / 'stages.png', title='The four stages')
     rm_eval, rl_eval = _last(rm_r, 'val_accuracy'), _last(rl_r, 'val/kl')
-    ppo_gain = models['ppo']['gain']
+    def gain(entry):
+        g = entry['gain']
+        return (f'{g["mean"]:+.4f} ± {g["stderr"]:.4f} '
+                f'({g["mean"] / max(g["stderr"], 1e-12):.1f} standard errors)')
+
     stage_seconds = sum(v['seconds'] for v in ledger.values())
     compare_seconds = comparison.get('seconds', 0.0)
     headline = [
         ('held-out task prompts', f'{comparison["prompts"]} (test split), {comparison["samples"]} '
                                   'samples each at temperature 1, plus one greedy reply'),
-        ('gold score: base → SFT → best-of-N → PPO',
+        ('gold score: base → SFT → best-of-N → PPO (→ PPO against the gold scorer)',
          ' → '.join(f'{models[m]["gold"]:.3f}' for m in MODELS)),
-        ('PPO over SFT (paired over prompts)',
-         f'{ppo_gain["mean"]:+.4f} ± {ppo_gain["stderr"]:.4f} '
-         f'({ppo_gain["mean"] / max(ppo_gain["stderr"], 1e-12):.1f} standard errors)'),
+        ('PPO over SFT (paired over prompts)', gain(models['ppo'])),
+        ('PPO against the gold scorer over SFT: the ceiling', gain(models['ppo_gold'])),
         ('SFT and PPO gold score, ± 2 standard errors', intervals(models['sft'], models['ppo'])),
         ('the same, standard errors not stratified',
          intervals(models['sft'], models['ppo'], 'gold_stderr_unstratified')),
@@ -157,6 +235,7 @@ def write(config, workdir: pathlib.Path, ledger: dict, comparison: dict) -> str:
          f'{rm_eval.get("gold_agreement", math.nan):.3f})'),
         ('KL of the final PPO policy to the SFT model',
          f'{rl_eval.get("val/kl", math.nan):.3f} nats per response'),
+        *best_of_n_rows(workdir),
         ('wall time', f'{(stage_seconds + compare_seconds) / 60:.1f} min (the comparison '
                       f'{compare_seconds / 60:.1f} min)'),
     ]
@@ -188,5 +267,6 @@ def write(config, workdir: pathlib.Path, ledger: dict, comparison: dict) -> str:
         ('Reward model', '![calibration](reward/calibration.png)\n\n'
                          '![accuracy](reward/accuracy.png)'),
         ('PPO', '![reward against KL](rl/reward_vs_kl.png)\n\n![KL](rl/kl.png)'),
+        ('Over-optimisation', over_optimisation(config, workdir)),
         ('The same prompts answered by each model', examples),
     ])

@@ -71,9 +71,11 @@ def write(workdir, config, labeler, train_stats, val_stats, rewards, ranks, vali
             f'Best-of-N with the SFT policy (gold score on {config.best_of_n.prompts} held-out '
             'prompts; the gain over N = 1 is paired by prompt)',
             report.table(['N', 'KL', 'picked by the RM', '± se', 'gain over N = 1', '± se',
-                          'RM score of its pick', 'picked by gold (ceiling)'],
+                          'gain over N / 2', '± se', 'RM score of its pick',
+                          'picked by gold (ceiling)'],
                          [(n, v['kl'], v['rm'], v['rm_stderr'], v['gain'], v['gain_stderr'],
-                           v['proxy'], v['oracle']) for n, v in best_of.items()])
+                           v.get('step_gain', ''), v.get('step_gain_stderr', ''), v['proxy'],
+                           v['oracle']) for n, v in best_of.items()])
             + '\n\n' + over_optimisation(workdir, best_of)))
     sections.append(('Curves and calibration', '\n\n'.join(f'![{p}]({p})' for p in plots)))
     return report.write(workdir, 'Reward model report', sections)

@@ -34,7 +34,7 @@ def get_config(arg=None):
     config.data.validation = 'embedded:tasks'
     config.data.val_fraction = 0.1
     # Task prompts to make comparisons for (embedded:tasks).
-    config.data.train_prompts = 6000
+    config.data.train_prompts = 4000
     config.data.validation_prompts = 256
     # K: completions per prompt (at most, for files); all K(K-1)/2 pairs go in one batch element.
     config.data.completions = 4
@@ -56,7 +56,7 @@ def get_config(arg=None):
     config.labeler.batch_size = 64
     # Replies are drawn for this many times `data.*_prompts` prompts, and the groups whose
     # replies differ in gold score are kept first (tied groups teach nothing).
-    config.labeler.oversample = 1
+    config.labeler.oversample = 2
 
     config.loss = ml_collections.ConfigDict()
     # The better completion's reward must exceed the other's by this much before the loss
@@ -66,7 +66,8 @@ def get_config(arg=None):
     config.train = common.train_config(300, eval_every=50, sample_every=0,
                                        checkpoint_every=50)
     # Later stages take the checkpoint of the lowest held-out loss (one is saved at every
-    # evaluation); `train.patience=2` stops once two evaluations in a row find no lower one.
+    # evaluation); training stops once three evaluations in a row find no lower one.
+    config.train.patience = 3
     config.optim = common.optim_config(lr=3e-4, warmup_steps=20, weight_decay=0.0)
     config.optim.total_steps = config.train.get_ref('total_steps')
     config.mesh = common.mesh_config()
@@ -76,7 +77,7 @@ def get_config(arg=None):
     config.best_of_n = ml_collections.ConfigDict()
     config.best_of_n.prompts = 128
     # Samples per prompt: N = 1, 2, 4, ... up to this.
-    config.best_of_n.max_n = 16
+    config.best_of_n.max_n = 64
     config.best_of_n.batch_size = 64
 
     if arg.runlocal:

@@ -20,7 +20,7 @@ import tempfile
 import pytest
 
 GOLDEN = pathlib.Path(__file__).parent / 'golden' / 'quick_pipeline.json'
-STAGES = ('pretrain', 'sft', 'reward', 'rl')
+STAGES = ('pretrain', 'sft', 'reward', 'rl', 'rl_small_beta', 'rl_gold')
 COMPARISON = 'comparison.json'
 PER_PROMPT = 'comparison_prompts.jsonl'
 

@@ -20,10 +20,11 @@ REWARD = ('--config.data.validation_prompts=48',)
 
 
 def write_corpus(root: pathlib.Path) -> pathlib.Path:
-    """A few standard-library files as code and a JSONL of docstrings as prose, under `root`."""
+    """A few standard-library files as code, a JSONL of docstrings as prose and one of a few
+    pages of worked examples, under `root`: the default mixture's three sources, small."""
     import itertools
 
-    from gptstack.data import sources
+    from gptstack.data import sources, tasks
 
     (root / 'code').mkdir(parents=True)
     for i, doc in enumerate(itertools.islice(sources.python_code_documents(), 25)):
@@ -31,14 +32,23 @@ def write_corpus(root: pathlib.Path) -> pathlib.Path:
     with open(root / 'prose.jsonl', 'w') as f:
         for doc in itertools.islice(sources.python_prose_documents(), 60):
             f.write(json.dumps({'text': doc}) + '\n')
+    with open(root / 'worked.jsonl', 'w') as f:
+        for doc in tasks.worked_documents(documents=40, per_document=8):
+            f.write(json.dumps({'text': doc}) + '\n')
     return root
+
+
+def corpus_overrides(corpus, prefix='data.sources') -> list[str]:
+    """Flags pointing a config's mixture (`<prefix>.<source>.paths`) at the test corpus."""
+    paths = {'code': corpus / 'code', 'prose': corpus / 'prose.jsonl',
+             'worked': corpus / 'worked.jsonl'}
+    return [f'--config.{prefix}.{name}.paths={path}' for name, path in paths.items()]
 
 
 def command(corpus, workdir, *overrides, config='pretrain.py:runlocal'):
     return [sys.executable, '-m', 'experiments.run',
             f'--config=experiments/configs/{config}', f'--workdir={workdir}',
-            f'--config.data.sources.code.paths={corpus / "code"}',
-            f'--config.data.sources.prose.paths={corpus / "prose.jsonl"}', *overrides]
+            *corpus_overrides(corpus), *overrides]
 
 
 def sft_command(workdir, init_from, *overrides):
@@ -62,8 +72,7 @@ def pipeline_command(corpus, workdir, *overrides):
     `sft_command` and `reward_command` make."""
     return [sys.executable, '-m', 'experiments.run',
             '--config=experiments/configs/pipeline.py:quick', f'--workdir={workdir}',
-            f'--config.pretrain.data.sources.code.paths={corpus / "code"}',
-            f'--config.pretrain.data.sources.prose.paths={corpus / "prose.jsonl"}', *overrides]
+            *corpus_overrides(corpus, 'pretrain.data.sources'), *overrides]
 
 
 def run(args, **kwargs):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gptstack.data import tasks
-from tests.runs import metrics, rl_command, run, start_and_wait_for_checkpoint
+from tests.runs import corpus_overrides, metrics, rl_command, run, start_and_wait_for_checkpoint
 
 # What must repeat exactly after a resume (timings do not).
 EXACT = ('policy_loss', 'value_loss', 'kl', 'rm_score', 'gold', 'entropy', 'clipfrac',
@@ -81,8 +81,7 @@ def test_rl_smoke_run_reports_sft_and_ppo(sft_workdir, reward_workdir, tmp_path)
 def ptx(corpus):
     """PPO-ptx on the small test corpus."""
     return ('--config.rl.ppo.ptx_coef=0.5',
-            f'--config.rl.ptx.sources.code.paths={corpus / "code"}',
-            f'--config.rl.ptx.sources.prose.paths={corpus / "prose.jsonl"}')
+            *corpus_overrides(corpus, 'rl.ptx.sources'))
 
 
 def test_rl_with_ptx_kill_9_then_resume_continues_exactly(sft_workdir, reward_workdir, corpus,

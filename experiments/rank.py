@@ -14,6 +14,7 @@ stage reads (`--config.data.train=comparisons.jsonl`).
 
 from __future__ import annotations
 
+import itertools
 import json
 import pathlib
 import sys
@@ -39,19 +40,24 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Same seed, same replies.')
 flags.mark_flags_as_required(['workdir', 'out'])
 
 
-def parse_ranking(text: str, k: int) -> list[int]:
-    """The ranks typed for `k` completions (`'1 3 2 2'` or `'1,3,2,2'`).
+def parse_ranking(text: str, replies: list[str]) -> list[int]:
+    """The ranks typed for `replies` (`'1 3 2 2'` or `'1,3,2,2'`), checked as the comparison
+    reader checks them: one rank from 1 to K per reply, not all equal, identical replies tied.
 
     Raises:
         ValueError: saying what is expected.
     """
+    k = len(replies)
     parts = text.replace(',', ' ').split()
-    if len(parts) != k or not all(p.isdigit() and int(p) >= 1 for p in parts):
-        raise ValueError(f'expected {k} ranks, one per reply, each a whole number >= 1 '
+    if len(parts) != k or not all(p.isdigit() and 1 <= int(p) <= k for p in parts):
+        raise ValueError(f'expected {k} ranks, one per reply, each a whole number from 1 to {k} '
                          f'(1 is best, equal ranks tie), e.g. {" ".join(["1"] + ["2"] * (k - 1))}')
     ranks = [int(p) for p in parts]
     if len(set(ranks)) == 1:
         raise ValueError('all replies have the same rank: nothing to learn; type s to skip')
+    for i, j in itertools.combinations(range(k), 2):
+        if replies[i] == replies[j] and ranks[i] != ranks[j]:
+            raise ValueError(f'replies {i + 1} and {j + 1} are identical: give them the same rank')
     return ranks
 
 
@@ -103,7 +109,7 @@ def main(argv) -> int:
                 if answer in ('s', 'q'):
                     break
                 try:
-                    ranks = parse_ranking(answer, len(replies))
+                    ranks = parse_ranking(answer, replies)
                 except ValueError as error:
                     print(error)
                     continue

@@ -10,6 +10,7 @@ import pathlib
 import numpy as np
 import pytest
 
+from experiments import rank
 from gptstack.data import preference
 from gptstack.data.sources import DataError, SkipBudget
 from gptstack.data.tokenizer import render_chat
@@ -59,6 +60,16 @@ def test_hh_layout_splits_at_the_last_common_assistant_turn():
      "f:9: field 'ranking' must be a list of 2 integers, the rank of each completion"),
     ({'prompt': 'p', 'completions': ['a', 'b'], 'ranking': [1, 1.5]},
      "f:9: field 'ranking' must be a list of 2 integers"),
+    ({'prompt': 'p', 'completions': ['a', 'b'], 'ranking': [1, 3]},
+     "f:9: field 'ranking' [1, 3]: ranks go from 1 (best) to 2, the number of completions"),
+    ({'prompt': 'p', 'completions': ['a', 'b'], 'ranking': [0, 1]},
+     "f:9: field 'ranking' [0, 1]: ranks go from 1 (best) to 2"),
+    ({'prompt': 'p', 'completions': ['a', 'b', 'a'], 'ranking': [1, 2, 3]},
+     'f:9: completions[0] and completions[2] are identical but ranked 1 and 3'),
+    ({'prompt': 'p', 'chosen': 'same', 'rejected': 'same'},
+     "f:9: fields 'chosen' and 'rejected' are identical, so the pair prefers nothing"),
+    ({'chosen': '\n\nHuman: hi\n\nAssistant: a', 'rejected': '\n\nHuman: hi\n\nAssistant: a'},
+     "f:9: fields 'chosen' and 'rejected' are identical"),
     ({'prompt': 'p', 'completions': ['a'], 'ranking': [1]},
      "f:9: field 'completions' must be a list of at least 2 completions"),
     ({'prompt': '  ', 'chosen': 'a', 'rejected': 'b'}, "f:9: field 'prompt' is empty"),
@@ -92,6 +103,22 @@ def test_reader_handles_gzip_and_counts_skips(tmp_path):
     read = list(preference.read_comparisons(path, budget))
     assert [c.where for c in read] == [f'{path}:1', f'{path}:3']
     assert budget.by_reason == {'bad comparison': 1}
+
+
+def test_tied_identical_completions_are_kept():
+    comparison = preference.comparison_from_record(
+        {'prompt': 'p', 'completions': ['a', 'a', 'b'], 'ranking': [1, 1, 2]}, 'f:1')
+    assert comparison.ranks == [1, 1, 2] and comparison.pairs == 2
+
+
+def test_byte_order_mark_and_crlf_line_ends_are_read(tmp_path):
+    path = tmp_path / 'exported.jsonl'
+    lines = [json.dumps({'prompt': 'p', 'chosen': 'a', 'rejected': 'b'}),
+             json.dumps({'prompt': 'q', 'chosen': 'c', 'rejected': 'd'})]
+    path.write_bytes(b'\xef\xbb\xbf' + '\r\n'.join(lines).encode() + b'\r\n')
+    read = list(preference.read_comparisons(path, SkipBudget()))
+    assert [c.prompt[0]['content'] for c in read] == ['p', 'q']
+    assert [c.completions[0][0]['content'] for c in read] == ['a', 'c']
 
 
 @pytest.mark.skipif(not HH.exists(), reason='the shared datasets are not present')
@@ -163,3 +190,16 @@ def test_simulated_labeler_ranks_by_gold_and_flips_like_bradley_terry():
     flipped = np.mean([r[0] > r[1] for r in draws])
     expected = 1 / (1 + math.exp(0.5 / 0.5))  # P(the worse one wins) = sigmoid(-(1-0.5)/0.5)
     assert abs(flipped - expected) < 4 * math.sqrt(expected * (1 - expected) / len(draws))
+
+
+@pytest.mark.parametrize('typed, message', [
+    ('1 2', 'expected 3 ranks, one per reply, each a whole number from 1 to 3'),
+    ('1 4 2', 'expected 3 ranks, one per reply, each a whole number from 1 to 3'),
+    ('2 2 2', 'all replies have the same rank'),
+    ('1 2 3', 'replies 1 and 3 are identical: give them the same rank'),
+])
+def test_typed_rankings_are_checked_like_the_reader_checks_files(typed, message):
+    replies = ['yes', 'no', 'yes']
+    with pytest.raises(ValueError, match=message):
+        rank.parse_ranking(typed, replies)
+    assert rank.parse_ranking('1,2 1', replies) == [1, 2, 1]

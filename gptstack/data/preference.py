@@ -25,6 +25,7 @@ slots (`valid = 0`); a group whose completions all tie has no pair and is droppe
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import pathlib
@@ -84,19 +85,31 @@ def comparison_from_record(record: dict, where: str) -> Comparison:
                 or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranking)):
             raise DataError(f"{where}: field 'ranking' must be a list of {len(completions)} "
                             'integers, the rank of each completion (1 is best, equal ranks tie)')
+        if not all(1 <= r <= len(completions) for r in ranking):
+            raise DataError(f"{where}: field 'ranking' {ranking}: ranks go from 1 (best) to "
+                            f'{len(completions)}, the number of completions')
         gold = record.get('gold')
         if gold is not None and (not isinstance(gold, list) or len(gold) != len(completions) or
                                  not all(isinstance(g, int | float) for g in gold)):
             raise DataError(f"{where}: field 'gold' must be a list of {len(completions)} numbers")
-        return Comparison(where, prompt_messages(record['prompt'], where),
-                          [_completion(c, where, f'completions[{i}]')
-                           for i, c in enumerate(completions)], list(ranking), gold)
+        comparison = Comparison(where, prompt_messages(record['prompt'], where),
+                                [_completion(c, where, f'completions[{i}]')
+                                 for i, c in enumerate(completions)], list(ranking), gold)
+        for i, j in itertools.combinations(range(len(completions)), 2):
+            if comparison.completions[i] == comparison.completions[j] and ranking[i] != ranking[j]:
+                raise DataError(f'{where}: completions[{i}] and completions[{j}] are identical '
+                                f'but ranked {ranking[i]} and {ranking[j]}')
+        return comparison
     if 'chosen' in record and 'rejected' in record:
         if 'prompt' in record:
-            return Comparison(where, prompt_messages(record['prompt'], where),
-                              [_completion(record[f], where, f) for f in ('chosen', 'rejected')],
-                              [1, 2])
-        prompt, chosen, rejected = split_hh_dialogues(record['chosen'], record['rejected'], where)
+            prompt = prompt_messages(record['prompt'], where)
+            chosen, rejected = (_completion(record[f], where, f) for f in ('chosen', 'rejected'))
+        else:
+            prompt, chosen, rejected = split_hh_dialogues(record['chosen'], record['rejected'],
+                                                          where)
+        if chosen == rejected:
+            raise DataError(f"{where}: fields 'chosen' and 'rejected' are identical, so the pair "
+                            'prefers nothing')
         return Comparison(where, prompt, [chosen, rejected], [1, 2])
     raise DataError(f"{where}: expected {{prompt, chosen, rejected}}, {{prompt, completions, "
                     f"ranking}} or HH {{chosen, rejected}} (fields: {sorted(record)})")

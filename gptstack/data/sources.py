@@ -144,14 +144,15 @@ def read_text_file(path: pathlib.Path, budget: SkipBudget) -> Iterator[str]:
 def read_json_records(path: pathlib.Path, budget: SkipBudget) -> Iterator[tuple[str, dict]]:
     """`(location, object)` for every JSON object line of a JSONL file (gzip-compressed when
     its name ends in `.gz`); `location` is `path:line`. Lines that are not valid UTF-8 JSON
-    objects go to the skip budget."""
+    objects go to the skip budget. A UTF-8 byte-order mark at the start of the file (as some
+    spreadsheet and editor exports write) and CRLF line ends are accepted."""
     with (gzip.open if path.name.endswith('.gz') else open)(path, 'rb') as f:
         for number, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
             where = f'{path}:{number}'
             try:
-                record = json.loads(raw.decode('utf-8'))
+                record = json.loads(raw.decode('utf-8-sig' if number == 1 else 'utf-8'))
             except UnicodeDecodeError as e:
                 budget.reject(DataError(f'{where}: invalid UTF-8 at byte {e.start} of the line'),
                               'bad utf-8')

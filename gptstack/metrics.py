@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import os
 import pathlib
@@ -24,6 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptstack.config import GPTConfig
+from gptstack.data.sources import DataError
+
+log = logging.getLogger(__name__)
+# The key of a record's non-finite values: `{key: reason}` (their own values are null).
+NONFINITE = 'nonfinite_values'
 
 # Dense bf16 peak per chip, from the vendors' spec sheets.
 PEAK_FLOPS = {
@@ -91,9 +97,19 @@ class MetricsWriter:
         self._tb = SummaryWriter(str(pathlib.Path(workdir) / 'tensorboard'))
 
     def write(self, step: int, metrics: dict) -> None:
+        """Appends one record; a non-finite value is stored as `null`, its reason (`nan`, `inf`
+        or `-inf`) under `NONFINITE` (`read_metrics` gives it back as a `NonFinite`)."""
         if not self.enabled:
             return
-        record = {'step': int(step), **{k: _scalar(v) for k, v in metrics.items()}}
+        record, nonfinite = {'step': int(step)}, {}
+        for key, value in metrics.items():
+            value = _scalar(value)
+            if isinstance(value, float) and not math.isfinite(value):
+                record[key], nonfinite[key] = None, str(value)
+            else:
+                record[key] = value
+        if nonfinite:
+            record[NONFINITE] = nonfinite
         with open(self.path, 'a') as f:
             f.write(json.dumps(record) + '\n')
         for key, value in record.items():
@@ -105,27 +121,66 @@ class MetricsWriter:
             self._tb.close()
 
 
-def _scalar(value):
+def _scalar(value) -> int | float:
     value = np.asarray(value)
-    if value.dtype.kind in 'iub':
-        return int(value)
-    value = float(value)
-    return value if math.isfinite(value) else str(value)
+    return int(value) if value.dtype.kind in 'iub' else float(value)
+
+
+class NonFinite(float):
+    """A metric that was NaN or infinite, read back from `metrics.jsonl`: that float in
+    arithmetic and plots (which leave it out), `n/a (<reason>)` in a report's tables."""
+
+    def __new__(cls, reason: str):
+        value = super().__new__(cls, reason)
+        value.reason = reason
+        return value
+
+    def __format__(self, spec: str) -> str:
+        return f'n/a ({self.reason})'
+
+    __str__ = __repr__ = lambda self: f'n/a ({self.reason})'  # noqa: E731
+
+
+def _parse_lines(path: pathlib.Path) -> list[tuple[str, dict]]:
+    """`(line, record)` of a JSONL log. A last line that does not parse is a write torn by a
+    crash: it is left out, with a warning. Any other bad line is an error naming it."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    parsed = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            parsed.append((line, json.loads(line)))
+        except json.JSONDecodeError as error:
+            if number < len(lines):
+                raise DataError(f'{path}:{number}: not a JSON record ({error.msg}); the log is '
+                                'damaged') from None
+            log.warning('%s: leaving out its last line, cut short by an interrupted write (%r)',
+                        path, line[:60])
+    return parsed
 
 
 def read_metrics(workdir: str | os.PathLike) -> list[dict]:
-    """All records of a run's `metrics.jsonl`."""
+    """All records of a run's `metrics.jsonl`, non-finite values as `NonFinite`.
+
+    Raises:
+        DataError: when the file is missing (the stage has not run here, or the file was
+            deleted), or damaged before its last line.
+    """
     path = pathlib.Path(workdir) / 'metrics.jsonl'
     if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line]
+        raise DataError(f'{path} is missing: the report is made from it (rerun the stage with '
+                        'the same command to log it again)')
+    records = []
+    for _, record in _parse_lines(path):
+        for key, reason in record.pop(NONFINITE, {}).items():
+            record[key] = NonFinite(reason)
+        records.append(record)
+    return records
 
 
 def truncate_jsonl(path: str | os.PathLike, last_step: int) -> None:
     """Drops the records of a JSONL log whose `step` is past `last_step` (used on resume, so
-    steps redone after a restart are not logged twice)."""
+    steps redone after a restart are not logged twice) and a torn last line."""
     path = pathlib.Path(path)
     if path.exists():
-        kept = [line for line in path.read_text().splitlines()
-                if line and json.loads(line)['step'] <= last_step]
+        kept = [line for line, record in _parse_lines(path) if record['step'] <= last_step]
         path.write_text(''.join(line + '\n' for line in kept))

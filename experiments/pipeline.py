@@ -25,6 +25,7 @@ import time
 import jax
 
 from gptstack.evals import comparison
+from gptstack.files import write_whole
 from gptstack.reports import pipeline as pipeline_report
 from gptstack.reports.pipeline import COMPARISON, PER_PROMPT
 
@@ -50,13 +51,6 @@ def validate(config, recipe: dict) -> None:
     for name in STAGES:
         recipe[config[name].stage].validate(config[name])
     comparison.held_out_prompts(config)
-
-
-def write_whole(path: pathlib.Path, text: str) -> None:
-    """Written whole or not at all (a kill mid-write leaves the previous file)."""
-    temporary = path.with_suffix('.tmp')
-    temporary.write_text(text)
-    temporary.replace(path)
 
 
 def write_json(path: pathlib.Path, value) -> None:

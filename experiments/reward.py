@@ -33,6 +33,7 @@ from gptstack.config import ConfigError
 from gptstack.data import preference, tasks
 from gptstack.data.sources import DataError, hold_out, read_records
 from gptstack.evals import best_of_n, gold, ranking
+from gptstack.files import write_whole
 from gptstack.metrics import train_flops_per_token
 from gptstack.model import GPT, ScoreModel
 from gptstack.reports import reward as reward_report
@@ -214,7 +215,7 @@ def run(config, workdir: pathlib.Path) -> str:
             run_.metrics().write(int(final.step), {f'best_of_{n}/gold': v['rm']
                                                    for n, v in best_of.items()})
             if jax.process_index() == 0:
-                (workdir / best_of_n.CURVE_FILE).write_text(json.dumps(best_of, indent=1) + '\n')
+                write_whole(workdir / best_of_n.CURVE_FILE, json.dumps(best_of, indent=1) + '\n')
         if jax.process_index() == 0:
             path = reward_report.write(workdir, config, labels, train_stats, val_stats,
                                        held_out_rewards(final.params), ranks, valid, best_of,

@@ -34,6 +34,7 @@ from experiments import pipeline, pretrain, reward, rl, sft, tokenizer
 from gptstack import environment
 from gptstack.config import ConfigError
 from gptstack.data.sources import DataError
+from gptstack.files import write_whole
 from gptstack.loop import TrainingDivergedError
 
 # The stages of the recipe in order, each a driver module with `validate(config)` and
@@ -158,7 +159,7 @@ def main(argv) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     log_environment(config)
     if jax.process_index() == 0:
-        (workdir / 'config.json').write_text(json.dumps(config.to_dict(), indent=1,
+        write_whole(workdir / 'config.json', json.dumps(config.to_dict(), indent=1,
                                                         default=str) + '\n')
     try:
         if config.stage == 'pipeline':

@@ -20,6 +20,7 @@ import numpy as np
 
 from gptstack.data import preference, tasks
 from gptstack.evals import gold
+from gptstack.files import write_whole
 from gptstack.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -80,5 +81,5 @@ def comparisons(config, directory: pathlib.Path, make_sampler, params, tokenizer
                  for split, n in (('train', config.data.train_prompts),
                                   ('validation', config.data.validation_prompts))}
         stats['noise'] = config.labeler.noise
-        stats_path.write_text(json.dumps(stats, indent=1))
+        write_whole(stats_path, json.dumps(stats, indent=1))
     return json.loads(stats_path.read_text())

@@ -138,7 +138,7 @@ class NonFinite(float):
     def __format__(self, spec: str) -> str:
         return f'n/a ({self.reason})'
 
-    __str__ = __repr__ = lambda self: f'n/a ({self.reason})'  # noqa: E731
+    __str__ = __repr__ = lambda self: f"n/a ({self.reason})"
 
 
 def _parse_lines(path: pathlib.Path) -> list[tuple[str, dict]]:

@@ -16,6 +16,8 @@ import numpy as np
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 
+from gptstack.files import write_whole
+
 
 def plot(records: list[dict], series: dict[str, str], path: str | os.PathLike, *, title: str,
          ylabel: str, hlines: dict[str, float] | None = None, logy: bool = False,
@@ -134,5 +136,5 @@ def write(workdir: str | os.PathLike, title: str, sections: Sequence[tuple[str, 
     path = pathlib.Path(workdir) / 'report.md'
     parts = [f'# {title}\n']
     parts += [f'## {heading}\n\n{body}\n' for heading, body in sections]
-    path.write_text('\n'.join(parts))
+    write_whole(path, '\n'.join(parts))
     return str(path)

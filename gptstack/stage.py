@@ -20,7 +20,6 @@ import dataclasses
 import logging
 import os
 import pathlib
-import shutil
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -34,6 +33,7 @@ from gptstack.config import COMPUTE_FIELDS, ConfigError, GPTConfig, MeshConfig, 
 from gptstack.data import sources
 from gptstack.data.tokenizer import Tokenizer, train_tokenizer
 from gptstack.evals.best_of_n import ScoreFn, reward_scorer
+from gptstack.files import write_whole
 from gptstack.metrics import MetricsWriter, peak_flops_per_device, truncate_jsonl
 from gptstack.model import GPT, ScoreModel
 from gptstack.optim import make_optimizer
@@ -226,7 +226,8 @@ def start_from(config, key: str, stages: tuple[str, ...], purpose: str,
         raise ConfigError(f'{key}: name {purpose} (--config.{key}=workdirs/...)')
     lineage = Workdir(config[key]).lineage(key, stages, best)
     if workdir is not None:
-        shutil.copyfile(Workdir(config[key]).tokenizer_path, Workdir(workdir).tokenizer_path)
+        source = Workdir(config[key]).tokenizer_path
+        write_whole(Workdir(workdir).tokenizer_path, source.read_bytes())
     return lineage
 
 

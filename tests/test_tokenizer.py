@@ -5,7 +5,9 @@ import re
 
 import pytest
 
+from gptstack.config import ConfigError
 from gptstack.data import tokenizer as tk
+from gptstack.data.sources import DataError
 
 
 def random_unicode(rng: random.Random, n: int) -> str:
@@ -64,6 +66,29 @@ def test_save_load_and_sha256(tokenizer, tmp_path):
     assert loaded.encode('hello world') == tokenizer.encode('hello world')
     other = tk.train_tokenizer(['completely different text ' * 50], vocab_size=300)
     assert other.sha256 != tokenizer.sha256
+
+
+def test_a_damaged_or_foreign_model_file_is_a_one_line_error(tokenizer, tmp_path):
+    path = tmp_path / 'tokenizer.model'
+    path.write_bytes(tokenizer.model_proto[:len(tokenizer.model_proto) // 3])
+    with pytest.raises(DataError, match=re.escape(f'{path}: not a SentencePiece model (')):
+        tk.Tokenizer.load(path)
+    tokenizer.save(path)
+    assert tk.Tokenizer.load(path).sha256 == tokenizer.sha256
+    path.write_bytes(b'\x00' * 10)
+    with pytest.raises(DataError, match='damaged or cut short'):
+        tk.Tokenizer.load(path)
+    assert not list(tmp_path.glob('.*tmp*'))  # save leaves no temporary behind
+
+
+@pytest.mark.parametrize('vocab_size, message', [
+    (100, 'tokenizer vocab_size=100: this corpus allows at least 281 (the 7 special tokens, '
+          'byte pieces, its characters and the merges its text has)'),
+    (400, 'tokenizer vocab_size=400: this corpus allows at most 330 ('),
+])
+def test_a_vocabulary_the_corpus_cannot_fill_is_a_config_error(vocab_size, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        tk.train_tokenizer(['plain text and more words here ' * 50], vocab_size=vocab_size)
 
 
 def test_token_bytes_counts_utf8_bytes(tokenizer):

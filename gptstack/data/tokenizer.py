@@ -20,10 +20,15 @@ import hashlib
 import io
 import os
 import random
+import re
 from collections.abc import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
+
+from gptstack.config import ConfigError
+from gptstack.data.sources import DataError
+from gptstack.files import write_whole
 
 EOT = '<|endoftext|>'
 PAD = '<|pad|>'
@@ -65,12 +70,23 @@ class Tokenizer:
     # --- files ----------------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | os.PathLike) -> Tokenizer:
+        """The tokenizer saved at `path`.
+
+        Raises:
+            DataError: when the file is not a SentencePiece model (damaged or cut short).
+        """
         with open(path, 'rb') as f:
-            return cls(f.read())
+            proto = f.read()
+        try:
+            return cls(proto)
+        except RuntimeError:  # sentencepiece cannot parse it
+            raise DataError(f'{path}: not a SentencePiece model ({len(proto):,} bytes; damaged '
+                            'or cut short?)') from None
+        except ValueError as error:  # a model without the reserved tokens
+            raise DataError(f'{path}: {error}') from None
 
     def save(self, path: str | os.PathLike) -> None:
-        with open(path, 'wb') as f:
-            f.write(self.model_proto)
+        write_whole(path, self.model_proto)
 
     @property
     def vocab_size(self) -> int:
@@ -134,6 +150,27 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, *, max_lines: int
     if len(lines) > max_lines:
         lines = random.Random(seed).sample(lines, max_lines)
     model = io.BytesIO()
+    try:
+        _train(lines, model, vocab_size)
+    except RuntimeError as error:  # sentencepiece's checks, as one line with the bound
+        bound = _VOCAB_BOUND.search(str(error))
+        if not bound:
+            raise
+        least = bound['kind'] == 'smaller'
+        raise ConfigError(
+            f'tokenizer vocab_size={vocab_size}: this corpus allows '
+            f'{"at least" if least else "at most"} {bound["bound"] or bound["high"]} (the '
+            f'{len(SPECIAL_TOKENS)} special tokens, byte pieces, its characters and the merges '
+            'its text has)') from None
+    return Tokenizer(model.getvalue())
+
+
+_VOCAB_BOUND = re.compile(r'Vocabulary size (?:is (?P<kind>smaller) than required_chars\. '
+                          r'\d+ vs (?P<bound>\d+)|too high \(\d+\)\. Please set it to a value '
+                          r'<= (?P<high>\d+))')
+
+
+def _train(lines: list[str], model: io.BytesIO, vocab_size: int) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=model, model_type='bpe',
         vocab_size=vocab_size, byte_fallback=True, character_coverage=0.9995,
@@ -143,7 +180,6 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, *, max_lines: int
         normalization_rule_name='identity', remove_extra_whitespaces=False,
         add_dummy_prefix=False, allow_whitespace_only_pieces=True, split_digits=True,
         max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1, minloglevel=2)
-    return Tokenizer(model.getvalue())
 
 
 # --- the chat template --------------------------------------------------------------------------

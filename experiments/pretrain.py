@@ -112,7 +112,8 @@ def run(config, workdir: pathlib.Path) -> str:
     sampler = Sampler(trainable.graphdef, model_config, mesh, rules,
                       batch_size=len(config.sample.prompts),
                       max_new_tokens=config.sample.max_new_tokens,
-                      stop_ids=[tokenizer.eot_id], pad_id=tokenizer.pad_id)
+                      stop_ids=[tokenizer.eot_id], pad_id=tokenizer.pad_id,
+                      vocab_size=tokenizer.vocab_size)
     tokens_per_step = batch_size * config.data.seq_len
     start_time = time.perf_counter()
     result = run_.train(

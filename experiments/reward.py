@@ -70,7 +70,7 @@ def policy(config, lineage: stage.Lineage, setup: stage.Setup):
     return params, lambda: Sampler(
         graphdef, model_config, setup.mesh, setup.rules, batch_size=config.labeler.batch_size,
         max_new_tokens=config.labeler.max_new_tokens, stop_ids=[tok.end_of_turn_id, tok.eot_id],
-        pad_id=tok.pad_id)
+        pad_id=tok.pad_id, vocab_size=tok.vocab_size)
 
 
 def load_comparisons(config, workdir: pathlib.Path, tokenizer, make_sampler, policy_params):

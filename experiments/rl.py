@@ -218,7 +218,7 @@ def run(config, workdir: pathlib.Path) -> str:
     sampler = Sampler(actor.graphdef, actor_config, mesh, rules, batch_size=batch_size,
                       max_new_tokens=max_new, stop_ids=[tokenizer.end_of_turn_id,
                                                         tokenizer.eot_id],
-                      pad_id=tokenizer.pad_id)
+                      pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
     trainer = PPOIteration(ppo_config, actor_graphdef=actor.graphdef,
                            critic_graphdef=critic.graphdef, reference=reference, reward=reward,
                            sampler=sampler, tx_actor=actor.tx, tx_critic=critic.tx, mesh=mesh,

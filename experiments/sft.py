@@ -133,7 +133,7 @@ def run(config, workdir: pathlib.Path) -> str:
                       batch_size=config.eval.batch_size,
                       max_new_tokens=config.eval.max_new_tokens,
                       stop_ids=[tokenizer.end_of_turn_id, tokenizer.eot_id],
-                      pad_id=tokenizer.pad_id)
+                      pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
     evaluate, sample = make_evaluate(
         config, lm_evaluator(eval_step, {'assistant': eval_batches}), sampler, tokenizer,
         (val_tasks or [])[:config.eval.gold_prompts])

@@ -141,10 +141,13 @@ class Sampler:
         max_new_tokens: generation budget per row.
         stop_ids: tokens that end a row (kept in the output).
         pad_id: fills slots after a row stopped.
+        vocab_size: ids below this are drawn (the tokenizer's size); rows of an embedding table
+            padded past it never are. None: the model's whole vocabulary.
     """
 
     def __init__(self, graphdef: nnx.GraphDef, config: GPTConfig, mesh: Mesh, rules: str, *,
-                 batch_size: int, max_new_tokens: int, stop_ids: Sequence[int], pad_id: int):
+                 batch_size: int, max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
+                 vocab_size: int | None = None):
         if max_new_tokens >= config.max_seq_len:
             raise ConfigError(f'max_new_tokens={max_new_tokens} leaves no room for a prompt in '
                              f'max_seq_len={config.max_seq_len}')
@@ -153,6 +156,10 @@ class Sampler:
         self.max_new_tokens = max_new_tokens
         self.stop_ids = np.asarray(sorted(set(stop_ids)), np.int32)
         self.pad_id = pad_id
+        self.vocab_size = config.vocab_size if vocab_size is None else vocab_size
+        if not 0 < self.vocab_size <= config.vocab_size:
+            raise ConfigError(f'vocab_size={vocab_size}: the tokenizer must fit the model\'s '
+                              f'{config.vocab_size} token rows')
         self._batch_sharding = sharding.batch_sharding(mesh, rules, self.batch_size)
         self._row_sharding = sharding.named_sharding(mesh, ('batch',), rules)
         self._compiled: dict[int, Callable] = {}
@@ -204,10 +211,12 @@ class Sampler:
         """The jitted generation for prompts of `prompt_len` tokens (a bucket)."""
         graphdef, mesh, rules = self.graphdef, self.mesh, self.rules
         n_new, stop_ids, pad_id = self.max_new_tokens, jnp.asarray(self.stop_ids), self.pad_id
+        vocab_size = self.vocab_size
 
         def generate(params, tokens_bp, lengths_b, key, temperature, top_k, top_p):
             with sharding.activation_sharding(mesh, rules):
-                sampling = _Sampling(key, temperature, top_k, top_p, stop_ids, pad_id)
+                sampling = _Sampling(key, temperature, top_k, top_p, stop_ids, pad_id,
+                                     vocab_size)
                 return _generate(nnx.merge(graphdef, params), tokens_bp, lengths_b, sampling,
                                  prompt_len, n_new)
 
@@ -229,6 +238,7 @@ class _Sampling(NamedTuple):
     top_p: Array
     stop_ids: Array
     pad_id: int
+    vocab_size: int  # ids at or past it (a padded embedding table) are never drawn
 
 
 class _Layout(NamedTuple):
@@ -324,7 +334,12 @@ def _joined(full: _LayerBlocks, current: list[tuple[Array, Array]]) -> _LayerBlo
 def _pick(logits_bv: Array, step: Array | int, sampling: _Sampling):
     """Token `step` `[B]`, drawn with key `fold_in(key, step)`, and its log-probabilities under
     the sampling distribution and under the model."""
-    log_probs_bv = filter_logits(logits_bv, sampling.temperature, sampling.top_k, sampling.top_p)
+    drawable_bv = logits_bv
+    if sampling.vocab_size < logits_bv.shape[-1]:
+        drawable_bv = jnp.where(jnp.arange(logits_bv.shape[-1]) < sampling.vocab_size,
+                                logits_bv, -jnp.inf)
+    log_probs_bv = filter_logits(drawable_bv, sampling.temperature, sampling.top_k,
+                                 sampling.top_p)
     token_b = sample_tokens(jax.random.fold_in(sampling.key, step), log_probs_bv)
     sampled_lp = jnp.take_along_axis(log_probs_bv, token_b[:, None], -1)[:, 0]
     model_lp = jnp.take_along_axis(jax.nn.log_softmax(logits_bv, axis=-1),

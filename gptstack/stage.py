@@ -253,7 +253,8 @@ class Policy(LoadedModel):
         tok = self.tokenizer
         stops = [tok.end_of_turn_id, tok.eot_id] if chat else [tok.eot_id]
         return Sampler(self.graphdef, self.config, self.mesh, 'fsdp', batch_size=batch_size,
-                       max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=tok.pad_id)
+                       max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=tok.pad_id,
+                       vocab_size=tok.vocab_size)
 
 
 class RewardModel(LoadedModel):

@@ -75,3 +75,16 @@ def test_parse_arg():
     assert arg.size == 'mini' and arg.runlocal is True and arg.steps == 10
     with pytest.raises(ValueError, match="config argument 'sise'"):
         common.parse_arg('sise=mini', size='')
+
+
+def test_unset_fields_are_placeholders_of_their_annotated_type():
+    from experiments.configs import pretrain
+    config = pretrain.get_config()
+    assert config.model.vocab_size is None
+    config.model.vocab_size = 4608  # what --config.model.vocab_size=4608 does
+    config.mesh.fsdp = 2
+    assert config.model.vocab_size == 4608
+    for key, value in (('model.vocab_size', '4608'), ('mesh.fsdp', 2.5)):
+        with pytest.raises(TypeError):
+            section, field = key.split('.')
+            config[section][field] = value

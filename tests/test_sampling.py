@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from gptstack import model as gpt_model
-from gptstack.config import GPTConfig
+from gptstack.config import ConfigError, GPTConfig
 from gptstack.sampling import CACHE_BLOCK, Sampler, SamplingParams, filter_logits, sample_tokens
 
 STOP, PAD = 3, 1
@@ -202,3 +202,15 @@ def test_no_recompilation_within_a_prompt_bucket(mesh_1):
                                top_p=float(rng.uniform(0.5, 1))))
     assert len(compiles) == before
     assert list(sampler._compiled) == [64]
+
+
+def test_ids_past_the_tokenizer_in_a_padded_table_are_never_drawn(mesh_1):
+    config, graphdef, params = build('toy', mesh_1)
+    kwargs = dict(batch_size=4, max_new_tokens=20, stop_ids=[], pad_id=PAD)
+    prompts = [[5, 6, 7], [100, 200], [42] * 9, [7]]
+    out = Sampler(graphdef, config, mesh_1, 'fsdp', vocab_size=16, **kwargs)(
+        params, prompts, jax.random.key(0), SamplingParams(temperature=3.0))
+    assert out['tokens'].max() < 16 and len(np.unique(out['tokens'])) > 4
+    message = f"the tokenizer must fit the model's {config.vocab_size} token rows"
+    with pytest.raises(ConfigError, match=message):
+        Sampler(graphdef, config, mesh_1, 'fsdp', vocab_size=config.vocab_size + 1, **kwargs)

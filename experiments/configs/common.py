@@ -37,8 +37,9 @@ def _typed_fields(cls, values: dict) -> ml_collections.ConfigDict:
     out = ml_collections.ConfigDict()
     for field in dataclasses.fields(cls):
         value = values.get(field.name, field.default)
-        if value is None:
-            kind = {'int | None': int, 'float | None': float}.get(str(field.type), str)
+        if value is None:  # typed by the annotation ('int', 'float | None', ...)
+            kind = {'int': int, 'float': float, 'bool': bool}.get(
+                str(field.type).removesuffix(' | None'), str)
             value = config_dict.placeholder(kind)
         out[field.name] = value
     return out

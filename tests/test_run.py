@@ -100,6 +100,14 @@ def test_sigterm_saves_the_current_step_and_exits_0(corpus, tmp_path):
     ('--config.tokenizer.path=/nowhere/tokenizer.model',
      'ConfigError: tokenizer.path=/nowhere/tokenizer.model: no such file (give a '
      'tokenizer.model, or leave the key unset to train one)'),
+    ('--config.data.batch_size=0',
+     'ConfigError: data.batch_size=0: expected at least 1 (rows or groups per step)'),
+    ('--config.data.seq_len=1', 'ConfigError: data.seq_len=1: expected at least 2'),
+    ('--config.data.eval_batches=0', 'ConfigError: data.eval_batches=0: expected at least 1'),
+    ('--config.model.vocab_size=300',
+     "ConfigError: model.vocab_size=300 is smaller than the tokenizer's 512 tokens"),
+    ('--config.tokenizer.vocab_size=100',
+     'ConfigError: tokenizer vocab_size=100: this corpus allows at least'),
 ])
 def test_bad_config_fails_before_any_work(corpus, tmp_path, override, message):
     workdir = tmp_path / 'bad'

@@ -1,7 +1,7 @@
 """Sample continuations from a trained stage's latest checkpoint.
 
     python -m experiments.sample --workdir=workdirs/pretrain --prompt='def parse(' \
-        [--num_samples=4] [--max_new_tokens=128] [--temperature=0.8] [--top_k=50] [--top_p=0.95]
+        [--num_samples=4] [--max_new_tokens=N] [--temperature=0.8] [--top_k=50] [--top_p=0.95]
 
     python -m experiments.sample --workdir=workdirs/sft --chat [--system='Be brief.']
 
@@ -29,7 +29,8 @@ from gptstack.stage import Workdir
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A stage workdir with checkpoints.')
 _PROMPT = flags.DEFINE_string('prompt', '', 'Text to continue.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1, 'Continuations to draw.')
-_MAX_NEW = flags.DEFINE_integer('max_new_tokens', 128, 'Generation budget per sample.')
+_MAX_NEW = flags.DEFINE_integer('max_new_tokens', None, 'Generation budget per sample '
+                                '(default: half the model\'s context, at most 128).')
 _TEMPERATURE = flags.DEFINE_float('temperature', 0.8, '0 is greedy.')
 _TOP_K = flags.DEFINE_integer('top_k', 50, '0 disables.')
 _TOP_P = flags.DEFINE_float('top_p', 0.95, '1 disables.')
@@ -68,7 +69,11 @@ def main(argv) -> int:
         raise app.UsageError(f'--chat needs a finetuned workdir; {workdir} is a {stage} run '
                              '(a base model only continues text: use --prompt)')
     n = 1 if _CHAT.value else _NUM_SAMPLES.value
-    sampler = policy.sampler(n, _MAX_NEW.value, chat=_CHAT.value)
+    max_new = _MAX_NEW.value or min(128, policy.config.max_seq_len // 2)
+    try:
+        sampler = policy.sampler(n, max_new, chat=_CHAT.value)
+    except ConfigError as error:  # a budget that leaves no room for the prompt
+        raise app.UsageError(f'--max_new_tokens: {error}') from None
     sampling = SamplingParams(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
     if _CHAT.value:
         chat(tokenizer, sampler, params, sampling)

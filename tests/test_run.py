@@ -192,10 +192,15 @@ def test_sft_smoke_run_reports_base_and_sft_gold_scores(base_workdir, sft_workdi
     assert '## Gold score by task level' in report
     for level in count:
         assert f'| level {level} | ' in report, level
+    # The default reply budget fits the model's context; one that leaves no room is one line.
     chat = run([sys.executable, '-m', 'experiments.sample', f'--workdir={sft_workdir}', '--chat',
-                '--max_new_tokens=5', '--temperature=0'], input='What is 2 + 2?\nAnd 3 + 3?\n')
+                '--temperature=0'], input='What is 2 + 2?\nAnd 3 + 3?\n')
     assert chat.returncode == 0, chat.stderr[-3000:]
     assert [line.split(':')[0] for line in chat.stdout.splitlines()] == ['assistant'] * 2
+    too_long = run([sys.executable, '-m', 'experiments.sample', f'--workdir={sft_workdir}',
+                    '--chat', '--max_new_tokens=1000'], input='hi\n')
+    assert too_long.returncode == 1 and 'Traceback' not in too_long.stderr
+    assert '--max_new_tokens: max_new_tokens=1000 leaves no room for a prompt' in too_long.stderr
     base_chat = run([sys.executable, '-m', 'experiments.sample', f'--workdir={base_workdir}',
                      '--chat'], input='hi\n')
     assert base_chat.returncode != 0 and '--chat needs a finetuned workdir' in base_chat.stderr

@@ -23,6 +23,7 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from gptstack import sharding, stage, stats
 from gptstack.chat import reply_text
@@ -53,7 +54,29 @@ def validate(config) -> stage.Setup:
     ppo.PPOConfig(**config.rl.ppo).check_batch(config.data.batch_size)
     if config.rl.reward not in ('model', 'gold'):
         raise ConfigError(f"rl.reward={config.rl.reward!r}: expected 'model' or 'gold'")
+    if config.rl.critic_head not in CRITIC_HEADS:
+        raise ConfigError(f'rl.critic_head={config.rl.critic_head!r}: expected one of '
+                          f'{CRITIC_HEADS}')
     return setup
+
+
+# How the critic's value head starts (its transformer is always the reward model's).
+CRITIC_HEADS = ('zero', 'reward')
+
+
+def critic_start(params: nnx.State, head: str) -> nnx.State:
+    """The critic's first parameters: the reward model's, its score head zeroed for `zero`.
+
+    With the reward model's head, the first values are the reward model's reading of every
+    prefix, on its own arbitrary scale, not the value of the centred, KL-penalised return PPO
+    optimises; until the critic is refit (the value clip moves it 0.2 per update), each token's
+    advantage is the return minus that reading. A zero head makes the first advantages the
+    returns themselves, as a critic-free policy gradient has them, and the critic learns from
+    there.
+    """
+    if head == 'zero':
+        params['score_head'] = jax.tree.map(jnp.zeros_like, params['score_head'])
+    return params
 
 
 def read_split(config, split: str) -> list[prompts_data.Prompt]:
@@ -210,7 +233,8 @@ def run(config, workdir: pathlib.Path) -> str:
                            TrainState(jnp.zeros((), jnp.int32), c, critic.tx.init(c)),
                            ppo_config), out_shardings=shardings)(
                            sft.restore_params(GPT, mesh, rules)[1],
-                           rm.restore_params(ScoreModel, mesh, rules)[1]))
+                           critic_start(rm.restore_params(ScoreModel, mesh, rules)[1],
+                                        config.rl.critic_head)))
     sft.checkpointer.close()
     rm.checkpointer.close()
 

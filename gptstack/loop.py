@@ -17,6 +17,7 @@ periodic evaluation -> periodic samples -> checkpoints.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -162,6 +163,7 @@ def train(*, state, step_fn: Callable, batches: Iterator[dict], config: LoopConf
         skipped = bool(metrics.pop('nonfinite', 0.0))
         if skipped:
             if config.on_nonfinite == 'stop' or skips >= config.max_nonfinite_skips:
+                checkpointer.wait()  # a save in flight lands first: the step named is on disk
                 last = checkpointer.latest_step()
                 where = (f'the last good checkpoint is {checkpointer.path(last)} (step {last})'
                          if last is not None else 'there is no checkpoint yet')
@@ -212,7 +214,9 @@ def train(*, state, step_fn: Callable, batches: Iterator[dict], config: LoopConf
         log.info('training stopped early at step %d (no lower val_loss in %d evaluations)',
                  start, record['evals_since_best'])
     last = start if record['stopped'] else config.total_steps
-    with _StopSignal() as stop:
+    # Every way out (the end, a signal, divergence, an exception, Ctrl-C) waits for the save in
+    # flight, so the checkpoints on disk are whole and the latest one is the last saved.
+    with _StopSignal() as stop, _saves_landed(checkpointer):
         for step in range(start + 1, last + 1):
             state, metrics = step_fn(state, next(batches))
             if pending is not None:
@@ -256,6 +260,14 @@ def train(*, state, step_fn: Callable, batches: Iterator[dict], config: LoopConf
         log.warning('stopped by %s at step %d; checkpoint saved in %s. Re-run the same command '
                     'to resume.', stop.signal_name, final, checkpointer.path(final))
     return LoopResult(state, status, final, last_eval, skips)
+
+
+@contextlib.contextmanager
+def _saves_landed(checkpointer: Checkpointer):
+    try:
+        yield
+    finally:
+        checkpointer.wait()
 
 
 def _no_better(record: dict, val_loss: float | None, patience: int) -> bool:

@@ -18,7 +18,7 @@ class ToyState:
     params: jax.Array
 
 
-def run_loop(tmp_path, bad_steps, **config):
+def run_loop(tmp_path, bad_steps, checkpointer_cls=Checkpointer, batches=None, **config):
     """A loop over a fake step whose loss is NaN at `bad_steps` (it then keeps the params)."""
     def step_fn(state, batch):
         bad = jnp.isin(state.step + 1, jnp.asarray(bad_steps))
@@ -27,12 +27,13 @@ def run_loop(tmp_path, bad_steps, **config):
                    'nonfinite': bad.astype(jnp.float32)}
         return ToyState(step=state.step + 1, params=params), metrics
 
-    checkpointer = Checkpointer(tmp_path / 'ckpt', async_save=False)
+    checkpointer = checkpointer_cls(tmp_path / 'ckpt', async_save=False)
     writer = MetricsWriter(tmp_path, enabled=True)
     try:
         return loop.train(
             state=ToyState(step=jnp.int32(0), params=jnp.zeros(())), step_fn=jax.jit(step_fn),
-            batches=iter(lambda: jnp.ones(()), None), checkpointer=checkpointer, writer=writer,
+            batches=batches or iter(lambda: jnp.ones(()), None), checkpointer=checkpointer,
+            writer=writer,
             workdir=tmp_path, config=loop.LoopConfig(**{'total_steps': 8, 'log_every': 1,
                                                         'checkpoint_every': 2, **config}))
     finally:
@@ -46,6 +47,43 @@ def test_nonfinite_stops_and_names_the_last_good_checkpoint(tmp_path):
     assert str(error.value) == (
         'non-finite loss or gradient at step 5; the update was not applied; the last good '
         f'checkpoint is {tmp_path / "ckpt" / "4"} (step 4)')
+
+
+class SlowDiskCheckpointer(Checkpointer):
+    """A save that lands on disk only once waited for, as an asynchronous save to a slow disk."""
+
+    in_flight = None
+
+    def save(self, step, state, **kwargs):
+        self.wait()
+        self.in_flight = (step, state, kwargs)
+
+    def wait(self):
+        if self.in_flight is not None:
+            step, state, kwargs = self.in_flight
+            self.in_flight = None
+            super().save(step, state, **kwargs)
+        super().wait()
+
+
+def test_divergence_waits_for_the_save_in_flight_and_names_it(tmp_path):
+    with pytest.raises(loop.TrainingDivergedError) as error:
+        run_loop(tmp_path, [5], checkpointer_cls=SlowDiskCheckpointer, checkpoint_every=4)
+    assert str(error.value).endswith(f'the last good checkpoint is {tmp_path / "ckpt" / "4"} '
+                                     '(step 4)')
+    assert sorted(p.name for p in (tmp_path / 'ckpt').iterdir()) == ['4']
+
+
+def test_an_exception_in_a_step_still_lands_the_save_in_flight(tmp_path):
+    def failing_batches():
+        for _ in range(3):
+            yield jnp.ones(())
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_loop(tmp_path, [], checkpointer_cls=SlowDiskCheckpointer, checkpoint_every=2,
+                 batches=failing_batches())
+    assert sorted(p.name for p in (tmp_path / 'ckpt').iterdir()) == ['2']
 
 
 def test_nonfinite_batches_are_skipped_and_counted(tmp_path):

@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 
@@ -25,7 +26,10 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from gptstack import sharding
+
 BEST_METRIC = 'val_loss'
+log = logging.getLogger(__name__)
 
 
 class Checkpointer:
@@ -120,6 +124,23 @@ class Checkpointer:
     def read_meta(self, step: int) -> dict:
         restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return restored['meta']
+
+    def set_aside(self, step: int, error: BaseException) -> pathlib.Path:
+        """Moves a checkpoint that cannot be read to `<step>.damaged` beside the others (kept
+        for inspection, out of the manager's sight) and says so in one line."""
+        target = self.directory / f'{step}.damaged'
+        n = 1
+        while target.exists():
+            n += 1
+            target = self.directory / f'{step}.damaged{n}'
+        if jax.process_index() == 0:
+            self.path(step).rename(target)
+        sharding.barrier(f'checkpoint {step} set aside')
+        self.manager.reload()
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        log.warning('checkpoint %s cannot be read (%s: %s); moved to %s, trying the one before',
+                    self.path(step), type(error).__name__, reason[:200], target)
+        return target
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -364,18 +364,29 @@ class Trainable:
 
 def resume(checkpointer: Checkpointer, abstract_state, shardings, tokenizer: Tokenizer,
            model_config: GPTConfig, data_iterator):
-    """`(state, its checkpoint's metadata)` from the run's latest checkpoint, restored onto
-    `shardings` with the data iterator, or None for a fresh run. A checkpoint of another
-    tokenizer or model shape is refused."""
-    latest = checkpointer.latest_step()
-    if latest is None:
-        return None
-    check_compatible(checkpointer.read_meta(latest), tokenizer, model_config,
-                     checkpointer.path(latest))
-    state, meta = checkpointer.restore(latest, abstract_with_shardings(abstract_state, shardings),
-                                       data_iterator=data_iterator)
-    log.info('resuming from %s (step %d)', checkpointer.path(latest), latest)
-    return state, meta
+    """`(state, its checkpoint's metadata)` from the run's latest intact checkpoint, restored
+    onto `shardings` with the data iterator, or None for a fresh run.
+
+    A checkpoint of another tokenizer or model shape is refused (ConfigError). One that cannot
+    be read (damaged on disk) is moved aside, never deleted, with a warning, and the one before
+    it is restored instead.
+    """
+    abstract = abstract_with_shardings(abstract_state, shardings)
+    for step in sorted(checkpointer.all_steps(), reverse=True):
+        try:
+            meta = checkpointer.read_meta(step)
+        except Exception as error:
+            checkpointer.set_aside(step, error)
+            continue
+        check_compatible(meta, tokenizer, model_config, checkpointer.path(step))
+        try:
+            state, meta = checkpointer.restore(step, abstract, data_iterator=data_iterator)
+        except Exception as error:
+            checkpointer.set_aside(step, error)
+            continue
+        log.info('resuming from %s (step %d)', checkpointer.path(step), step)
+        return state, meta
+    return None
 
 
 class Stage:
@@ -398,6 +409,7 @@ class Stage:
               data_iterator, init: Callable[[], object]):
         resumed = resume(self.checkpointer, abstract_state, shardings, tokenizer, model_config,
                          data_iterator)
+        self.resumed_from = self.checkpointer.latest_step()  # after any damaged one went aside
         if resumed is None:
             return init()
         state, self.resumed_meta = resumed

@@ -1,14 +1,18 @@
 """Checkpoints on other meshes, atomic saves: `python -m pytest -q tests/test_checkpoint.py`."""
 
+import dataclasses
+import shutil
 import subprocess
 import sys
 import textwrap
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from gptstack import model as gpt_model
+from gptstack import stage
 from gptstack.checkpoint import Checkpointer, abstract_with_shardings
 from gptstack.config import GPTConfig, OptimConfig
 from gptstack.optim import make_optimizer
@@ -80,4 +84,37 @@ def test_crash_in_the_middle_of_a_save_keeps_the_previous_checkpoint(tmp_path):
                                               jax.devices()[0]))}
     state, _ = checkpointer.restore(1, abstract)
     np.testing.assert_array_equal(state['w'], np.arange(10_000_000, dtype=np.float32))
+    checkpointer.close()
+
+
+@pytest.mark.parametrize('damage', ['state file cut short', 'meta garbled', 'state deleted'])
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_one_before_restored(
+        tmp_path, mesh_1, tokenizer, caplog, damage):
+    tx, _ = make_optimizer(OptimConfig(lr=1e-3, warmup_steps=1, total_steps=20))
+    _, state, shardings = create_train_state(model_fn, tx, mesh_1, 'fsdp', jax.random.key(0))
+    meta = {'model': dataclasses.asdict(CONFIG), 'tokenizer_sha256': tokenizer.sha256}
+    checkpointer = Checkpointer(tmp_path / 'ckpt', async_save=False)
+    checkpointer.save(1, state, meta=meta)
+    checkpointer.save(2, state.replace(step=state.step + 1), meta=meta)
+    checkpointer.close()
+    step_dir = tmp_path / 'ckpt' / '2'
+    if damage == 'state file cut short':
+        for path in (step_dir / 'state').rglob('*'):
+            if path.is_file() and path.stat().st_size > 1000:
+                path.write_bytes(path.read_bytes()[:100])
+    elif damage == 'meta garbled':
+        for path in (step_dir / 'meta').rglob('*'):
+            if path.is_file():
+                path.write_text('{"step": 2, "mod')
+    else:
+        shutil.rmtree(step_dir / 'state')
+
+    checkpointer = Checkpointer(tmp_path / 'ckpt')
+    restored, restored_meta = stage.resume(checkpointer, abstract_train_state(model_fn, tx),
+                                           shardings, tokenizer, CONFIG, None)
+    assert int(restored.step) == 0 and restored_meta['step'] == 1
+    assert checkpointer.all_steps() == [1]
+    assert (tmp_path / 'ckpt' / '2.damaged').is_dir() and not step_dir.exists()
+    assert f'checkpoint {step_dir} cannot be read' in caplog.text
+    assert f'moved to {tmp_path / "ckpt" / "2.damaged"}, trying the one before' in caplog.text
     checkpointer.close()

@@ -19,7 +19,7 @@ import jax
 from gptstack import sharding, stage
 from gptstack.data import sft as sft_data
 from gptstack.data import tasks
-from gptstack.data.sources import SkipBudget, hold_out, read_records
+from gptstack.data.sources import DataError, SkipBudget, hold_out, read_records
 from gptstack.data.tokenizer import render_prompt
 from gptstack.evals import gold
 from gptstack.metrics import train_flops_per_token
@@ -65,6 +65,11 @@ def load_data(config, tokenizer, batch_sharding):
                                                   truncate=truncate, budget=budget)
     val, _ = sft_data.render_examples(tokenizer, val_pairs, seq_len, truncate=truncate,
                                       budget=budget)
+    for name, rendered, pairs in (('training', train, train_pairs), ('validation', val, val_pairs)):
+        if not rendered:
+            raise DataError(f'SFT has no {name} conversation to use ({len(pairs)} read; '
+                            f'data.train={config.data.train}, data.validation='
+                            f'{config.data.validation or "a held-out fraction"})')
     local_batch = config.data.batch_size // jax.process_count()
     where = dict(process_index=jax.process_index(), process_count=jax.process_count())
     data_iterator = iter(sft_data.make_sft_dataset(train, seq_len, local_batch,

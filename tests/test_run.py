@@ -240,6 +240,10 @@ def test_sft_refuses_a_bad_base(base_workdir, tmp_path):
     result = run(sft_command(tmp_path / 'c', mixed))
     assert result.returncode == 1
     assert 'was trained with tokenizer' in result.stderr and other.sha256 in result.stderr
+    result = run(sft_command(tmp_path / 'd', base_workdir, '--config.data.train_tasks=0'))
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+    assert ('DataError: SFT has no training conversation to use (0 read; '
+            'data.train=embedded:tasks') in result.stderr
 
 
 def test_sft_refuses_a_reward_model_as_its_start(reward_workdir, tmp_path):

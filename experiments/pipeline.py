@@ -7,12 +7,17 @@
 
 Each stage runs in `<workdir>/<stage>/` exactly as `experiments.run` would run it alone, with
 its `init_from` / `reward_from` / tokenizer path wired to the stage before it. Every stage's
-config is checked before the first one starts. `pipeline.json` records the stages that finished:
-re-running the command skips them, and a stage that was interrupted resumes from its own latest
-checkpoint. The last step, `compare` (`gptstack.evals.comparison`), puts the base model
-(prompted few-shot), the SFT model, best-of-N with the reward model, the PPO policy and the
-gold-reward PPO policy in front of the same held-out task prompts, and `report.md` lays the whole
-run side by side, with the over-optimisation curves of best-of-N and of PPO at both β.
+config is checked before the first one starts. `pipeline.json` records the stages that finished
+and the settings each ran with: re-running the command skips them, and a stage that was
+interrupted resumes from its own latest checkpoint. A finished stage whose settings have changed
+is never skipped silently: the run stops naming the changed keys, and
+`--config.rerun_from=<stage>` runs that stage and every one after it again (their earlier
+results are moved to `<workdir>/replaced/`, never deleted).
+
+The last step, `compare` (`gptstack.evals.comparison`), puts the base model (prompted
+few-shot), the SFT model, best-of-N with the reward model, the PPO policy and the gold-reward PPO
+policy in front of the same held-out task prompts, and `report.md` lays the whole run side by
+side, with the over-optimisation curves of best-of-N and of PPO at both β.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import time
 
 import jax
 
+from gptstack.config import ConfigError
 from gptstack.evals import comparison
 from gptstack.files import write_whole
 from gptstack.reports import pipeline as pipeline_report
@@ -57,12 +63,80 @@ def write_json(path: pathlib.Path, value) -> None:
     write_whole(path, json.dumps(value, indent=1) + '\n')
 
 
+# --- settings of finished stages --------------------------------------------------------------
+def settings(config) -> dict[str, dict]:
+    """`{stage or 'compare': {dotted key: value}}` as the config gives them, before `wire`
+    points the stages at each other (so a moved workdir compares equal)."""
+    return {name: _flat(config[name].to_dict()) for name in (*STAGES, 'compare')}
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f'{prefix}{key}.'))
+        else:  # as JSON holds it (tuples become lists)
+            out[f'{prefix}{key}'] = json.loads(json.dumps(value, default=str))
+    return out
+
+
+def check_unchanged(name: str, before: dict, now: dict) -> None:
+    """Refuses to reuse the results of `name` when the settings it ran with differ from the
+    ones it would run with now."""
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        shown = '; '.join(f'{name}.{k}: {before.get(k, "(absent)")!r} there, '
+                          f'{now.get(k, "(absent)")!r} now' for k in changed[:4])
+        more = f' (and {len(changed) - 4} more)' if len(changed) > 4 else ''
+        raise ConfigError(f'{shown}{more}: {name} finished with other settings. Use a new '
+                          f'--workdir, or --config.rerun_from={name} to run it and what follows '
+                          'it again (their results are moved to <workdir>/replaced/)')
+
+
+def set_aside(workdir: pathlib.Path, rerun_from: str, ledger: dict, given: dict) -> None:
+    """Moves the results of `rerun_from` and every later step (stages, comparison, report)
+    to `<workdir>/replaced/<time>/` and drops them from the ledger, if any of them finished
+    with settings other than `given` (so the same command run again after the rerun, or after
+    an interruption of it, keeps what it has done)."""
+    names = [*STAGES, 'compare']
+    later = names[names.index(rerun_from):]
+    recorded = {name: ledger[name].get('settings') for name in later if name in ledger}
+    if (workdir / COMPARISON).exists():
+        recorded['compare'] = json.loads((workdir / COMPARISON).read_text()).get('settings')
+    if all(settings == given[name] for name, settings in recorded.items()):
+        log.info('rerun_from=%s: nothing from %s on finished with other settings; nothing to '
+                 'rerun', rerun_from, rerun_from)
+        return
+    files = [n for n in later if n != 'compare'] + [COMPARISON, PER_PROMPT, 'report.md']
+    target = workdir / 'replaced' / time.strftime('%Y%m%d-%H%M%S')
+    for name in files:
+        if (workdir / name).exists() and jax.process_index() == 0:
+            target.mkdir(parents=True, exist_ok=True)
+            (workdir / name).rename(target / name)
+            log.info('moved %s to %s', workdir / name, target / name)
+        ledger.pop(name, None)
+    if jax.process_index() == 0:
+        write_json(workdir / LEDGER, ledger)
+
+
 def run(config, workdir: pathlib.Path, recipe: dict) -> str:
     """Runs `STAGES` in order, each by its driver in `recipe` ({stage: driver module}), then the
     comparison and the report."""
+    given = settings(config)
+    rerun_from = config.get('rerun_from', '')
+    if rerun_from and rerun_from not in given:
+        raise ConfigError(f'rerun_from={rerun_from!r}: expected one of {list(given)}')
     wire(config, workdir)
     validate(config, recipe)
     ledger = json.loads((workdir / LEDGER).read_text()) if (workdir / LEDGER).exists() else {}
+    if rerun_from:
+        set_aside(workdir, rerun_from, ledger, given)
+    for name in STAGES:  # every check before any work
+        if name in ledger and 'settings' in ledger[name]:
+            check_unchanged(name, ledger[name]['settings'], given[name])
+    if (workdir / COMPARISON).exists():
+        check_unchanged('compare', json.loads((workdir / COMPARISON).read_text()).get(
+            'settings', given['compare']), given['compare'])
     for name in STAGES:
         if name in ledger:
             log.info('stage %s finished earlier (%.1f min): skipped', name,
@@ -77,7 +151,7 @@ def run(config, workdir: pathlib.Path, recipe: dict) -> str:
         status = recipe[config[name].stage].run(config[name], stage_dir)
         if status != 'finished':
             return status
-        ledger[name] = {'seconds': time.perf_counter() - start}
+        ledger[name] = {'seconds': time.perf_counter() - start, 'settings': given[name]}
         if jax.process_index() == 0:
             write_json(workdir / LEDGER, ledger)
     if (workdir / COMPARISON).exists():
@@ -86,6 +160,7 @@ def run(config, workdir: pathlib.Path, recipe: dict) -> str:
         start = time.perf_counter()
         result = comparison.compare(config, workdir)
         result['seconds'] = time.perf_counter() - start
+        result['settings'] = given['compare']
         per_prompt = result.pop('per_prompt')
         if jax.process_index() == 0:
             write_whole(workdir / PER_PROMPT, ''.join(json.dumps(r) + '\n' for r in per_prompt))

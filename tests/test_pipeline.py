@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
+from experiments import pipeline
 from experiments.configs import pipeline as pipeline_config
 from experiments.pipeline import LEDGER, STAGES
 from gptstack.config import ConfigError
@@ -147,6 +148,60 @@ def test_a_bad_stage_config_fails_before_the_first_stage(corpus, tmp_path, overr
     assert result.returncode == 1, result.stderr[-3000:]
     assert message in result.stderr and 'Traceback' not in result.stderr, result.stderr[-3000:]
     assert not (tmp_path / 'tokenizer').exists()
+
+
+class RecordingDriver:
+    """A stage driver that only records which stage directories it ran."""
+
+    def __init__(self, ran: list):
+        self.ran = ran
+
+    def validate(self, config):
+        pass
+
+    def run(self, config, workdir):
+        self.ran.append(workdir.name)
+        return 'finished'
+
+
+def test_changed_settings_of_a_finished_stage_stop_the_pipeline_until_rerun(
+        tmp_path, monkeypatch):
+    monkeypatch.setattr(comparison, 'compare', lambda config, workdir: {'per_prompt': []})
+    monkeypatch.setattr(pipeline.pipeline_report, 'write', lambda *args: 'report.md')
+    ran = []
+    recipe = dict.fromkeys(('tokenizer', 'pretrain', 'sft', 'reward', 'rl'),
+                           RecordingDriver(ran))
+
+    def run_with(**overrides):
+        config = pipeline_config.get_config('quick')
+        for key, value in overrides.items():  # sft__optim__lr=... sets config.sft.optim.lr
+            *path, field = key.split('__')
+            target = config
+            for name in path:
+                target = target[name]
+            target[field] = value
+        ran.clear()
+        pipeline.run(config, tmp_path, recipe)
+        return list(ran)
+
+    assert run_with() == list(STAGES)
+    assert run_with() == []  # finished and unchanged: skipped
+    with pytest.raises(ConfigError, match=r'sft\.optim\.lr: 0\.\d+ there, 0\.5 now: sft '
+                                          r'finished with other settings\. Use a new --workdir, '
+                                          r'or --config\.rerun_from=sft'):
+        run_with(sft__optim__lr=0.5)
+    assert ran == []  # refused before any stage ran
+    assert run_with(sft__optim__lr=0.5, rerun_from='sft') == list(STAGES[2:])
+    [replaced] = (tmp_path / 'replaced').iterdir()
+    assert sorted(p.name for p in replaced.iterdir()) == sorted([*STAGES[2:], COMPARISON,
+                                                                PER_PROMPT])
+    assert (tmp_path / 'pretrain' / 'config.json').exists()
+    # The same command again keeps what the rerun did.
+    assert run_with(sft__optim__lr=0.5, rerun_from='sft') == []
+    with pytest.raises(ConfigError, match=r'compare\.samples: 2 there, 3 now'):
+        run_with(sft__optim__lr=0.5, compare__samples=3)
+    with pytest.raises(ConfigError, match=r"rerun_from='ppo': expected one of \['tokenizer'"):
+        run_with(rerun_from='ppo')
 
 
 def test_pipeline_runs_every_stage_into_one_report(pipeline_workdir):

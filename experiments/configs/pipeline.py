@@ -32,6 +32,9 @@ def get_config(arg=None):
     config = ml_collections.ConfigDict()
     config.stage = 'pipeline'
     config.seed = 0
+    # A stage name (or 'compare'): run it and every later step again, after their settings
+    # changed; their earlier results are moved to <workdir>/replaced/.
+    config.rerun_from = ''
     local = 'runlocal' if arg.quick else ''
     config.pretrain = pretrain.get_config('size=gpt2-124m' if arg.large else local)
     config.sft = sft.get_config(local)

@@ -38,7 +38,7 @@ def check_messages(messages, where: str, field: str = 'messages') -> list[dict]:
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not {'role', 'content'} <= set(message):
             raise DataError(f"{where}: {field}[{i}] must be an object with 'role' and 'content'")
-        if message['role'] not in ROLES:
+        if not isinstance(message['role'], str) or message['role'] not in ROLES:
             raise DataError(f"{where}: {field}[{i}].role {message['role']!r}: expected one of "
                             f'{sorted(ROLES)}')
         if not isinstance(message['content'], str) or not message['content'].strip():

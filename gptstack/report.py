@@ -16,6 +16,7 @@ import numpy as np
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt
 
+from gptstack.data import tasks
 from gptstack.files import write_whole
 
 
@@ -124,6 +125,20 @@ def table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
     lines += ['| ' + ' | '.join(cell(x) for x in row) + ' |' for row in rows]
     return '\n'.join(lines)
+
+
+def levels_before_after(before: dict, after: dict,
+                        modes: Sequence[str] = ('greedy', 'sampled')) -> list[tuple]:
+    """Table rows of `gptstack.evals.gold.by_level`'s scores in two metric records:
+    `(level k, mode's score before, after, for each mode)` for each level either record holds
+    ('n/a' where one lacks it)."""
+    rows = []
+    for level in tasks.LEVELS:
+        keys = [f'gold/{mode}/level{level}' for mode in modes]
+        if any(key in r for key in keys for r in (before, after)):
+            rows.append((f'level {level}', *(r.get(key, 'n/a') for key in keys
+                                               for r in (before, after))))
+    return rows
 
 
 def code_block(text: str) -> str:

@@ -11,6 +11,7 @@ import pytest
 from experiments import pipeline
 from experiments.configs import pipeline as pipeline_config
 from experiments.pipeline import LEDGER, STAGES
+from gptstack import report
 from gptstack.config import ConfigError
 from gptstack.data import tasks
 from gptstack.evals import comparison, gold
@@ -86,14 +87,14 @@ def test_gold_by_group_averages_the_prompts_of_each_label():
     assert gold.by_group(scores, [None] * 60) == {}
 
 
-def test_gold_level_rows_pair_two_records_and_skip_absent_levels():
+def test_levels_before_after_pair_two_records_and_skip_absent_levels():
     before = {'gold/greedy/level1': 0.1, 'gold/sampled/level1': 0.2, 'gold/sampled/level3': 0.0}
     after = {'gold/greedy/level1': 0.3, 'gold/sampled/level1': 0.4, 'gold/greedy/level3': 0.5}
-    assert gold.level_rows(before, after) == [
+    assert report.levels_before_after(before, after) == [
         ('level 1', 0.1, 0.3, 0.2, 0.4), ('level 3', 'n/a', 0.5, 0.0, 'n/a')]
-    assert gold.level_rows(before, after, ('sampled',)) == [
+    assert report.levels_before_after(before, after, ('sampled',)) == [
         ('level 1', 0.2, 0.4), ('level 3', 0.0, 'n/a')]
-    assert gold.level_rows({}, {}) == []
+    assert report.levels_before_after({}, {}) == []
 
 
 def test_comparison_by_level_against_numpy_and_through_json():

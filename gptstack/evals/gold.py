@@ -66,16 +66,3 @@ def by_level(per_prompt: np.ndarray, levels: Sequence[int | None],
     task)."""
     groups = by_group(per_prompt, levels)
     return {f'gold/{name}/level{level}': mean for level, mean in groups.items()}
-
-
-def level_rows(before: dict, after: dict,
-               modes: Sequence[str] = ('greedy', 'sampled')) -> list[tuple]:
-    """Table rows of `by_level`'s scores in two metric records: `(level k, mode's score before,
-    after, for each mode)` for each level either record holds ('n/a' where one lacks it)."""
-    rows = []
-    for level in tasks.LEVELS:
-        keys = [f'gold/{mode}/level{level}' for mode in modes]
-        if any(key in r for key in keys for r in (before, after)):
-            rows.append((f'level {level}', *(r.get(key, 'n/a') for key in keys
-                                               for r in (before, after))))
-    return rows

@@ -12,7 +12,6 @@ import numpy as np
 from gptstack import report
 from gptstack.data import tasks
 from gptstack.evals import overoptimization
-from gptstack.evals.gold import level_rows
 from gptstack.metrics import read_metrics
 
 
@@ -89,7 +88,7 @@ def write(workdir, config) -> str:
     families = [f for f in tasks.FAMILIES if f'gold/sampled/{f}' in first]
     family_rows = [(f, first[f'gold/sampled/{f}'], last.get(f'gold/sampled/{f}', math.nan))
                    for f in families]
-    by_level = level_rows(first, last, ('sampled', 'greedy'))
+    by_level = report.levels_before_after(first, last, ('sampled', 'greedy'))
     return report.write(workdir, 'PPO report', [
         ('Summary', report.table(['', ''], summary)),
         ('Held-out evaluations', report.table(

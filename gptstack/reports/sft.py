@@ -7,7 +7,6 @@ from __future__ import annotations
 import math
 
 from gptstack import report
-from gptstack.evals.gold import level_rows
 from gptstack.metrics import read_metrics
 
 
@@ -18,7 +17,7 @@ def write(workdir, config, train_stats, n_train, n_val) -> str:
     rows = [(name, first.get(f'gold/{name}', 'n/a'), first.get(f'gold/{name}_stderr', 'n/a'),
              last.get(f'gold/{name}', 'n/a'), last.get(f'gold/{name}_stderr', 'n/a'))
             for name in ('greedy', 'sampled')]
-    by_level = level_rows(first, last)
+    by_level = report.levels_before_after(first, last)
     plots = [
         report.plot(records, {'train (assistant tokens)': 'loss', 'validation': 'val_loss'},
                     workdir / 'loss.png', title='SFT loss', ylabel='nats per token'),

@@ -1,6 +1,6 @@
 """The main job: tokenizer -> pretraining -> SFT -> reward model -> PPO, then one report.
 
-COMMAND (the default: embedded data, no downloads; 2-core CPU, about an hour):
+COMMAND (the default: embedded data, no downloads; 2-core CPU, 77 minutes without AMX):
   python -m experiments.run --config=experiments/configs/pipeline.py --workdir=workdirs/pipeline
 
 Each stage runs in `<workdir>/<stage>/` with the settings of its own config file

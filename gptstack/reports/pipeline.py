@@ -118,10 +118,18 @@ def best_of_n_rows(workdir: pathlib.Path) -> list[tuple]:
     if not path.exists():
         return []
     curve = best_of_n.read_curve(path)
-    return [(f'best-of-{n}: gain over N = 1, over N = {n // 2} (reward stage, paired)',
-             f'{p["gain"]:+.4f} ± {p["gain_stderr"]:.4f}, '
-             f'{p["step_gain"]:+.4f} ± {p["step_gain_stderr"]:.4f}')
-            for n, p in curve.items() if 'step_gain' in p]
+    rows = []
+    for n, p in curve.items():
+        if 'step_gain' not in p:
+            continue
+        gain = f'{p["gain"]:+.4f} ± {p["gain_stderr"]:.4f}'
+        if n == 2:  # over N = 1 is over N / 2
+            rows.append(('best-of-2: gain over N = 1 (reward stage, paired)', gain))
+        else:
+            rows.append((f'best-of-{n}: gain over N = 1, over N = {n // 2} (reward stage, '
+                         'paired)', f'{gain}, {p["step_gain"]:+.4f} ± '
+                                    f'{p["step_gain_stderr"]:.4f}'))
+    return rows
 
 
 def over_optimisation_runs(config, workdir: pathlib.Path) -> dict[str, tuple]:

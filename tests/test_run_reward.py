@@ -110,7 +110,7 @@ def test_bad_comparison_files_fail_before_training(sft_workdir, tmp_path):
     assert 'init_from: name the SFT workdir to start the reward model from' in result.stderr
     # Comparisons whose completions all tie teach nothing: a clear error, not an empty stream.
     tied = tmp_path / 'tied.jsonl'
-    record = preference.k_way_record([{'role': 'user', 'content': 'p'}], ['a', 'b'], [0, 0])
+    record = preference.k_way_record([{'role': 'user', 'content': 'p'}], ['a', 'b'], [1, 1])
     tied.write_text((json.dumps(record) + '\n') * 5)
     result = run(reward_command(tmp_path / 'd', sft_workdir, f'--config.data.train={tied}',
                                 '--config.data.validation='))

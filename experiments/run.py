@@ -159,8 +159,8 @@ def main(argv) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     log_environment(config)
     if jax.process_index() == 0:
-        write_whole(workdir / 'config.json', json.dumps(config.to_dict(), indent=1,
-                                                        default=str) + '\n')
+        write_whole(workdir / 'config.json',
+                    json.dumps(config.to_dict(), indent=1, default=str) + '\n')
     try:
         if config.stage == 'pipeline':
             status = pipeline.run(config, workdir, RECIPE)

@@ -30,10 +30,10 @@ STATS = 'labeler.json'
 def label(config, sampler, params, tokenizer, split: str, n_prompts: int,
           path: pathlib.Path) -> dict:
     """Samples `data.completions` replies to task prompts of `split`, ranks them with the
-    simulated labeler and writes `n_prompts` K-way groups to a JSONL, whole (a temporary file
-    renamed). With `labeler.oversample` > 1, replies to that many times more prompts are drawn
-    and the groups whose replies differ in gold score go first: a group of tied replies teaches
-    a reward model nothing. Returns the labeler's statistics."""
+    simulated labeler and writes `n_prompts` K-way groups to a JSONL, whole
+    (`gptstack.files.write_whole`). With `labeler.oversample` > 1, replies to that many times
+    more prompts are drawn and the groups whose replies differ in gold score go first: a group
+    of tied replies teaches a reward model nothing. Returns the labeler's statistics."""
     oversample = config.labeler.get('oversample', 1)
     drawn = tasks.generate(split, n_prompts * oversample, config.seed)
     stream = list(tasks.SPLITS).index(split)  # one random stream per split, the same each run
@@ -49,22 +49,21 @@ def label(config, sampler, params, tokenizer, split: str, n_prompts: int,
     rng = np.random.default_rng([config.seed, stream])
     stats = {'sampled_prompts': n_prompts * oversample, 'groups': 0, 'all_tied': 0, 'pairs': 0,
              'gold_pairs': 0, 'labeler_agrees': 0}
-    tmp = path.with_suffix('.tmp')
-    with open(tmp, 'w') as f:
-        for task, texts, group_gold in zip(drawn, replies, scores.tolist(), strict=True):
-            ranks = preference.simulated_ranking(group_gold, config.labeler.noise, rng)
-            f.write(json.dumps(preference.k_way_record(
-                task.messages(with_answer=False), texts, ranks, gold=group_gold,
-                family=task.family, level=task.level)) + '\n')
-            stats['groups'] += 1
-            stats['all_tied'] += len(set(ranks)) == 1
-            for i in range(len(texts)):
-                for j in range(len(texts)):
-                    stats['pairs'] += ranks[i] < ranks[j]
-                    if group_gold[i] > group_gold[j]:
-                        stats['gold_pairs'] += 1
-                        stats['labeler_agrees'] += ranks[i] < ranks[j]
-    tmp.rename(path)
+    lines = []
+    for task, texts, group_gold in zip(drawn, replies, scores.tolist(), strict=True):
+        ranks = preference.simulated_ranking(group_gold, config.labeler.noise, rng)
+        lines.append(json.dumps(preference.k_way_record(
+            task.messages(with_answer=False), texts, ranks, gold=group_gold,
+            family=task.family, level=task.level)) + '\n')
+        stats['groups'] += 1
+        stats['all_tied'] += len(set(ranks)) == 1
+        for i in range(len(texts)):
+            for j in range(len(texts)):
+                stats['pairs'] += ranks[i] < ranks[j]
+                if group_gold[i] > group_gold[j]:
+                    stats['gold_pairs'] += 1
+                    stats['labeler_agrees'] += ranks[i] < ranks[j]
+    write_whole(path, ''.join(lines))
     log.info('%s comparisons: %s', split, stats)
     return stats
 

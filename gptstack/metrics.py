@@ -26,6 +26,7 @@ import numpy as np
 
 from gptstack.config import GPTConfig
 from gptstack.data.sources import DataError
+from gptstack.files import write_whole
 
 log = logging.getLogger(__name__)
 # The key of a record's non-finite values: `{key: reason}` (their own values are null).
@@ -183,4 +184,4 @@ def truncate_jsonl(path: str | os.PathLike, last_step: int) -> None:
     path = pathlib.Path(path)
     if path.exists():
         kept = [line for line, record in _parse_lines(path) if record['step'] <= last_step]
-        path.write_text(''.join(line + '\n' for line in kept))
+        write_whole(path, ''.join(line + '\n' for line in kept))

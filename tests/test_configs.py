@@ -88,3 +88,14 @@ def test_unset_fields_are_placeholders_of_their_annotated_type():
         with pytest.raises(TypeError):
             section, field = key.split('.')
             config[section][field] = value
+
+
+def test_data_keys_below_their_least_value_fail_in_set_up_naming_the_key():
+    from experiments.configs import rl
+    from gptstack import stage
+    from gptstack.config import ConfigError
+    config = rl.get_config('runlocal')
+    config.data.max_new_tokens = 0
+    with pytest.raises(ConfigError, match=r'^data\.max_new_tokens=0: expected at least 1 '
+                                          r'\(a reply needs a token\)$'):
+        stage.setup(config)

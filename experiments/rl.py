@@ -1,12 +1,12 @@
-"""Stage 4: reinforcement learning with PPO from an SFT workdir (`init_from`: actor and frozen
-reference) and a reward-model workdir (`reward_from`: frozen reward model and the critic's
-starting point).
+"""Stage 4: reinforcement learning from an SFT workdir (`init_from`: actor and frozen
+reference) and a reward-model workdir (`reward_from`: frozen reward model and PPO's critic's
+starting point), by PPO, GRPO or RLOO (`rl.algorithm`).
 
 Each iteration samples `data.batch_size` responses (`rl.ppo.group_size` to each training
 prompt) with our KV-cache sampler, scores them with the reward model (or, with
-`rl.reward='gold'`, with the task gold scorer: the verifiable-reward mode), subtracts a
-per-token KL penalty to the reference and runs PPO epochs (see `gptstack.rollout` and
-`gptstack.steps.ppo`).
+`rl.reward='gold'`, with the task gold scorer: the verifiable-reward mode), holds the policy
+near the reference by a KL penalty in the reward or the loss and runs clipped policy-gradient
+epochs (see `gptstack.rollout` and `gptstack.steps.ppo`). GRPO and RLOO build no critic.
 Evaluation samples held-out prompts and reports their gold score (sampled and greedy),
 reward-model score and KL to the reference, for the SFT policy at step 0 and then during
 training, so the report can plot proxy reward and gold score against KL: over-optimisation of
@@ -51,7 +51,7 @@ def validate(config) -> stage.Setup:
     if jax.process_count() > 1:
         raise ConfigError('the rl stage runs on one process for now (the rollout sampler takes '
                           'host prompts)')
-    ppo.PPOConfig(**config.rl.ppo).check_batch(config.data.batch_size)
+    ppo.PPOConfig.from_config(config.rl).check_batch(config.data.batch_size)
     if config.rl.reward not in ('model', 'gold'):
         raise ConfigError(f"rl.reward={config.rl.reward!r}: expected 'model' or 'gold'")
     if config.rl.critic_head not in CRITIC_HEADS:
@@ -206,7 +206,7 @@ def make_evaluate(config, trainer: PPOIteration, tokenizer, prompts: list[prompt
 def run(config, workdir: pathlib.Path) -> str:
     setup = validate(config)
     mesh, rules = setup.mesh, setup.rules
-    ppo_config = ppo.PPOConfig(**config.rl.ppo)
+    ppo_config = ppo.PPOConfig.from_config(config.rl)
     sft, rm = load_roles(config, workdir)
     tokenizer = sft.tokenizer
     actor_config, critic_config = (setup.computing(x.model_config) for x in (sft, rm))
@@ -215,26 +215,39 @@ def run(config, workdir: pathlib.Path) -> str:
     train_prompts, eval_prompts, data_iterator = load_prompts(config, workdir, tokenizer,
                                                               ppo_config, max_prompt)
 
-    # --- state: resumed, or SFT actor + RM critic with fresh optimizers -----------------------
+    # --- state: resumed, or SFT actor (+ RM critic for PPO) with fresh optimizers -----------
     actor = stage.Trainable.create(lambda rngs: GPT(actor_config, rngs=rngs), setup.optim,
                                    mesh, rules)
-    critic = stage.Trainable.create(lambda rngs: ScoreModel(critic_config, rngs=rngs),
-                                    OptimConfig.from_dict(config.critic_optim), mesh, rules)
-    abstract_state = ppo.PPOState.structure(actor.abstract_state, critic.abstract_state,
-                                            ppo_config, jax.ShapeDtypeStruct((), jnp.float32))
-    shardings = ppo.PPOState.structure(actor.shardings, critic.shardings, ppo_config,
-                                       sharding.replicated(mesh))
+    critic = None
+    if ppo_config.critic:
+        critic = stage.Trainable.create(lambda rngs: ScoreModel(critic_config, rngs=rngs),
+                                        OptimConfig.from_dict(config.critic_optim), mesh, rules)
+    abstract_state = ppo.PPOState.structure(
+        actor.abstract_state, critic and critic.abstract_state, ppo_config,
+        jax.ShapeDtypeStruct((), jnp.float32))
+    shardings = ppo.PPOState.structure(actor.shardings, critic and critic.shardings,
+                                       ppo_config, sharding.replicated(mesh))
+    reward_graphdef, reward_params = rm.restore_params(ScoreModel, mesh, rules,
+                                                       model_config=critic_config)
     reference = ppo.Frozen(actor.graphdef, sft.restore_params(GPT, mesh, rules)[1])
-    reward = ppo.Frozen(critic.graphdef, rm.restore_params(ScoreModel, mesh, rules)[1])
+    reward = ppo.Frozen(reward_graphdef, reward_params)
+
+    def init():
+        def fresh(trainable, params):
+            return TrainState(jnp.zeros((), jnp.int32), params, trainable.tx.init(params))
+
+        critic_start_params = None
+        if critic is not None:
+            critic_start_params = critic_start(rm.restore_params(ScoreModel, mesh, rules)[1],
+                                               config.rl.critic_head)
+        return jax.jit(lambda a, c: ppo.PPOState.create(
+            fresh(actor, a), None if c is None else fresh(critic, c), ppo_config),
+            out_shardings=shardings)(sft.restore_params(GPT, mesh, rules)[1],
+                                     critic_start_params)
+
     run_ = stage.Stage(config, workdir, setup)
     state = run_.start(abstract_state, shardings, tokenizer, actor_config, data_iterator,
-                       init=lambda: jax.jit(lambda a, c: ppo.PPOState.create(
-                           TrainState(jnp.zeros((), jnp.int32), a, actor.tx.init(a)),
-                           TrainState(jnp.zeros((), jnp.int32), c, critic.tx.init(c)),
-                           ppo_config), out_shardings=shardings)(
-                           sft.restore_params(GPT, mesh, rules)[1],
-                           critic_start(rm.restore_params(ScoreModel, mesh, rules)[1],
-                                        config.rl.critic_head)))
+                       init=init)
     sft.checkpointer.close()
     rm.checkpointer.close()
 
@@ -244,8 +257,9 @@ def run(config, workdir: pathlib.Path) -> str:
                                                         tokenizer.eot_id],
                       pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
     trainer = PPOIteration(ppo_config, actor_graphdef=actor.graphdef,
-                           critic_graphdef=critic.graphdef, reference=reference, reward=reward,
-                           sampler=sampler, tx_actor=actor.tx, tx_critic=critic.tx, mesh=mesh,
+                           critic_graphdef=critic and critic.graphdef, reference=reference,
+                           reward=reward, sampler=sampler, tx_actor=actor.tx,
+                           tx_critic=critic and critic.tx, mesh=mesh,
                            rules=rules, reward_id=tokenizer.reward_id,
                            verifiable=config.rl.reward == 'gold',
                            judge=make_judge(tokenizer, train_prompts))
@@ -261,7 +275,8 @@ def run(config, workdir: pathlib.Path) -> str:
     if run_.resumed_from is None:  # the SFT policy: step 0 of the curves
         (workdir / HELD_OUT).unlink(missing_ok=True)
         run_.metrics().write(0, evaluate(state))
-    meta = run_.meta(tokenizer, actor_config, critic_model=dataclasses.asdict(critic_config),
+    meta = run_.meta(tokenizer, actor_config, algorithm=ppo_config.algorithm,
+                     **({'critic_model': dataclasses.asdict(critic_config)} if critic else {}),
                      init_from=str(config.init_from), reward_from=str(config.reward_from))
     result = run_.train(state, step_fn, data_iterator, data_iterator, meta=meta,
                         evaluate=evaluate, tokens_per_step=batch_size * max_new)

@@ -96,6 +96,29 @@ def kl_penalty(logp_bt: Array, ref_logp_bt: Array, estimator: str = 'k1') -> Arr
     raise ValueError(f'KL estimator {estimator!r}: expected k1 or k3')
 
 
+def token_normalisation(mask_bt: Array, how: str, max_len: int) -> tuple[Array, Array]:
+    """`(weights [B, T], denominator)` that turn per-token losses into one number,
+    `sum(loss * weights) / denominator`:
+
+        token     `mask`, over the counted tokens: every token weighs the same
+        sequence  `mask / length` of each row, over the rows: every reply weighs the same
+        constant  `mask`, over `rows * max_len`: Dr. GRPO's, a constant whatever the lengths
+
+    `token` and `sequence` weigh a token of a short reply more than one of a long reply
+    (`sequence`) or couple the weights to the other replies' lengths (`token`); `constant`
+    does neither.
+    """
+    mask_bt = mask_bt.astype(jnp.float32)
+    rows = jnp.float32(mask_bt.shape[0])
+    if how == 'token':
+        return mask_bt, jnp.maximum(mask_bt.sum(), 1.0)
+    if how == 'sequence':
+        return mask_bt / jnp.maximum(mask_bt.sum(axis=1, keepdims=True), 1.0), rows
+    if how == 'constant':
+        return mask_bt, rows * max_len
+    raise ValueError(f'loss normalisation {how!r}: expected token, sequence or constant')
+
+
 def ppo_policy_loss(logp_bt: Array, old_logp_bt: Array, advantages_bt: Array, mask_bt: Array,
                     clip: float) -> tuple[Array, dict[str, Array]]:
     """The clipped surrogate `-min(ρA, clip(ρ, 1-ε, 1+ε)A)` with `ρ = exp(logp - old_logp)`.

@@ -1,4 +1,5 @@
-"""Reinforcement-learning pieces of PPO that are not losses: GAE, whitening, the adaptive KL
+"""Reinforcement-learning pieces that are not losses: GAE, whitening, the baselines of the
+critic-free algorithms (GRPO's group statistics, RLOO's leave-one-out mean), the adaptive KL
 controller and running reward statistics. All are pure functions of arrays, so their state lives
 in the checkpointed train state and a resumed run continues exactly.
 """
@@ -62,6 +63,35 @@ def center_groups(scores_b: Array, group_size: int) -> Array:
     same prompt, so only those differences mean anything; the group mean removes the rest."""
     groups = scores_b.reshape(-1, group_size)
     return (groups - groups.mean(axis=1, keepdims=True)).reshape(scores_b.shape)
+
+
+def group_advantages(scores_b: Array, group_size: int, scale_by_std: bool = True,
+                     eps: float = 1e-6) -> Array:
+    """GRPO's advantage of each reply (Shao et al., 2024): its score minus its group's mean,
+    divided by the group's standard deviation (the unbiased, `n - 1` one) unless `scale_by_std`
+    is False (Dr. GRPO, Liu et al., 2025: dividing by it weights the groups whose replies barely
+    differ most). A group of equal scores gives every reply 0."""
+    groups = scores_b.reshape(-1, group_size)
+    centred = groups - groups.mean(axis=1, keepdims=True)
+    if scale_by_std:
+        centred = centred / (jnp.std(groups, axis=1, keepdims=True, ddof=1) + eps)
+    return centred.reshape(scores_b.shape)
+
+
+def leave_one_out(scores_b: Array, group_size: int) -> Array:
+    """RLOO's advantage of each reply (Ahmadian et al., 2024): its score minus the mean score
+    of the other `group_size - 1` replies to its prompt, an unbiased baseline since it does
+    not depend on the reply itself; equal to `G / (G - 1)` times the centred score."""
+    groups = scores_b.reshape(-1, group_size)
+    others = (groups.sum(axis=1, keepdims=True) - groups) / (group_size - 1)
+    return (groups - others).reshape(scores_b.shape)
+
+
+def tied_groups(scores_b: Array, group_size: int) -> Array:
+    """The fraction of groups whose replies all scored the same: they carry no signal to a
+    group baseline (every advantage 0)."""
+    groups = scores_b.reshape(-1, group_size)
+    return jnp.mean(jnp.all(groups == groups[:, :1], axis=1).astype(jnp.float32))
 
 
 @flax.struct.dataclass

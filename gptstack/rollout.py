@@ -1,5 +1,5 @@
-"""Reinforcement learning from sampled replies: the rollout layout, one PPO iteration on the
-host, and the evaluation of a policy on held-out prompts.
+"""Reinforcement learning from sampled replies: the rollout layout, one iteration of PPO,
+GRPO or RLOO on the host, and the evaluation of a policy on held-out prompts.
 
 One rollout row per reply:
 
@@ -13,7 +13,8 @@ for them. `P` and `N` are trimmed to multiples of `ROLLOUT_BUCKET` (`rollout_row
 
 One iteration (`PPOIteration.__call__`): sample `group_size` responses to each prompt
 (`gptstack.sampling`) -> `score` -> `advantages` -> `epochs` passes of `minibatches` `update`s,
-the jitted pieces of `gptstack.steps.ppo`.
+the jitted pieces of `gptstack.steps.ppo`; the algorithm (`PPOConfig.algorithm`) decides
+whether a critic takes part.
 """
 
 from __future__ import annotations
@@ -86,10 +87,12 @@ class PolicySample(NamedTuple):
 
 
 class PPOIteration:
-    """`iteration(state, prompt_batch, key) -> (state, metrics)`: one PPO iteration.
+    """`iteration(state, prompt_batch, key) -> (state, metrics)`: one iteration of the
+    configured algorithm.
 
     Args:
-        actor_graphdef, critic_graphdef: the trained roles, whose parameters are in `PPOState`.
+        actor_graphdef, critic_graphdef: the trained roles, whose parameters are in `PPOState`;
+            without a critic (GRPO, RLOO) `critic_graphdef` and `tx_critic` are None.
         reference, reward: the frozen roles.
         sampler: generates from the actor's parameters (its batch size is the rollout batch);
             its stop and pad tokens are the rollouts'.
@@ -102,13 +105,16 @@ class PPOIteration:
     """
 
     def __init__(self, config: PPOConfig, *, actor_graphdef: nnx.GraphDef,
-                 critic_graphdef: nnx.GraphDef, reference: Frozen, reward: Frozen,
+                 critic_graphdef: nnx.GraphDef | None, reference: Frozen, reward: Frozen,
                  sampler: Sampler, tx_actor: optax.GradientTransformation,
-                 tx_critic: optax.GradientTransformation, mesh: Mesh, rules: str,
+                 tx_critic: optax.GradientTransformation | None, mesh: Mesh, rules: str,
                  reward_id: int, verifiable: bool = False, judge: Callable | None = None):
         config.check_batch(sampler.batch_size)
         if verifiable and judge is None:
             raise ValueError('the verifiable-reward mode needs a judge')
+        if (critic_graphdef is not None) != config.critic:
+            raise ValueError(f'rl.algorithm={config.algorithm} '
+                             f'{"needs" if config.critic else "takes no"} critic')
         self.config, self.batch_size = config, sampler.batch_size
         self.minibatch_size = self.batch_size // config.minibatches
         self._reference, self._reward, self._sampler = reference, reward, sampler
@@ -119,7 +125,7 @@ class PPOIteration:
                                     reward.graphdef, mesh, rules, reward_id)
         self._advantages = make_advantages_fn(config, self.batch_size)
         self._update = make_update_fn(config, actor_graphdef, critic_graphdef, tx_actor,
-                                      tx_critic, mesh, rules)
+                                      tx_critic, mesh, rules, sampler.max_new_tokens)
 
     def _rows(self, size: int):
         return sharding.batch_sharding(self._mesh, self._rules, size)
@@ -145,7 +151,7 @@ class PPOIteration:
         start = time.perf_counter()
         rows = rollout_rows(prompts, out['tokens'], lengths, self._sampler, self._reward_id)
         device_rows = {k: jax.device_put(v, self._rows(self.batch_size)) for k, v in rows.items()}
-        scored = self._score(state.actor.params, self._reference.params, state.critic.params,
+        scored = self._score(state.actor.params, self._reference.params, critic_params(state),
                              self._reward.params, device_rows)
         last = out['tokens'][np.arange(len(lengths)), lengths - 1]
         truncated = (~np.isin(last, self._sampler.stop_ids)).astype(np.float32)
@@ -154,9 +160,12 @@ class PPOIteration:
                  else scored['rm_score'])
         state, advantages, returns, metrics = self._advantages(
             state, scored, device_rows['mask'], score, jnp.asarray(truncated))
-        host = jax.device_get({**rows, 'old_logp': scored['logp'],
-                               'old_values': scored['values'], 'advantages': advantages,
-                               'returns': returns})
+        learned = {'old_logp': scored['logp'], 'advantages': advantages}
+        if config.critic:
+            learned.update(old_values=scored['values'], returns=returns)
+        if config.kl_in_loss:
+            learned['ref_logp'] = scored['ref_logp']
+        host = jax.device_get({**rows, **learned})
         timings['score'] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -183,8 +192,9 @@ class PPOIteration:
         update_metrics = jax.device_get(update_metrics)
         timings['update'] = time.perf_counter() - start
 
-        state = state.replace(actor=state.actor.replace(step=state.actor.step + 1),
-                              critic=state.critic.replace(step=state.critic.step + 1))
+        state = state.replace(actor=state.actor.replace(step=state.actor.step + 1))
+        if config.critic:
+            state = state.replace(critic=state.critic.replace(step=state.critic.step + 1))
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         for k in update_metrics[0]:
             values = [float(m[k]) for m in update_metrics]
@@ -223,7 +233,7 @@ class PPOIteration:
                 rows = rollout_rows(padded, out['tokens'], lengths, self._sampler,
                                     self._reward_id)
                 scored = jax.device_get(self._score(
-                    state.actor.params, self._reference.params, state.critic.params,
+                    state.actor.params, self._reference.params, critic_params(state),
                     self._reward.params, rows))
                 kl = ((scored['logp'] - scored['ref_logp']) * rows['mask']).sum(axis=1)
                 kls.append(kl[:len(chunk)])
@@ -231,3 +241,8 @@ class PPOIteration:
         if not score:
             return PolicySample(replies, None, None)
         return PolicySample(replies, np.concatenate(scores), np.concatenate(kls))
+
+
+def critic_params(state: PPOState):
+    """The critic's parameters, or None for the critic-free algorithms."""
+    return None if state.critic is None else state.critic.params

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gptstack import losses, rollout
+from gptstack import losses, rl, rollout
 from gptstack.config import ConfigError, GPTConfig, OptimConfig
 from gptstack.model import GPT, ScoreModel, read_at_token
 from gptstack.optim import make_optimizer
@@ -47,6 +47,23 @@ def test_ppo_config_names_its_keys_and_checks_the_rollout_batch():
         ppo.PPOConfig(minibatches=3).check_batch(16)
     with pytest.raises(ConfigError, match=r'rl.ppo.group_size=3 replies per prompt'):
         ppo.PPOConfig(group_size=3).check_batch(16)
+    with pytest.raises(ConfigError, match=r"^rl.algorithm='a2c': expected one of ppo, grpo, "
+                                          r"rloo$"):
+        ppo.PPOConfig(algorithm='a2c')
+    with pytest.raises(ConfigError, match=r'^rl.ppo.group_size=1: rl.algorithm=rloo takes its '
+                                          r'baseline from the other replies to a prompt, so it '
+                                          r'needs at least 2$'):
+        ppo.PPOConfig(algorithm='rloo', group_size=1)
+    with pytest.raises(ConfigError, match=r"rl.ppo.loss_norm='row': expected token, sequence "
+                                          r"or constant"):
+        ppo.PPOConfig(loss_norm='row')
+    with pytest.raises(ConfigError, match=r"rl.ppo.kl_in='both': expected auto, reward or loss"):
+        ppo.PPOConfig(kl_in='both')
+    # GRPO puts the KL in the loss, PPO and RLOO in the reward, unless the config says.
+    assert [ppo.PPOConfig(algorithm=a).kl_in_loss for a in ppo.PPOConfig.ALGORITHMS] == [
+        False, True, False]
+    assert ppo.PPOConfig(algorithm='rloo', kl_in='loss').kl_in_loss
+    assert 'algorithm' not in ppo.PPOConfig.tunables()
 
 
 def test_kl_coef_is_state_only_under_the_controller_and_a_config_beta_is_bit_identical():
@@ -101,15 +118,20 @@ def toy(mesh_8):
         hits = [(row[:n] == TARGET).mean() for row, n in zip(responses, lengths, strict=True)]
         return {'reward': np.asarray(hits, np.float32), 'gold': np.asarray(hits)}
 
-    def make(kl_coef):
-        """The iteration with a fixed β and a fresh state (updates donate it)."""
-        config = ppo.PPOConfig(kl_coef=kl_coef, group_size=1)
+    def make(kl_coef, algorithm='ppo', **settings):
+        """The iteration with a fixed β and a fresh state (updates donate it); PPO scores
+        replies one by one, GRPO and RLOO in groups of 4."""
+        config = ppo.PPOConfig(algorithm=algorithm, kl_coef=kl_coef,
+                               group_size=1 if algorithm == 'ppo' else 4, **settings)
+        has_critic = algorithm == 'ppo'
         iteration = rollout.PPOIteration(
-            config, actor_graphdef=actor_graphdef, critic_graphdef=critic_graphdef,
-            reference=reference, reward=reward, sampler=sampler, tx_actor=tx, tx_critic=tx,
+            config, actor_graphdef=actor_graphdef,
+            critic_graphdef=critic_graphdef if has_critic else None, reference=reference,
+            reward=reward, sampler=sampler, tx_actor=tx, tx_critic=tx if has_critic else None,
             mesh=mesh_8, rules='fsdp', reward_id=REWARD, verifiable=True, judge=judge)
         copy = lambda tree: jax.tree.map(jnp.copy, tree)  # noqa: E731
-        return iteration, ppo.PPOState.create(copy(actor), copy(critic), config)
+        return iteration, ppo.PPOState.create(copy(actor), copy(critic) if has_critic else None,
+                                              config)
 
     prompts = {'tokens': np.tile([[1, 2, 4, 5]], (BATCH, 1)), 'lengths': np.full(BATCH, 4)}
     return make, prompts, sampler, reference, reward, critic_graphdef
@@ -183,3 +205,44 @@ def test_rewarded_token_rises_without_kl_and_a_large_kl_holds_the_policy(toy):
     for key in ('clipfrac', 'approx_kl', 'value_loss', 'explained_variance', 'entropy',
                 'tokens_per_sec/generate', 'time/update'):
         assert np.isfinite(free[-1][key]), key
+
+
+@pytest.mark.parametrize('algorithm', ['grpo', 'rloo'])
+def test_critic_free_algorithms_learn_the_rewarded_token_without_a_critic(toy, algorithm):
+    make, prompts, *_ = toy
+    prompts = {k: v[:BATCH // 4] for k, v in prompts.items()}  # each answered 4 times
+    state, free = run_iterations(*make(0.0, algorithm), prompts, 12)
+    assert state.critic is None  # nothing of a critic is built, trained or stored
+    assert free[0]['nonfinite'] == 0 and free[0]['gold'] < 0.25
+    assert np.mean([m['gold'] for m in free[-3:]]) > 2 * free[0]['gold'] + 0.1
+    assert not {'value_loss', 'explained_variance', 'critic_grad_norm'} & set(free[-1])
+    assert ('kl_loss' in free[-1]) == (algorithm == 'grpo')  # GRPO's KL is a loss term
+    if algorithm == 'grpo':  # ... which holds the policy when β is large
+        _, held = run_iterations(*make(10.0, algorithm), prompts, 12)
+        assert np.mean([m['kl'] for m in held[-3:]]) < 0.2 * free[-1]['kl']
+        assert held[-1]['non_score_reward'] == 0.0 and held[-1]['kl_loss'] > 0.0
+
+
+def test_critic_free_advantages_are_the_group_baselines_of_score_and_kl_penalty():
+    keys = jax.random.split(jax.random.key(5), 3)
+    b, n, beta = 8, 6, 0.3
+    lengths = jax.random.randint(keys[0], (b,), 1, n + 1)
+    mask = (jnp.arange(n)[None] < lengths[:, None]).astype(jnp.int32)
+    logp = -jax.random.exponential(keys[1], (b, n))
+    scored = {'logp': logp, 'ref_logp': logp + 0.2 * jax.random.normal(keys[2], (b, n))}
+    score = jnp.asarray([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
+    kl = np.asarray(((scored['logp'] - scored['ref_logp']) * mask).sum(axis=1))
+    truncated = jnp.zeros(b)
+    expected = {('grpo', 'loss'): np.asarray(score), ('grpo', 'reward'): score - beta * kl,
+                ('rloo', 'reward'): score - beta * kl}
+    for (algorithm, kl_in), total in expected.items():
+        config = ppo.PPOConfig(algorithm=algorithm, kl_in=kl_in, kl_coef=beta)
+        state = ppo.PPOState.create(TrainState(jnp.zeros((), jnp.int32), {}, ()), None, config)
+        _, advantages, returns, metrics = ppo.make_advantages_fn(config, b)(
+            state, scored, mask, score, truncated)
+        baseline = rl.group_advantages if algorithm == 'grpo' else rl.leave_one_out
+        per_reply = np.asarray(baseline(jnp.asarray(total, jnp.float32), 4))
+        assert returns is None
+        np.testing.assert_allclose(np.asarray(advantages), per_reply[:, None] * np.asarray(mask),
+                                   rtol=1e-5, atol=1e-6)
+        assert float(metrics['tied_groups']) == 0.5  # the second group is tied

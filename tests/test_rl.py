@@ -118,3 +118,44 @@ def test_whitening_running_moments_and_kl_controller():
         pytest.approx(0.12)
     assert float(rl.adaptive_kl_coef(jnp.float32(0.1), jnp.float32(5.4), 6.0, 1000, 100)) == \
         pytest.approx(0.1 * (1 - 0.1 * 0.1))
+
+
+def test_grpo_and_rloo_baselines_match_numpy_loops():
+    scores = np.array([1.0, 0.0, 0.5, 0.5, 2.0, 2.0, 2.0, 2.0, 0.3, -1.0, 4.0, 0.0],
+                      np.float32)
+    group = 4
+    grpo, dr_grpo, rloo = (np.asarray(x) for x in (
+        rl.group_advantages(scores, group), rl.group_advantages(scores, group, False),
+        rl.leave_one_out(scores, group)))
+    for g in range(len(scores) // group):
+        rows = scores[g * group:(g + 1) * group].astype(np.float64)
+        for i in range(group):
+            others = [rows[j] for j in range(group) if j != i]
+            centred = rows[i] - rows.mean()
+            assert rloo[g * group + i] == pytest.approx(rows[i] - np.mean(others), abs=1e-6)
+            assert dr_grpo[g * group + i] == pytest.approx(centred, abs=1e-6)
+            assert grpo[g * group + i] == pytest.approx(centred / (rows.std(ddof=1) + 1e-6),
+                                                        rel=1e-5, abs=1e-6)
+    assert np.all(grpo[4:8] == 0.0) and np.all(rloo[4:8] == 0.0)  # a tied group teaches nothing
+    assert float(rl.tied_groups(scores, group)) == pytest.approx(1 / 3)
+    assert float(rl.tied_groups(scores, 2)) == pytest.approx(3 / 6)
+
+
+def test_token_normalisations_weigh_tokens_replies_or_a_constant():
+    rng = np.random.default_rng(3)
+    loss = rng.normal(size=(3, 5)).astype(np.float32)
+    lengths = [5, 2, 0]
+    mask = response_mask(lengths, 5)
+
+    def reduce(how):
+        weights, denominator = losses.token_normalisation(jnp.asarray(mask), how, max_len=8)
+        return float(jnp.sum(loss * weights) / denominator)
+
+    counted = [loss[b, :n] for b, n in enumerate(lengths)]
+    assert reduce('token') == pytest.approx(np.concatenate(counted).mean(), rel=1e-6)
+    # Each reply's mean, an empty reply counting 0, then the mean over the replies.
+    assert reduce('sequence') == pytest.approx(
+        np.mean([c.mean() if len(c) else 0.0 for c in counted]), rel=1e-6)
+    assert reduce('constant') == pytest.approx(np.concatenate(counted).sum() / (3 * 8), rel=1e-6)
+    with pytest.raises(ValueError, match='expected token, sequence or constant'):
+        losses.token_normalisation(jnp.asarray(mask), 'row', 8)

@@ -21,7 +21,7 @@ EXACT = ('policy_loss', 'value_loss', 'kl', 'rm_score', 'gold', 'entropy', 'clip
 
 
 def iterations(workdir):
-    return {r['step']: tuple(r[k] for k in EXACT) for r in metrics(workdir)
+    return {r['step']: tuple(r.get(k) for k in EXACT) for r in metrics(workdir)
             if 'policy_loss' in r}
 
 
@@ -104,6 +104,33 @@ def test_rl_with_ptx_kill_9_then_resume_continues_exactly(sft_workdir, reward_wo
     assert sorted(ptx_losses) == list(range(1, 9))
     assert ptx_losses == {r['step']: r['ptx_loss'] for r in metrics(tmp_path / 'reference')
                           if 'ptx_loss' in r}
+
+
+def test_grpo_on_gold_rewards_kill_9_then_resume_continues_exactly_without_a_critic(
+        sft_workdir, reward_workdir, tmp_path):
+    steps = ('--config.rl.algorithm=grpo', '--config.rl.reward=gold',
+             '--config.train.total_steps=6', '--config.train.checkpoint_every=2',
+             '--config.train.eval_every=0', '--config.train.log_every=1')
+    reference = run(rl_command(tmp_path / 'reference', sft_workdir, reward_workdir, *steps))
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    workdir = tmp_path / 'killed'
+    process = start_and_wait_for_checkpoint(
+        rl_command(workdir, sft_workdir, reward_workdir, *steps), workdir, 2)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert max(iterations(workdir)) < 6
+    resumed = run(rl_command(workdir, sft_workdir, reward_workdir, *steps))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(iterations(workdir)) == list(range(1, 7))
+    assert iterations(workdir) == iterations(tmp_path / 'reference')
+    train = [r for r in metrics(workdir) if 'policy_loss' in r]
+    assert all('kl_loss' in r and 'value_loss' not in r for r in train)
+    # No critic in the checkpoints: of what trains, the state holds the actor's arrays alone.
+    for tree in (workdir / 'checkpoints').glob('*/state/_METADATA'):
+        keys = json.loads(tree.read_text())['tree_metadata']
+        assert any(key.startswith("('actor', 'params'") for key in keys)
+        assert not [key for key in keys if key.startswith("('critic', ")], keys
+    assert '# GRPO report' in (workdir / 'report.md').read_text()
 
 
 def test_rl_verifiable_rewards_and_bad_inputs(sft_workdir, reward_workdir, tmp_path):

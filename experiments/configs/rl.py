@@ -1,18 +1,19 @@
-"""Stage 4: PPO against the reward model, with a per-token KL penalty to the SFT model.
+"""Stage 4: RL against the reward model (PPO by default; GRPO and RLOO by `rl.algorithm`),
+with a KL penalty to the SFT model.
 
 COMMAND (after the default SFT and reward runs; embedded task suite, no downloads; 2-core CPU):
   python -m experiments.run --config=experiments/configs/rl.py --workdir=workdirs/rl \
       --config.init_from=workdirs/sft --config.reward_from=workdirs/reward
 
-The actor starts as the SFT model and the critic as the reward model; each iteration samples
+The actor starts as the SFT model and PPO's critic as the reward model; each iteration samples
 `data.batch_size` replies, `rl.ppo.group_size` to each training task prompt.
+`--config.rl.algorithm=grpo` (or `rloo`) builds no critic: each reply's advantage is its score
+against the other replies to its prompt, with GRPO's KL as a loss term.
 `--config.rl.reward=gold` replaces the reward model by the task gold scorer (verifiable rewards).
 The report compares the held-out gold score of the SFT policy (step 0) and the PPO policy and
 plots reward-model score and gold score against the KL to the SFT model.
 Args: `runlocal` (a few iterations of a smoke test).
 """
-
-import dataclasses
 
 import ml_collections
 
@@ -46,12 +47,15 @@ def get_config(arg=None):
     # 'model': the reward model's score; 'gold': the task gold scorer or exact match with the
     # prompt's 'answer' (verifiable rewards).
     config.rl.reward = 'model'
+    # 'ppo' (a critic and GAE), 'grpo' (group mean and standard deviation, KL in the loss) or
+    # 'rloo' (leave-one-out baselines, KL in the reward): `gptstack.steps.ppo`.
+    config.rl.algorithm = 'ppo'
     # PPO's recommended settings (`PPOConfig`): four replies to each of 16 prompts per
     # iteration, each scored against its group's mean (the reward model learned only
     # differences between replies to one prompt), and β = 0.2, which holds the policy near 1 nat
     # from the SFT model, where this small reward model still agrees with the gold scorer; at
     # β = 0.05 the policy drifts to 3-4 nats and over-optimises it.
-    config.rl.ppo = ml_collections.ConfigDict(dataclasses.asdict(PPOConfig()))
+    config.rl.ppo = ml_collections.ConfigDict(PPOConfig.tunables())
     # The critic is the reward model's transformer with a value head started at zero ('zero'),
     # or with the reward model's own score head ('reward'): see `experiments.rl.critic_start`.
     config.rl.critic_head = 'zero'

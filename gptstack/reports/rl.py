@@ -1,6 +1,6 @@
-"""The PPO report: held-out gold and reward-model scores of the SFT and PPO policies with the
-paired gain, the KL coefficient really used, the evaluations along training, by task family and
-level, and reward against KL."""
+"""The RL stage's report (PPO, GRPO or RLOO): held-out gold and reward-model scores of the
+SFT and trained policies with the paired gain, the KL coefficient really used, the evaluations
+along training, by task family and level, and reward against KL."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ def kl_coefs(records, config) -> str:
 
 
 def write(workdir, config) -> str:
+    name = config.rl.get('algorithm', 'ppo').upper()
     records = read_metrics(workdir)
     evals = [r for r in records if 'val/kl' in r]
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
@@ -55,7 +56,7 @@ def write(workdir, config) -> str:
     plots = [
         report.plot(records, {'reward-model score (train rollouts)': 'rm_score',
                               'gold score (train rollouts)': 'gold'}, workdir / 'reward.png',
-                    title='Rewards during PPO', ylabel='mean per response'),
+                    title=f'Rewards during {name}', ylabel='mean per response'),
         report.plot(records, {'KL to the SFT model (train rollouts)': 'kl'}, workdir / 'kl.png',
                     title='KL per response', ylabel='nats'),
         report.plot([{**r, 'step': r['val/kl']} for r in evals],
@@ -64,21 +65,23 @@ def write(workdir, config) -> str:
                     title='Held-out reward against KL (over-optimisation)',
                     ylabel='mean per response', xlabel='KL to the SFT model (nats per response)'),
         report.plot(records, {'policy': 'policy_loss', 'value': 'value_loss'},
-                    workdir / 'losses.png', title='PPO losses', ylabel='loss'),
+                    workdir / 'losses.png', title=f'{name} losses', ylabel='loss'),
     ]
     summary = [
         ('policy from', config.init_from), ('reward model from', config.reward_from),
         ('reward', 'reward model' if config.rl.reward == 'model' else 'gold scorer (verifiable)'),
         ('iterations × rollouts', f'{last.get("step", 0)} × {config.data.batch_size}'),
         ('KL coefficient β', kl_coefs(records, config)),
-        (f'held-out gold score, sampled ({config.eval.samples} per prompt): SFT → PPO',
+        ('algorithm', name),
+        (f'held-out gold score, sampled ({config.eval.samples} per prompt): SFT → {name}',
          f'{score(first, "sampled")} → {score(last, "sampled")}'),
         ('gain over the SFT policy, sampled (paired over prompts)', gain(last, 'sampled')),
-        ('held-out gold score, greedy: SFT → PPO', f'{score(first, "greedy")} → '
+        (f'held-out gold score, greedy: SFT → {name}', f'{score(first, "greedy")} → '
                                                    f'{score(last, "greedy")}'),
         ('gain over the SFT policy, greedy (paired over prompts)', gain(last, 'greedy')),
-        ('held-out reward-model score: SFT → PPO', f'{first.get("val/rm_score", math.nan):.4f}'
-                                                   f' → {last.get("val/rm_score", math.nan):.4f}'),
+        (f'held-out reward-model score: SFT → {name}',
+         f'{first.get("val/rm_score", math.nan):.4f} → '
+         f'{last.get("val/rm_score", math.nan):.4f}'),
         ('KL of the final policy to the SFT model (nats per response)',
          f'{last.get("val/kl", math.nan):.3f}'),
     ]
@@ -89,15 +92,15 @@ def write(workdir, config) -> str:
     family_rows = [(f, first[f'gold/sampled/{f}'], last.get(f'gold/sampled/{f}', math.nan))
                    for f in families]
     by_level = report.levels_before_after(first, last, ('sampled', 'greedy'))
-    return report.write(workdir, 'PPO report', [
+    return report.write(workdir, f'{name} report', [
         ('Summary', report.table(['', ''], summary)),
         ('Held-out evaluations', report.table(
             ['step', 'KL', 'reward-model score', 'gold (sampled)', 'gain over SFT (paired)',
              'gold (greedy)'], rows)),
         ('Held-out gold score by task family (sampled)', report.table(
-            ['family', 'SFT', 'PPO'], family_rows) if family_rows else 'no gold scorer'),
+            ['family', 'SFT', name], family_rows) if family_rows else 'no gold scorer'),
         ('Held-out gold score by task level', report.table(
-            ['level', 'SFT, sampled', 'PPO, sampled', 'SFT, greedy', 'PPO, greedy'],
+            ['level', 'SFT, sampled', f'{name}, sampled', 'SFT, greedy', f'{name}, greedy'],
             by_level) if by_level else 'no task prompts'),
         ('Over-optimisation', over_optimisation(evals)),
         ('Curves', '\n\n'.join(f'![{p}]({p})' for p in plots)),

@@ -1,22 +1,29 @@
-"""PPO's jitted math, stage 4 of the recipe: scoring rollouts, advantages with a per-token KL
-penalty to the frozen SFT model, and the clipped updates of actor and critic.
+"""The jitted math of stage 4 of the recipe, reinforcement learning from sampled replies:
+scoring rollouts, advantages with a KL penalty to the frozen SFT model, and the clipped updates.
+Three algorithms share it (`PPOConfig.algorithm`):
+
+    ppo   a critic estimates each token's value; advantages by GAE over per-token rewards
+    grpo  no critic: each reply's score against its group's mean and standard deviation
+          (Shao et al., 2024), or its mean alone (Dr. GRPO, Liu et al., 2025)
+    rloo  no critic: each reply's score against the mean of the other replies to its prompt
+          (Ahmadian et al., 2024)
 
 Four roles, each its own graphdef and parameters (so a separate rollout mesh can be added
 without touching the rest):
 
     actor      `GPT`, trained; starts as the SFT model
-    critic     `ScoreModel`, trained; starts as the reward model; the value of each response
-               token's state (read where the token is predicted)
+    critic     `ScoreModel`, trained, PPO only; starts as the reward model; the value of each
+               response token's state (read where the token is predicted)
     reference  `GPT`, frozen SFT model: the anchor of the KL penalty
     reward     `ScoreModel`, frozen; the reward is its score at `<|reward|>` after the response
 
 The trained roles live in `PPOState`, the frozen ones are `Frozen` pairs. The factories here
 return the jitted pieces of one iteration: `score` (actor and reference log-probs, values,
-reward), `advantages` (the scores centred within each prompt's group, per-token rewards `-β·KL`
-plus the score at the last token, GAE, whitening, the KL controller and running reward
-statistics) and `update` (clipped surrogate with an optional entropy bonus and PPO-ptx
-language-model term for the actor, clipped value loss for the critic). They read rollout rows
-laid out as `gptstack.rollout` describes; its `PPOIteration` runs them on the host.
+reward), `advantages` (the KL penalty in the reward or not, then GAE and whitening for PPO or
+the group baselines of GRPO and RLOO; the KL controller and running reward statistics) and
+`update` (clipped surrogate with optional entropy bonus, KL loss term and PPO-ptx language-model
+term for the actor, clipped value loss for the critic). They read rollout rows laid out as
+`gptstack.rollout` describes; its `PPOIteration` runs them on the host.
 """
 
 from __future__ import annotations
@@ -42,8 +49,11 @@ Array = jax.Array
 
 @dataclasses.dataclass(frozen=True)
 class PPOConfig:
-    """PPO's settings (`rl.ppo.*`); the defaults are the recommended ones for the rl stage."""
+    """The RL stage's settings: `rl.algorithm` and `rl.ppo.*` (which hold for every algorithm
+    unless a comment names one); the defaults are the recommended ones for PPO."""
 
+    # 'ppo', 'grpo' or 'rloo' (see the module docstring); set by `rl.algorithm`.
+    algorithm: str = 'ppo'
     # Passes over an iteration's rollouts, and updates (minibatches) per pass.
     epochs: int = 2
     minibatches: int = 2
@@ -60,8 +70,21 @@ class PPOConfig:
     # lives in the checkpointed state. 0: β is `kl_coef`, read from the config on every run.
     target_kl: float = 0.0
     kl_horizon: int = 10_000
+    # Where the KL to the reference enters: 'reward' (-β·KL on each token's reward, as PPO and
+    # RLOO have it), 'loss' (β·KL on each token as a term of the actor's loss, as GRPO has it;
+    # there always the k3 estimator, since k1's gradient on the policy's own samples is zero in
+    # expectation) or 'auto' (loss for grpo, reward for ppo and rloo).
+    kl_in: str = 'auto'
     entropy_coef: float = 0.0
+    # PPO: advantages whitened over the rollout batch.
     whiten_advantages: bool = True
+    # GRPO: each centred score divided by its group's standard deviation; False is Dr. GRPO.
+    scale_by_std: bool = True
+    # The actor's loss of a minibatch from its tokens' losses: 'token' (the mean over all its
+    # response tokens), 'sequence' (each reply's mean, then the mean over replies, as GRPO's
+    # paper has it) or 'constant' (the sum over `replies x data.max_new_tokens`, Dr. GRPO's,
+    # which favours neither short nor long replies).
+    loss_norm: str = 'token'
     # Scores normalised by their running mean and standard deviation.
     normalize_reward: bool = False
     # Subtracted from the score of a response that hit the length limit without a stop token.
@@ -69,16 +92,29 @@ class PPOConfig:
     # PPO-ptx: weight of the language-model loss on pretraining rows in the actor's objective.
     ptx_coef: float = 0.0
     temperature: float = 1.0
-    # Replies sampled per prompt (consecutive rollout rows). > 1: each score is centred on the
-    # mean score of its prompt's replies before the KL penalty is added (`rl.center_groups`).
+    # Replies sampled per prompt (consecutive rollout rows). PPO with > 1: each score is
+    # centred on the mean score of its prompt's replies before the KL penalty is added
+    # (`rl.center_groups`); GRPO and RLOO need at least 2, their baselines come from the group.
     group_size: int = 4
+
+    ALGORITHMS = ('ppo', 'grpo', 'rloo')
 
     def __post_init__(self):
         def require(ok, field, expected):
             if not ok:
                 raise ConfigError(f'rl.ppo.{field}={getattr(self, field)!r}: expected {expected}')
 
+        if self.algorithm not in self.ALGORITHMS:
+            raise ConfigError(f'rl.algorithm={self.algorithm!r}: expected one of '
+                              f'{", ".join(self.ALGORITHMS)}')
         require(self.kl_estimator in ('k1', 'k3'), 'kl_estimator', 'k1 or k3')
+        require(self.kl_in in ('auto', 'reward', 'loss'), 'kl_in', 'auto, reward or loss')
+        require(self.loss_norm in ('token', 'sequence', 'constant'), 'loss_norm',
+                'token, sequence or constant')
+        if not self.critic and self.group_size < 2:
+            raise ConfigError(f'rl.ppo.group_size={self.group_size}: rl.algorithm='
+                              f'{self.algorithm} takes its baseline from the other replies to '
+                              'a prompt, so it needs at least 2')
         for field in ('epochs', 'minibatches', 'group_size', 'kl_horizon'):
             require(getattr(self, field) >= 1, field, '>= 1')
         for field in ('kl_coef', 'target_kl', 'entropy_coef', 'ptx_coef', 'temperature'):
@@ -87,6 +123,28 @@ class PPOConfig:
             require(getattr(self, field) > 0, field, '> 0')
         for field in ('gamma', 'lam'):
             require(0 <= getattr(self, field) <= 1, field, 'in [0, 1]')
+
+    @classmethod
+    def from_config(cls, rl_config) -> PPOConfig:
+        """The settings of a stage config's `rl` block (`rl.algorithm` and `rl.ppo`)."""
+        return cls(algorithm=rl_config.algorithm, **rl_config.ppo)
+
+    @classmethod
+    def tunables(cls) -> dict:
+        """The default `rl.ppo` block: every field but the algorithm."""
+        fields = dataclasses.asdict(cls())
+        del fields['algorithm']
+        return fields
+
+    @property
+    def critic(self) -> bool:
+        """Whether the algorithm trains a critic (PPO) or takes its baselines from the groups."""
+        return self.algorithm == 'ppo'
+
+    @property
+    def kl_in_loss(self) -> bool:
+        """Whether β·KL is a term of the actor's loss rather than a penalty in the reward."""
+        return self.kl_in == 'loss' or (self.kl_in == 'auto' and self.algorithm == 'grpo')
 
     @property
     def adaptive(self) -> bool:
@@ -108,11 +166,12 @@ class PPOConfig:
 class PPOState:
     """Everything an exact resume needs besides the prompt iterator and the seed.
 
+    `critic` is None for the critic-free algorithms (nothing of it is built or stored).
     `kl_coef` (β) is a leaf only when the controller adapts it (`PPOConfig.adaptive`); else it
     is None and β comes from the config, so a resumed run takes a changed `rl.ppo.kl_coef`."""
 
     actor: TrainState
-    critic: TrainState
+    critic: TrainState | None
     kl_coef: Array | None
     reward_stats: rl.RunningMoments
 
@@ -121,7 +180,8 @@ class PPOState:
         return self.actor.step
 
     @classmethod
-    def create(cls, actor: TrainState, critic: TrainState, config: PPOConfig) -> PPOState:
+    def create(cls, actor: TrainState, critic: TrainState | None,
+               config: PPOConfig) -> PPOState:
         """A fresh state: β at `config.kl_coef` if adaptive, empty reward statistics."""
         kl_coef = jnp.float32(config.kl_coef) if config.adaptive else None
         return cls(actor, critic, kl_coef, rl.RunningMoments.create())
@@ -129,7 +189,8 @@ class PPOState:
     @classmethod
     def structure(cls, actor: Any, critic: Any, config: PPOConfig, scalar: Any) -> PPOState:
         """The state's tree with `scalar` at each scalar leaf (β if adaptive, the reward
-        statistics): its abstract shapes or its shardings, given the actor's and critic's."""
+        statistics): its abstract shapes or its shardings, given the actor's and critic's
+        (None without a critic)."""
         return cls(actor, critic, scalar if config.adaptive else None,
                    rl.RunningMoments(scalar, scalar, scalar))
 
@@ -166,61 +227,84 @@ def values(graphdef, params, batch) -> Array:
 
 
 def make_score_fn(actor_graphdef: nnx.GraphDef, reference_graphdef: nnx.GraphDef,
-                  critic_graphdef: nnx.GraphDef, reward_graphdef: nnx.GraphDef, mesh: Mesh,
+                  critic_graphdef: nnx.GraphDef | None, reward_graphdef: nnx.GraphDef, mesh: Mesh,
                   rules: str, reward_id: int):
     """Jitted `score(actor, reference, critic, reward params, rollout batch)` ->
-    `{'logp', 'ref_logp', 'values': [B, N], 'rm_score': [B]}`."""
+    `{'logp', 'ref_logp', 'values': [B, N], 'rm_score': [B]}`; without a critic (its graphdef
+    and parameters None) there are no `values`."""
 
     def score(actor_params, reference_params, critic_params, reward_params, batch):
         with sharding.activation_sharding(mesh, rules):
             logp, _ = response_log_probs(actor_graphdef, actor_params, batch)
             ref_logp, _ = response_log_probs(reference_graphdef, reference_params, batch)
-            values_bn = values(critic_graphdef, critic_params, batch)
             reward_model = nnx.merge(reward_graphdef, reward_params)
             score_b = read_at_token(reward_model(batch['tokens'], batch['positions'],
                                                  batch['segment_ids']),
                                     batch['tokens'], reward_id)
-        return {'logp': logp, 'ref_logp': ref_logp, 'values': values_bn, 'rm_score': score_b}
+            scored = {'logp': logp, 'ref_logp': ref_logp, 'rm_score': score_b}
+            if critic_graphdef is not None:
+                scored['values'] = values(critic_graphdef, critic_params, batch)
+        return scored
 
     return jax.jit(score)
 
 
 def make_advantages_fn(config: PPOConfig, batch_size: int):
     """Jitted `advantages(state, scored, mask, score, truncated)` ->
-    `(state, advantages [B, N], returns [B, N], metrics)`; donates the state.
+    `(state, advantages [B, N], returns [B, N] or None without a critic, metrics)`; donates the
+    state.
 
-    β is `state.kl_coef` when adaptive (then moved by the controller), else `config.kl_coef`;
-    the metric `kl_coef` is the β this iteration used."""
+    Each reply's score (the reward model's or the gold scorer's) is first centred on its group
+    (PPO), normalised by running statistics (`normalize_reward`) and lowered for truncation;
+    with the KL in the reward each token then pays `β·KL`. PPO puts the score on the reply's
+    last token and runs GAE over the critic's values; GRPO and RLOO give every token of a reply
+    its sequence's advantage against the group baseline. β is `state.kl_coef` when adaptive
+    (then moved by the controller), else `config.kl_coef`; the metric `kl_coef` is the β this
+    iteration used."""
 
     def advantages(state: PPOState, scored, mask_bn, score_b, truncated_b):
         kl_coef = state.kl_coef if config.adaptive else config.kl_coef
         mask_bn = mask_bn.astype(jnp.float32)
         kl_bn = losses.kl_penalty(scored['logp'], scored['ref_logp'],
                                   config.kl_estimator) * mask_bn
+        kl_b = kl_bn.sum(axis=1)
+        metrics = {'kl': kl_b.mean(), 'kl_coef': jnp.float32(kl_coef),
+                   'tied_groups': rl.tied_groups(score_b, config.group_size)}
         stats = state.reward_stats
-        if config.group_size > 1:
+        if config.critic and config.group_size > 1:
             score_b = rl.center_groups(score_b, config.group_size)
         if config.normalize_reward:
             stats = stats.update(score_b)
             score_b = (score_b - stats.mean) / (stats.std + 1e-6)
         score_b = score_b - config.truncated_penalty * truncated_b
-        lengths_b = mask_bn.sum(axis=1).astype(jnp.int32)
-        last_bn = jax.nn.one_hot(lengths_b - 1, mask_bn.shape[1]) * mask_bn
-        rewards_bn = -kl_coef * kl_bn + score_b[:, None] * last_bn
-        advantages_bn, returns_bn = rl.gae(rewards_bn, scored['values'], mask_bn,
-                                           config.gamma, config.lam)
-        if config.whiten_advantages:
-            advantages_bn = rl.whiten(advantages_bn, mask_bn)
-        kl_b = kl_bn.sum(axis=1)
-        values_bn = scored['values']
-        _, return_var = rl.masked_mean_var(returns_bn, mask_bn)
-        _, error_var = rl.masked_mean_var(returns_bn - values_bn, mask_bn)
-        metrics = {'kl': kl_b.mean(), 'kl_coef': jnp.float32(kl_coef),
-                   'score': score_b.mean(),
-                   'non_score_reward': (-kl_coef * kl_b).mean(),
-                   'total_reward': rewards_bn.sum(axis=1).mean(),
-                   'explained_variance': 1.0 - error_var / jnp.maximum(return_var, 1e-8),
-                   'value_mean': jnp.sum(values_bn * mask_bn) / mask_bn.sum()}
+        penalty_bn = jnp.zeros_like(kl_bn) if config.kl_in_loss else kl_coef * kl_bn
+        metrics['score'] = score_b.mean()
+        metrics['non_score_reward'] = (jnp.float32(0.0) if config.kl_in_loss
+                                       else (-kl_coef * kl_b).mean())
+        if config.critic:
+            lengths_b = mask_bn.sum(axis=1).astype(jnp.int32)
+            last_bn = jax.nn.one_hot(lengths_b - 1, mask_bn.shape[1]) * mask_bn
+            rewards_bn = -penalty_bn + score_b[:, None] * last_bn
+            advantages_bn, returns_bn = rl.gae(rewards_bn, scored['values'], mask_bn,
+                                               config.gamma, config.lam)
+            if config.whiten_advantages:
+                advantages_bn = rl.whiten(advantages_bn, mask_bn)
+            values_bn = scored['values']
+            _, return_var = rl.masked_mean_var(returns_bn, mask_bn)
+            _, error_var = rl.masked_mean_var(returns_bn - values_bn, mask_bn)
+            metrics.update({
+                'total_reward': rewards_bn.sum(axis=1).mean(),
+                'explained_variance': 1.0 - error_var / jnp.maximum(return_var, 1e-8),
+                'value_mean': jnp.sum(values_bn * mask_bn) / mask_bn.sum()})
+        else:
+            total_b = score_b - penalty_bn.sum(axis=1)
+            if config.algorithm == 'grpo':
+                advantage_b = rl.group_advantages(total_b, config.group_size,
+                                                  config.scale_by_std)
+            else:
+                advantage_b = rl.leave_one_out(total_b, config.group_size)
+            advantages_bn, returns_bn = advantage_b[:, None] * mask_bn, None
+            metrics['total_reward'] = total_b.mean()
         if config.adaptive:
             kl_coef = rl.adaptive_kl_coef(kl_coef, kl_b.mean(), config.target_kl,
                                           config.kl_horizon, batch_size)
@@ -231,25 +315,37 @@ def make_advantages_fn(config: PPOConfig, batch_size: int):
 
 
 def make_update_fn(config: PPOConfig, actor_graphdef: nnx.GraphDef,
-                   critic_graphdef: nnx.GraphDef, tx_actor: optax.GradientTransformation,
-                   tx_critic: optax.GradientTransformation, mesh: Mesh, rules: str):
+                   critic_graphdef: nnx.GraphDef | None, tx_actor: optax.GradientTransformation,
+                   tx_critic: optax.GradientTransformation | None, mesh: Mesh, rules: str,
+                   max_new_tokens: int):
     """Jitted `update(state, minibatch, ptx_batch)` -> `(state, metrics)`: one optimizer step
-    of actor and critic on a minibatch of scored rollout rows (with `old_logp`, `old_values`,
-    `advantages`, `returns`); donates the state. `ptx_batch` (PPO-ptx) is None unless
-    `ptx_coef > 0`. The steps counters do not move: one iteration is one step."""
+    of the actor (and the critic, if any) on a minibatch of scored rollout rows (with
+    `old_logp`, `advantages`; `old_values` and `returns` for the critic; `ref_logp` with the KL
+    in the loss); donates the state. `ptx_batch` (PPO-ptx) is None unless `ptx_coef > 0`.
+    `max_new_tokens` is the response budget, the length the `constant` loss norm divides by.
+    The steps counters do not move: one iteration is one step."""
 
     def update(state: PPOState, batch, ptx_batch):
         mask_bn = batch['mask'].astype(jnp.float32)
         count = jnp.maximum(mask_bn.sum(), 1.0)
+        weights_bn, denominator = losses.token_normalisation(mask_bn, config.loss_norm,
+                                                             max_new_tokens)
+        kl_coef = state.kl_coef if config.adaptive else config.kl_coef
 
         def actor_objective(params):
             logp, logits = response_log_probs(actor_graphdef, params, batch)
             loss_sum, sums = losses.ppo_policy_loss(logp, batch['old_logp'],
-                                                    batch['advantages'], mask_bn, config.clip)
-            entropy_sum = losses.entropy(logits, mask_bn)
-            objective = (loss_sum - config.entropy_coef * entropy_sum) / count
-            aux = {'policy_loss': loss_sum / count, 'entropy': entropy_sum / count,
-                   'clipfrac': sums['clipped'] / count, 'approx_kl': sums['approx_kl'] / count}
+                                                    batch['advantages'], weights_bn,
+                                                    config.clip)
+            entropy_sum = losses.entropy(logits, weights_bn)
+            objective = (loss_sum - config.entropy_coef * entropy_sum) / denominator
+            aux = {'policy_loss': loss_sum / denominator, 'entropy': entropy_sum / denominator,
+                   'clipfrac': sums['clipped'] / denominator,
+                   'approx_kl': sums['approx_kl'] / denominator}
+            if config.kl_in_loss:
+                kl_bn = losses.kl_penalty(logp, batch['ref_logp'], 'k3')
+                aux['kl_loss'] = jnp.sum(kl_bn * weights_bn) / denominator
+                objective = objective + kl_coef * aux['kl_loss']
             if config.ptx_coef > 0:
                 ptx_sum, ptx_count = lm_loss(actor_graphdef, params, ptx_batch)
                 aux['ptx_loss'] = ptx_sum / jnp.maximum(ptx_count, 1.0)
@@ -267,26 +363,31 @@ def make_update_fn(config: PPOConfig, actor_graphdef: nnx.GraphDef,
         with sharding.activation_sharding(mesh, rules):
             (_, actor_aux), actor_grads = jax.value_and_grad(
                 actor_objective, has_aux=True)(state.actor.params)
-            (_, critic_aux), critic_grads = jax.value_and_grad(
-                critic_objective, has_aux=True)(state.critic.params)
             actor_updates, actor_opt = tx_actor.update(actor_grads, state.actor.opt_state,
                                                        state.actor.params)
-            critic_updates, critic_opt = tx_critic.update(critic_grads, state.critic.opt_state,
-                                                          state.critic.params)
-        actor_norm, critic_norm = optax.tree.norm(actor_grads), optax.tree.norm(critic_grads)
-        finite = (jnp.isfinite(actor_norm) & jnp.isfinite(critic_norm)
-                  & jnp.isfinite(actor_aux['policy_loss'])
-                  & jnp.isfinite(critic_aux['value_loss']))
+            if config.critic:
+                (_, critic_aux), critic_grads = jax.value_and_grad(
+                    critic_objective, has_aux=True)(state.critic.params)
+                critic_updates, critic_opt = tx_critic.update(
+                    critic_grads, state.critic.opt_state, state.critic.params)
+        actor_norm = optax.tree.norm(actor_grads)
+        finite = jnp.isfinite(actor_norm) & jnp.isfinite(actor_aux['policy_loss'])
+        metrics = {**actor_aux, 'actor_grad_norm': actor_norm}
+        if config.critic:
+            critic_norm = optax.tree.norm(critic_grads)
+            finite = (finite & jnp.isfinite(critic_norm)
+                      & jnp.isfinite(critic_aux['value_loss']))
+            metrics.update({**critic_aux, 'critic_grad_norm': critic_norm})
+        # One iteration is one step: the counters advance once per iteration, not here.
         actor = keep_if_finite(finite, state.actor,
                                optax.apply_updates(state.actor.params, actor_updates), actor_opt)
-        critic = keep_if_finite(finite, state.critic,
-                                optax.apply_updates(state.critic.params, critic_updates),
-                                critic_opt)
-        # One PPO iteration is one step: the counters advance once per iteration.
-        actor = actor.replace(step=state.actor.step)
-        critic = critic.replace(step=state.critic.step)
-        metrics = {**actor_aux, **critic_aux, 'actor_grad_norm': actor_norm,
-                   'critic_grad_norm': critic_norm, 'nonfinite': (~finite).astype(jnp.float32)}
-        return state.replace(actor=actor, critic=critic), metrics
+        state = state.replace(actor=actor.replace(step=state.actor.step))
+        if config.critic:
+            critic = keep_if_finite(finite, state.critic,
+                                    optax.apply_updates(state.critic.params, critic_updates),
+                                    critic_opt)
+            state = state.replace(critic=critic.replace(step=state.critic.step))
+        metrics['nonfinite'] = (~finite).astype(jnp.float32)
+        return state, metrics
 
     return jax.jit(update, donate_argnums=0)

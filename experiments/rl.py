@@ -115,8 +115,8 @@ def load_prompts(config, workdir, tokenizer, ppo_config: ppo.PPOConfig, max_prom
         raise ConfigError("rl.reward='gold' needs prompts with a gold scorer (embedded:tasks) "
                           "or an 'answer' field")
     data_iterator = iter(prompts_data.prompt_dataset(
-        train, tokenizer, max_prompt, config.data.batch_size // ppo_config.group_size,
-        config.seed))
+        train, tokenizer, max_prompt,
+        ppo_config.oversample * config.data.batch_size // ppo_config.group_size, config.seed))
     if ppo_config.ptx_coef > 0:
         data_iterator = prompts_data.ZipIterator(
             prompts=data_iterator, ptx=iter(ptx_dataset(config, workdir, tokenizer, ppo_config)))

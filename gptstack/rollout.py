@@ -12,9 +12,10 @@ and reference read is at or before that, so the reward token after the response 
 for them. `P` and `N` are trimmed to multiples of `ROLLOUT_BUCKET` (`rollout_rows`).
 
 One iteration (`PPOIteration.__call__`): sample `group_size` responses to each prompt
-(`gptstack.sampling`) -> `score` -> `advantages` -> `epochs` passes of `minibatches` `update`s,
-the jitted pieces of `gptstack.steps.ppo`; the algorithm (`PPOConfig.algorithm`) decides
-whether a critic takes part.
+(`gptstack.sampling`) -> `reward` (or the gold scorer) -> keep the groups that differ, when
+oversampling -> `score` -> `advantages` -> `epochs` passes of `minibatches` `update`s, the
+jitted pieces of `gptstack.steps.ppo`; the algorithm (`PPOConfig.algorithm`) decides whether a
+critic takes part.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from gptstack.steps.ppo import (
     PPOConfig,
     PPOState,
     make_advantages_fn,
+    make_reward_fn,
     make_score_fn,
     make_update_fn,
 )
@@ -76,6 +78,17 @@ def rollout_rows(prompts: Sequence[Sequence[int]], responses: np.ndarray, length
     n = bucket(int(lengths.max()), sampler.max_new_tokens)
     return rollout_batch(prompts, responses[:, :n], lengths, prompt_len, sampler.pad_id,
                          reward_id)
+
+
+def informative_groups(scores: np.ndarray, group_size: int, rows: int) -> np.ndarray:
+    """The indices of `rows` replies to train on, whole groups of `group_size` consecutive
+    ones: the groups whose replies scored differently first, then tied groups if too few
+    differ, in the order they were sampled."""
+    groups = scores.reshape(-1, group_size)
+    tied = np.all(groups == groups[:, :1], axis=1)
+    order = np.concatenate([np.flatnonzero(~tied), np.flatnonzero(tied)])
+    chosen = np.sort(order[:rows // group_size])
+    return (chosen[:, None] * group_size + np.arange(group_size)[None]).reshape(-1)
 
 
 class PolicySample(NamedTuple):
@@ -121,8 +134,9 @@ class PPOIteration:
         self._mesh, self._rules, self._reward_id = mesh, rules, reward_id
         self._verifiable, self._judge = verifiable, judge
         # Each compiles once per rollout shape (a few prompt and response buckets).
-        self._score = make_score_fn(actor_graphdef, reference.graphdef, critic_graphdef,
-                                    reward.graphdef, mesh, rules, reward_id)
+        self._score = make_score_fn(actor_graphdef, reference.graphdef, critic_graphdef, mesh,
+                                    rules)
+        self._reward_fn = make_reward_fn(reward.graphdef, mesh, rules, reward_id)
         self._advantages = make_advantages_fn(config, self.batch_size)
         self._update = make_update_fn(config, actor_graphdef, critic_graphdef, tx_actor,
                                       tx_critic, mesh, rules, sampler.max_new_tokens)
@@ -130,36 +144,74 @@ class PPOIteration:
     def _rows(self, size: int):
         return sharding.batch_sharding(self._mesh, self._rules, size)
 
+    def _sample(self, params, prompts: list[list[int]], key: Array) -> dict[str, np.ndarray]:
+        """Replies to `prompts`, a multiple of the sampler's batch: each batch `c` of several
+        drawn with `fold_in(key, c)`."""
+        sampling = SamplingParams(temperature=self.config.temperature)
+        if len(prompts) == self.batch_size:
+            return self._sampler(params, prompts, key, sampling)
+        outs = [self._sampler(params, prompts[start:start + self.batch_size],
+                              jax.random.fold_in(key, c), sampling)
+                for c, start in enumerate(range(0, len(prompts), self.batch_size))]
+        return {k: np.concatenate([out[k] for out in outs]) for k in outs[0]}
+
+    def _rm_scores(self, prompts: list[list[int]], responses: np.ndarray,
+                   lengths: np.ndarray) -> np.ndarray:
+        """The reward model's score of each reply, a batch of the sampler's size at a time."""
+        scores = []
+        for start in range(0, len(prompts), self.batch_size):
+            end = start + self.batch_size
+            rows = rollout_rows(prompts[start:end], responses[start:end], lengths[start:end],
+                                self._sampler, self._reward_id)
+            scores.append(jax.device_get(self._reward_fn(self._reward.params, rows)))
+        return np.concatenate(scores)
+
     def __call__(self, state: PPOState, prompt_batch: dict, key: Array,
                  ptx_batch: dict | None = None) -> tuple[PPOState, dict[str, float]]:
-        """One iteration on `prompt_batch`: `batch_size / group_size` prompts, each answered
-        `group_size` times. Donates `state`."""
+        """One iteration on `prompt_batch`: `oversample * batch_size / group_size` prompts,
+        each answered `group_size` times; `batch_size` of the replies are trained on. Donates
+        `state`."""
         config = self.config
         prompt_batch = {k: np.repeat(np.asarray(v), config.group_size, axis=0)
                         for k, v in prompt_batch.items()}
         prompts = [list(row[:length]) for row, length in
                    zip(prompt_batch['tokens'], prompt_batch['lengths'], strict=True)]
+
+        if len(prompts) != config.oversample * self.batch_size:
+            raise ValueError(f'{len(prompts) // config.group_size} prompts for an iteration of '
+                             f'{config.oversample * self.batch_size // config.group_size}')
         timings = {}
 
         start = time.perf_counter()
         sample_key, shuffle_key = jax.random.split(key)
-        out = self._sampler(state.actor.params, prompts, sample_key,
-                            SamplingParams(temperature=config.temperature))
-        lengths = out['lengths'].astype(np.int32)
+        out = self._sample(state.actor.params, prompts, sample_key)
+        responses, lengths = out['tokens'], out['lengths'].astype(np.int32)
         timings['generate'] = time.perf_counter() - start
 
+        # The reward of every sampled reply (the gold scorer's on the host, or the reward
+        # model's), then the replies to train on: all of them, or with oversampling the groups
+        # that differ.
         start = time.perf_counter()
-        rows = rollout_rows(prompts, out['tokens'], lengths, self._sampler, self._reward_id)
+        judged = self._judge(prompt_batch, responses, lengths) if self._judge else {}
+        rm_score = None
+        if self._verifiable:
+            reward = judged['reward']
+        else:
+            reward = rm_score = self._rm_scores(prompts, responses, lengths)
+        keep = (informative_groups(reward, config.group_size, self.batch_size)
+                if config.oversample > 1 else np.arange(self.batch_size))
+        prompts, responses, lengths = [prompts[i] for i in keep], responses[keep], lengths[keep]
+        if rm_score is None:  # logged in the verifiable mode, for the replies trained on
+            rm_score = self._rm_scores(prompts, responses, lengths)
+        rows = rollout_rows(prompts, responses, lengths, self._sampler, self._reward_id)
         device_rows = {k: jax.device_put(v, self._rows(self.batch_size)) for k, v in rows.items()}
         scored = self._score(state.actor.params, self._reference.params, critic_params(state),
-                             self._reward.params, device_rows)
-        last = out['tokens'][np.arange(len(lengths)), lengths - 1]
+                             device_rows)
+        last = responses[np.arange(len(lengths)), lengths - 1]
         truncated = (~np.isin(last, self._sampler.stop_ids)).astype(np.float32)
-        judged = self._judge(prompt_batch, out['tokens'], lengths) if self._judge else {}
-        score = (jnp.asarray(judged['reward'], jnp.float32) if self._verifiable
-                 else scored['rm_score'])
         state, advantages, returns, metrics = self._advantages(
-            state, scored, device_rows['mask'], score, jnp.asarray(truncated))
+            state, scored, device_rows['mask'], jnp.asarray(reward[keep], jnp.float32),
+            jnp.asarray(truncated))
         learned = {'old_logp': scored['logp'], 'advantages': advantages}
         if config.critic:
             learned.update(old_values=scored['values'], returns=returns)
@@ -199,16 +251,20 @@ class PPOIteration:
         for k in update_metrics[0]:
             values = [float(m[k]) for m in update_metrics]
             metrics[k] = float(np.max(values)) if k == 'nonfinite' else float(np.mean(values))
-        metrics['rm_score'] = float(np.mean(jax.device_get(scored['rm_score'])))
-        if 'gold' in judged:
+        metrics['rm_score'] = float(np.mean(rm_score))
+        if 'gold' in judged:  # of every sampled reply: the policy's own score
             metrics['gold'] = float(np.mean(judged['gold']))
+        if config.oversample > 1:
+            groups = reward.reshape(-1, config.group_size)
+            metrics['sampled_tied_groups'] = float(np.mean(np.all(groups == groups[:, :1],
+                                                                  axis=1)))
         metrics['response_length'] = float(lengths.mean())
         metrics['truncated'] = float(truncated.mean())
         tokens = rows['tokens'].size
         metrics.update({
             'time/generate': timings['generate'], 'time/score': timings['score'],
             'time/update': timings['update'],
-            'tokens_per_sec/generate': float(lengths.sum()) / timings['generate'],
+            'tokens_per_sec/generate': float(out['lengths'].sum()) / timings['generate'],
             'tokens_per_sec/score': tokens / timings['score'],
             'tokens_per_sec/update': config.epochs * tokens / timings['update']})
         return state, metrics
@@ -233,11 +289,11 @@ class PPOIteration:
                 rows = rollout_rows(padded, out['tokens'], lengths, self._sampler,
                                     self._reward_id)
                 scored = jax.device_get(self._score(
-                    state.actor.params, self._reference.params, critic_params(state),
-                    self._reward.params, rows))
+                    state.actor.params, self._reference.params, critic_params(state), rows))
                 kl = ((scored['logp'] - scored['ref_logp']) * rows['mask']).sum(axis=1)
                 kls.append(kl[:len(chunk)])
-                scores.append(scored['rm_score'][:len(chunk)])
+                scores.append(jax.device_get(self._reward_fn(self._reward.params,
+                                                             rows))[:len(chunk)])
         if not score:
             return PolicySample(replies, None, None)
         return PolicySample(replies, np.concatenate(scores), np.concatenate(kls))

@@ -36,6 +36,14 @@ def test_rollout_rows_put_the_reward_token_right_after_the_response():
     assert rows['mask'].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
 
 
+def test_oversampling_keeps_the_groups_whose_replies_differ_then_tied_ones_in_order():
+    scores = np.array([1, 1, 0, 1, 0, 0, 2, 2, 3, 0, 5, 5], np.float32)  # six groups of 2
+    assert rollout.informative_groups(scores, 2, 4).tolist() == [2, 3, 8, 9]
+    # Too few differ: the first tied groups fill up, and the sampled order is kept.
+    assert rollout.informative_groups(scores, 2, 8).tolist() == [0, 1, 2, 3, 4, 5, 8, 9]
+    assert rollout.informative_groups(scores, 6, 6).tolist() == [0, 1, 2, 3, 4, 5]
+
+
 def test_ppo_config_names_its_keys_and_checks_the_rollout_batch():
     with pytest.raises(ConfigError, match=r"rl.ppo.kl_estimator='k2': expected k1 or k3"):
         ppo.PPOConfig(kl_estimator='k2')
@@ -57,6 +65,10 @@ def test_ppo_config_names_its_keys_and_checks_the_rollout_batch():
     with pytest.raises(ConfigError, match=r"rl.ppo.loss_norm='row': expected token, sequence "
                                           r"or constant"):
         ppo.PPOConfig(loss_norm='row')
+    with pytest.raises(ConfigError, match=r'^rl.ppo.oversample=2 keeps the groups whose replies '
+                                          r'scored differently, so it needs rl.ppo.group_size '
+                                          r'>= 2$'):
+        ppo.PPOConfig(oversample=2, group_size=1)
     with pytest.raises(ConfigError, match=r"rl.ppo.kl_in='both': expected auto, reward or loss"):
         ppo.PPOConfig(kl_in='both')
     # GRPO puts the KL in the loss, PPO and RLOO in the reward, unless the config says.
@@ -154,9 +166,9 @@ def test_scores_match_direct_forward_passes(toy, mesh_8):
     p = rows['tokens'].shape[1] - rows['mask'].shape[1] - 1
     assert p == 16 and rows['mask'].shape[1] in (8, 16)  # trimmed to the buckets
     score = ppo.make_score_fn(reference.graphdef, reference.graphdef, critic_graphdef,
-                              reward.graphdef, mesh_8, 'fsdp', REWARD)
-    scored = score(state.actor.params, reference.params, state.critic.params, reward.params,
-                   rows)
+                              mesh_8, 'fsdp')
+    scored = score(state.actor.params, reference.params, state.critic.params, rows)
+    rm_score = ppo.make_reward_fn(reward.graphdef, mesh_8, 'fsdp', REWARD)(reward.params, rows)
     logits = nnx.merge(reference.graphdef, state.actor.params)(
         rows['tokens'], rows['positions'], rows['segment_ids'])
     expected = losses.token_log_probs(logits[:, p - 1:-2], rows['tokens'][:, p:-1])
@@ -169,7 +181,7 @@ def test_scores_match_direct_forward_passes(toy, mesh_8):
     np.testing.assert_array_equal(np.asarray(scored['logp']), np.asarray(scored['ref_logp']))
     rm = nnx.merge(reward.graphdef, reward.params)(rows['tokens'], rows['positions'],
                                                    rows['segment_ids'])
-    np.testing.assert_allclose(np.asarray(scored['rm_score']),
+    np.testing.assert_allclose(np.asarray(rm_score),
                                np.asarray(read_at_token(rm, rows['tokens'], REWARD)), rtol=1e-5)
 
 
@@ -217,6 +229,12 @@ def test_critic_free_algorithms_learn_the_rewarded_token_without_a_critic(toy, a
     assert np.mean([m['gold'] for m in free[-3:]]) > 2 * free[0]['gold'] + 0.1
     assert not {'value_loss', 'explained_variance', 'critic_grad_norm'} & set(free[-1])
     assert ('kl_loss' in free[-1]) == (algorithm == 'grpo')  # GRPO's KL is a loss term
+    if algorithm == 'rloo':  # twice the prompts sampled, the groups that differ trained on
+        oversampled = {k: np.tile(v, (2,) + (1,) * (v.ndim - 1)) for k, v in prompts.items()}
+        _, kept = run_iterations(*make(0.0, algorithm, oversample=2), oversampled, 3)
+        # Half the sampled groups are trained on: tied ones only when over half are tied.
+        for m in kept:
+            assert m['tied_groups'] == pytest.approx(max(0.0, 2 * m['sampled_tied_groups'] - 1))
     if algorithm == 'grpo':  # ... which holds the policy when β is large
         _, held = run_iterations(*make(10.0, algorithm), prompts, 12)
         assert np.mean([m['kl'] for m in held[-3:]]) < 0.2 * free[-1]['kl']

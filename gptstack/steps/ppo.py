@@ -18,12 +18,13 @@ without touching the rest):
     reward     `ScoreModel`, frozen; the reward is its score at `<|reward|>` after the response
 
 The trained roles live in `PPOState`, the frozen ones are `Frozen` pairs. The factories here
-return the jitted pieces of one iteration: `score` (actor and reference log-probs, values,
-reward), `advantages` (the KL penalty in the reward or not, then GAE and whitening for PPO or
-the group baselines of GRPO and RLOO; the KL controller and running reward statistics) and
-`update` (clipped surrogate with optional entropy bonus, KL loss term and PPO-ptx language-model
-term for the actor, clipped value loss for the critic). They read rollout rows laid out as
-`gptstack.rollout` describes; its `PPOIteration` runs them on the host.
+return the jitted pieces of one iteration: `reward` (the reward model's score of each reply),
+`score` (actor and reference log-probs, values), `advantages` (the KL penalty in the reward or
+not, then GAE and whitening for PPO or the group baselines of GRPO and RLOO; the KL controller
+and running reward statistics) and `update` (clipped surrogate with optional entropy bonus, KL
+loss term and PPO-ptx language-model term for the actor, clipped value loss for the critic).
+They read rollout rows laid out as `gptstack.rollout` describes; its `PPOIteration` runs them
+on the host.
 """
 
 from __future__ import annotations
@@ -97,6 +98,12 @@ class PPOConfig:
     # (`rl.center_groups`); GRPO and RLOO need at least 2, their baselines come from the group.
     group_size: int = 4
 
+    # Dynamic sampling (Yu et al., 2025, DAPO): each iteration samples `oversample` times the
+    # prompts it trains on and keeps the groups whose replies scored differently, filling up
+    # with tied groups only when too few differ. A tied group's replies all get the advantage
+    # 0 under a group baseline, so it costs an update and teaches nothing. Needs group_size > 1.
+    oversample: int = 1
+
     ALGORITHMS = ('ppo', 'grpo', 'rloo')
 
     def __post_init__(self):
@@ -111,11 +118,14 @@ class PPOConfig:
         require(self.kl_in in ('auto', 'reward', 'loss'), 'kl_in', 'auto, reward or loss')
         require(self.loss_norm in ('token', 'sequence', 'constant'), 'loss_norm',
                 'token, sequence or constant')
+        if self.oversample > 1 and self.group_size < 2:
+            raise ConfigError(f'rl.ppo.oversample={self.oversample} keeps the groups whose '
+                              'replies scored differently, so it needs rl.ppo.group_size >= 2')
         if not self.critic and self.group_size < 2:
             raise ConfigError(f'rl.ppo.group_size={self.group_size}: rl.algorithm='
                               f'{self.algorithm} takes its baseline from the other replies to '
                               'a prompt, so it needs at least 2')
-        for field in ('epochs', 'minibatches', 'group_size', 'kl_horizon'):
+        for field in ('epochs', 'minibatches', 'group_size', 'kl_horizon', 'oversample'):
             require(getattr(self, field) >= 1, field, '>= 1')
         for field in ('kl_coef', 'target_kl', 'entropy_coef', 'ptx_coef', 'temperature'):
             require(getattr(self, field) >= 0, field, '>= 0')
@@ -227,26 +237,34 @@ def values(graphdef, params, batch) -> Array:
 
 
 def make_score_fn(actor_graphdef: nnx.GraphDef, reference_graphdef: nnx.GraphDef,
-                  critic_graphdef: nnx.GraphDef | None, reward_graphdef: nnx.GraphDef, mesh: Mesh,
-                  rules: str, reward_id: int):
-    """Jitted `score(actor, reference, critic, reward params, rollout batch)` ->
-    `{'logp', 'ref_logp', 'values': [B, N], 'rm_score': [B]}`; without a critic (its graphdef
-    and parameters None) there are no `values`."""
+                  critic_graphdef: nnx.GraphDef | None, mesh: Mesh, rules: str):
+    """Jitted `score(actor, reference, critic params, rollout batch)` ->
+    `{'logp', 'ref_logp', 'values': [B, N]}`; without a critic (its graphdef and parameters
+    None) there are no `values`."""
 
-    def score(actor_params, reference_params, critic_params, reward_params, batch):
+    def score(actor_params, reference_params, critic_params, batch):
         with sharding.activation_sharding(mesh, rules):
             logp, _ = response_log_probs(actor_graphdef, actor_params, batch)
             ref_logp, _ = response_log_probs(reference_graphdef, reference_params, batch)
-            reward_model = nnx.merge(reward_graphdef, reward_params)
-            score_b = read_at_token(reward_model(batch['tokens'], batch['positions'],
-                                                 batch['segment_ids']),
-                                    batch['tokens'], reward_id)
-            scored = {'logp': logp, 'ref_logp': ref_logp, 'rm_score': score_b}
+            scored = {'logp': logp, 'ref_logp': ref_logp}
             if critic_graphdef is not None:
                 scored['values'] = values(critic_graphdef, critic_params, batch)
         return scored
 
     return jax.jit(score)
+
+
+def make_reward_fn(reward_graphdef: nnx.GraphDef, mesh: Mesh, rules: str, reward_id: int):
+    """Jitted `reward(reward params, rollout batch)` -> `[B]`: the reward model's score of each
+    reply, read at `<|reward|>` after it."""
+
+    def reward(params, batch):
+        with sharding.activation_sharding(mesh, rules):
+            model = nnx.merge(reward_graphdef, params)
+            return read_at_token(model(batch['tokens'], batch['positions'],
+                                       batch['segment_ids']), batch['tokens'], reward_id)
+
+    return jax.jit(reward)
 
 
 def make_advantages_fn(config: PPOConfig, batch_size: int):

@@ -16,7 +16,14 @@ from gptstack.config import ConfigError
 from gptstack.data import tasks
 from gptstack.evals import comparison, gold
 from gptstack.evals.comparison import MODELS
-from gptstack.reports.pipeline import COMPARISON, PER_PROMPT, intervals, level_rows
+from gptstack.reports.pipeline import (
+    COMPARISON,
+    PER_PROMPT,
+    algorithm,
+    intervals,
+    level_rows,
+    model_names,
+)
 from gptstack.stats import mean_and_stderr
 from tests.runs import metrics, pipeline_command, run, start_and_wait_for_checkpoint
 
@@ -41,6 +48,18 @@ def test_intervals_of_two_standard_errors_and_their_overlap():
     assert intervals(sft, {'gold': 0.115, 'gold_stderr': 0.0025}).endswith('(overlapping)')
     assert intervals(sft, {'gold': 0.07, 'gold_stderr': 0.005}).endswith(
         '(PPO below SFT, not overlapping)')
+    assert intervals(sft, {'gold': 0.07, 'gold_stderr': 0.005}, name='GRPO').endswith(
+        '(GRPO below SFT, not overlapping)')
+
+
+def test_the_report_names_each_rl_run_by_its_algorithm():
+    config = pipeline_config.get_config('quick')
+    assert model_names(config)['ppo'] == 'PPO'
+    config.rl.rl.algorithm = 'grpo'
+    config.rl_gold.rl.algorithm = 'rloo'
+    names = model_names(config)
+    assert (names['ppo'], names['ppo_gold']) == ('GRPO', 'RLOO, gold reward (ceiling)')
+    assert algorithm(config.rl_small_beta) == 'PPO'
 
 
 def test_stratified_standard_error_against_a_reference_loop():

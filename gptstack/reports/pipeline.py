@@ -19,11 +19,23 @@ from gptstack.stage import Workdir
 from gptstack.state import abstract_model
 
 COMPARISON = 'comparison.json'
-# The pipeline's PPO runs (stage folders) and how the report names them.
-PPO_RUNS = {'rl': '4 RL (PPO)', 'rl_small_beta': '4 PPO at a small β',
-            'rl_gold': '4 PPO against the gold scorer'}
+# The pipeline's RL runs (stage folders) and how the report names them, given the algorithm.
+RL_RUNS = {'rl': '4 RL ({})', 'rl_small_beta': '4 {} at a small β',
+           'rl_gold': '4 {} against the gold scorer'}
 # One line per held-out prompt of the comparison: its family, level and every model's scores.
 PER_PROMPT = 'comparison_prompts.jsonl'
+
+
+def algorithm(stage_config) -> str:
+    """The RL algorithm of an RL stage's config as the report names it: PPO, GRPO or RLOO."""
+    return stage_config.rl.get('algorithm', 'ppo').upper()
+
+
+def model_names(config) -> dict[str, str]:
+    """`MODEL_NAMES` with the RL models named by their runs' algorithm."""
+    rl, gold = algorithm(config.rl), algorithm(config.rl_gold)
+    return {**MODEL_NAMES, 'ppo': MODEL_NAMES['ppo'].replace('PPO', rl),
+            'ppo_gold': MODEL_NAMES['ppo_gold'].replace('PPO', gold)}
 
 
 def _median(records: list[dict], key: str) -> float | str:
@@ -76,26 +88,28 @@ def stage_table(config, workdir: pathlib.Path, ledger: dict) -> list[tuple]:
                  f'{steps * rm.data.batch_size:,} ranked groups ({steps} × '
                  f'{rm.data.batch_size})', f'{n_params("reward", ScoreModel):,}',
                  f'lr {rm.optim.lr:g}', minutes('reward'), _median(records, 'tokens_per_sec')))
-    for name, label in PPO_RUNS.items():
+    for name, label in RL_RUNS.items():
         ppo = config[name]
+        critic = ' + critic' if algorithm(ppo) == 'PPO' else ''
         records = read_metrics(workdir / name)
         steps = _steps(records)
-        rows.append((label, f'{ppo.data.train_prompts:,} task prompts',
+        rows.append((label.format(algorithm(ppo)), f'{ppo.data.train_prompts:,} task prompts',
                      f'{steps * ppo.data.batch_size:,} rollouts ({steps} × '
                      f'{ppo.data.batch_size}, ≤ {ppo.data.max_new_tokens} new tokens)',
-                     f'{n_params(name, GPT):,} + critic',
+                     f'{n_params(name, GPT):,}{critic}',
                      f'lr {ppo.optim.lr:g}, β {ppo.rl.ppo.kl_coef:g}', minutes(name),
                      _median(records, 'tokens_per_sec')))
     return rows
 
 
-def intervals(sft: dict, ppo: dict, stderr: str = 'gold_stderr') -> str:
-    """The two models' gold scores as `mean ± 2 se` intervals, and whether they overlap."""
+def intervals(sft: dict, ppo: dict, stderr: str = 'gold_stderr', name: str = 'PPO') -> str:
+    """The SFT and RL (`name`) models' gold scores as `mean ± 2 se` intervals, and whether they
+    overlap."""
     spans = [(m['gold'] - 2 * m[stderr], m['gold'] + 2 * m[stderr]) for m in (sft, ppo)]
     if spans[1][0] > spans[0][1]:
-        verdict = 'PPO above SFT, not overlapping'
+        verdict = f'{name} above SFT, not overlapping'
     elif spans[0][0] > spans[1][1]:
-        verdict = 'PPO below SFT, not overlapping'
+        verdict = f'{name} below SFT, not overlapping'
     else:
         verdict = 'overlapping'
     return ' vs '.join(f'[{a:.4f}, {b:.4f}]' for a, b in spans) + f' ({verdict})'
@@ -134,7 +148,7 @@ def best_of_n_rows(workdir: pathlib.Path) -> list[tuple]:
 
 def over_optimisation_runs(config, workdir: pathlib.Path) -> dict[str, tuple]:
     """`{run: (form, d, gold gain, proxy gain)}`: best-of-N's points over N (the reward stage's
-    curve) and each PPO run's held-out evaluations, as gains over the SFT policy against
+    curve) and each RL run's held-out evaluations, as gains over the SFT policy against
     `d = sqrt(KL)` from it (the proxy is the reward model's score)."""
     runs = {}
     curve_path = workdir / 'reward' / best_of_n.CURVE_FILE
@@ -143,13 +157,14 @@ def over_optimisation_runs(config, workdir: pathlib.Path) -> dict[str, tuple]:
         runs['best-of-N'] = ('bon', np.sqrt([p['kl'] for p in curve]),
                              np.asarray([p['rm'] - curve[0]['rm'] for p in curve]),
                              np.asarray([p['proxy'] - curve[0]['proxy'] for p in curve]))
-    for name in PPO_RUNS:
+    for name in RL_RUNS:
         evals = [r for r in read_metrics(workdir / name)
                  if 'val/kl' in r and 'gold/sampled' in r]
         if not evals or evals[0]['step'] != 0:
             continue
         ppo = config[name].rl
-        label = f'PPO, β {ppo.ppo.kl_coef:g}' + (', gold reward' if ppo.reward == 'gold' else '')
+        label = (f'{algorithm(config[name])}, β {ppo.ppo.kl_coef:g}'
+                 + (', gold reward' if ppo.reward == 'gold' else ''))
         runs[label] = ('rl', np.sqrt(np.maximum([r['val/kl'] for r in evals], 0.0)),
                        np.asarray([r['gold/sampled'] - evals[0]['gold/sampled'] for r in evals]),
                        np.asarray([r['val/rm_score'] - evals[0]['val/rm_score'] for r in evals]))
@@ -157,11 +172,11 @@ def over_optimisation_runs(config, workdir: pathlib.Path) -> dict[str, tuple]:
 
 
 def over_optimisation(config, workdir: pathlib.Path) -> str:
-    """Gold and proxy gains against `d = sqrt(KL)` for best-of-N and every PPO run in one
+    """Gold and proxy gains against `d = sqrt(KL)` for best-of-N and every RL run in one
     figure, and Gao et al.'s forms fitted to each with the KL where the fitted gain peaks."""
     runs = over_optimisation_runs(config, workdir)
     if not runs:
-        return 'No best-of-N curve or PPO evaluations to draw.'
+        return 'No best-of-N curve or RL evaluations to draw.'
     panels = []
     for score, index in (('gold', 2), ('proxy', 3)):
         records = [{'step': float(x), label: float(y)} for label, run in runs.items()
@@ -182,28 +197,29 @@ def over_optimisation(config, workdir: pathlib.Path) -> str:
                                        f'{float(d[np.argmax(gain)]) ** 2:.3g}', described))
     return (f'![{plot}]({plot})\n\n' + report.table(
         ['run', 'score', 'largest gain measured', 'least-squares fit, d = sqrt(KL) (Gao, '
-         'Schulman & Hilton 2022)'], rows) + '\n\nBest-of-N is fitted with d (α − β d), PPO '
-        'with d (α − β ln d). Over-optimisation shows where the reward model\'s score keeps '
+         'Schulman & Hilton 2022)'], rows) + '\n\nBest-of-N is fitted with d (α − β d), the RL '
+        'runs with d (α − β ln d). Over-optimisation shows where the reward model\'s score keeps '
         'rising while the gold score has peaked: compare the small β with the default one, and '
-        'both with PPO against the gold scorer itself.')
+        'both with the run against the gold scorer itself.')
 
 
 def write(config, workdir: pathlib.Path, ledger: dict, comparison: dict) -> str:
     models = comparison['models']
+    names, rl = model_names(config), algorithm(config.rl)
     gold_rows = []
     for model in MODELS:
         entry = models[model]
         gain = entry.get('gain')
         gold_rows.append((
-            MODEL_NAMES[model], f'{entry["gold"]:.4f} ± {entry["gold_stderr"]:.4f}',
+            names[model], f'{entry["gold"]:.4f} ± {entry["gold_stderr"]:.4f}',
             f'{entry["greedy"]:.4f} ± {entry["greedy_stderr"]:.4f}' if 'greedy' in entry else '',
-            f'{gain["mean"]:+.4f} ± {gain["stderr"]:.4f} (over {MODEL_NAMES[gain["over"]]})'
+            f'{gain["mean"]:+.4f} ± {gain["stderr"]:.4f} (over {names[gain["over"]]})'
             if gain else '',
             entry.get('distinct_replies', ''), entry.get('distinct_bigrams', '')))
     family_rows = [(family, *(scores[m] for m in MODELS))
                    for family, scores in comparison['families'].items()]
-    gold_plot = report.bars({MODEL_NAMES[m]: models[m]['gold'] for m in MODELS},
-                            {MODEL_NAMES[m]: 2 * models[m]['gold_stderr'] for m in MODELS},
+    gold_plot = report.bars({names[m]: models[m]['gold'] for m in MODELS},
+                            {names[m]: 2 * models[m]['gold_stderr'] for m in MODELS},
                             workdir / 'gold.png',
                             title='Held-out gold score (± 2 standard errors, stratified)',
                             ylabel='mean gold score')
@@ -217,7 +233,7 @@ def write(config, workdir: pathlib.Path, ledger: dict, comparison: dict) -> str:
         dict(records=rm_r, series={'train': 'loss', 'validation': 'val_loss'},
              title='3 reward model', ylabel='ranking loss'),
         dict(records=rl_r, series={'reward-model score': 'rm_score', 'KL to SFT': 'kl'},
-             title='4 PPO (train rollouts)', ylabel='per response'),
+             title=f'4 {rl} (train rollouts)', ylabel='per response'),
     ], workdir / 'stages.png', title='The four stages')
     rm_eval, rl_eval = _last(rm_r, 'val_accuracy'), _last(rl_r, 'val/kl')
     def gain(entry):
@@ -230,18 +246,21 @@ def write(config, workdir: pathlib.Path, ledger: dict, comparison: dict) -> str:
     headline = [
         ('held-out task prompts', f'{comparison["prompts"]} (test split), {comparison["samples"]} '
                                   'samples each at temperature 1, plus one greedy reply'),
-        ('gold score: base → SFT → best-of-N → PPO (→ PPO against the gold scorer)',
+        (f'gold score: base → SFT → best-of-N → {rl} (→ {algorithm(config.rl_gold)} against '
+         'the gold scorer)',
          ' → '.join(f'{models[m]["gold"]:.3f}' for m in MODELS)),
-        ('PPO over SFT (paired over prompts)', gain(models['ppo'])),
-        ('PPO against the gold scorer over SFT: the ceiling', gain(models['ppo_gold'])),
-        ('SFT and PPO gold score, ± 2 standard errors', intervals(models['sft'], models['ppo'])),
+        (f'{rl} over SFT (paired over prompts)', gain(models['ppo'])),
+        (f'{algorithm(config.rl_gold)} against the gold scorer over SFT: the ceiling',
+         gain(models['ppo_gold'])),
+        (f'SFT and {rl} gold score, ± 2 standard errors',
+         intervals(models['sft'], models['ppo'], name=rl)),
         ('the same, standard errors not stratified',
-         intervals(models['sft'], models['ppo'], 'gold_stderr_unstratified')),
+         intervals(models['sft'], models['ppo'], 'gold_stderr_unstratified', rl)),
         ('reward model: held-out pairwise accuracy',
          f'{rm_eval.get("val_accuracy", math.nan):.3f} ± '
          f'{rm_eval.get("val_accuracy_stderr", math.nan):.3f} (agreement with the gold scorer '
          f'{rm_eval.get("gold_agreement", math.nan):.3f})'),
-        ('KL of the final PPO policy to the SFT model',
+        (f'KL of the final {rl} policy to the SFT model',
          f'{rl_eval.get("val/kl", math.nan):.3f} nats per response'),
         *best_of_n_rows(workdir),
         ('wall time', f'{(stage_seconds + compare_seconds) / 60:.1f} min (the comparison '
@@ -249,9 +268,9 @@ def write(config, workdir: pathlib.Path, ledger: dict, comparison: dict) -> str:
     ]
     examples = '\n\n'.join(report.code_block(
         f'prompt: {e["prompt"]}\nexpected: {e["answer"]}\n' + '\n'.join(
-            f'{MODEL_NAMES[m]:>22}: {e[m]!r}' for m in MODELS)) for e in comparison['examples'])
+            f'{names[m]:>22}: {e[m]!r}' for m in MODELS)) for e in comparison['examples'])
     links = ('Stage reports: [tokenizer](tokenizer/report.md), [pretraining](pretrain/report.md), '
-             '[SFT](sft/report.md), [reward model](reward/report.md), [PPO](rl/report.md).')
+             f'[SFT](sft/report.md), [reward model](reward/report.md), [{rl}](rl/report.md).')
     return report.write(workdir, 'gptstack pipeline report', [
         ('Summary', report.table(['', ''], headline)),
         ('The stages', report.table(
@@ -269,12 +288,12 @@ def write(config, workdir: pathlib.Path, ledger: dict, comparison: dict) -> str:
          'Distinct replies: the fraction of different answers among a prompt\'s samples (lower '
          'is a narrower model).'),
         ('Gold score by task family (sampled)', report.table(
-            ['family', *(MODEL_NAMES[m] for m in MODELS)], family_rows)),
+            ['family', *(names[m] for m in MODELS)], family_rows)),
         ('Gold score by task level (sampled, ± se stratified by family)', report.table(
-            ['level', *(MODEL_NAMES[m] for m in MODELS)], level_rows(comparison))),
+            ['level', *(names[m] for m in MODELS)], level_rows(comparison))),
         ('Reward model', '![calibration](reward/calibration.png)\n\n'
                          '![accuracy](reward/accuracy.png)'),
-        ('PPO', '![reward against KL](rl/reward_vs_kl.png)\n\n![KL](rl/kl.png)'),
+        (rl, '![reward against KL](rl/reward_vs_kl.png)\n\n![KL](rl/kl.png)'),
         ('Over-optimisation', over_optimisation(config, workdir)),
         ('The same prompts answered by each model', examples),
     ])

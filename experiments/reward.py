@@ -162,7 +162,7 @@ def best_of_n_curve(config, sampler, policy_params, tokenizer, scorer) -> dict[i
 
 def run(config, workdir: pathlib.Path) -> str:
     setup = validate(config)
-    lineage = stage.start_from(config, 'init_from', ('sft', 'rl'),
+    lineage = stage.start_from(config, 'init_from', ('sft', 'rl', 'dpo'),
                                'the SFT workdir to start the reward model from', workdir)
     tokenizer, model_config = lineage.tokenizer, setup.computing(lineage.model_config)
     stage.check_seq_len(config.data.seq_len, model_config, 'the base model')

@@ -91,7 +91,7 @@ def read_split(config, split: str) -> list[prompts_data.Prompt]:
 def load_roles(config, workdir: pathlib.Path) -> tuple[stage.Lineage, stage.Lineage]:
     """The SFT (actor, reference) and reward-model (reward, critic) lineages, checked to share
     one tokenizer."""
-    sft = stage.start_from(config, 'init_from', ('sft', 'rl'),
+    sft = stage.start_from(config, 'init_from', ('sft', 'rl', 'dpo'),
                            'the SFT workdir the policy starts from', workdir)
     # The reward model of the lowest held-out loss (the reward stage stops early and keeps it).
     rm = stage.start_from(config, 'reward_from', ('reward',), 'the reward-model workdir',

@@ -30,16 +30,18 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from experiments import pipeline, pretrain, reward, rl, sft, tokenizer
+from experiments import dpo, pipeline, pretrain, reward, rl, sft, tokenizer
 from gptstack import environment
 from gptstack.config import ConfigError
 from gptstack.data.sources import DataError
 from gptstack.files import write_whole
 from gptstack.loop import TrainingDivergedError
 
-# The stages of the recipe in order, each a driver module with `validate(config)` and
-# `run(config, workdir) -> status`; `pipeline` runs them all.
-RECIPE = {'tokenizer': tokenizer, 'pretrain': pretrain, 'sft': sft, 'reward': reward, 'rl': rl}
+# The stages of the recipe in order, then DPO (which stands in for reward modelling and RL), each
+# a driver module with `validate(config)` and `run(config, workdir) -> status`; `pipeline` runs
+# the recipe.
+RECIPE = {'tokenizer': tokenizer, 'pretrain': pretrain, 'sft': sft, 'reward': reward, 'rl': rl,
+          'dpo': dpo}
 STAGES = (*RECIPE, 'pipeline')
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Stage config: path.py[:args].',

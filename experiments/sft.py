@@ -30,7 +30,7 @@ from gptstack.steps.lm import lm_evaluator, make_lm_eval_step, make_lm_step
 
 log = logging.getLogger(__name__)
 # The kinds of run SFT may start from: a base model, or an assistant to finetune further.
-STARTS_FROM = ('pretrain', 'sft', 'rl')
+STARTS_FROM = ('pretrain', 'sft', 'rl', 'dpo')
 
 
 def validate(config) -> stage.Setup:

@@ -81,6 +81,64 @@ def ranking_loss(rewards_bk: Array, ranks_bk: Array, valid_bk: Array,
     return jnp.sum(per_prompt_b * has_pairs_b), jnp.sum(has_pairs_b)
 
 
+# --- direct preference optimisation ---------------------------------------------------------
+def preference_pairs(ranks_bk: Array, valid_bk: Array, pairs: str = 'all') -> Array:
+    """`[B, K, K]` float mask of the pairs a group of ranked completions gives: `all` ordered
+    pairs (`ranking_pairs`), or `best_worst`: the best-ranked against the worst-ranked
+    completions only (one pair per group unless ranks tie at either end)."""
+    pairs_bkk = ranking_pairs(ranks_bk, valid_bk)
+    if pairs == 'all':
+        return pairs_bkk
+    if pairs != 'best_worst':
+        raise ValueError(f'preference pairs {pairs!r}: expected all or best_worst')
+    big = jnp.iinfo(jnp.int32).max
+    best_b = jnp.min(jnp.where(valid_bk > 0, ranks_bk, big), axis=1)
+    worst_b = jnp.max(jnp.where(valid_bk > 0, ranks_bk, -big), axis=1)
+    is_best, is_worst = (ranks_bk == best_b[:, None]), (ranks_bk == worst_b[:, None])
+    return pairs_bkk * (is_best[:, :, None] & is_worst[:, None, :]).astype(jnp.float32)
+
+
+def dpo_loss(logp_bk: Array, ref_logp_bk: Array, pairs_bkk: Array, beta: float,
+             kind: str = 'sigmoid', label_smoothing: float = 0.0
+             ) -> tuple[Array, Array, dict[str, Array]]:
+    """The DPO family's loss over each group's preference pairs, each group weighted equally.
+
+    For a pair where completion `i` is preferred to `j`, with `h = (log π_i - log π_ref,i) -
+    (log π_j - log π_ref,j)` (sequence log-probabilities):
+
+        sigmoid  `-log σ(β h)`, DPO (Rafailov et al., 2023); with `label_smoothing` ε,
+                 `-(1 - ε) log σ(β h) - ε log σ(-β h)`: the conservative DPO of labels flipped
+                 with probability ε
+        ipo      `(h - 1 / (2β))²`, IPO (Azar et al., 2023): a target margin, not a sigmoid
+                 that keeps pushing
+
+    Returns:
+        `(loss_sum, count, sums)`: the sum over groups of each group's mean pair loss, the
+        number of groups with a pair, and sums over pairs of `pairs`, `correct` (implicit reward
+        `β h > 0`), `margin` (`β h`), `chosen` and `rejected` (the policy's log-probabilities of
+        the preferred and the other completion).
+    """
+    logp_bk = logp_bk.astype(jnp.float32)
+    rewards_bk = logp_bk - ref_logp_bk.astype(jnp.float32)
+    h_bkk = rewards_bk[:, :, None] - rewards_bk[:, None, :]
+    if kind == 'sigmoid':
+        loss_bkk = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(beta * h_bkk)
+                    - label_smoothing * jax.nn.log_sigmoid(-beta * h_bkk))
+    elif kind == 'ipo':
+        loss_bkk = jnp.square(h_bkk - 1.0 / (2.0 * beta))
+    else:
+        raise ValueError(f'DPO loss {kind!r}: expected sigmoid or ipo')
+    n_pairs_b = pairs_bkk.sum(axis=(1, 2))
+    per_group_b = (loss_bkk * pairs_bkk).sum(axis=(1, 2)) / jnp.maximum(n_pairs_b, 1.0)
+    has_pairs_b = (n_pairs_b > 0).astype(jnp.float32)
+    sums = {'pairs': pairs_bkk.sum(),
+            'correct': jnp.sum((h_bkk > 0) * pairs_bkk),
+            'margin': jnp.sum(beta * h_bkk * pairs_bkk),
+            'chosen': jnp.sum(logp_bk[:, :, None] * pairs_bkk),
+            'rejected': jnp.sum(logp_bk[:, None, :] * pairs_bkk)}
+    return jnp.sum(per_group_b * has_pairs_b), jnp.sum(has_pairs_b), sums
+
+
 # --- reinforcement learning -----------------------------------------------------------------
 def kl_penalty(logp_bt: Array, ref_logp_bt: Array, estimator: str = 'k1') -> Array:
     """Per-token estimate of KL(policy || reference) from log-probs of tokens the policy sampled.

@@ -49,10 +49,10 @@ from gptstack.steps.reward import make_score_fn
 
 log = logging.getLogger(__name__)
 # The stages whose checkpoint holds a language model, and where in their state it sits.
-POLICY_WITHIN = {'pretrain': (), 'sft': (), 'rl': ('actor',)}
+POLICY_WITHIN = {'pretrain': (), 'sft': (), 'rl': ('actor',), 'dpo': ()}
 # What each stage's checkpoint holds, for messages.
 KINDS = {'pretrain': 'a base model', 'sft': 'an SFT model', 'reward': 'a reward model',
-         'rl': 'a PPO policy'}
+         'rl': 'an RL policy', 'dpo': 'a DPO policy'}
 
 
 # --- set-up ---------------------------------------------------------------------------------

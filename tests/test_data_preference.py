@@ -155,6 +155,30 @@ def test_rendering_appends_the_reward_token_after_every_completion(tokenizer):
     assert batch['positions'].shape == (1, 4, 24)
 
 
+def test_reply_masks_cover_the_completions_own_tokens_even_when_truncated(tokenizer):
+    prompt = [{'role': 'user', 'content': 'Name a colour.'},
+              {'role': 'assistant', 'content': 'Red.'},  # an earlier turn: not the completion's
+              {'role': 'user', 'content': 'Another one.'}]
+    completions = [[{'role': 'assistant', 'content': c}] for c in ('Blue.', 'green and more')]
+    comparison = preference.Comparison('c', prompt, completions, [1, 2])
+    for seq_len, truncate in ((64, False), (12, True)):
+        (example,), _ = preference.render_comparisons(tokenizer, [comparison], seq_len, 3,
+                                                      truncate=truncate, with_reply_mask=True)
+        for i, completion in enumerate(completions):
+            n = example['lengths'][i]
+            row, mask = example['tokens'][i, :n], example['reply_mask'][i, :n]
+            reply = [*tokenizer.encode(completion[0]['content']), tokenizer.end_of_turn_id]
+            # The reply's content and end of turn, just before <|reward|>, and nothing else.
+            assert row[mask == 1].tolist() == reply[-int(mask.sum()):]
+            assert mask[-1] == 0 and mask[-len(reply) - 1:-1].tolist() == [1] * min(
+                len(reply), n - 1)
+        assert (example['reply_mask'][2] == 0).all()  # the empty slot
+    batch = preference.to_model_batch({k: v[None] for k, v in example.items()})
+    assert batch['reply_mask'].shape == (1, 3, 12)
+    (plain,), _ = preference.render_comparisons(tokenizer, [comparison], 64, 3)
+    assert 'reply_mask' not in preference.to_model_batch({k: v[None] for k, v in plain.items()})
+
+
 def test_over_long_rows_are_an_error_or_lose_the_start_of_the_prompt(tokenizer):
     long = preference.Comparison('f:5', [{'role': 'user', 'content': 'word ' * 40}],
                                  [[{'role': 'assistant', 'content': c}] for c in ('ok', 'no')],

@@ -102,3 +102,54 @@ def test_k_way_loss_with_two_completions_is_the_pairwise_loss():
     assert float(count) == 8
     np.testing.assert_allclose(np.asarray(pairwise),
                                np.log1p(np.exp(-(better - worse - 0.25))), rtol=1e-5)
+
+
+def reference_dpo(logp, ref_logp, ranks, valid, beta, kind, smoothing, pairs):
+    """Explicit loop in float64 over each group's preference pairs."""
+    total, groups, correct, n_pairs = 0.0, 0, 0, 0
+    for b in range(logp.shape[0]):
+        slots = [k for k in range(logp.shape[1]) if valid[b, k]]
+        ordered = [(i, j) for i in slots for j in slots if ranks[b, i] < ranks[b, j]]
+        if pairs == 'best_worst' and ordered:
+            best = min(ranks[b, k] for k in slots)
+            worst = max(ranks[b, k] for k in slots)
+            ordered = [(i, j) for i, j in ordered if ranks[b, i] == best and ranks[b, j] == worst]
+        if not ordered:
+            continue
+        pair_losses = []
+        for i, j in ordered:
+            h = (float(logp[b, i]) - ref_logp[b, i]) - (float(logp[b, j]) - ref_logp[b, j])
+            if kind == 'ipo':
+                pair_losses.append((h - 1 / (2 * beta)) ** 2)
+            else:
+                log_sig = -math.log1p(math.exp(-beta * h))
+                log_sig_neg = -math.log1p(math.exp(beta * h))
+                pair_losses.append(-(1 - smoothing) * log_sig - smoothing * log_sig_neg)
+            correct += h > 0
+        total += sum(pair_losses) / len(pair_losses)
+        groups += 1
+        n_pairs += len(ordered)
+    return total, groups, correct, n_pairs
+
+
+def test_dpo_ipo_and_conservative_dpo_match_a_numpy_loop_over_pairs():
+    rng = np.random.default_rng(4)
+    logp = rng.normal(-20, 3, size=(6, 4)).astype(np.float32)
+    ref_logp = (logp + rng.normal(0, 1, size=(6, 4))).astype(np.float32)
+    ranks = rng.integers(1, 4, size=(6, 4))
+    valid = np.ones((6, 4), np.int32)
+    valid[1] = 0  # a padding group
+    valid[2, 3] = 0  # a group of three
+    ranks[3] = 2  # all tied
+    for kind, beta, smoothing in (('sigmoid', 0.1, 0.0), ('sigmoid', 0.5, 0.2), ('ipo', 0.1, 0.0)):
+        for pairs in ('all', 'best_worst'):
+            mask = losses.preference_pairs(ranks, valid, pairs)
+            loss_sum, count, sums = losses.dpo_loss(logp, ref_logp, mask, beta, kind, smoothing)
+            ref_total, ref_groups, ref_correct, ref_pairs = reference_dpo(
+                logp, ref_logp, ranks, valid, beta, kind, smoothing, pairs)
+            np.testing.assert_allclose(float(loss_sum), ref_total, rtol=1e-5)
+            assert (float(count), float(sums['correct']), float(sums['pairs'])) == (
+                ref_groups, ref_correct, ref_pairs)
+    assert ref_groups == 4  # the padding and the all-tied groups have no pair
+    all_pairs = float(losses.preference_pairs(ranks, valid, 'all').sum())
+    assert float(losses.preference_pairs(ranks, valid, 'best_worst').sum()) < all_pairs

@@ -250,7 +250,7 @@ def test_sft_refuses_a_reward_model_as_its_start(reward_workdir, tmp_path):
     result = run(sft_command(tmp_path, reward_workdir))
     assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
     assert (f"ConfigError: init_from={reward_workdir} is a 'reward' run, not a base model, an "
-            'SFT model or a PPO policy') in result.stderr
+            'SFT model, an RL policy or a DPO policy') in result.stderr
 
 
 DOLLY = ROOT.parent / 'shared' / 'data' / 'dolly15k_open_qa' / 'open_qa.prompt_response.jsonl'

@@ -219,11 +219,20 @@ def completion_row(tokenizer: Tokenizer, prompt: list[dict], completion: list[di
     return [*render_chat(tokenizer, prompt + completion)[0], tokenizer.reward_id]
 
 
+def reply_mask(tokenizer: Tokenizer, prompt: list[dict], completion: list[dict]) -> list[int]:
+    """1 on the tokens of `completion_row` that the completion's assistant turns wrote (their
+    content and closing `<|end_of_turn|>`), 0 on the prompt, role markers and `<|reward|>`:
+    the tokens whose log-probability DPO compares."""
+    mask = render_chat(tokenizer, prompt + completion)[1]
+    prompt_len = len(render_chat(tokenizer, prompt)[0])
+    return [0] * prompt_len + mask[prompt_len:] + [0]
+
+
 def render_comparisons(tokenizer: Tokenizer, comparisons: Iterable[Comparison], seq_len: int,
-                       max_completions: int, *, truncate: bool = False
-                       ) -> tuple[list[dict], RenderStats]:
+                       max_completions: int, *, truncate: bool = False,
+                       with_reply_mask: bool = False) -> tuple[list[dict], RenderStats]:
     """Each comparison as `{tokens [K, T], lengths [K], ranks [K], valid [K]}` with
-    `K = max_completions` and `T = seq_len`.
+    `K = max_completions` and `T = seq_len`, and `reply_mask [K, T]` (`reply_mask`) if asked.
 
     A completion row is the rendered conversation plus `<|reward|>`. A row longer than `seq_len`
     is an error naming the record, or with `truncate=True` loses tokens from the start of the
@@ -240,22 +249,28 @@ def render_comparisons(tokenizer: Tokenizer, comparisons: Iterable[Comparison], 
             continue
         tokens = np.full((max_completions, seq_len), tokenizer.pad_id, np.int32)
         lengths = np.zeros(max_completions, np.int32)
+        masks = np.zeros((max_completions, seq_len), np.int32)
         for i, completion in enumerate(comparison.completions):
             ids = completion_row(tokenizer, comparison.prompt, completion)
+            mask = reply_mask(tokenizer, comparison.prompt, completion) if with_reply_mask \
+                else []
             if len(ids) > seq_len:
                 if not truncate:
                     raise DataError(f'{comparison.where}: completion {i} with its prompt has '
                                     f'{len(ids)} tokens, more than data.seq_len={seq_len}; '
                                     'shorten it or set data.truncate=True')
-                ids = ids[-seq_len:]
+                ids, mask = ids[-seq_len:], mask[-seq_len:]
                 stats.truncated += 1
             tokens[i, :len(ids)] = ids
+            masks[i, :len(mask)] = mask
             lengths[i] = len(ids)
             stats.tokens += len(ids)
         ranks = np.zeros(max_completions, np.int32)
         ranks[:k] = comparison.ranks
         examples.append({'tokens': tokens, 'lengths': lengths, 'ranks': ranks,
                          'valid': (np.arange(max_completions) < k).astype(np.int32)})
+        if with_reply_mask:
+            examples[-1]['reply_mask'] = masks
         stats.groups += 1
         stats.completions += k
         stats.pairs += comparison.pairs
@@ -268,14 +283,20 @@ def render_comparisons(tokenizer: Tokenizer, comparisons: Iterable[Comparison], 
     return examples, stats
 
 
+# Fields of an example that pass into its batch unchanged when present: DPO's reply mask
+# `[K, T]` and the reference's log-probability of each completion `[K]`.
+DPO_FIELDS = ('reply_mask', 'ref_logp')
+
+
 def to_model_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Stacked examples -> the reward batch: `tokens, segment_ids, positions` `[B, K, T]` and
-    `ranks, valid` `[B, K]`."""
+    `ranks, valid` `[B, K]` (and DPO's fields, when the examples have them)."""
     tokens = rows['tokens']
     positions = np.broadcast_to(np.arange(tokens.shape[-1], dtype=np.int32), tokens.shape)
     segment_ids = (positions < rows['lengths'][..., None]).astype(np.int32)
     return {'tokens': tokens, 'segment_ids': segment_ids, 'positions': positions,
-            'ranks': rows['ranks'], 'valid': rows['valid']}
+            'ranks': rows['ranks'], 'valid': rows['valid'],
+            **{key: rows[key] for key in DPO_FIELDS if key in rows}}
 
 
 def make_preference_dataset(examples: list[dict], batch_size: int, *, seed: int,

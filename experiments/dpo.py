@@ -24,6 +24,7 @@ import pathlib
 
 import jax
 import numpy as np
+import tqdm
 
 from gptstack import sharding, stage, stats
 from gptstack.config import ConfigError
@@ -121,9 +122,11 @@ def attach_reference(config, workdir: pathlib.Path, examples: dict[str, list[dic
                                                           batch_size).items() if k != 'ref_logp'}
         cached = {}
         for split, rows in examples.items():
-            out = [np.asarray(jax.device_get(log_probs(params, sharding.global_batch(b,
-                                                                                 placement))))
-                   for b in batches_in_order(rows, batch_size)]
+            batches = tqdm.tqdm(batches_in_order(rows, batch_size), unit='batch',
+                                desc=f'reference log-probabilities ({split})',
+                                dynamic_ncols=True)
+            out = [np.asarray(jax.device_get(log_probs(params, sharding.global_batch(
+                b, placement)))) for b in batches]
             cached[split] = np.concatenate(out)[:len(rows)].astype(np.float32)
         del params
         buffer = io.BytesIO()
@@ -156,7 +159,8 @@ def make_evaluate(config, loss: DPOLoss, log_probs, eval_batches: list[dict], pl
                                                         loss.kind, loss.label_smoothing))
         # Each group's share of correct pairs: the accuracy's standard error over groups.
         rewards = logp - ref_logp
-        correct = ((rewards[:, :, None] - rewards[:, None, :]) > 0) * pairs
+        h = rewards[:, :, None] - rewards[:, None, :]
+        correct = ((h > 0) + 0.5 * (h == 0)) * pairs  # a tie counts half
         per_group = pairs.sum(axis=(1, 2))
         has = per_group > 0
         accuracy, accuracy_stderr = stats.mean_and_stderr(

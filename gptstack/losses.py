@@ -115,8 +115,8 @@ def dpo_loss(logp_bk: Array, ref_logp_bk: Array, pairs_bkk: Array, beta: float,
     Returns:
         `(loss_sum, count, sums)`: the sum over groups of each group's mean pair loss, the
         number of groups with a pair, and sums over pairs of `pairs`, `correct` (implicit reward
-        `β h > 0`), `margin` (`β h`), `chosen` and `rejected` (the policy's log-probabilities of
-        the preferred and the other completion).
+        `β h > 0`, a tie counting half), `margin` (`β h`), `chosen` and `rejected` (the
+        policy's log-probabilities of the preferred and the other completion).
     """
     logp_bk = logp_bk.astype(jnp.float32)
     rewards_bk = logp_bk - ref_logp_bk.astype(jnp.float32)
@@ -132,7 +132,7 @@ def dpo_loss(logp_bk: Array, ref_logp_bk: Array, pairs_bkk: Array, beta: float,
     per_group_b = (loss_bkk * pairs_bkk).sum(axis=(1, 2)) / jnp.maximum(n_pairs_b, 1.0)
     has_pairs_b = (n_pairs_b > 0).astype(jnp.float32)
     sums = {'pairs': pairs_bkk.sum(),
-            'correct': jnp.sum((h_bkk > 0) * pairs_bkk),
+            'correct': jnp.sum(((h_bkk > 0) + 0.5 * (h_bkk == 0)) * pairs_bkk),
             'margin': jnp.sum(beta * h_bkk * pairs_bkk),
             'chosen': jnp.sum(logp_bk[:, :, None] * pairs_bkk),
             'rejected': jnp.sum(logp_bk[:, None, :] * pairs_bkk)}

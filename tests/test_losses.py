@@ -125,7 +125,7 @@ def reference_dpo(logp, ref_logp, ranks, valid, beta, kind, smoothing, pairs):
                 log_sig = -math.log1p(math.exp(-beta * h))
                 log_sig_neg = -math.log1p(math.exp(beta * h))
                 pair_losses.append(-(1 - smoothing) * log_sig - smoothing * log_sig_neg)
-            correct += h > 0
+            correct += 1.0 if h > 0 else 0.5 if h == 0 else 0.0
         total += sum(pair_losses) / len(pair_losses)
         groups += 1
         n_pairs += len(ordered)

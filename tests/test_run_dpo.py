@@ -15,7 +15,7 @@ import pytest
 from tests.runs import metrics, run, start_and_wait_for_checkpoint
 
 # What must repeat exactly after a resume (timings do not).
-EXACT = ('loss', 'accuracy', 'margin', 'chosen_logp', 'rejected_logp', 'grad_norm')
+EXACT = ('loss', 'nll', 'accuracy', 'margin', 'chosen_logp', 'rejected_logp', 'grad_norm')
 
 
 def dpo_command(workdir, init_from, comparisons, *overrides):
@@ -33,14 +33,16 @@ def test_dpo_learns_the_comparisons_and_resumes_exactly_after_kill_9(sft_workdir
                                                                      reward_workdir, tmp_path):
     comparisons = reward_workdir / 'comparisons'
     settings = ('--config.train.total_steps=6', '--config.train.checkpoint_every=2',
-                '--config.train.eval_every=6', '--config.optim.lr=1e-3')
+                '--config.train.eval_every=6', '--config.optim.lr=1e-3',
+                '--config.loss.nll_coef=0.5')
     reference = run(dpo_command(tmp_path / 'reference', sft_workdir, comparisons, *settings))
     assert reference.returncode == 0, reference.stderr[-3000:]
     records = metrics(tmp_path / 'reference')
     first, last = records[0], [r for r in records if 'val_loss' in r][-1]
     # At step 0 the policy is the reference: every implicit reward is 0, the loss ln 2.
     assert first['step'] == 0 and first['val_loss'] == pytest.approx(math.log(2), abs=1e-6)
-    assert first['val_margin'] == 0.0 and first['val_chosen_logp'] < 0
+    assert first['val_margin'] == 0.0 and first['val_accuracy'] == 0.5  # every pair tied
+    assert first['val_chosen_logp'] < 0
     assert {'gold/sampled', 'gold/greedy', 'gold/greedy/level1'} <= set(first)
     assert last['step'] == 6 and last['val_loss'] < first['val_loss']
     assert last['val_margin'] > 0  # the preferred completions gained on the others

@@ -16,6 +16,7 @@ the reward model shows as the two parting ways. Re-running resumes exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import pathlib
@@ -54,6 +55,11 @@ def validate(config) -> stage.Setup:
     ppo.PPOConfig.from_config(config.rl).check_batch(config.data.batch_size)
     if config.rl.reward not in ('model', 'gold'):
         raise ConfigError(f"rl.reward={config.rl.reward!r}: expected 'model' or 'gold'")
+    for key, allowed in (('answer_format', prompts_data.ANSWER_FORMATS),
+                         ('match', prompts_data.MATCHES)):
+        if config.data[key] not in allowed:
+            raise ConfigError(f'data.{key}={config.data[key]!r}: expected one of '
+                              f'{", ".join(allowed)}')
     if config.rl.critic_head not in CRITIC_HEADS:
         raise ConfigError(f'rl.critic_head={config.rl.critic_head!r}: expected one of '
                           f'{CRITIC_HEADS}')
@@ -85,7 +91,10 @@ def read_split(config, split: str) -> list[prompts_data.Prompt]:
     if paths == tasks.EMBEDDED_TASKS:
         n = config.data.train_prompts if split == 'train' else config.data.validation_prompts
         return prompts_data.task_prompts('train' if split == 'train' else 'test', n, config.seed)
-    return read_records(paths, prompts_data.read_prompts, 'rl prompts', config.data.max_skips)
+    reader = functools.partial(prompts_data.read_prompts, prompt_field=config.data.prompt_field,
+                               answer_field=config.data.answer_field,
+                               answer_format=config.data.answer_format, match=config.data.match)
+    return read_records(paths, reader, 'rl prompts', config.data.max_skips)
 
 
 def load_roles(config, workdir: pathlib.Path) -> tuple[stage.Lineage, stage.Lineage]:

@@ -9,6 +9,7 @@ from experiments.configs import common
 from gptstack.config import GPTConfig, MeshConfig, OptimConfig
 from gptstack.data.sources import specs_from_config
 from gptstack.loop import LoopConfig
+from gptstack.steps.dpo import DPOLoss
 from gptstack.steps.ppo import PPOConfig
 
 CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / 'experiments' /
@@ -44,8 +45,10 @@ def check_stage(config):
         OptimConfig.from_dict(config.optim)
         LoopConfig.from_dict(config.train)
     if 'rl' in config:
-        PPOConfig(**config.rl.ppo)
+        PPOConfig.from_config(config.rl)
         OptimConfig.from_dict(config.critic_optim)
+    if config.stage == 'dpo':
+        DPOLoss(**config.loss)
 
 
 def test_overrides_follow_references():

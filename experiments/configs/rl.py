@@ -36,6 +36,14 @@ def get_config(arg=None):
     # comma-separated JSONL files/globs of {prompt} or {messages}, optionally with 'answer'.
     config.data.train = 'embedded:tasks'
     config.data.validation = 'embedded:tasks'
+    # JSONL records: the prompt's field (when there are no 'messages') and the answer's; the
+    # answer as written ('text') or a worked solution whose number follows '####' ('gsm8k');
+    # and how a reply is checked against it: 'text' (exact match), 'last_number' (the last
+    # number the reply writes) or 'marked_number' (the first after its last '####').
+    config.data.prompt_field = 'prompt'
+    config.data.answer_field = 'answer'
+    config.data.answer_format = 'text'
+    config.data.match = 'text'
     config.data.train_prompts = 20_000
     config.data.validation_prompts = 512
     # Rollouts (replies) per PPO iteration, and the response budget.

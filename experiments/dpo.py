@@ -150,7 +150,6 @@ def make_evaluate(config, loss: DPOLoss, log_probs, eval_batches: list[dict], pl
     pairs = np.asarray(preference_pairs(ranks, valid, loss.pairs))
     modes = {'greedy': SamplingParams(temperature=0.0),
              'sampled': SamplingParams(temperature=config.eval.temperature)}
-    levels = [t.level for t in held_out]
 
     def evaluate(state) -> dict:
         logp = np.concatenate([np.asarray(jax.device_get(log_probs(state.params, b)))
@@ -171,14 +170,9 @@ def make_evaluate(config, loss: DPOLoss, log_probs, eval_batches: list[dict], pl
                    'val_margin': float(sums['margin']) / n,
                    'val_chosen_logp': float(sums['chosen']) / n,
                    'val_rejected_logp': float(sums['rejected']) / n}
-        key = jax.random.key(config.seed + 1)
-        for name, sampling in modes.items():
-            if held_out:
-                scores, _ = gold.sample_and_score(sampler, state.params, tokenizer, held_out,
-                                                  key, sampling)
-                per_prompt = scores.mean(axis=1)
-                metrics.update(gold.summary(per_prompt, name))
-                metrics.update(gold.by_level(per_prompt, levels, name))
+        if held_out:
+            metrics.update(gold.modes_summary(sampler, state.params, tokenizer, held_out,
+                                              jax.random.key(config.seed + 1), modes))
         return metrics
 
     return evaluate

@@ -85,18 +85,13 @@ def make_evaluate(config, evaluate_loss, sampler: Sampler, tokenizer, held_out):
     to the held-out tasks, overall and by task level (each mode's draws fixed by the step)."""
     modes = {'greedy': SamplingParams(temperature=0.0),
              'sampled': SamplingParams(temperature=config.eval.temperature)}
-    levels = [t.level for t in held_out]
 
     def evaluate(state) -> dict:
         metrics = evaluate_loss(state)
-        key = jax.random.fold_in(jax.random.key(config.seed), int(state.step))
-        for name, sampling in modes.items():
-            if held_out:
-                scores, _ = gold.sample_and_score(sampler, state.params, tokenizer, held_out,
-                                                  key, sampling)
-                per_prompt = scores.mean(axis=1)
-                metrics.update(gold.summary(per_prompt, name))
-                metrics.update(gold.by_level(per_prompt, levels, name))
+        if held_out:
+            key = jax.random.fold_in(jax.random.key(config.seed), int(state.step))
+            metrics.update(gold.modes_summary(sampler, state.params, tokenizer, held_out, key,
+                                              modes))
         return metrics
 
     def sample(state) -> list[dict]:

@@ -31,7 +31,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from gptstack import sharding
+from gptstack import rl, sharding
 from gptstack.sampling import Sampler, SamplingParams
 from gptstack.steps.ppo import (
     Frozen,
@@ -255,9 +255,7 @@ class PPOIteration:
         if 'gold' in judged:  # of every sampled reply: the policy's own score
             metrics['gold'] = float(np.mean(judged['gold']))
         if config.oversample > 1:
-            groups = reward.reshape(-1, config.group_size)
-            metrics['sampled_tied_groups'] = float(np.mean(np.all(groups == groups[:, :1],
-                                                                  axis=1)))
+            metrics['sampled_tied_groups'] = float(rl.tied_groups(reward, config.group_size))
         metrics['response_length'] = float(lengths.mean())
         metrics['truncated'] = float(truncated.mean())
         tokens = rows['tokens'].size

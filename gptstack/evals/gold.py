@@ -38,6 +38,21 @@ def sample_and_score(sampler: Sampler, params, tokenizer: Tokenizer,
     return score(held_out, replies), replies
 
 
+def modes_summary(sampler: Sampler, params, tokenizer: Tokenizer,
+                  held_out: Sequence[tasks.Task], key: jax.Array,
+                  modes: dict[str, SamplingParams]) -> dict[str, float]:
+    """For each `{name: sampling}` decoding, the gold score of the policy's replies to the tasks
+    (`summary`) and its mean by task level (`by_level`), all drawn with `key`."""
+    metrics = {}
+    levels = [t.level for t in held_out]
+    for name, sampling in modes.items():
+        scores, _ = sample_and_score(sampler, params, tokenizer, held_out, key, sampling)
+        per_prompt = scores.mean(axis=1)
+        metrics.update(summary(per_prompt, name))
+        metrics.update(by_level(per_prompt, levels, name))
+    return metrics
+
+
 def summary(per_prompt: np.ndarray, name: str) -> dict[str, float]:
     """`{gold/<name>, gold/<name>_stderr}` of per-prompt scores."""
     mean, stderr = stats.mean_and_stderr(per_prompt)

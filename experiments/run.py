@@ -4,8 +4,9 @@
         [--config.a.b=value ...] --workdir=DIR
 
 Parses the config (locked: an unknown key is an error), joins the multi-controller runtime when
-the launch environment describes several processes, logs versions and devices, writes the resolved
-config to `<workdir>/config.json` and dispatches to the stage named by `config.stage`. Exit code
+the launch environment describes several processes, turns on the compilation cache
+(`--compilation_cache`), logs versions and devices, writes the resolved config to
+`<workdir>/config.json` and dispatches to the stage named by `config.stage`. Exit code
 0 when the stage finished or was preempted and checkpointed; 1 with a one-line reason on bad
 configuration, bad data or divergence.
 """
@@ -60,6 +61,11 @@ _PROCESS_ID = flags.DEFINE_integer(
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
     'heartbeat_timeout', 100, 'Seconds without a heartbeat after which a process counts as dead '
                               'and the others stop with an error.')
+_COMPILATION_CACHE = flags.DEFINE_string(
+    'compilation_cache',
+    os.environ.get('JAX_COMPILATION_CACHE_DIR', str(environment.DEFAULT_COMPILATION_CACHE)),
+    'Directory of compiled programs kept between runs: a resumed or repeated run loads them '
+    'instead of compiling again. Empty: compile every time.')
 _COMPILE_ONLY = flags.DEFINE_bool(
     'compile_only', False, 'Compile the pretraining step for --topology ahead of time and print '
                            'its memory per device, FLOPs and projected speed; train nothing.')
@@ -117,7 +123,7 @@ def compile_only(config) -> int:
     return 0 if report.fits else 1
 
 
-def log_environment(config) -> None:
+def log_environment(config, cache: str) -> None:
     import flax
     import grain
     import optax
@@ -127,7 +133,7 @@ def log_environment(config) -> None:
                 'flax': flax.__version__, 'optax': optax.__version__,
                 'orbax': orbax.checkpoint.__version__, 'grain': grain.__version__}
     log.info('versions: %s', ' '.join(f'{k}={v}' for k, v in versions.items()))
-    log.info('process environment: %s', environment.describe_malloc())
+    log.info('process environment: %s; %s', environment.describe_malloc(), cache)
     log.info('process %d of %d; %d local / %d global %s devices (%s)', jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count(),
              jax.default_backend(), jax.devices()[0].device_kind)
@@ -159,7 +165,7 @@ def main(argv) -> int:
         raise app.UsageError('--workdir is required (except with --compile_only)')
     workdir = pathlib.Path(_WORKDIR.value).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
-    log_environment(config)
+    log_environment(config, environment.use_compilation_cache(_COMPILATION_CACHE.value))
     if jax.process_index() == 0:
         write_whole(workdir / 'config.json',
                     json.dumps(config.to_dict(), indent=1, default=str) + '\n')

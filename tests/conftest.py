@@ -19,10 +19,12 @@ from gptstack import sharding
 from gptstack.config import MeshConfig
 
 # The stage subprocesses the tests start share a compilation cache for this session, so a later
-# run of the same config loads its compiled programs instead of compiling them again. Set after
+# run of the same config loads its compiled programs instead of compiling them again (all of
+# them: at the tests' tiny sizes most compile in under the default threshold of a second). Set after
 # `import jax`: this process has read its configuration already and keeps compiling in memory,
 # where the tests that count compilations look.
 os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='gptstack-test-xla-cache-')
+os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 

@@ -51,9 +51,6 @@ def validate(config) -> stage.Setup:
     if not config.data.train:
         raise ConfigError('data.train: the comparison files to learn from (JSONL, e.g. '
                           '<reward workdir>/comparisons/train.jsonl)')
-    if config.data.completions < 2:
-        raise ConfigError(f'data.completions={config.data.completions}: a comparison needs at '
-                          'least 2 completions')
     return setup
 
 

@@ -29,7 +29,7 @@ import time
 
 import jax
 
-from gptstack.config import ConfigError
+from gptstack.config import ConfigError, check_bounds
 from gptstack.evals import comparison
 from gptstack.files import write_whole
 from gptstack.reports import pipeline as pipeline_report
@@ -37,8 +37,10 @@ from gptstack.reports.pipeline import COMPARISON, PER_PROMPT
 
 log = logging.getLogger(__name__)
 LEDGER = 'pipeline.json'
-# The pipeline's stages in order, each a key of its config naming the driver by `.stage`.
-STAGES = ('tokenizer', 'pretrain', 'sft', 'reward', 'rl', 'rl_small_beta', 'rl_gold')
+# The pipeline's stages in order, each a key of its config naming its driver by `.stage`.
+DRIVERS = {'tokenizer': 'tokenizer', 'pretrain': 'pretrain', 'sft': 'sft', 'reward': 'reward',
+           'rl': 'rl', 'rl_small_beta': 'rl', 'rl_gold': 'rl'}
+STAGES = tuple(DRIVERS)
 
 
 def wire(config, workdir: pathlib.Path) -> None:
@@ -55,7 +57,14 @@ def wire(config, workdir: pathlib.Path) -> None:
 def validate(config, recipe: dict) -> None:
     """Every stage's config and the comparison's, before any stage starts."""
     for name in STAGES:
-        recipe[config[name].stage].validate(config[name])
+        if config[name].stage != DRIVERS[name]:
+            raise ConfigError(f'{name}.stage={config[name].stage!r}: expected '
+                              f'{DRIVERS[name]!r} (each step of the pipeline has its driver)')
+        try:
+            recipe[config[name].stage].validate(config[name])
+        except ConfigError as error:
+            raise ConfigError(f'{name}: {error}') from None
+    check_bounds(config)  # the comparison's keys
     comparison.held_out_prompts(config)
 
 

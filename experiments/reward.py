@@ -51,9 +51,6 @@ log = logging.getLogger(__name__)
 
 def validate(config) -> stage.Setup:
     setup = stage.setup(config)
-    if config.data.completions < 2:
-        raise ConfigError(f'data.completions={config.data.completions}: a comparison needs at '
-                          'least 2 completions')
     if (config.data.train == tasks.EMBEDDED_TASKS) != (
             config.data.validation == tasks.EMBEDDED_TASKS):
         raise ConfigError('data.train and data.validation: use embedded:tasks for both or for '

@@ -11,6 +11,7 @@ import logging
 import pathlib
 
 from gptstack import stage
+from gptstack.config import check_bounds
 from gptstack.data.sources import specs_from_config
 from gptstack.reports import tokenizer as tokenizer_report
 
@@ -18,7 +19,8 @@ log = logging.getLogger(__name__)
 
 
 def validate(config) -> None:
-    """The cheap checks: the mixture's sources and weights."""
+    """The cheap checks: the numeric keys' ranges, the mixture's sources and weights."""
+    check_bounds(config)
     specs_from_config(config.data.sources)
 
 

@@ -90,19 +90,17 @@ class Checkpointer:
         """
         items = {'state': ocp.args.StandardRestore(abstract_state),
                  'meta': ocp.args.JsonRestore()}
-        data_dir = self.path(step) / 'data'
-        own = data_dir / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
-        if data_iterator is not None and own.exists():
-            items['data'] = grain.checkpoint.CheckpointRestore(data_iterator)
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        if data_iterator is not None and not own.exists():
-            # Written by a run with another number of processes. Every process iterates the
+        if data_iterator is not None:
+            data_dir = self.path(step) / 'data'
+            own = data_dir / f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+            # A file of another number of processes serves as well: every process iterates the
             # same global stream and keeps its rows of each batch
             # (`gptstack.data.pretrain.process_rows`), so any process's state is every one's.
-            saved = sorted(data_dir.glob('process_0-of-*.json'))
+            saved = [own] if own.exists() else sorted(data_dir.glob('process_0-of-*.json'))
             if not saved:
                 raise FileNotFoundError(f'{data_dir} holds no data-iterator state')
-            data_iterator.set_state(json.loads(saved[0].read_text()))
+            data_iterator.set_state(iterator_state(json.loads(saved[0].read_text())))
         return restored['state'], restored['meta']
 
     def restore_params(self, step: int, abstract_params, within: tuple[str, ...] = ()):
@@ -148,6 +146,23 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def iterator_state(saved):
+    """A grain iterator's state as `get_state()` gave it, from the JSON it was saved as.
+
+    JSON turns the `(start, stop)` tuples of a packed source's `remainder_slices` into lists,
+    and grain compares them with its empty-slice tuple `(-1, -1)`: read back as a list, an empty
+    remainder counts as one, and the restored stream replays a row. That happens whenever a
+    checkpoint comes before some source of the mixture was first drawn from (the first steps,
+    or a small weight), and the resumed run trains on other rows than an uninterrupted one."""
+    if isinstance(saved, dict):
+        return {key: ({name: tuple(part) for name, part in value.items()}
+                      if key == 'remainder_slices' else iterator_state(value))
+                for key, value in saved.items()}
+    if isinstance(saved, list):
+        return [iterator_state(item) for item in saved]
+    return saved
 
 
 def abstract_with_shardings(abstract_state, shardings):

@@ -4,6 +4,8 @@
   `ConfigError` that names the field, so nothing expensive starts on a bad config.
 - `from_dict` is the one place an `ml_collections.ConfigDict` (or any mapping) becomes typed; an
   unknown key is an error, never silently ignored. Model code never sees ml_collections.
+- `KEY_BOUNDS` gives every numeric key of the stage configs that no dataclass above checks its
+  range; `check_bounds` applies it to whichever of those keys a config has.
 - `PRESETS` holds the model sizes, from a toy up to the two reference rows of the "State of GPT"
   talk (GPT-3 175B and LLaMA 65B).
 """
@@ -209,6 +211,116 @@ class OptimConfig:
     @classmethod
     def from_dict(cls, values, **overrides) -> OptimConfig:
         return _from_mapping(cls, values, **overrides)
+
+
+# --- ranges of the stage configs' other numeric keys ----------------------------------------
+@dataclasses.dataclass(frozen=True, slots=True)
+class Bounds:
+    """The values a numeric key takes: `[low, high]`, either end open or absent."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = True
+    why: str = ''
+
+    def holds(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int if self.integer else (int, float)):
+            return False
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def describe(self) -> str:
+        kind = 'an integer' if self.integer else 'a number'
+        if self.low is not None and self.high is not None:
+            ends = ('(' if self.low_open else '[') + f'{self.low:g}, {self.high:g}' + (
+                ')' if self.high_open else ']')
+            text = f'{kind} in {ends}'
+        elif self.low is not None:
+            text = (f'{kind} > {self.low:g}' if self.low_open else
+                    f'at least {self.low:g}' if self.integer else f'{kind} >= {self.low:g}')
+        else:
+            text = kind
+        return f'{text} ({self.why})' if self.why else text
+
+
+def _count(least: int, why: str = '') -> Bounds:
+    return Bounds(low=least, why=why)
+
+
+def _number(low=None, high=None, low_open=False, high_open=False, why='') -> Bounds:
+    return Bounds(low, high, low_open, high_open, integer=False, why=why)
+
+
+_FRACTION = _number(0, 1, high_open=True)
+_TEMPERATURE = _number(0, why='0 is greedy')
+KEY_BOUNDS: dict[str, Bounds] = {
+    'seed': _count(0),
+    # Data of every stage.
+    'data.batch_size': _count(1, 'rows or groups per step'),
+    'data.seq_len': _count(2, 'a row needs a token and the token it predicts'),
+    'data.eval_batches': _count(1, 'the held-out evaluation needs a batch'),
+    'data.max_new_tokens': _count(1, 'a reply needs a token'),
+    'data.max_skips': _count(0),
+    'data.val_fraction': _FRACTION,
+    'data.train_tasks': _count(0),
+    'data.validation_tasks': _count(1),
+    'data.train_prompts': _count(1),
+    'data.validation_prompts': _count(1),
+    'data.completions': _count(2, 'a comparison needs at least 2 completions'),
+    'tokenizer.vocab_size': _count(1),
+    'tokenizer.max_lines': _count(1),
+    # Sampling during pretraining, and the held-out evaluations.
+    'sample.max_new_tokens': _count(1),
+    'sample.temperature': _TEMPERATURE,
+    'sample.top_k': _count(0, '0 keeps every token'),
+    'sample.top_p': _number(0, 1, low_open=True),
+    'eval.batch_size': _count(1),
+    'eval.gold_prompts': _count(0),
+    'eval.max_new_tokens': _count(1),
+    'eval.temperature': _TEMPERATURE,
+    'eval.prompts': _count(0, '0 skips the held-out evaluation'),
+    'eval.samples': _count(1),
+    # The reward stage: the labeler, its loss and best-of-N.
+    'labeler.noise': _number(0, why='0 ranks exactly by the gold score'),
+    'labeler.temperature': _TEMPERATURE,
+    'labeler.max_new_tokens': _count(1),
+    'labeler.batch_size': _count(1),
+    'labeler.oversample': _count(1),
+    'loss.margin': _number(0),
+    'best_of_n.prompts': _count(0, '0 skips best-of-N'),
+    'best_of_n.max_n': _count(1),
+    'best_of_n.batch_size': _count(1),
+    # PPO-ptx rows.
+    'rl.ptx.batch_size': _count(1),
+    'rl.ptx.seq_len': _count(2),
+    # The pipeline's comparison.
+    'compare.prompts': _count(1),
+    'compare.samples': _count(1),
+    'compare.best_of': _count(1),
+    'compare.few_shot': _count(0),
+    'compare.max_new_tokens': _count(1),
+    'compare.batch_size': _count(1),
+    'compare.examples': _count(0),
+}
+
+
+def check_bounds(config) -> None:
+    """Checks every key of `KEY_BOUNDS` that `config` has (unset placeholders aside), naming the
+    first one out of range."""
+    for key, bounds in KEY_BOUNDS.items():
+        value = config
+        for part in key.split('.'):
+            if not hasattr(value, 'keys') or part not in value:
+                break
+            value = value[part]
+        else:
+            _require(value is None or bounds.holds(value),
+                     f'{key}={value!r}: expected {bounds.describe()}')
 
 
 # --- size presets -------------------------------------------------------------------------------

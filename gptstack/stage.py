@@ -29,7 +29,14 @@ import jax.numpy as jnp
 
 from gptstack import environment, loop, sharding
 from gptstack.checkpoint import Checkpointer, abstract_with_shardings
-from gptstack.config import COMPUTE_FIELDS, ConfigError, GPTConfig, MeshConfig, OptimConfig
+from gptstack.config import (
+    COMPUTE_FIELDS,
+    ConfigError,
+    GPTConfig,
+    MeshConfig,
+    OptimConfig,
+    check_bounds,
+)
 from gptstack.data import sources
 from gptstack.data.tokenizer import Tokenizer, train_tokenizer
 from gptstack.evals.best_of_n import ScoreFn, reward_scorer
@@ -76,20 +83,10 @@ class Setup:
         return dataclasses.replace(model_config, **self.policy)
 
 
-# The least value of `config.data` keys, where a stage has them, and why.
-DATA_MINIMA = {
-    'batch_size': (1, 'rows or groups per step'),
-    'seq_len': (2, 'a row needs a token and the token it predicts'),
-    'eval_batches': (1, 'the held-out evaluation needs a batch'),
-    'max_new_tokens': (1, 'a reply needs a token'),
-}
-
-
 def setup(config) -> Setup:
-    """Validates the mesh, optimizer, loop and batch settings (cheap; fails with the key)."""
-    for key, (least, why) in DATA_MINIMA.items():
-        if key in config.data and config.data[key] < least:
-            raise ConfigError(f'data.{key}={config.data[key]}: expected at least {least} ({why})')
+    """Validates the ranges of the numeric keys, the mesh, optimizer, loop and batch settings
+    (cheap; fails with the key)."""
+    check_bounds(config)
     mesh_config = MeshConfig.from_dict(config.mesh)
     optim_config = OptimConfig.from_dict(config.optim)
     loop_config = loop.LoopConfig.from_dict(config.train)

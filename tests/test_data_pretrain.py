@@ -9,6 +9,7 @@ import random
 import numpy as np
 import pytest
 
+from gptstack.checkpoint import iterator_state
 from gptstack.data import pretrain
 from gptstack.data.sources import SourceSpec
 
@@ -94,15 +95,21 @@ def test_same_seed_same_stream_and_exact_resume(sources):
             np.testing.assert_array_equal(a[key], b[key])
     assert any(not np.array_equal(a['inputs'], c['inputs']) for a, c in zip(first, other,
                                                                              strict=True))
-    # Save the state mid-epoch, restore into a fresh iterator: the very next batches follow.
-    iterator = iter(dataset)
-    take(iterator, 5)
-    state = iterator.get_state()
-    resumed = iter(pretrain.make_train_dataset(list(sources), T, B, seed=3))
-    resumed.set_state(json.loads(json.dumps(state)))  # the state is plain JSON
-    for a, b in zip(take(resumed, 7), first[5:], strict=True):
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key])
+    # Save the state after any batch, restore it into a fresh iterator through the JSON a
+    # checkpoint holds: the very next batches follow. Before a source is first drawn from, its
+    # packing state holds the empty remainder (-1, -1), which JSON turns into a list.
+    empty_remainders = 0
+    for done in range(6):
+        iterator = iter(dataset)
+        take(iterator, done)
+        saved = json.dumps(iterator.get_state())
+        empty_remainders += saved.count('[-1, -1]')
+        resumed = iter(pretrain.make_train_dataset(list(sources), T, B, seed=3))
+        resumed.set_state(iterator_state(json.loads(saved)))
+        for a, b in zip(take(resumed, 12 - done), first[done:], strict=True):
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=f'after {done} batches')
+    assert empty_remainders
 
 
 def test_processes_split_the_same_global_batches(sources):

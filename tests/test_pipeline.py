@@ -1,9 +1,11 @@
 """The main job end to end: the quick pipeline's stages, comparison and report, re-running a
-finished pipeline, and a pipeline killed with `kill -9` in the middle of a stage."""
+finished pipeline, and a pipeline killed with `kill -9` at ten points across every stage."""
 
 import json
 import math
-import shutil
+import random
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -25,7 +27,7 @@ from gptstack.reports.pipeline import (
     model_names,
 )
 from gptstack.stats import mean_and_stderr
-from tests.runs import metrics, pipeline_command, run, start_and_wait_for_checkpoint
+from tests.runs import ROOT, metrics, pipeline_command, run
 
 
 def comparable(workdir):
@@ -160,8 +162,8 @@ def test_too_few_comparison_prompts_for_stratified_errors_fail_before_any_sampli
     ('--config.compare.prompts=4', 'ConfigError: compare.prompts=4: the held-out prompts fall in '
                                    '4 task families and levels'),
     ('--config.rl.rl.ppo.kl_estimator=k9', "kl_estimator='k9': expected k1 or k3"),
-    ('--config.reward.data.completions=1', 'ConfigError: data.completions=1: a comparison needs '
-                                           'at least 2 completions'),
+    ('--config.reward.data.completions=1', 'ConfigError: reward: data.completions=1: expected at '
+                                           'least 2 (a comparison needs at least 2 completions)'),
 ])
 def test_a_bad_stage_config_fails_before_the_first_stage(corpus, tmp_path, override, message):
     result = run(pipeline_command(corpus, tmp_path, override))
@@ -295,27 +297,55 @@ def test_pipeline_runs_every_stage_into_one_report(pipeline_workdir):
         assert (pipeline_workdir / image).stat().st_size > 0
 
 
-def test_pipeline_killed_mid_stage_then_rerun_finishes_with_the_same_results(
-        pipeline_workdir, corpus, tmp_path):
-    # The first three stages as the uninterrupted run left them; the rest starts again.
-    workdir = tmp_path / 'pipeline'
-    shutil.copytree(pipeline_workdir, workdir)
-    for name in STAGES[3:]:
-        shutil.rmtree(workdir / name)
-    for name in (COMPARISON, 'report.md'):
-        (workdir / name).unlink()
-    ledger = json.loads((workdir / LEDGER).read_text())
-    (workdir / LEDGER).write_text(json.dumps({k: ledger[k] for k in STAGES[:3]}))
+# Where the quick pipeline is killed: a file or directory whose appearance marks a point inside a
+# stage (a stage's directory appears when it starts; checkpoint N once step N is on disk), the
+# stage it is in, and the longest wait after it before the kill.
+KILL_POINTS = (
+    ('tokenizer', 'tokenizer', 0.0),
+    ('pretrain', 'pretrain/checkpoints/1', 0.3),
+    ('sft', 'sft/checkpoints/1', 0.3),
+    ('reward', 'reward/comparisons', 0.5),  # sampling and ranking the comparisons
+    ('reward', 'reward/checkpoints/1', 0.3),
+    ('reward', 'reward/checkpoints/2', 0.5),  # best-of-N after training
+    ('rl', 'rl/checkpoints/1', 0.3),
+    ('rl_small_beta', 'rl_small_beta/checkpoints/1', 0.3),
+    ('rl_gold', 'rl_gold/checkpoints/1', 0.3),
+    ('compare', None, 2.0),  # once every stage is in the ledger
+)
 
+
+def test_pipeline_killed_at_ten_seeded_points_then_rerun_finishes_with_the_same_results(
+        pipeline_workdir, corpus, tmp_path):
+    """`kill -9` at each point of `KILL_POINTS` after a seeded random wait, each followed by the
+    same command: every stage's metrics and the comparison equal the uninterrupted run's."""
+    rng = random.Random(0)
+    workdir = tmp_path / 'pipeline'
     command = pipeline_command(corpus, workdir)
-    process = start_and_wait_for_checkpoint(command, workdir / 'reward', 1)
-    process.kill()
-    process.wait()
-    assert not (workdir / 'rl').exists()
+
+    def ledger():
+        path = workdir / LEDGER
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    landed = []
+    for stage, marker, longest_wait in KILL_POINTS:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while not (workdir / marker).exists() if marker else not set(STAGES) <= set(ledger()):
+            assert process.poll() is None, f'{stage}: {process.communicate()[1][-3000:]}'
+            assert time.time() < deadline, stage
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, longest_wait))
+        process.kill()
+        process.communicate()
+        assert not (workdir / COMPARISON).exists(), f'the pipeline finished before the {stage} kill'
+        finished = ledger()
+        landed.append(next(s for s in (*STAGES, 'compare') if s not in finished))
+    # Every stage and the comparison were interrupted at least once.
+    assert set(landed) == {*STAGES, 'compare'}, landed
 
     rerun = run(command)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert 'stage sft finished earlier' in rerun.stderr
     assert comparable(workdir) == comparable(pipeline_workdir)
 
     # A finished pipeline re-run does no work and changes nothing.

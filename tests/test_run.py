@@ -50,6 +50,8 @@ def test_two_step_smoke_run(corpus, tmp_path):
     assert sorted(losses(workdir)) == [1, 2]
 
 
+@pytest.mark.slow  # covered by the pipeline's kill test, which kills pretraining (and every
+# other stage) and compares every step's metrics with an uninterrupted run's
 def test_kill_9_then_resume_continues_exactly(corpus, tmp_path):
     reference = run(command(corpus, tmp_path / 'reference', *LONG))
     assert reference.returncode == 0, reference.stderr[-3000:]
@@ -206,8 +208,8 @@ def test_sft_smoke_run_reports_base_and_sft_gold_scores(base_workdir, sft_workdi
     assert base_chat.returncode != 0 and '--chat needs a finetuned workdir' in base_chat.stderr
 
 
-@pytest.mark.slow  # covered by the pretraining kill test (same loop and checkpoints), the SFT
-# iterator's resume test and the pipeline's kill test
+@pytest.mark.slow  # covered by the pipeline's kill test, which kills SFT (and every other stage),
+# and the SFT iterator's resume test
 def test_sft_kill_9_then_resume_continues_exactly(base_workdir, tmp_path):
     reference = run(sft_command(tmp_path / 'reference', base_workdir, *LONG))
     assert reference.returncode == 0, reference.stderr[-3000:]

@@ -76,8 +76,8 @@ def test_reward_model_starts_from_the_sft_transformer(sft_workdir, reward_workdi
         trainable.shardings.params['transformer']['token_embed_vd'].spec
 
 
-@pytest.mark.slow  # covered by the pretraining kill test (same loop and checkpoints) and the
-# pipeline's kill test, which kills the reward stage and compares its metrics step by step
+@pytest.mark.slow  # covered by the pipeline's kill test, which kills the reward stage in its
+# sampling, its training and its best-of-N and compares its metrics step by step
 def test_reward_kill_9_then_resume_continues_exactly(sft_workdir, tmp_path):
     steps = ('--config.train.total_steps=60', '--config.train.checkpoint_every=5',
              '--config.train.eval_every=0', '--config.best_of_n.prompts=0')

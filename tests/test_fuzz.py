@@ -6,6 +6,7 @@ config is parsed and checked or refused in one line; never another exception
 
 import copy
 import functools
+import importlib
 import json
 import math
 
@@ -16,7 +17,6 @@ from hypothesis import strategies as st
 from ml_collections import config_flags
 
 from experiments import dpo, pipeline
-from experiments.run import RECIPE
 from gptstack.config import KEY_BOUNDS, ConfigError
 from gptstack.data import preference, prompts, sft
 from gptstack.data.sources import DataError, SkipBudget, read_json_records
@@ -123,6 +123,10 @@ def test_corrupted_jsonl_lines_are_counted_skips_or_data_errors(tmp_path_factory
 # The stage configs as the command line gives them (the pipeline holds every stage but DPO), the
 # overrides that make them complete, and their validation: what `experiments.run` does before
 # any work.
+# `experiments.run.RECIPE` (importing `experiments.run` would define its command-line flags in
+# this process, where other tests' entry points define theirs).
+RECIPE = {name: importlib.import_module(f'experiments.{name}')
+          for name in ('tokenizer', 'pretrain', 'sft', 'reward', 'rl', 'dpo')}
 CONFIGS = {
     'pipeline.py:quick': ((), lambda c: pipeline.validate(c, RECIPE)),
     'pipeline.py': ((), lambda c: pipeline.validate(c, RECIPE)),

@@ -29,6 +29,7 @@ import time
 
 import jax
 
+from gptstack import sharding
 from gptstack.config import ConfigError, check_bounds
 from gptstack.evals import comparison
 from gptstack.files import write_whole
@@ -140,6 +141,7 @@ def run(config, workdir: pathlib.Path, recipe: dict) -> str:
     ledger = json.loads((workdir / LEDGER).read_text()) if (workdir / LEDGER).exists() else {}
     if rerun_from:
         set_aside(workdir, rerun_from, ledger, given)
+        sharding.barrier('pipeline results set aside')  # before any process looks at them
     for name in STAGES:  # every check before any work
         if name in ledger and 'settings' in ledger[name]:
             check_unchanged(name, ledger[name]['settings'], given[name])

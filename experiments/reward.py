@@ -113,18 +113,19 @@ def batches(config, train: list[dict], val: list[dict]):
 
 def make_evaluate(config, eval_step, eval_batches: list[dict], placement, val_gold):
     """`(evaluate(state) -> ranking metrics, held_out_rewards(params) -> [groups, K], ranks,
-    valid)` over the fixed held-out batches (this process's share, in order)."""
+    valid)` over the fixed held-out batches, whole on every process (each holds its slice of
+    every global batch; `held_out_rewards` is a collective)."""
     eval_device = [sharding.global_batch(b, placement) for b in eval_batches]
-    ranks, valid = (np.concatenate([b[k] for b in eval_batches]) for k in ('ranks', 'valid'))
+    ranks, valid = (np.concatenate([sharding.to_host(b[k]) for b in eval_device])
+                    for k in ('ranks', 'valid'))
 
     def held_out_rewards(params) -> np.ndarray:
-        return np.concatenate([np.asarray(jax.device_get(eval_step(params, b)))
-                               for b in eval_device])
+        return np.concatenate([sharding.to_host(eval_step(params, b)) for b in eval_device])
 
     def evaluate(state) -> dict:
         rewards = held_out_rewards(state.params)
         # Padding groups (valid 0) add no pair; gold covers the groups evaluated.
-        group_gold = val_gold[:len(rewards)] if val_gold and jax.process_count() == 1 else None
+        group_gold = val_gold[:len(rewards)] if val_gold else None
         return ranking.ranking_metrics(rewards, ranks, valid, group_gold, config.loss.margin)
 
     return evaluate, held_out_rewards, ranks, valid
@@ -202,8 +203,10 @@ def run(config, workdir: pathlib.Path) -> str:
         best = run_.checkpointer.best_step()
         final = result.state if best in (None, result.step) else run_.checkpointer.restore(
             best, abstract_with_shardings(trainable.abstract_state, trainable.shardings))[0]
-        best_of = None
-        if labels is not None and config.best_of_n.prompts:
+        best_of, curve_path = None, workdir / best_of_n.CURVE_FILE
+        if curve_path.exists():  # the finished stage run again: its curve is measured already
+            best_of = best_of_n.read_curve(curve_path)
+        elif labels is not None and config.best_of_n.prompts:
             score_fn = make_score_fn(trainable.graphdef, mesh, rules, trainable.shardings.params,
                                      config.best_of_n.batch_size, reward_id)
             scorer = best_of_n.reward_scorer(score_fn, final.params, tokenizer,
@@ -212,11 +215,11 @@ def run(config, workdir: pathlib.Path) -> str:
             run_.metrics().write(int(final.step), {f'best_of_{n}/gold': v['rm']
                                                    for n, v in best_of.items()})
             if jax.process_index() == 0:
-                write_whole(workdir / best_of_n.CURVE_FILE, json.dumps(best_of, indent=1) + '\n')
+                write_whole(curve_path, json.dumps(best_of, indent=1) + '\n')
+        final_rewards = held_out_rewards(final.params)
         if jax.process_index() == 0:
             path = reward_report.write(workdir, config, labels, train_stats, val_stats,
-                                       held_out_rewards(final.params), ranks, valid, best_of,
-                                       int(final.step))
+                                       final_rewards, ranks, valid, best_of, int(final.step))
             log.info('report: %s', path)
     run_.close()
     return result.status

@@ -49,9 +49,6 @@ HELD_OUT = 'held_out.jsonl'
 
 def validate(config) -> stage.Setup:
     setup = stage.setup(config)
-    if jax.process_count() > 1:
-        raise ConfigError('the rl stage runs on one process for now (the rollout sampler takes '
-                          'host prompts)')
     ppo.PPOConfig.from_config(config.rl).check_batch(config.data.batch_size)
     if config.rl.reward not in ('model', 'gold'):
         raise ConfigError(f"rl.reward={config.rl.reward!r}: expected 'model' or 'gold'")

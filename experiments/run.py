@@ -26,13 +26,14 @@ import json
 import logging
 import pathlib
 import platform
+from typing import NoReturn
 
 import jax
 from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import dpo, pipeline, pretrain, reward, rl, sft, tokenizer
-from gptstack import environment
+from gptstack import environment, watchdog
 from gptstack.config import ConfigError
 from gptstack.data.sources import DataError
 from gptstack.files import write_whole
@@ -59,8 +60,9 @@ _PROCESS_ID = flags.DEFINE_integer(
     'process_id', int(os.environ.get('JAX_PROCESS_ID', '0')),
     "This process's index (default $JAX_PROCESS_ID).")
 _HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
-    'heartbeat_timeout', 100, 'Seconds without a heartbeat after which a process counts as dead '
-                              'and the others stop with an error.')
+    'heartbeat_timeout', 100, 'Seconds without a heartbeat after which the distributed runtime '
+                              'counts a process as dead and aborts the others; the run ends '
+                              'them first, in one line, after 0.6 of it (gptstack.watchdog).')
 _COMPILATION_CACHE = flags.DEFINE_string(
     'compilation_cache',
     os.environ.get('JAX_COMPILATION_CACHE_DIR', str(environment.DEFAULT_COMPILATION_CACHE)),
@@ -82,8 +84,9 @@ def maybe_initialize_distributed() -> None:
     (`--num_processes`, `--process_id`, `--coordinator_address`, as `launch/local.py` passes
     them), or an environment JAX recognises (a TPU pod slice, a SLURM job with several tasks).
 
-    A process that dies makes the others exit with an error once `--heartbeat_timeout` seconds
-    pass without its heartbeat, rather than wait in a collective forever."""
+    A process that dies makes the others exit with one line and code 1 rather than wait in a
+    collective forever: at their next collective, which fails (`abandon`), or once it has been
+    silent for 0.6 `--heartbeat_timeout` seconds (`gptstack.watchdog`)."""
     env = os.environ
     explicit = _NUM_PROCESSES.value > 1
     detected = (',' in env.get('TPU_WORKER_HOSTNAMES', '')
@@ -151,6 +154,18 @@ def main(argv) -> int:
                             ('TPU_SKIP_MDS_QUERY', '1')):
             os.environ.setdefault(name, value)
     maybe_initialize_distributed()
+    # Below the runtime's own timeout, which would abort every process with a C++ stack trace.
+    watch = watchdog.start(silence=0.6 * _HEARTBEAT_TIMEOUT.value)
+    try:
+        return run_stage(config)
+    finally:
+        if watch is not None:
+            watch.done()
+
+
+def run_stage(config) -> int:
+    """Runs `config`'s stage (or pipeline, or compile-only check) in this process; the exit
+    code."""
     logging.getLogger().setLevel(logging.INFO if jax.process_index() == 0 else logging.WARNING)
     # orbax logs every file it writes through absl at INFO; keep its warnings only.
     logging.getLogger('absl').setLevel(logging.WARNING)
@@ -177,8 +192,33 @@ def main(argv) -> int:
     except (ConfigError, DataError, TrainingDivergedError) as error:
         log.error('%s: %s', type(error).__name__, error)
         return 1
+    except Exception as error:
+        if jax.process_count() == 1:
+            raise
+        abandon(error)
     log.info('stage %s %s; workdir %s', config.stage, status, workdir)
     return 0
+
+
+def abandon(error: Exception) -> NoReturn:
+    """Ends this process of a multi-process run that cannot go on, with exit code 1 at once.
+
+    An ordinary exit would wait at the distributed runtime's shutdown barrier for every process,
+    and one that has died never comes: after `--heartbeat_timeout` seconds the runtime aborts
+    this one with a C++ stack trace. When another process dies, the first collective after it
+    fails here (its link is closed); that gets one line, since its traceback says nothing about
+    the cause. Any other error keeps its traceback."""
+    if isinstance(error, jax.errors.JaxRuntimeError):
+        detail = str(error).strip().splitlines()[0] if str(error).strip() else 'no detail'
+        log.error('process %d: a collective with the other processes failed, so one of them has '
+                  'probably stopped (see its log); exiting 1. %s', jax.process_index(), detail)
+    else:
+        log.exception('process %d: %s; exiting 1', jax.process_index(), type(error).__name__)
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 if __name__ == '__main__':

@@ -35,7 +35,10 @@ log = logging.getLogger(__name__)
 class Checkpointer:
     """Saves and restores `{state, data, meta}` checkpoints of one run."""
 
-    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 3, async_save: bool = True,
+                 local: bool = False):
+        """`local`: this process alone, for reading (a report that process 0 writes): it never
+        waits for the other processes of a multi-process run, as a shared manager does."""
         self.directory = pathlib.Path(directory).absolute()
         preserve = policies.AnyPreservationPolicy([
             policies.LatestN(n=keep),
@@ -46,7 +49,10 @@ class Checkpointer:
             self.directory,
             options=ocp.CheckpointManagerOptions(
                 preservation_policy=preserve, enable_async_checkpointing=async_save,
-                cleanup_tmp_directories=True, create=True),
+                cleanup_tmp_directories=not local, create=not local,
+                **({'multiprocessing_options': ocp.options.MultiprocessingOptions(
+                    primary_host=jax.process_index(),
+                    active_processes={jax.process_index()})} if local else {})),
             item_names=('state', 'data', 'meta'))
 
     def latest_step(self) -> int | None:

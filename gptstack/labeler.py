@@ -18,6 +18,7 @@ import pathlib
 import jax
 import numpy as np
 
+from gptstack import sharding
 from gptstack.data import preference, tasks
 from gptstack.evals import gold
 from gptstack.files import write_whole
@@ -31,7 +32,8 @@ def label(config, sampler, params, tokenizer, split: str, n_prompts: int,
           path: pathlib.Path) -> dict:
     """Samples `data.completions` replies to task prompts of `split`, ranks them with the
     simulated labeler and writes `n_prompts` K-way groups to a JSONL, whole
-    (`gptstack.files.write_whole`). With `labeler.oversample` > 1, replies to that many times
+    (`gptstack.files.write_whole`; in a multi-process run every process samples its share and
+    process 0 writes). With `labeler.oversample` > 1, replies to that many times
     more prompts are drawn and the groups whose replies differ in gold score go first: a group
     of tied replies teaches a reward model nothing. Returns the labeler's statistics."""
     oversample = config.labeler.get('oversample', 1)
@@ -63,7 +65,8 @@ def label(config, sampler, params, tokenizer, split: str, n_prompts: int,
                 if group_gold[i] > group_gold[j]:
                     stats['gold_pairs'] += 1
                     stats['labeler_agrees'] += ranks[i] < ranks[j]
-    write_whole(path, ''.join(lines))
+    if jax.process_index() == 0:
+        write_whole(path, ''.join(lines))
     log.info('%s comparisons: %s', split, stats)
     return stats
 
@@ -80,5 +83,7 @@ def comparisons(config, directory: pathlib.Path, make_sampler, params, tokenizer
                  for split, n in (('train', config.data.train_prompts),
                                   ('validation', config.data.validation_prompts))}
         stats['noise'] = config.labeler.noise
-        write_whole(stats_path, json.dumps(stats, indent=1))
+        if jax.process_index() == 0:
+            write_whole(stats_path, json.dumps(stats, indent=1))
+        sharding.barrier('comparisons written')
     return json.loads(stats_path.read_text())

@@ -264,10 +264,26 @@ def train(*, state, step_fn: Callable, batches: Iterator[dict], config: LoopConf
 
 @contextlib.contextmanager
 def _saves_landed(checkpointer: Checkpointer):
+    """Waits for the checkpoint saves in flight however the loop ends. When it ends by an error,
+    a wait that fails as well is logged in one line and the first error, the cause, goes on. A
+    failed collective of a multi-process run (another process has died) skips the wait: a save
+    needs every process, so it could only time out; its unfinished folder is cleared at the next
+    start."""
     try:
         yield
-    finally:
-        checkpointer.wait()
+    except jax.errors.JaxRuntimeError:
+        if jax.process_count() == 1:
+            checkpointer.wait()
+        raise
+    except BaseException:
+        try:
+            checkpointer.wait()
+        except Exception as error:  # the error being raised matters more
+            log.warning('a checkpoint save in flight did not finish: %s',
+                        str(error).strip().splitlines()[0] if str(error).strip() else
+                        type(error).__name__)
+        raise
+    checkpointer.wait()
 
 
 def _no_better(record: dict, val_loss: float | None, patience: int) -> bool:

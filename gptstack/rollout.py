@@ -163,7 +163,7 @@ class PPOIteration:
             end = start + self.batch_size
             rows = rollout_rows(prompts[start:end], responses[start:end], lengths[start:end],
                                 self._sampler, self._reward_id)
-            scores.append(jax.device_get(self._reward_fn(self._reward.params, rows)))
+            scores.append(sharding.to_host(self._reward_fn(self._reward.params, rows)))
         return np.concatenate(scores)
 
     def __call__(self, state: PPOState, prompt_batch: dict, key: Array,
@@ -217,7 +217,7 @@ class PPOIteration:
             learned.update(old_values=scored['values'], returns=returns)
         if config.kl_in_loss:
             learned['ref_logp'] = scored['ref_logp']
-        host = jax.device_get({**rows, **learned})
+        host = {**rows, **sharding.to_host(learned)}
         timings['score'] = time.perf_counter() - start
 
         start = time.perf_counter()
@@ -241,13 +241,13 @@ class PPOIteration:
                                              self._rows(ptx_rows)) for k, v in ptx_batch.items()}
                 state, step_metrics = self._update(state, minibatch, ptx)
                 update_metrics.append(step_metrics)
-        update_metrics = jax.device_get(update_metrics)
+        update_metrics = sharding.to_host(update_metrics)
         timings['update'] = time.perf_counter() - start
 
         state = state.replace(actor=state.actor.replace(step=state.actor.step + 1))
         if config.critic:
             state = state.replace(critic=state.critic.replace(step=state.critic.step + 1))
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics = {k: float(v) for k, v in sharding.to_host(metrics).items()}
         for k in update_metrics[0]:
             values = [float(m[k]) for m in update_metrics]
             metrics[k] = float(np.max(values)) if k == 'nonfinite' else float(np.mean(values))
@@ -286,12 +286,12 @@ class PPOIteration:
             if score:
                 rows = rollout_rows(padded, out['tokens'], lengths, self._sampler,
                                     self._reward_id)
-                scored = jax.device_get(self._score(
+                scored = sharding.to_host(self._score(
                     state.actor.params, self._reference.params, critic_params(state), rows))
                 kl = ((scored['logp'] - scored['ref_logp']) * rows['mask']).sum(axis=1)
                 kls.append(kl[:len(chunk)])
-                scores.append(jax.device_get(self._reward_fn(self._reward.params,
-                                                             rows))[:len(chunk)])
+                scores.append(sharding.to_host(self._reward_fn(self._reward.params,
+                                                               rows))[:len(chunk)])
         if not score:
             return PolicySample(replies, None, None)
         return PolicySample(replies, np.concatenate(scores), np.concatenate(kls))

@@ -205,7 +205,7 @@ class Sampler:
             jax.device_put(lengths, self._row_sharding), key,
             jnp.float32(sampling.temperature), jnp.int32(sampling.top_k),
             jnp.float32(sampling.top_p))
-        return {k: np.asarray(v)[:len(prompts)] for k, v in jax.device_get(out).items()}
+        return {k: v[:len(prompts)] for k, v in sharding.to_host(out).items()}
 
     def _build(self, prompt_len: int):
         """The jitted generation for prompts of `prompt_len` tokens (a bucket)."""

@@ -192,6 +192,23 @@ def global_batch(local: dict, batch_sharding: NamedSharding | dict[str, NamedSha
             for k, v in local.items()}
 
 
+def to_host(tree):
+    """Every array of `tree` whole, as NumPy, on every process.
+
+    On one process this is `jax.device_get`. In a multi-process run an array split over other
+    processes' devices is gathered from them (a collective: every process must call this with
+    the same tree), so host code that reads a batch's outputs (decoding replies, scoring them)
+    sees the same values on every process and takes the same decisions."""
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)
+
+
 def barrier(name: str) -> None:
     """Waits until every process of a multi-process run gets here (no-op on one process)."""
     if jax.process_count() > 1:

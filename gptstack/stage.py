@@ -171,15 +171,16 @@ class Workdir:
         self.samples = self.path / 'samples.jsonl'
 
     def lineage(self, key: str, stages: tuple[str, ...] | None = None,
-                best: bool = False) -> Lineage:
+                best: bool = False, local: bool = False) -> Lineage:
         """The start of a later stage whose config names this workdir under `key` (say
         `init_from`); `stages`: the kinds of run it may be. Its checkpoint is the latest one,
-        or with `best` the one of the lowest validation loss (the latest if none has one)."""
+        or with `best` the one of the lowest validation loss (the latest if none has one).
+        `local`: read by this process alone (see `Checkpointer`)."""
         if not self.tokenizer_path.exists():
             raise ConfigError(f'{key}={self.path}: no tokenizer.model there; is it a stage '
                               'workdir?')
         tokenizer = Tokenizer.load(self.tokenizer_path)
-        checkpointer = Checkpointer(self.checkpoints)
+        checkpointer = Checkpointer(self.checkpoints, local=local)
         step = checkpointer.latest_step()
         if step is None:
             raise ConfigError(f'{key}={self.path}: no checkpoint in {self.checkpoints}')
@@ -198,8 +199,9 @@ class Workdir:
         return Lineage(tokenizer, GPTConfig.from_dict(meta['model']), checkpointer, step, meta)
 
     def latest_meta(self) -> dict:
-        """The metadata of the latest checkpoint (model config, tokenizer, stage config)."""
-        lineage = self.lineage('workdir')
+        """The metadata of the latest checkpoint (model config, tokenizer, stage config), read
+        by this process alone."""
+        lineage = self.lineage('workdir', local=True)
         lineage.checkpointer.close()
         return lineage.meta
 

@@ -203,6 +203,13 @@ def test_eval_batches_pad_with_empty_groups(tokenizer):
     assert len(batches) == 2 and batches[1]['valid'].sum() == 2  # 1 real group + 3 empty
     stream = iter(preference.make_preference_dataset(examples, 2, seed=0))
     assert next(stream)['tokens'].shape == (2, 3, 16)
+    # On 2 processes each holds its half of the same global batches, in order.
+    halves = [preference.make_preference_eval_batches(examples, 2, max_batches=10,
+                                                      process_index=i, process_count=2)
+              for i in range(2)]
+    for batch, first, second in zip(batches, *halves, strict=True):
+        for key in batch:
+            np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), batch[key])
 
 
 def test_simulated_labeler_ranks_by_gold_and_flips_like_bradley_terry():

@@ -47,6 +47,8 @@ def test_reward_smoke_run_makes_comparisons_and_reports(sft_workdir, reward_work
     again = run(reward_command(reward_workdir, sft_workdir))
     assert again.returncode == 0 and 'resuming from' in again.stderr
     assert [r['step'] for r in metrics(reward_workdir) if 'loss' in r] == [1, 2]
+    # ... nor measure best-of-N again (one record of it, as before).
+    assert len([r for r in metrics(reward_workdir) if 'best_of_1/gold' in r]) == 1
     assert (reward_workdir / 'comparisons' / 'train.jsonl').stat().st_mtime == mtime
 
 

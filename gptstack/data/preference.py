@@ -310,7 +310,11 @@ def make_preference_dataset(examples: list[dict], batch_size: int, *, seed: int,
 def make_preference_eval_batches(examples: list[dict], batch_size: int, *, max_batches: int,
                                  process_index: int = 0,
                                  process_count: int = 1) -> list[dict[str, np.ndarray]]:
-    """Held-out comparisons in order, the last batch padded with empty groups (`valid = 0`);
-    every process gets the same number of batches."""
-    return deal_eval_rows(examples, batch_size, to_model_batch, max_batches=max_batches,
-                          process_index=process_index, process_count=process_count)
+    """Held-out comparisons in order as global batches of `batch_size * process_count` groups,
+    the last padded with empty groups (`valid = 0`): this process's slice of each, as in
+    training, so the global batches (and their order) do not depend on how many processes
+    share the run."""
+    global_batches = deal_eval_rows(examples, batch_size * process_count, to_model_batch,
+                                    max_batches=max_batches, process_index=0, process_count=1)
+    mine = slice(process_index * batch_size, (process_index + 1) * batch_size)
+    return [{k: v[mine] for k, v in batch.items()} for batch in global_batches]

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from gptstack import stats
+from gptstack import sharding, stats
 from gptstack.chat import sample_replies
 from gptstack.data.preference import completion_row
 from gptstack.data.tokenizer import Tokenizer
@@ -42,8 +42,8 @@ def reward_scorer(score_fn, params, tokenizer: Tokenizer, batch_size: int,
             for i, row in enumerate(chunk):
                 tokens[i, :len(row)], segments[i, :len(row)] = row, 1
             positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape)
-            out.append(np.asarray(jax.device_get(
-                score_fn(params, tokens, positions, segments)))[:len(chunk)])
+            out.append(sharding.to_host(score_fn(params, tokens, positions,
+                                                 segments))[:len(chunk)])
         return np.concatenate(out)
 
     return scorer

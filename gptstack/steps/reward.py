@@ -125,13 +125,16 @@ def make_reward_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, rules: str, param_
 
 def make_score_fn(graphdef: nnx.GraphDef, mesh: Mesh, rules: str, param_shardings,
                   batch_size: int, reward_id: int):
-    """Builds the jitted `score(params, tokens, positions, segment_ids) -> rewards [B]` for
-    `[B, T]` rows (best-of-N, RL rollouts)."""
+    """Builds `score(params, tokens, positions, segment_ids) -> rewards [B]` for `[B, T]` host
+    rows (best-of-N), jitted with the rows split over the batch shards. In a multi-process run
+    every process passes the same rows."""
     rows = sharding.batch_sharding(mesh, rules, batch_size)
 
     def score(params, tokens_bt, positions_bt, segment_ids_bt):
         with sharding.activation_sharding(mesh, rules):
             return rewards(graphdef, params, tokens_bt, positions_bt, segment_ids_bt, reward_id)
 
-    return jax.jit(score, in_shardings=(param_shardings, rows, rows, rows),
-                   out_shardings=sharding.replicated(mesh))
+    jitted = jax.jit(score, in_shardings=(param_shardings, rows, rows, rows),
+                     out_shardings=sharding.replicated(mesh))
+    return lambda params, *host_rows: jitted(params, *(jax.device_put(x, rows)
+                                                       for x in host_rows))

@@ -302,6 +302,9 @@ def train_tokenizer_on(config) -> tuple[Tokenizer, dict]:
 def obtain_tokenizer(config, workdir: Workdir) -> Tokenizer:
     """The tokenizer a stage runs with, copied into its workdir so the lineage is on disk."""
     target = workdir.tokenizer_path
+    # Every process looks before any writes: one that came later would find process 0's file
+    # and skip the barrier the others wait at.
+    sharding.barrier('tokenizer looked for')
     if config.tokenizer.path:
         if not pathlib.Path(config.tokenizer.path).is_file():
             raise ConfigError(f'tokenizer.path={config.tokenizer.path}: no such file (give a '

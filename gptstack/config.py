@@ -72,6 +72,8 @@ class GPTConfig:
     ffn_multiple_of: int = 256
     # Biases on the linear layers and norms (GPT-2/3 have them; LLaMA does not).
     use_bias: bool = True
+    # Biases on the query, key and value projections (Qwen2 has only these); None: `use_bias`.
+    qkv_bias: bool | None = None
     # Share the token embedding with the output projection (GPT-2 does, LLaMA does not).
     tie_embeddings: bool = True
     norm_eps: float = 1e-5
@@ -110,6 +112,8 @@ class GPTConfig:
         if self.family == 'llama':
             _require(self.head_dim % 2 == 0,
                      f'GPTConfig: RoPE needs an even head_dim, got d_model/n_head={self.head_dim}')
+        if self.qkv_bias is None:
+            object.__setattr__(self, 'qkv_bias', self.use_bias)
         if self.d_ff is None:
             object.__setattr__(self, 'd_ff', self._default_d_ff())
         _require(isinstance(self.d_ff, int) and self.d_ff > 0,

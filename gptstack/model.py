@@ -108,10 +108,11 @@ class Attention(nnx.Module):
         self.k_weight_dkh = _param(rngs, (d, k, h), ('embed', 'kv_heads', 'head_dim'), std, dtype)
         self.v_weight_dkh = _param(rngs, (d, k, h), ('embed', 'kv_heads', 'head_dim'), std, dtype)
         self.o_weight_nhd = _param(rngs, (n, h, d), ('heads', 'head_dim', 'embed'), out_std, dtype)
-        if config.use_bias:
+        if config.qkv_bias:
             self.q_bias_nh = _zeros((n, h), ('heads', 'head_dim'), dtype)
             self.k_bias_kh = _zeros((k, h), ('kv_heads', 'head_dim'), dtype)
             self.v_bias_kh = _zeros((k, h), ('kv_heads', 'head_dim'), dtype)
+        if config.use_bias:
             self.o_bias_d = _zeros((d,), ('embed',), dtype)
 
     def __call__(self, x_btd: Array, positions_bt: Array, mask: Array,
@@ -133,7 +134,7 @@ class Attention(nnx.Module):
         q = matmul('BTD,DNH->BTNH', x_btd, self.q_weight_dnh[...], mm).transpose(0, 2, 1, 3)
         k = matmul('BTD,DKH->BTKH', x_btd, self.k_weight_dkh[...], mm).transpose(0, 2, 1, 3)
         v = matmul('BTD,DKH->BTKH', x_btd, self.v_weight_dkh[...], mm).transpose(0, 2, 1, 3)
-        if c.use_bias:
+        if c.qkv_bias:
             q = q + self.q_bias_nh[...].astype(dtype)[:, None]
             k = k + self.k_bias_kh[...].astype(dtype)[:, None]
             v = v + self.v_bias_kh[...].astype(dtype)[:, None]

@@ -154,7 +154,7 @@ def best_of_n_curve(config, sampler, policy_params, tokenizer, scorer) -> dict[i
     replies, rewards = best_of_n.sample_and_score(
         sampler, policy_params, tokenizer, scorer, gold.conversations(drawn),
         config.best_of_n.max_n, jax.random.fold_in(jax.random.key(config.seed), 7919),
-        SamplingParams(config.labeler.temperature), progress='best-of-N samples')
+        SamplingParams(config.best_of_n.temperature), progress='best-of-N samples')
     return best_of_n.curve(rewards, gold.score(drawn, replies))
 
 
@@ -206,7 +206,7 @@ def run(config, workdir: pathlib.Path) -> str:
         best_of, curve_path = None, workdir / best_of_n.CURVE_FILE
         if curve_path.exists():  # the finished stage run again: its curve is measured already
             best_of = best_of_n.read_curve(curve_path)
-        elif labels is not None and config.best_of_n.prompts:
+        elif val_gold is not None and config.best_of_n.prompts:  # task-suite comparisons
             score_fn = make_score_fn(trainable.graphdef, mesh, rules, trainable.shardings.params,
                                      config.best_of_n.batch_size, reward_id)
             scorer = best_of_n.reward_scorer(score_fn, final.params, tokenizer,

@@ -297,6 +297,7 @@ KEY_BOUNDS: dict[str, Bounds] = {
     'labeler.oversample': _count(1),
     'loss.margin': _number(0),
     'best_of_n.prompts': _count(0, '0 skips best-of-N'),
+    'best_of_n.temperature': _TEMPERATURE,
     'best_of_n.max_n': _count(1),
     'best_of_n.batch_size': _count(1),
     # PPO-ptx rows.

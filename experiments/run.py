@@ -209,16 +209,12 @@ def abandon(error: Exception) -> NoReturn:
     fails here (its link is closed); that gets one line, since its traceback says nothing about
     the cause. Any other error keeps its traceback."""
     if isinstance(error, jax.errors.JaxRuntimeError):
-        detail = str(error).strip().splitlines()[0] if str(error).strip() else 'no detail'
         log.error('process %d: a collective with the other processes failed, so one of them has '
-                  'probably stopped (see its log); exiting 1. %s', jax.process_index(), detail)
+                  'probably stopped (see its log); exiting 1. %s', jax.process_index(),
+                  environment.first_line(error, 'no detail'))
     else:
         log.exception('process %d: %s; exiting 1', jax.process_index(), type(error).__name__)
-    for handler in logging.getLogger().handlers:
-        handler.flush()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(1)
+    environment.exit_now(1)
 
 
 if __name__ == '__main__':

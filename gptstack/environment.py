@@ -16,13 +16,17 @@ compilation cache, and the precision policy chosen for the platform.
   (bfloat16 matmul inputs, float32 everything else) where the CPU has bfloat16 matrix instructions
   (AVX512-BF16 or AMX) and `float32` where it has not, since without them XLA:CPU's bfloat16
   matmuls are slower than float32 ones (docs/performance.md).
+- Ending a process at once (`exit_now`): a process of a multi-process run that cannot go on
+  skips the runtime's shutdown barrier, where it would wait for a peer that has died.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import sys
+from typing import NoReturn
 
 # Keep XLA's temporaries mapped between steps instead of returning them to the kernel and
 # faulting them in again.
@@ -108,3 +112,19 @@ def precision(name: str, platform: str) -> tuple[str, dict[str, str]]:
     if name == 'auto':
         name = auto_precision(platform, cpu_flags())
     return name, dict(PRECISIONS[name])
+
+
+def first_line(error: BaseException, default: str = '') -> str:
+    """The first line of an error's message (the runtime's errors carry pages of context)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else default
+
+
+def exit_now(code: int = 1) -> NoReturn:
+    """Flushes the logs and ends this process with `code` at once: no atexit handlers, no
+    shutdown barrier of the distributed runtime."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -424,7 +424,6 @@ def load_hf(directory: str | os.PathLike, mesh: Mesh, rules: str, **overrides):
                 else per_layer[0][j]
             values[path] = jax.make_array_from_callback(host.shape, shardings[path],
                                                         lambda index, host=host: host[index])
-            del host
     flat = nnx.to_flat_state(abstract)
     missing = [path for path, _ in flat if path not in values]
     if missing:  # a mapping that forgets a parameter is a bug here, not in the checkpoint

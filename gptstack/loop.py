@@ -30,6 +30,7 @@ import jax
 import numpy as np
 import tqdm
 
+from gptstack import environment
 from gptstack.checkpoint import Checkpointer
 from gptstack.config import ConfigError
 from gptstack.metrics import MetricsWriter
@@ -280,8 +281,7 @@ def _saves_landed(checkpointer: Checkpointer):
             checkpointer.wait()
         except Exception as error:  # the error being raised matters more
             log.warning('a checkpoint save in flight did not finish: %s',
-                        str(error).strip().splitlines()[0] if str(error).strip() else
-                        type(error).__name__)
+                        environment.first_line(error, type(error).__name__))
         raise
     checkpointer.wait()
 

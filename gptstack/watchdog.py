@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
-import sys
 import threading
 import time
+
+from gptstack import environment
 
 log = logging.getLogger(__name__)
 PREFIX = 'gptstack/alive/'
@@ -61,9 +61,8 @@ class Watchdog:
                                           allow_overwrite=True)
                 values = dict(self.client.key_value_dir_get(PREFIX))
             except Exception as error:  # any failure to reach the store means the same
-                first = str(error).strip().splitlines()[0] if str(error).strip() else ''
                 return self._leave(f'the run\'s coordinator (process 0) does not answer '
-                                   f'({first})')
+                                   f'({environment.first_line(error)})')
             now = time.monotonic()
             for peer in since:
                 value = values.get(f'{PREFIX}{peer}')
@@ -77,10 +76,7 @@ class Watchdog:
 
     def _exit(self, reason: str) -> None:
         log.error('process %d: %s; exiting 1', self.index, reason)
-        for handler in logging.getLogger().handlers:
-            handler.flush()
-        sys.stderr.flush()
-        os._exit(1)
+        environment.exit_now(1)
 
 
 def start(silence: float) -> Watchdog | None:

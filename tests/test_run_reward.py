@@ -122,6 +122,18 @@ def test_bad_comparison_files_fail_before_training(sft_workdir, tmp_path):
 
 
 @pytest.mark.skipif(not HH.exists(), reason='the shared datasets are not present')
+def test_comparison_files_with_gold_scores_get_best_of_n(sft_workdir, reward_workdir, tmp_path):
+    """Comparisons of the task suite read back from files (they carry gold scores) are measured
+    by best-of-N as the labeler's own are."""
+    files = reward_workdir / 'comparisons'
+    result = run(reward_command(tmp_path, sft_workdir,
+                                f'--config.data.train={files / "train.jsonl"}',
+                                f'--config.data.validation={files / "validation.jsonl"}'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / 'best_of_n.json').exists()
+    assert any('best_of_1/gold' in r for r in metrics(tmp_path))
+
+
 def test_reward_on_hh_reads_every_record_and_reports_accuracy(sft_workdir, tmp_path):
     result = run(reward_command(tmp_path, sft_workdir, config='reward_hh.py:runlocal'))
     assert result.returncode == 0, result.stderr[-3000:]
@@ -130,6 +142,7 @@ def test_reward_on_hh_reads_every_record_and_reports_accuracy(sft_workdir, tmp_p
     assert '| held-out comparisons | 312 prompts' in report
     last_eval = [r for r in metrics(tmp_path) if 'val_accuracy' in r][-1]
     assert 0 < last_eval['val_accuracy_stderr'] < 0.1 and 'gold_agreement' not in last_eval
+    assert not (tmp_path / 'best_of_n.json').exists()  # no gold scores, no best-of-N
 
 
 def test_rank_tool_appends_k_way_records(sft_workdir, tmp_path):

@@ -2,11 +2,12 @@
 
     tokenizer -> pretrain -> sft -> reward (comparisons sampled from the SFT model and ranked by
     the simulated labeler) -> rl (PPO against the reward model) -> rl_small_beta (the same at a
-    small KL coefficient: over-optimisation) -> rl_gold (PPO against the gold scorer: the
-    ceiling) -> compare
+    small KL coefficient and a larger step: over-optimisation) -> rl_gold (PPO against the gold
+    scorer: the ceiling) -> compare
 
 Each stage runs in `<workdir>/<stage>/` exactly as `experiments.run` would run it alone, with
-its `init_from` / `reward_from` / tokenizer path wired to the stage before it. Every stage's
+its `init_from` / `reward_from` / tokenizer path wired to the stage before it (and the later PPO
+runs to the first one's evaluation of the SFT policy, which they would repeat). Every stage's
 config is checked before the first one starts. `pipeline.json` records the stages that finished
 and the settings each ran with: re-running the command skips them, and a stage that was
 interrupted resumes from its own latest checkpoint. A finished stage whose settings have changed
@@ -29,8 +30,9 @@ import time
 
 import jax
 
+from experiments import rl as rl_driver
 from gptstack import sharding
-from gptstack.config import ConfigError, check_bounds
+from gptstack.config import ConfigError, check_bounds, flatten
 from gptstack.evals import comparison
 from gptstack.files import write_whole
 from gptstack.reports import pipeline as pipeline_report
@@ -53,6 +55,13 @@ def wire(config, workdir: pathlib.Path) -> None:
         if config[name].stage == 'rl':
             config[name].init_from = str(workdir / 'sft')
             config[name].reward_from = str(workdir / 'reward')
+    # The later PPO runs start from the same SFT model as `rl`: where they would evaluate it
+    # the same way, they take its step-0 evaluation instead of making it again.
+    first = flatten(config.rl.to_dict())
+    for name in STAGES:
+        if (config[name].stage == 'rl' and name != 'rl' and not config[name].eval.baseline_from
+                and not rl_driver.evaluation_differs(flatten(config[name].to_dict()), first)):
+            config[name].eval.baseline_from = str(workdir / 'rl')
 
 
 def validate(config, recipe: dict) -> None:
@@ -77,17 +86,7 @@ def write_json(path: pathlib.Path, value) -> None:
 def settings(config) -> dict[str, dict]:
     """`{stage or 'compare': {dotted key: value}}` as the config gives them, before `wire`
     points the stages at each other (so a moved workdir compares equal)."""
-    return {name: _flat(config[name].to_dict()) for name in (*STAGES, 'compare')}
-
-
-def _flat(tree: dict, prefix: str = '') -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f'{prefix}{key}.'))
-        else:  # as JSON holds it (tuples become lists)
-            out[f'{prefix}{key}'] = json.loads(json.dumps(value, default=str))
-    return out
+    return {name: flatten(config[name].to_dict()) for name in (*STAGES, 'compare')}
 
 
 def check_unchanged(name: str, before: dict, now: dict) -> None:
@@ -163,11 +162,15 @@ def run(config, workdir: pathlib.Path, recipe: dict) -> str:
         if status != 'finished':
             return status
         ledger[name] = {'seconds': time.perf_counter() - start, 'settings': given[name]}
+        log.info('=== stage %s finished in %.1f min; report %s', name,
+                 ledger[name]['seconds'] / 60, stage_dir / 'report.md')
         if jax.process_index() == 0:
             write_json(workdir / LEDGER, ledger)
     if (workdir / COMPARISON).exists():
         result = json.loads((workdir / COMPARISON).read_text())
     else:
+        log.info('=== the comparison of the models on %d held-out prompts',
+                 config.compare.prompts)
         start = time.perf_counter()
         result = comparison.compare(config, workdir)
         result['seconds'] = time.perf_counter() - start
@@ -177,5 +180,8 @@ def run(config, workdir: pathlib.Path, recipe: dict) -> str:
             write_whole(workdir / PER_PROMPT, ''.join(json.dumps(r) + '\n' for r in per_prompt))
             write_json(workdir / COMPARISON, result)
     if jax.process_index() == 0:
-        log.info('report: %s', pipeline_report.write(config, workdir, ledger, result))
+        log.info('=== the comparison took %.1f min, the whole run %.1f; report %s',
+                 result['seconds'] / 60,
+                 (sum(entry['seconds'] for entry in ledger.values()) + result['seconds']) / 60,
+                 pipeline_report.write(config, workdir, ledger, result))
     return 'finished'

@@ -28,14 +28,14 @@ from flax import nnx
 
 from gptstack import sharding, stage, stats
 from gptstack.chat import reply_text
-from gptstack.config import ConfigError, OptimConfig
+from gptstack.config import ConfigError, GPTConfig, OptimConfig, flatten
 from gptstack.data import pretrain as pretrain_data
 from gptstack.data import prompts as prompts_data
 from gptstack.data import tasks
 from gptstack.data.sources import read_records, specs_from_config
 from gptstack.data.tokenizer import render_prompt
 from gptstack.evals import gold as gold_eval
-from gptstack.metrics import truncate_jsonl
+from gptstack.metrics import read_metrics, train_flops_per_token, truncate_jsonl
 from gptstack.model import GPT, ScoreModel
 from gptstack.reports import rl as rl_report
 from gptstack.rollout import PPOIteration
@@ -60,7 +60,61 @@ def validate(config) -> stage.Setup:
     if config.rl.critic_head not in CRITIC_HEADS:
         raise ConfigError(f'rl.critic_head={config.rl.critic_head!r}: expected one of '
                           f'{CRITIC_HEADS}')
+    if config.eval.baseline_from and (pathlib.Path(config.eval.baseline_from) /
+                                      'config.json').exists():
+        check_baseline(config)  # now, if it has run; otherwise when this stage starts
     return setup
+
+
+# --- the SFT policy's evaluation, shared between runs ------------------------------------------
+# Settings that shape training but not the evaluation of the SFT policy before it (step 0), as
+# dotted prefixes; every other setting (the SFT and reward workdirs, the held-out prompts, the
+# evaluation's size, sampler batch, precision, mesh, seed) must be equal for two runs to share
+# that evaluation.
+TRAINING_ONLY = ('stage', 'optim.', 'critic_optim.', 'train.', 'rl.', 'data.train',
+                 'data.max_skips', 'eval.baseline_from')
+EVALUATED_WITH = ('rl.ppo.temperature',)
+
+
+def evaluation_differs(mine: dict, theirs: dict) -> list[str]:
+    """The flattened settings (`config.flatten`) in which two RL runs' step-0 evaluations
+    could differ."""
+    def matters(key):
+        return key in EVALUATED_WITH or not key.startswith(TRAINING_ONLY)
+
+    return sorted(k for k in mine.keys() | theirs.keys()
+                  if matters(k) and mine.get(k) != theirs.get(k))
+
+
+def check_baseline(config) -> None:
+    """Refuses an `eval.baseline_from` run whose step-0 evaluation would not be this run's."""
+    source = pathlib.Path(config.eval.baseline_from)
+    path = source / 'config.json'
+    if not path.exists():
+        raise ConfigError(f'eval.baseline_from={source}: no config.json there (expected the '
+                          'workdir of an RL run from the same SFT model)')
+    differs = evaluation_differs(flatten(config.to_dict()), flatten(json.loads(path.read_text())))
+    if differs:
+        raise ConfigError(f'eval.baseline_from={source}: its step-0 evaluation ran with other '
+                          f'settings ({", ".join(differs[:4])}); drop eval.baseline_from to '
+                          'evaluate the SFT policy here')
+
+
+def baseline_evaluation(config) -> tuple[dict, dict | None]:
+    """The step-0 metrics and per-prompt scores of `eval.baseline_from`, checked to be the
+    evaluation this run would make: the same SFT policy on the same prompts with the same
+    draws gives the same numbers, so runs that differ only in training share it."""
+    check_baseline(config)
+    source = pathlib.Path(config.eval.baseline_from)
+    metrics = next((r for r in read_metrics(source) if r['step'] == 0), None)
+    if metrics is None:
+        raise ConfigError(f'eval.baseline_from={source}: its metrics.jsonl has no step-0 '
+                          'evaluation (has the run started?)')
+    lines = (source / HELD_OUT).read_text().splitlines() if (source / HELD_OUT).exists() else []
+    per_prompt = next((r for r in map(json.loads, lines) if r['step'] == 0), None)
+    if per_prompt is None and 'gold/sampled' in metrics:
+        raise ConfigError(f'eval.baseline_from={source}: {HELD_OUT} there has no step-0 scores')
+    return {k: v for k, v in metrics.items() if k != 'step'}, per_prompt
 
 
 # How the critic's value head starts (its transformer is always the reward model's).
@@ -154,6 +208,31 @@ def make_judge(tokenizer, train_prompts: list[prompts_data.Prompt]):
         return {'reward': np.asarray(gold, np.float32), 'gold': np.asarray(gold)}
 
     return judge
+
+
+def iteration_mfu(metrics: dict, ppo_config: ppo.PPOConfig, actor: GPTConfig,
+                  critic: GPTConfig | None, reward: GPTConfig, batch_size: int,
+                  peak_flops: float) -> float:
+    """Model FLOPs utilisation of one iteration, from its timings and token counts: each new
+    token's forward pass through the actor; the scoring of the trained rollouts by the actor,
+    the reference, the reward model and the critic (forward); and the update's epochs of the
+    actor and the critic (forward and backward), over the iteration's generation, scoring and
+    update time. (Prompts' prefill and, with oversampling, the scoring of the replies left out
+    are not counted.)"""
+    row_tokens = metrics['tokens_per_sec/score'] * metrics['time/score']
+    seq_len = round(row_tokens / batch_size)
+
+    def train(config, lm_head=True):
+        return train_flops_per_token(config, seq_len, lm_head)
+
+    generated = metrics['tokens_per_sec/generate'] * metrics['time/generate']
+    flops = generated * train(actor) / 3
+    flops += row_tokens * (2 * train(actor) + train(reward, lm_head=False)) / 3
+    flops += ppo_config.epochs * row_tokens * train(actor)
+    if critic is not None:
+        flops += row_tokens * train(critic, lm_head=False) * (1 / 3 + ppo_config.epochs)
+    seconds = metrics['time/generate'] + metrics['time/score'] + metrics['time/update']
+    return flops / seconds / peak_flops
 
 
 def make_evaluate(config, trainer: PPOIteration, tokenizer, prompts: list[prompts_data.Prompt],
@@ -273,14 +352,26 @@ def run(config, workdir: pathlib.Path) -> str:
     def step_fn(state, batch):
         key = jax.random.fold_in(jax.random.key(config.seed), int(state.step))
         if ppo_config.ptx_coef > 0:
-            return trainer(state, batch['prompts'], key, batch['ptx'])
-        return trainer(state, batch, key)
+            state, metrics = trainer(state, batch['prompts'], key, batch['ptx'])
+        else:
+            state, metrics = trainer(state, batch, key)
+        metrics['mfu'] = iteration_mfu(metrics, ppo_config, actor_config,
+                                       critic_config if ppo_config.critic else None,
+                                       critic_config, batch_size, setup.peak_flops)
+        return state, metrics
 
     evaluate = make_evaluate(config, trainer, tokenizer, eval_prompts, max_prompt, workdir)
     truncate_jsonl(workdir / HELD_OUT, run_.resumed_from or 0)
     if run_.resumed_from is None:  # the SFT policy: step 0 of the curves
         (workdir / HELD_OUT).unlink(missing_ok=True)
-        run_.metrics().write(0, evaluate(state))
+        if config.eval.baseline_from:
+            metrics, per_prompt = baseline_evaluation(config)
+            log.info('step 0: the SFT policy\'s evaluation of %s', config.eval.baseline_from)
+            if per_prompt is not None and jax.process_index() == 0:
+                (workdir / HELD_OUT).write_text(json.dumps(per_prompt) + '\n')
+        else:
+            metrics = evaluate(state)
+        run_.metrics().write(0, metrics)
     meta = run_.meta(tokenizer, actor_config, algorithm=ppo_config.algorithm,
                      **({'critic_model': dataclasses.asdict(critic_config)} if critic else {}),
                      init_from=str(config.init_from), reward_from=str(config.reward_from))

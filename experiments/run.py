@@ -148,11 +148,13 @@ def main(argv) -> int:
         raise app.UsageError(f'unexpected arguments: {argv[1:]}')
     config = _CONFIG.value
     if _COMPILE_ONLY.value:
-        # No TPU here: compile for one through libtpu's compile-only devices, alongside any
+        # Compile for a TPU through libtpu's compile-only devices, on the CPU, alongside any
         # other JAX process, without asking a (missing) metadata server about the machine.
-        for name, value in (('JAX_PLATFORMS', 'cpu'), ('ALLOW_MULTIPLE_LIBTPU_LOAD', '1'),
-                            ('TPU_SKIP_MDS_QUERY', '1')):
+        for name, value in (('ALLOW_MULTIPLE_LIBTPU_LOAD', '1'), ('TPU_SKIP_MDS_QUERY', '1')):
             os.environ.setdefault(name, value)
+    # No TPU or GPU here (or only a compile): JAX computes on the CPU without probing for them,
+    # so libtpu prints nothing.
+    environment.cpu_without_accelerators(always=_COMPILE_ONLY.value)
     maybe_initialize_distributed()
     # Below the runtime's own timeout, which would abort every process with a C++ stack trace.
     watch = watchdog.start(silence=0.6 * _HEARTBEAT_TIMEOUT.value)

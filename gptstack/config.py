@@ -4,6 +4,8 @@
   `ConfigError` that names the field, so nothing expensive starts on a bad config.
 - `from_dict` is the one place an `ml_collections.ConfigDict` (or any mapping) becomes typed; an
   unknown key is an error, never silently ignored. Model code never sees ml_collections.
+- `flatten` turns a stage config into `{dotted key: value}`, the form in which two runs' settings
+  are compared.
 - `KEY_BOUNDS` gives every numeric key of the stage configs that no dataclass above checks its
   range; `check_bounds` applies it to whichever of those keys a config has.
 - `PRESETS` holds the model sizes, from a toy up to the two reference rows of the "State of GPT"
@@ -13,6 +15,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping
 from typing import Any, Literal
@@ -326,6 +329,18 @@ def check_bounds(config) -> None:
         else:
             _require(value is None or bounds.holds(value),
                      f'{key}={value!r}: expected {bounds.describe()}')
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
+    """`{dotted key: value}` of a nested mapping (a config's `to_dict()`), each value as JSON
+    holds it (tuples become lists), so settings read back from a `config.json` compare equal."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f'{prefix}{key}.'))
+        else:
+            out[f'{prefix}{key}'] = json.loads(json.dumps(value, default=str))
+    return out
 
 
 # --- size presets -------------------------------------------------------------------------------

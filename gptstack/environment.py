@@ -16,6 +16,11 @@ compilation cache, and the precision policy chosen for the platform.
   (bfloat16 matmul inputs, float32 everything else) where the CPU has bfloat16 matrix instructions
   (AVX512-BF16 or AMX) and `float32` where it has not, since without them XLA:CPU's bfloat16
   matmuls are slower than float32 ones (docs/performance.md).
+- Platforms (`cpu_without_accelerators`): with `libtpu` installed (the `test` extra brings it for
+  ahead-of-time TPU compiles) JAX probes for a TPU when it starts, and on a machine without one
+  libtpu prints a page of initialisation errors. Where JAX's own PCI scan finds no TPU chip and no
+  GPU device is visible, and the caller has not chosen platforms, a run is told to compute on the
+  CPU, so the probe never runs; compiling for a TPU topology loads libtpu by itself all the same.
 - Ending a process at once (`exit_now`): a process of a multi-process run that cannot go on
   skips the runtime's shutdown barrier, where it would wait for a peer that has died.
 """
@@ -112,6 +117,26 @@ def precision(name: str, platform: str) -> tuple[str, dict[str, str]]:
     if name == 'auto':
         name = auto_precision(platform, cpu_flags())
     return name, dict(PRECISIONS[name])
+
+
+def cpu_without_accelerators(always: bool = False) -> bool:
+    """Restricts JAX to the CPU (call it before JAX starts its backends) where there is no TPU
+    chip, NVIDIA GPU or ROCm device, or `always`, unless `JAX_PLATFORMS` names the platforms;
+    True if it did."""
+    if 'JAX_PLATFORMS' in os.environ or 'JAX_FORCE_TPU_INIT' in os.environ:
+        return False
+    if not always:
+        try:
+            from jax._src import hardware_utils
+        except ImportError:  # another JAX layout: let JAX probe
+            return False
+        tpu_chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+        if tpu_chips or hardware_utils.has_visible_nvidia_gpu() or os.path.exists('/dev/kfd'):
+            return False
+    import jax
+
+    jax.config.update('jax_platforms', 'cpu')
+    return True
 
 
 def first_line(error: BaseException, default: str = '') -> str:

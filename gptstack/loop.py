@@ -13,6 +13,10 @@ periodic evaluation -> periodic samples -> checkpoints.
   once.
 - Only process 0 shows the progress bar and writes metrics; every process takes part in
   checkpoints.
+- Where the time goes: every logged record carries, besides `wall_time`, the seconds spent so far
+  waiting for batches, evaluating, writing samples and saving checkpoints (`time/<part>` for the
+  parts of `SPLIT`); the rest of `wall_time` is the steps themselves. A resumed run carries them on
+  from its checkpoint.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from gptstack.config import ConfigError
 from gptstack.metrics import MetricsWriter
 
 log = logging.getLogger(__name__)
+# The parts of a run's time that are not its steps.
+SPLIT = ('data', 'evaluation', 'samples', 'checkpoints')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +126,8 @@ def train(*, state, step_fn: Callable, batches: Iterator[dict], config: LoopConf
           sample: Callable[[object], list[dict]] | None = None,
           checkpoint_meta: dict | None = None, tokens_per_step: int = 0,
           flops_per_step: float = 0.0, peak_flops: float = 0.0,
-          wall_time_offset: float = 0.0, early_stopping: dict | None = None) -> LoopResult:
+          wall_time_offset: float = 0.0, time_spent: dict | None = None,
+          early_stopping: dict | None = None) -> LoopResult:
     """Runs `step_fn` from `state.step` to `config.total_steps`.
 
     Args:
@@ -132,6 +139,7 @@ def train(*, state, step_fn: Callable, batches: Iterator[dict], config: LoopConf
         sample: `sample(state) -> [{'prompt', 'completion', ...}]`, written to samples.jsonl.
         tokens_per_step, flops_per_step, peak_flops: for tokens/s and MFU (0 leaves them out).
         wall_time_offset: seconds spent before a resume, so `wall_time` counts the whole run.
+        time_spent: the same for `SPLIT` (from the checkpoint resumed from).
         early_stopping: the early-stopping record of the checkpoint resumed from (its best
             `val_loss`, the evaluations since, whether it stopped); a stopped run stays stopped.
     """
@@ -148,14 +156,26 @@ def train(*, state, step_fn: Callable, batches: Iterator[dict], config: LoopConf
     clock_start = time.perf_counter()
     record = {'best_val_loss': None, 'evals_since_best': 0, 'stopped': False,
               **(early_stopping or {})}
+    spent = {part: (time_spent or {}).get(part, 0.0) for part in SPLIT}
 
     def wall_time() -> float:
         return wall_time_offset + time.perf_counter() - clock_start
 
+    @contextlib.contextmanager
+    def timed(part: str):
+        begin = time.perf_counter()
+        try:
+            yield
+        finally:
+            spent[part] += time.perf_counter() - begin
+
     def save(step: int, val_loss: float | None = None):
-        meta = {**(checkpoint_meta or {}), 'nonfinite_skips': skips, 'wall_time': wall_time(),
-                'early_stopping': dict(record)}
-        checkpointer.save(step, state, data_iterator=data_iterator, meta=meta, val_loss=val_loss)
+        with timed('checkpoints'):
+            meta = {**(checkpoint_meta or {}), 'nonfinite_skips': skips,
+                    'wall_time': wall_time(), 'time_spent': dict(spent),
+                    'early_stopping': dict(record)}
+            checkpointer.save(step, state, data_iterator=data_iterator, meta=meta,
+                              val_loss=val_loss)
 
     def finish_step(step: int, metrics) -> None:
         """Fetches a dispatched step's metrics, checks them, logs them at the cadence."""
@@ -204,6 +224,7 @@ def train(*, state, step_fn: Callable, batches: Iterator[dict], config: LoopConf
             first_step.clear()
             metrics['nonfinite_skips'] = skips
             metrics['wall_time'] = wall_time()
+            metrics.update({f'time/{part}': seconds for part, seconds in spent.items()})
             writer.write(step, metrics)
             bar.set_postfix({k: f'{metrics[k]:.4g}' for k in ('loss', 'tokens_per_sec', 'mfu')
                              if k in metrics}, refresh=False)
@@ -219,7 +240,9 @@ def train(*, state, step_fn: Callable, batches: Iterator[dict], config: LoopConf
     # flight, so the checkpoints on disk are whole and the latest one is the last saved.
     with _StopSignal() as stop, _saves_landed(checkpointer):
         for step in range(start + 1, last + 1):
-            state, metrics = step_fn(state, next(batches))
+            with timed('data'):
+                batch = next(batches)
+            state, metrics = step_fn(state, batch)
             if pending is not None:
                 finish_step(*pending)
             pending = (step, metrics)
@@ -232,7 +255,8 @@ def train(*, state, step_fn: Callable, batches: Iterator[dict], config: LoopConf
                 finish_step(*pending)
                 pending = None
             if evaluating:
-                last_eval = {k: float(v) for k, v in evaluate(state).items()}
+                with timed('evaluation'):
+                    last_eval = {k: float(v) for k, v in evaluate(state).items()}
                 writer.write(step, last_eval)
                 log.info('step %d: %s', step, ' '.join(f'{k}={v:.4g}'
                                                         for k, v in last_eval.items()))
@@ -241,7 +265,8 @@ def train(*, state, step_fn: Callable, batches: Iterator[dict], config: LoopConf
                 saving = saving or record['stopped']
             if sample is not None and ((config.sample_every and step % config.sample_every == 0)
                                        or step == config.total_steps):
-                _write_samples(workdir, step, sample(state), is_main)
+                with timed('samples'):
+                    _write_samples(workdir, step, sample(state), is_main)
             if saving:
                 save(step, last_eval.get('val_loss') if evaluating else None)
             if stop.signal_name:

@@ -192,9 +192,13 @@ class Sampler:
                 raise ValueError(f'prompt {row} is empty; start it with <|endoftext|> at least')
             if len(prompt) > bucket:
                 self.truncated_prompts += 1
-                log.warning('prompt %d has %d tokens; keeping the last %d (context %d, %d new)',
-                            row, len(prompt), bucket, self.config.max_seq_len,
-                            self.max_new_tokens)
+                n = self.truncated_prompts
+                if n & (n - 1) == 0:  # 1, 2, 4, 8, ...: a count, not a line per prompt
+                    log.warning('%d prompt%s so far longer than the %d tokens that the context '
+                                '(%d) leaves beside %d new ones: each keeps its last %d tokens '
+                                '(this one had %d)', n, 's' if n > 1 else '', bucket,
+                                self.config.max_seq_len, self.max_new_tokens, bucket,
+                                len(prompt))
                 prompt = prompt[-bucket:]
             tokens[row, bucket - len(prompt):] = prompt
             lengths[row] = len(prompt)

@@ -445,6 +445,7 @@ class Stage:
             tokens_per_step=tokens_per_step, flops_per_step=flops_per_step,
             peak_flops=self.setup.peak_flops if flops_per_step else 0.0,
             wall_time_offset=self.wall_offset,
+            time_spent=self.resumed_meta.get('time_spent'),
             early_stopping=self.resumed_meta.get('early_stopping'))
         if not keep_open:
             self.close()

@@ -73,11 +73,12 @@ def corpus(tmp_path_factory):
 @pytest.fixture(scope='session')
 def pipeline_workdir(corpus, tmp_path_factory):
     """The quick pipeline on `corpus`: every stage's workdir, the comparison and the report."""
-    from tests.runs import pipeline_command, run
+    from tests.runs import CONSOLE, pipeline_command, run
 
     workdir = tmp_path_factory.mktemp('pipeline')
     result = run(pipeline_command(corpus, workdir))
     assert result.returncode == 0, result.stderr[-3000:]
+    (workdir / CONSOLE).write_text(result.stdout + result.stderr)  # what a user would see
     return workdir
 
 

@@ -8,6 +8,9 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The quick pipeline's console output (stdout and stderr), kept in its workdir by the
+# `pipeline_workdir` fixture.
+CONSOLE = 'console.txt'
 
 # Many steps with frequent checkpoints and nothing else: for kill-and-resume tests.
 LONG_STEPS = 120

@@ -60,6 +60,7 @@ def snapshot(workdir: pathlib.Path) -> dict:
                       for r in jsonl(workdir / stage / 'metrics.jsonl')] for stage in STAGES}
     comparison = json.loads((workdir / COMPARISON).read_text())
     comparison.pop('seconds')
+    comparison.pop('seconds_by_model')
     comparison.pop('settings', None)  # the configuration, not a result
     return _plain({'stages': stages, 'comparison': comparison,
                    'per_prompt': jsonl(workdir / PER_PROMPT)})

@@ -1,5 +1,7 @@
 """The host loop's non-finite handling: `python -m pytest -q tests/test_loop.py`."""
 
+import time
+
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -18,7 +20,8 @@ class ToyState:
     params: jax.Array
 
 
-def run_loop(tmp_path, bad_steps, checkpointer_cls=Checkpointer, batches=None, **config):
+def run_loop(tmp_path, bad_steps, checkpointer_cls=Checkpointer, batches=None, evaluate=None,
+             time_spent=None, **config):
     """A loop over a fake step whose loss is NaN at `bad_steps` (it then keeps the params)."""
     def step_fn(state, batch):
         bad = jnp.isin(state.step + 1, jnp.asarray(bad_steps))
@@ -33,7 +36,7 @@ def run_loop(tmp_path, bad_steps, checkpointer_cls=Checkpointer, batches=None, *
         return loop.train(
             state=ToyState(step=jnp.int32(0), params=jnp.zeros(())), step_fn=jax.jit(step_fn),
             batches=batches or iter(lambda: jnp.ones(()), None), checkpointer=checkpointer,
-            writer=writer,
+            writer=writer, evaluate=evaluate, time_spent=time_spent,
             workdir=tmp_path, config=loop.LoopConfig(**{'total_steps': 8, 'log_every': 1,
                                                         'checkpoint_every': 2, **config}))
     finally:
@@ -150,3 +153,29 @@ def test_early_stopping_keeps_the_best_and_a_resumed_run_stays_stopped(tmp_path)
     again, checkpointer = run(10, result.state, meta['early_stopping'])
     assert again.step == 8 and checkpointer.latest_step() == 8
     checkpointer.close()
+
+
+def test_the_time_split_counts_data_evaluation_and_checkpoints_and_carries_on(tmp_path):
+    def slow_batches():
+        while True:
+            time.sleep(0.01)
+            yield jnp.ones(())
+
+    def evaluate(state):
+        time.sleep(0.1)
+        return {'val_loss': 1.0}
+
+    run_loop(tmp_path, [], batches=slow_batches(), evaluate=evaluate, eval_every=4,
+             time_spent={'checkpoints': 100.0})
+    records = [r for r in read_metrics(tmp_path) if 'loss' in r]
+    assert [r['step'] for r in records] == list(range(1, 9))
+    for part in loop.SPLIT:
+        values = [r[f'time/{part}'] for r in records]
+        assert values == sorted(values), part  # totals so far
+    last = records[-1]
+    assert last['time/data'] >= 0.08  # eight batches
+    assert 0.1 <= last['time/evaluation'] < 0.2  # step 4's; step 8's comes after its record
+    assert last['time/checkpoints'] > 100.0  # carried on from the run before
+    meta = Checkpointer(tmp_path / 'ckpt').read_meta(8)  # saved after step 8's evaluation
+    assert meta['time_spent']['evaluation'] >= 0.2
+    assert meta['time_spent']['data'] + meta['time_spent']['evaluation'] < meta['wall_time']

@@ -94,7 +94,9 @@ def test_reward_rl_and_comparison_on_two_processes_equal_one(corpus, pipeline_wo
     # The comparison samples every model the same way: its scores are equal, not close.
     one = numbers(json.loads((pipeline_workdir / 'comparison.json').read_text()))
     two = numbers(json.loads((workdir / 'comparison.json').read_text()))
-    one.pop('seconds'), two.pop('seconds')
+    for timings in (one, two):
+        for key in [k for k in timings if k.startswith('seconds')]:
+            timings.pop(key)
     assert two == one
     assert (workdir / 'comparison_prompts.jsonl').read_text() == \
         (pipeline_workdir / 'comparison_prompts.jsonl').read_text()

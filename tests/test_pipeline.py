@@ -27,7 +27,7 @@ from gptstack.reports.pipeline import (
     model_names,
 )
 from gptstack.stats import mean_and_stderr
-from tests.runs import ROOT, metrics, pipeline_command, run
+from tests.runs import CONSOLE, ROOT, metrics, pipeline_command, run
 
 
 def comparable(workdir):
@@ -40,6 +40,7 @@ def comparable(workdir):
                       for r in metrics(workdir / stage)] for stage in STAGES[1:]}
     comparison = json.loads((workdir / COMPARISON).read_text())
     comparison.pop('seconds')
+    comparison.pop('seconds_by_model')
     return stages, comparison
 
 
@@ -226,6 +227,13 @@ def test_changed_settings_of_a_finished_stage_stop_the_pipeline_until_rerun(
         run_with(rerun_from='ppo')
 
 
+def test_the_console_of_a_cpu_run_has_no_tpu_probe(pipeline_workdir):
+    # libtpu is installed (the test extra's jax[tpu]), and this machine has no TPU.
+    console = (pipeline_workdir / CONSOLE).read_text()
+    for text in ('libtpu', 'TPU initialization', "backend 'tpu'", 'Source Location Trace'):
+        assert text not in console, text
+
+
 def test_pipeline_runs_every_stage_into_one_report(pipeline_workdir):
     ledger = json.loads((pipeline_workdir / LEDGER).read_text())
     assert list(ledger) == list(STAGES)
@@ -251,7 +259,12 @@ def test_pipeline_runs_every_stage_into_one_report(pipeline_workdir):
     betas = {name: configs[name]['rl']['ppo'].pop('kl_coef') for name in configs if 'rl' in name}
     assert betas == {'rl': 0.2, 'rl_small_beta': 0.02, 'rl_gold': 0.2}
     assert [configs[name]['rl'].pop('reward') for name in betas] == ['model', 'model', 'gold']
+    # The later two take the SFT policy's step-0 evaluation from `rl`: the same numbers.
+    assert [configs[name]['eval'].pop('baseline_from') for name in betas] == [
+        None, str(pipeline_workdir / 'rl'), str(pipeline_workdir / 'rl')]
     assert configs['rl'] == configs['rl_small_beta'] == configs['rl_gold']
+    assert metrics(pipeline_workdir / 'rl')[0] == metrics(pipeline_workdir / 'rl_small_beta')[0] \
+        == metrics(pipeline_workdir / 'rl_gold')[0]
 
     comparison = json.loads((pipeline_workdir / COMPARISON).read_text())
     assert comparison['prompts'] == 32 and comparison['samples'] == 2
@@ -295,6 +308,15 @@ def test_pipeline_runs_every_stage_into_one_report(pipeline_workdir):
         assert f'| {run_label} | gold | ' in report, run_label
     for image in ('stages.png', 'gold.png', 'overoptimisation.png'):
         assert (pipeline_workdir / image).stat().st_size > 0
+    # Every stage's cost in the stage table: where its time went, tokens/s and MFU.
+    rows = {line.split(' | ')[0].strip('| '): line.split(' | ') for line in report.splitlines()
+            if line.startswith('| ') and ' | ' in line}
+    assert rows['stage'][-3:] == ['of which (min)', 'tokens/s', 'MFU |']
+    for stage in ('1 pretraining', '2 SFT', '3 reward model'):
+        assert 'steps' in rows[stage][-3] and 0 < float(rows[stage][-1].strip(' |')) < 1, stage
+    for stage in ('4 RL (PPO)', '4 PPO at a small β', '4 PPO against the gold scorer'):
+        assert 'update' in rows[stage][-3] and 0 < float(rows[stage][-1].strip(' |')) < 1, stage
+    assert rows['5 comparison'][-3].startswith('base (few-shot prompt) ')
 
 
 # Where the quick pipeline is killed: a file or directory whose appearance marks a point inside a

@@ -38,8 +38,9 @@ def test_rl_smoke_run_reports_sft_and_ppo(sft_workdir, reward_workdir, tmp_path)
     assert all(abs(r['score']) < 1e-5 and r['rm_score'] != 0 for r in train)
     for key in ('rm_score', 'gold', 'kl', 'entropy', 'clipfrac', 'approx_kl', 'value_loss',
                 'explained_variance', 'response_length', 'time/generate', 'time/score',
-                'time/update', 'tokens_per_sec/generate'):
+                'time/update', 'tokens_per_sec/generate', 'mfu'):
         assert key in train[-1], key
+    assert 0 < train[-1]['mfu'] < 1
     report = (tmp_path / 'report.md').read_text()
     # By task family and by level: those of the held-out prompts, whose means weighted by count
     # are the mean.
@@ -141,6 +142,25 @@ def test_rl_verifiable_rewards_and_bad_inputs(sft_workdir, reward_workdir, tmp_p
     assert train
     # The reward is the gold score (averaged in float32 on the device, in float64 on the host).
     assert [r['score'] for r in train] == pytest.approx([r['gold'] for r in train], rel=1e-6)
+    # A run that differs only in training takes the SFT policy's step-0 evaluation from it.
+    result = run(rl_command(tmp_path / 'shared', sft_workdir, reward_workdir,
+                            '--config.rl.ppo.kl_coef=0.5',
+                            f'--config.eval.baseline_from={tmp_path / "gold"}'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"step 0: the SFT policy's evaluation of {tmp_path / 'gold'}" in result.stderr
+    assert metrics(tmp_path / 'shared')[0] == metrics(tmp_path / 'gold')[0]
+    first_line = [(d / 'held_out.jsonl').read_text().splitlines()[0]
+                  for d in (tmp_path / 'shared', tmp_path / 'gold')]
+    assert first_line[0] == first_line[1]
+    # One that would evaluate it otherwise is refused before anything is loaded.
+    result = run(rl_command(tmp_path / 'other', sft_workdir, reward_workdir,
+                            '--config.eval.samples=1',
+                            f'--config.eval.baseline_from={tmp_path / "gold"}'))
+    assert result.returncode == 1
+    assert (f'eval.baseline_from={tmp_path / "gold"}: its step-0 evaluation ran with other '
+            'settings (eval.samples); drop eval.baseline_from to evaluate the SFT policy '
+            'here') in result.stderr
+    assert not (tmp_path / 'other' / 'checkpoints').exists()
     result = run(rl_command(tmp_path / 'a', sft_workdir, sft_workdir))
     assert result.returncode == 1
     assert f"reward_from={sft_workdir} is a 'sft' run, not a reward model" in result.stderr

@@ -214,3 +214,24 @@ def test_ids_past_the_tokenizer_in_a_padded_table_are_never_drawn(mesh_1):
     message = f"the tokenizer must fit the model's {config.vocab_size} token rows"
     with pytest.raises(ConfigError, match=message):
         Sampler(graphdef, config, mesh_1, 'fsdp', vocab_size=config.vocab_size + 1, **kwargs)
+
+
+def test_prompts_past_the_context_keep_their_end_and_are_counted_not_logged_each(mesh_1,
+                                                                                 caplog):
+    config, graphdef, params = build('toy', mesh_1)  # context 128
+    sampler = Sampler(graphdef, config, mesh_1, 'fsdp', batch_size=2, max_new_tokens=8,
+                      stop_ids=[], pad_id=PAD)
+    limit = config.max_seq_len - 8
+    tail = list(range(10, 10 + limit))
+    greedy = SamplingParams(temperature=0.0)
+    reference = sampler(params, [tail], jax.random.key(0), greedy)
+    with caplog.at_level('WARNING', logger='gptstack.sampling'):
+        for _ in range(5):
+            out = sampler(params, [[7] * 30 + tail, [8] * 3 + tail], jax.random.key(0), greedy)
+            np.testing.assert_array_equal(out['tokens'][0], reference['tokens'][0])
+    assert sampler.truncated_prompts == 10
+    counts = [r.getMessage().split()[0] for r in caplog.records]
+    assert counts == ['1', '2', '4', '8']
+    assert caplog.records[-1].getMessage().startswith(
+        f'8 prompts so far longer than the {limit} tokens that the context (128) leaves beside '
+        f'8 new ones: each keeps its last {limit} tokens (this one had {limit + 3})')

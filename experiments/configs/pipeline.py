@@ -1,6 +1,6 @@
 """The main job: tokenizer -> pretraining -> SFT -> reward model -> PPO, then one report.
 
-COMMAND (the default: embedded data, no downloads; 2-core CPU, 77 minutes without AMX):
+COMMAND (the default: embedded data, no downloads; 2-core CPU):
   python -m experiments.run --config=experiments/configs/pipeline.py --workdir=workdirs/pipeline
 
 Each stage runs in `<workdir>/<stage>/` with the settings of its own config file
@@ -91,20 +91,22 @@ def get_config(arg=None):
         config.rl.train.total_steps = 500
         config.compare.batch_size = 256
 
-    # Two more PPO runs like `rl`, each its own stage (override them by their own names):
-    # at a small KL coefficient, where the policy drifts far enough from the SFT model that the
-    # reward model's score keeps rising after the gold score has peaked (over-optimisation);
-    # and with the gold scorer as the reward at the same β: what a perfect reward model gives.
-    # Each runs half the iterations of `rl`, evaluated as often.
+    # Two more PPO runs like `rl`, each its own stage (override them by their own names), each
+    # half as long, both taking the SFT policy's step-0 evaluation from `rl`:
+    # - at a small KL coefficient and the actor's learning rate of 1e-4, where in 20 iterations
+    #   the policy travels far enough from the SFT model for the reward model's score to keep
+    #   rising after the gold score has peaked (over-optimisation), evaluated twice as often;
+    # - with the gold scorer as the reward at the same β: what a perfect reward model gives.
     config.rl_small_beta = copy.deepcopy(config.rl)
     config.rl_small_beta.rl.ppo.kl_coef = 0.02
     config.rl_gold = copy.deepcopy(config.rl)
     config.rl_gold.rl.reward = 'gold'
     if not arg.quick:
+        config.rl_small_beta.optim.lr = 1e-4
         for name in ('rl_small_beta', 'rl_gold'):
             config[name].train.total_steps = config.rl.train.total_steps // 2
-            config[name].train.eval_every = config.rl.train.eval_every // 2
             config[name].train.checkpoint_every = config.rl.train.eval_every // 2
+        config.rl_small_beta.train.eval_every = config.rl.train.eval_every // 2
     for stage in ('tokenizer', 'pretrain', 'sft', 'reward', 'rl', 'rl_small_beta', 'rl_gold'):
         config[stage].seed = config.get_ref('seed')
     return config

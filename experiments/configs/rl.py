@@ -98,6 +98,10 @@ def get_config(arg=None):
     # final policy on more; 256 prompts keep five evaluations near two minutes on 2 cores.
     config.eval.prompts = 256
     config.eval.samples = 4
+    # An RL workdir whose step-0 evaluation (the SFT policy, before any update) this run
+    # reuses instead of making it again; every setting that shapes it must be equal
+    # (`experiments.rl.evaluation_differs`). The main job's later PPO runs reuse the first's.
+    config.eval.baseline_from = ml_collections.config_dict.placeholder(str)
 
     if arg.runlocal:
         config.data.train_prompts = 64

@@ -15,6 +15,7 @@ task family and by level (keys '1', '2', '3', as JSON keeps them).
 from __future__ import annotations
 
 import pathlib
+import time
 
 import jax
 import numpy as np
@@ -93,15 +94,19 @@ def diversity(replies: list[list[str]]) -> dict:
             'distinct_bigrams': float(np.mean(bigram)) if bigram else 0.0}
 
 
-def sample_models(config, workdir: pathlib.Path, held_out: list[tasks.Task]):
-    """`(sampled, greedy)` replies of the base, SFT and PPO models: `{model: [[reply]]}`."""
+def sample_models(config, workdir: pathlib.Path, held_out: list[tasks.Task],
+                  seconds: dict[str, float] | None = None):
+    """`(sampled, greedy)` replies of the base, SFT and PPO models: `{model: [[reply]]}`;
+    the seconds each model took (loading and sampling) go into `seconds`."""
     c = config.compare
+    seconds = {} if seconds is None else seconds
     conversations = gold.conversations(held_out)
     key = jax.random.key(config.seed + 2)
     modes = (('sampled', SamplingParams(temperature=1.0), c.samples),
              ('greedy', SamplingParams(temperature=0.0), 1))
     replies = {'sampled': {}, 'greedy': {}}
     for model, stage in SAMPLED_FROM.items():
+        start = time.perf_counter()
         policy = Workdir(workdir / stage).load_policy()
         sampler = policy.sampler(c.batch_size, c.max_new_tokens, chat=model != 'base')
         for mode, sampling, n in modes:
@@ -115,6 +120,7 @@ def sample_models(config, workdir: pathlib.Path, held_out: list[tasks.Task]):
                     sampler, policy.params, policy.tokenizer, conversations, mode_key, sampling,
                     n, progress=f'{model} {mode}')
         del policy
+        seconds[model] = time.perf_counter() - start
     return replies['sampled'], replies['greedy']
 
 
@@ -142,11 +148,14 @@ def compare(config, workdir: pathlib.Path) -> dict:
     docstring); `per_prompt` holds every prompt's scores."""
     c = config.compare
     held_out, cells = held_out_prompts(config)
-    replies, greedy_replies = sample_models(config, workdir, held_out)
+    seconds = {}
+    replies, greedy_replies = sample_models(config, workdir, held_out, seconds)
     # The reward model scores the SFT pool; its pick among N is best-of-N.
+    start = time.perf_counter()
     scorer = Workdir(workdir / 'reward').load_reward_model().scorer(c.batch_size)
     flat = scorer([m for m in gold.conversations(held_out) for _ in range(c.samples)],
                   [[{'role': 'assistant', 'content': r}] for rs in replies['sft'] for r in rs])
+    seconds['best_of_n'] = time.perf_counter() - start
     rewards = flat.reshape(len(held_out), c.samples)
     scores = {m: gold.score(held_out, replies[m]) for m in replies}
     per_prompt = {m: g.mean(axis=1) for m, g in scores.items()}
@@ -155,7 +164,7 @@ def compare(config, workdir: pathlib.Path) -> dict:
 
     result = {'prompts': len(held_out), 'samples': c.samples, 'best_of': c.best_of,
               'models': {}, 'families': {}, 'levels': {}, 'levels_stderr': {},
-              'examples': []}
+              'examples': [], 'seconds_by_model': seconds}
     for model in MODELS:
         mean, stderr = stats.mean_and_stderr(per_prompt[model], cells)
         entry = {'gold': mean, 'gold_stderr': stderr,

@@ -51,15 +51,63 @@ def _steps(records: list[dict]) -> int:
     return max((r['step'] for r in records), default=0)
 
 
+def _summed(records: list[dict], key: str) -> float:
+    """The total over a run of a per-step quantity that each record logs as its mean over
+    the steps since the record before."""
+    total, previous = 0.0, 0
+    for r in records:
+        if key in r:
+            total += r[key] * (r['step'] - previous)
+            previous = r['step']
+    return total
+
+
+def time_split(workdir: pathlib.Path, stage: str, seconds: float, records: list[dict]) -> str:
+    """Where a stage's wall time went, in minutes: its training steps (an RL stage's
+    iterations as generation, scoring and update), evaluations, checkpoints, samples, waiting
+    for data, and the rest (loading, tokenizing, an RL stage's evaluation of the SFT policy,
+    the reward stage's sampling of comparisons and best-of-N, reports), as the stage's last
+    checkpoint and metrics record them."""
+    meta = Workdir(workdir / stage).latest_meta()
+    if 'time_spent' not in meta:
+        return ''
+    spent = meta['time_spent']
+    steps = meta['wall_time'] - sum(spent.values())
+    parts = {'steps': steps}
+    rl_parts = {'generation': 'time/generate', 'scoring': 'time/score', 'update': 'time/update'}
+    if any(key in r for r in records for key in rl_parts.values()):
+        parts = {name: _summed(records, key) for name, key in rl_parts.items()}
+    computing = list(parts)
+    parts.update(evaluation=spent['evaluation'], checkpoints=spent['checkpoints'],
+                 samples=spent['samples'], data=spent['data'],
+                 other=seconds - meta['wall_time'])
+    return ' · '.join(f'{name} {value / 60:.1f}' for name, value in parts.items()
+                      if name in computing or value >= 0.05 * 60)  # no parts of 0.0
+
+
+def comparison_row(config, comparison: dict, names: dict[str, str]) -> tuple:
+    """The stage table's last row: the comparison's cost, model by model."""
+    c = config.compare
+    split = ' · '.join(f'{names.get(m, m)} {seconds / 60:.1f}'
+                       for m, seconds in comparison.get('seconds_by_model', {}).items())
+    return ('5 comparison', f'{comparison["prompts"]:,} held-out task prompts',
+            f'{c.samples} samples and a greedy reply per prompt and model', '', '',
+            f'{comparison.get("seconds", 0.0) / 60:.1f}', split, '', '')
+
+
 def stage_table(config, workdir: pathlib.Path, ledger: dict) -> list[tuple]:
     """The talk's table for this run: per stage, its data, what it trained on, the model and
-    what it cost."""
+    what it cost: wall time, where it went, tokens/s and MFU (medians of the logged values)."""
     def n_params(stage, cls):
         model_config = GPTConfig.from_dict(Workdir(workdir / stage).latest_meta()['model'])
         return count_params(abstract_model(lambda rngs: cls(model_config, rngs=rngs))[1])
 
     def minutes(stage):
         return f'{ledger[stage]["seconds"] / 60:.1f}'
+
+    def cost(stage, records):
+        return (minutes(stage), time_split(workdir, stage, ledger[stage]['seconds'], records),
+                _median(records, 'tokens_per_sec'), _median(records, 'mfu'))
 
     def packed_tokens(data, steps):  # a language-model stage's steps x batch x sequence
         return (f'{steps * data.batch_size * data.seq_len:,} tokens '
@@ -70,24 +118,24 @@ def stage_table(config, workdir: pathlib.Path, ledger: dict) -> list[tuple]:
     sources = ', '.join(f'{name} {spec.weight:g}' for name, spec in pre.data.sources.items())
     vocab = config.tokenizer.tokenizer.vocab_size
     rows.append(('0 tokenizer', f'mixture ({sources})', f'BPE, {vocab} tokens', '', '',
-                 minutes('tokenizer'), ''))
+                 minutes('tokenizer'), '', '', ''))
     records = read_metrics(workdir / 'pretrain')
     steps = _steps(records)
     rows.append(('1 pretraining', f'mixture ({sources})', packed_tokens(pre.data, steps),
-                 f'{n_params("pretrain", GPT):,}', f'lr {pre.optim.lr:g}', minutes('pretrain'),
-                 _median(records, 'tokens_per_sec')))
+                 f'{n_params("pretrain", GPT):,}', f'lr {pre.optim.lr:g}',
+                 *cost('pretrain', records)))
     records = read_metrics(workdir / 'sft')
     steps = _steps(records)
     rows.append(('2 SFT', f'{sft_c.data.train_tasks:,} task conversations',
                  packed_tokens(sft_c.data, steps), f'{n_params("sft", GPT):,}',
-                 f'lr {sft_c.optim.lr:g}', minutes('sft'), _median(records, 'tokens_per_sec')))
+                 f'lr {sft_c.optim.lr:g}', *cost('sft', records)))
     records = read_metrics(workdir / 'reward')
     steps = _steps(records)
     rows.append(('3 reward model', f'{rm.data.train_prompts:,} prompts × '
                  f'{rm.data.completions} SFT samples, ranked',
                  f'{steps * rm.data.batch_size:,} ranked groups ({steps} × '
                  f'{rm.data.batch_size})', f'{n_params("reward", ScoreModel):,}',
-                 f'lr {rm.optim.lr:g}', minutes('reward'), _median(records, 'tokens_per_sec')))
+                 f'lr {rm.optim.lr:g}', *cost('reward', records)))
     for name, label in RL_RUNS.items():
         ppo = config[name]
         critic = ' + critic' if algorithm(ppo) == 'PPO' else ''
@@ -97,8 +145,7 @@ def stage_table(config, workdir: pathlib.Path, ledger: dict) -> list[tuple]:
                      f'{steps * ppo.data.batch_size:,} rollouts ({steps} × '
                      f'{ppo.data.batch_size}, ≤ {ppo.data.max_new_tokens} new tokens)',
                      f'{n_params(name, GPT):,}{critic}',
-                     f'lr {ppo.optim.lr:g}, β {ppo.rl.ppo.kl_coef:g}', minutes(name),
-                     _median(records, 'tokens_per_sec')))
+                     f'lr {ppo.optim.lr:g}, β {ppo.rl.ppo.kl_coef:g}', *cost(name, records)))
     return rows
 
 
@@ -275,7 +322,8 @@ def write(config, workdir: pathlib.Path, ledger: dict, comparison: dict) -> str:
         ('Summary', report.table(['', ''], headline)),
         ('The stages', report.table(
             ['stage', 'data', 'trained on', 'parameters', 'optimiser', 'wall time (min)',
-             'median tokens/s'], stage_table(config, workdir, ledger))
+             'of which (min)', 'tokens/s', 'MFU'],
+            [*stage_table(config, workdir, ledger), comparison_row(config, comparison, names)])
          + f'\n\n![{stages_plot}]({stages_plot})\n\n{links}'),
         ('Gold score on the same held-out prompts', report.table(
             ['model', 'sampled ± se', 'greedy ± se', 'gain ± se', 'distinct replies',

@@ -45,6 +45,8 @@ from gptstack.loop import TrainingDivergedError
 RECIPE = {'tokenizer': tokenizer, 'pretrain': pretrain, 'sft': sft, 'reward': reward, 'rl': rl,
           'dpo': dpo}
 STAGES = (*RECIPE, 'pipeline')
+# Each run's log in its workdir, appended to by every run of the same command.
+LOG = 'run.log'
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Stage config: path.py[:args].',
                                           lock_config=True)
@@ -126,6 +128,21 @@ def compile_only(config) -> int:
     return 0 if report.fits else 1
 
 
+def keep_log(path: pathlib.Path) -> None:
+    """Appends this process's log to `path` (process 0), with the details the console leaves
+    out: every skipped record and every prompt cut to the context (`gptstack` loggers at DEBUG).
+    The console keeps INFO and above."""
+    if jax.process_index() != 0:
+        return
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter('%(asctime)s %(levelname)s %(name)s: %(message)s'))
+    handler.setLevel(logging.DEBUG)
+    for handler_ in logging.getLogger().handlers:  # the console's (absl's)
+        handler_.setLevel(max(handler_.level, logging.INFO))
+    logging.getLogger().addHandler(handler)
+    logging.getLogger('gptstack').setLevel(logging.DEBUG)
+
+
 def log_environment(config, cache: str) -> None:
     import flax
     import grain
@@ -182,6 +199,7 @@ def run_stage(config) -> int:
         raise app.UsageError('--workdir is required (except with --compile_only)')
     workdir = pathlib.Path(_WORKDIR.value).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
+    keep_log(workdir / LOG)
     log_environment(config, environment.use_compilation_cache(_COMPILATION_CACHE.value))
     if jax.process_index() == 0:
         write_whole(workdir / 'config.json',

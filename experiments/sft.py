@@ -65,6 +65,9 @@ def load_data(config, tokenizer, batch_sharding):
                                                   truncate=truncate, budget=budget)
     val, _ = sft_data.render_examples(tokenizer, val_pairs, seq_len, truncate=truncate,
                                       budget=budget)
+    if budget.skipped:
+        log.warning('SFT conversations: skipped %d malformed records %s', budget.skipped,
+                    dict(budget.by_reason))
     for name, rendered, pairs in (('training', train, train_pairs), ('validation', val, val_pairs)):
         if not rendered:
             raise DataError(f'SFT has no {name} conversation to use ({len(pairs)} read; '

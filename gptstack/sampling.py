@@ -193,12 +193,12 @@ class Sampler:
             if len(prompt) > bucket:
                 self.truncated_prompts += 1
                 n = self.truncated_prompts
-                if n & (n - 1) == 0:  # 1, 2, 4, 8, ...: a count, not a line per prompt
-                    log.warning('%d prompt%s so far longer than the %d tokens that the context '
-                                '(%d) leaves beside %d new ones: each keeps its last %d tokens '
-                                '(this one had %d)', n, 's' if n > 1 else '', bucket,
-                                self.config.max_seq_len, self.max_new_tokens, bucket,
-                                len(prompt))
+                # On the console at 1, 2, 4, 8, ...: a count, not a line per prompt.
+                log.log(logging.WARNING if n & (n - 1) == 0 else logging.DEBUG,
+                        '%d prompt%s so far longer than the %d tokens that the context (%d) '
+                        'leaves beside %d new ones: each keeps its last %d tokens (this one '
+                        'had %d)', n, 's' if n > 1 else '', bucket, self.config.max_seq_len,
+                        self.max_new_tokens, bucket, len(prompt))
                 prompt = prompt[-bucket:]
             tokens[row, bucket - len(prompt):] = prompt
             lengths[row] = len(prompt)

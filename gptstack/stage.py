@@ -103,12 +103,18 @@ def setup(config) -> Setup:
                           f'{sorted(environment.PRECISIONS)}')
     precision, policy = environment.precision(config.get('precision', 'auto'),
                                               jax.default_backend())
-    log.info('mesh: %s, rules %s; precision %s (%s)', sharding.describe(mesh), mesh_config.rules,
-             precision, ', '.join(f'{k} {v}' for k, v in policy.items()))
+    described = (f'mesh: {sharding.describe(mesh)}, rules {mesh_config.rules}; precision '
+                 f'{precision} ({", ".join(f"{k} {v}" for k, v in policy.items())})')
+    # Once per process unless it changes (the pipeline sets up every stage twice).
+    log.log(logging.DEBUG if described in _DESCRIBED else logging.INFO, described)
+    _DESCRIBED.add(described)
     # MFU is against the peak of the dtype the matmuls run in.
     peak, source = peak_flops_per_device(policy['matmul_dtype'])
     return Setup(mesh, mesh_config.rules, optim_config, loop_config, batch_sharding,
                  peak * jax.device_count(), source, precision, policy)
+
+
+_DESCRIBED: set[str] = set()
 
 
 def check_seq_len(seq_len: int, model_config: GPTConfig, whose: str = 'the model') -> None:

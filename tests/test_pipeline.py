@@ -227,11 +227,18 @@ def test_changed_settings_of_a_finished_stage_stop_the_pipeline_until_rerun(
         run_with(rerun_from='ppo')
 
 
-def test_the_console_of_a_cpu_run_has_no_tpu_probe(pipeline_workdir):
+def test_the_console_has_no_tpu_probe_and_leaves_the_details_to_the_run_log(pipeline_workdir):
     # libtpu is installed (the test extra's jax[tpu]), and this machine has no TPU.
     console = (pipeline_workdir / CONSOLE).read_text()
     for text in ('libtpu', 'TPU initialization', "backend 'tpu'", 'Source Location Trace'):
         assert text not in console, text
+    # The tiny model's context cuts some task conversations: the console shows the first of
+    # each reason and the count, the run's log every one.
+    run_log = (pipeline_workdir / 'run.log').read_text()
+    skipped = 'skipping malformed record'
+    assert 0 < console.count(skipped) < run_log.count(skipped)
+    assert 'malformed records {' in console  # the count by reason
+    assert console.count('mesh: ') == 1 and run_log.count('mesh: ') > 1
 
 
 def test_pipeline_runs_every_stage_into_one_report(pipeline_workdir):

@@ -95,7 +95,11 @@ class SkipBudget:
                                 f'records; already skipped {dict(self.by_reason)})')
             raise error
         self.by_reason[reason] += 1
-        log.warning('skipping malformed record (%d/%d): %s', self.skipped, self.max_skips, error)
+        # The first of each reason on the console; every one in the run's log file.
+        first = self.by_reason[reason] == 1
+        log.log(logging.WARNING if first else logging.DEBUG,
+                'skipping malformed record (%d/%d)%s: %s', self.skipped, self.max_skips,
+                ' (more like it are counted; each is in the run log)' if first else '', error)
 
 
 # --- files --------------------------------------------------------------------------------------

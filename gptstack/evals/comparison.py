@@ -94,12 +94,11 @@ def diversity(replies: list[list[str]]) -> dict:
             'distinct_bigrams': float(np.mean(bigram)) if bigram else 0.0}
 
 
-def sample_models(config, workdir: pathlib.Path, held_out: list[tasks.Task],
-                  seconds: dict[str, float] | None = None):
-    """`(sampled, greedy)` replies of the base, SFT and PPO models: `{model: [[reply]]}`;
-    the seconds each model took (loading and sampling) go into `seconds`."""
+def sample_models(config, workdir: pathlib.Path, held_out: list[tasks.Task]):
+    """`(sampled, greedy, seconds)`: the replies of the base, SFT and PPO models,
+    `{model: [[reply]]}`, and the seconds each model took (loading and sampling)."""
     c = config.compare
-    seconds = {} if seconds is None else seconds
+    seconds = {}
     conversations = gold.conversations(held_out)
     key = jax.random.key(config.seed + 2)
     modes = (('sampled', SamplingParams(temperature=1.0), c.samples),
@@ -121,7 +120,7 @@ def sample_models(config, workdir: pathlib.Path, held_out: list[tasks.Task],
                     n, progress=f'{model} {mode}')
         del policy
         seconds[model] = time.perf_counter() - start
-    return replies['sampled'], replies['greedy']
+    return replies['sampled'], replies['greedy'], seconds
 
 
 def by_level(held_out: list[tasks.Task], cells: np.ndarray,
@@ -148,8 +147,7 @@ def compare(config, workdir: pathlib.Path) -> dict:
     docstring); `per_prompt` holds every prompt's scores."""
     c = config.compare
     held_out, cells = held_out_prompts(config)
-    seconds = {}
-    replies, greedy_replies = sample_models(config, workdir, held_out, seconds)
+    replies, greedy_replies, seconds = sample_models(config, workdir, held_out)
     # The reward model scores the SFT pool; its pick among N is best-of-N.
     start = time.perf_counter()
     scorer = Workdir(workdir / 'reward').load_reward_model().scorer(c.batch_size)

@@ -13,6 +13,7 @@ from gptstack import report
 from gptstack.config import GPTConfig
 from gptstack.evals import best_of_n, overoptimization
 from gptstack.evals.comparison import MODEL_NAMES, MODELS
+from gptstack.loop import SPLIT
 from gptstack.metrics import read_metrics
 from gptstack.model import GPT, ScoreModel, count_params
 from gptstack.stage import Workdir
@@ -78,9 +79,7 @@ def time_split(workdir: pathlib.Path, stage: str, seconds: float, records: list[
     if any(key in r for r in records for key in rl_parts.values()):
         parts = {name: _summed(records, key) for name, key in rl_parts.items()}
     computing = list(parts)
-    parts.update(evaluation=spent['evaluation'], checkpoints=spent['checkpoints'],
-                 samples=spent['samples'], data=spent['data'],
-                 other=seconds - meta['wall_time'])
+    parts.update({part: spent[part] for part in SPLIT}, other=seconds - meta['wall_time'])
     return ' · '.join(f'{name} {value / 60:.1f}' for name, value in parts.items()
                       if name in computing or value >= 0.05 * 60)  # no parts of 0.0
 

@@ -24,8 +24,8 @@ import pathlib
 
 import jax
 import numpy as np
-import tqdm
 
+from gptstack import lineage as lineages
 from gptstack import sharding, stage, stats
 from gptstack.config import ConfigError
 from gptstack.data import preference, tasks
@@ -33,6 +33,7 @@ from gptstack.data.sources import DataError, hold_out, read_records
 from gptstack.evals import gold
 from gptstack.files import write_whole
 from gptstack.losses import dpo_loss, preference_pairs
+from gptstack.metrics import progress_bar
 from gptstack.model import GPT
 from gptstack.reports import dpo as dpo_report
 from gptstack.sampling import Sampler, SamplingParams
@@ -82,7 +83,7 @@ def batches_in_order(examples: list[dict], batch_size: int) -> list[dict]:
         examples, batch_size, max_batches=-(-len(examples) // batch_size))
 
 
-def fingerprint(examples: dict[str, list[dict]], lineage: stage.Lineage) -> str:
+def fingerprint(examples: dict[str, list[dict]], lineage: lineages.Lineage) -> str:
     """What the reference log-probabilities depend on: the rendered completions and the
     reference checkpoint."""
     digest = hashlib.sha256(f'{lineage.tokenizer.sha256} {lineage.step} '
@@ -95,7 +96,7 @@ def fingerprint(examples: dict[str, list[dict]], lineage: stage.Lineage) -> str:
 
 
 def attach_reference(config, workdir: pathlib.Path, examples: dict[str, list[dict]],
-                     lineage: stage.Lineage, setup: stage.Setup, model_config) -> None:
+                     lineage: lineages.Lineage, setup: stage.Setup, model_config) -> None:
     """Puts the frozen reference's log-probability of each completion (`ref_logp [K]`) into
     every example: read from the workdir's cache when it matches these comparisons and this
     reference, else computed (then the reference's parameters are dropped) and cached."""
@@ -119,9 +120,8 @@ def attach_reference(config, workdir: pathlib.Path, examples: dict[str, list[dic
                                                           batch_size).items() if k != 'ref_logp'}
         cached = {}
         for split, rows in examples.items():
-            batches = tqdm.tqdm(batches_in_order(rows, batch_size), unit='batch',
-                                desc=f'reference log-probabilities ({split})',
-                                dynamic_ncols=True)
+            batches = progress_bar(batches_in_order(rows, batch_size), unit='batch',
+                                   desc=f'reference log-probabilities ({split})')
             out = [np.asarray(jax.device_get(log_probs(params, sharding.global_batch(
                 b, placement)))) for b in batches]
             cached[split] = np.concatenate(out)[:len(rows)].astype(np.float32)
@@ -178,7 +178,7 @@ def make_evaluate(config, loss: DPOLoss, log_probs, eval_batches: list[dict], pl
 def run(config, workdir: pathlib.Path) -> str:
     setup = validate(config)
     loss = DPOLoss(**config.loss)
-    sft = stage.start_from(config, 'init_from', ('sft', 'rl', 'dpo'),
+    sft = lineages.start_from(config, 'init_from', ('sft', 'rl', 'dpo'),
                            'the SFT workdir the policy starts from', workdir)
     tokenizer, model_config = sft.tokenizer, setup.computing(sft.model_config)
     stage.check_seq_len(config.data.seq_len, model_config, 'the SFT model')
@@ -198,7 +198,7 @@ def run(config, workdir: pathlib.Path) -> str:
     state = run_.start(trainable.abstract_state, trainable.shardings, tokenizer, model_config,
                        data_iterator, init=lambda: trainable.from_params(
                            sft.restore_params(GPT, mesh, rules)[1]))
-    sft.checkpointer.close()
+    sft.close()
 
     # --- compiled functions, evaluation and the loop ------------------------------------------
     train_step = make_dpo_step(trainable.graphdef, trainable.tx, trainable.schedule, mesh,
@@ -224,6 +224,6 @@ def run(config, workdir: pathlib.Path) -> str:
         data_iterator, meta=run_.meta(tokenizer, model_config, init_from=str(config.init_from)),
         evaluate=evaluate, tokens_per_step=batch_size * k * seq_len)
     if run_.finished(result):
-        log.info('report: %s', dpo_report.write(workdir, config, train_stats, len(train),
+        log.debug('report: %s', dpo_report.write(workdir, config, train_stats, len(train),
                                                 len(val)))
     return result.status

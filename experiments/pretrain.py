@@ -19,6 +19,7 @@ from gptstack.config import ConfigError, GPTConfig
 from gptstack.data import pretrain as data
 from gptstack.data.sources import specs_from_config
 from gptstack.data.tokenizer import Tokenizer
+from gptstack.lineage import Workdir
 from gptstack.metrics import train_flops_per_token
 from gptstack.model import GPT, count_params
 from gptstack.reports import pretrain as pretrain_report
@@ -86,7 +87,7 @@ def make_sample(config, sampler: Sampler, tokenizer: Tokenizer):
 
 def run(config, workdir: pathlib.Path) -> str:
     setup = validate(config)
-    tokenizer = stage.obtain_tokenizer(config, stage.Workdir(workdir))
+    tokenizer = stage.obtain_tokenizer(config, Workdir(workdir))
     model_config = model_config_for(config, tokenizer, setup.policy)
     stage.check_seq_len(config.data.seq_len, model_config)
     tokenized, data_iterator, eval_sets = load_data(config, workdir, tokenizer,
@@ -127,5 +128,5 @@ def run(config, workdir: pathlib.Path) -> str:
         wall_time = run_.wall_offset + time.perf_counter() - start_time
         path = pretrain_report.write(workdir, config, model_config, n_params, tokenized,
                                      tokenizer, wall_time, setup.peak_source)
-        log.info('report: %s', path)
+        log.debug('report: %s', path)
     return result.status

@@ -22,12 +22,13 @@ import sys
 import jax
 from absl import app, flags
 
+from gptstack import environment
 from gptstack.chat import sample_replies
 from gptstack.config import ConfigError
 from gptstack.data import preference
 from gptstack.data.sources import DataError, SkipBudget, read_json_records
+from gptstack.lineage import load_policy
 from gptstack.sampling import SamplingParams
-from gptstack.stage import Workdir
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A finetuned (SFT or later) workdir.')
 _PROMPTS = flags.DEFINE_string('prompts', None, 'JSONL of {prompt} or {messages} records.')
@@ -82,9 +83,10 @@ def read_prompts() -> list[list[dict]]:
 
 def main(argv) -> int:
     del argv
+    environment.start_tool()
     prompts = read_prompts()
     try:
-        policy = Workdir(_WORKDIR.value).load_policy()
+        policy = load_policy(_WORKDIR.value)
     except ConfigError as error:  # not a workdir of a language model
         raise app.UsageError(str(error)) from None
     tokenizer, params = policy.tokenizer, policy.params

@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from gptstack import labeler, sharding, stage
+from gptstack import lineage as lineages
 from gptstack.checkpoint import abstract_with_shardings
 from gptstack.config import ConfigError
 from gptstack.data import preference, tasks
@@ -58,7 +59,7 @@ def validate(config) -> stage.Setup:
     return setup
 
 
-def policy(config, lineage: stage.Lineage, setup: stage.Setup):
+def policy(config, lineage: lineages.Lineage, setup: stage.Setup):
     """The SFT model's parameters (on this stage's mesh) and a function making its sampler."""
     model_config = setup.computing(lineage.model_config)
     graphdef, params = lineage.restore_params(GPT, setup.mesh, setup.rules,
@@ -131,12 +132,12 @@ def make_evaluate(config, eval_step, eval_batches: list[dict], placement, val_go
     return evaluate, held_out_rewards, ranks, valid
 
 
-def initial_state(trainable: stage.Trainable, lineage: stage.Lineage, seed: int) -> TrainState:
+def initial_state(trainable: stage.Trainable, lineage: lineages.Lineage, mesh, rules: str,
+                  seed: int) -> TrainState:
     """The SFT model's `transformer` subtree, a fresh score head and a fresh optimizer, created
     directly in their shardings (no device holds more than its shards)."""
-    backbone = lineage.checkpointer.restore_params(
-        lineage.step, {'transformer': trainable.abstract_params('transformer')})
-    backbone = nnx.to_pure_dict(nnx.State(backbone))
+    backbone = lineage.restore_transformer(trainable.abstract_params('transformer'), mesh,
+                                           rules)
 
     def create(key, backbone):
         params = init_params(trainable.model_fn, key)
@@ -160,7 +161,7 @@ def best_of_n_curve(config, sampler, policy_params, tokenizer, scorer) -> dict[i
 
 def run(config, workdir: pathlib.Path) -> str:
     setup = validate(config)
-    lineage = stage.start_from(config, 'init_from', ('sft', 'rl', 'dpo'),
+    lineage = lineages.start_from(config, 'init_from', ('sft', 'rl', 'dpo'),
                                'the SFT workdir to start the reward model from', workdir)
     tokenizer, model_config = lineage.tokenizer, setup.computing(lineage.model_config)
     stage.check_seq_len(config.data.seq_len, model_config, 'the base model')
@@ -176,8 +177,9 @@ def run(config, workdir: pathlib.Path) -> str:
                                        setup.optim, mesh, rules)
     run_ = stage.Stage(config, workdir, setup)
     state = run_.start(trainable.abstract_state, trainable.shardings, tokenizer, model_config,
-                       data_iterator, init=lambda: initial_state(trainable, lineage, config.seed))
-    lineage.checkpointer.close()
+                       data_iterator, init=lambda: initial_state(trainable, lineage, mesh, rules,
+                                                              config.seed))
+    lineage.close()
 
     # --- compiled functions, evaluation and the loop ------------------------------------------
     reward_id = tokenizer.reward_id
@@ -220,6 +222,6 @@ def run(config, workdir: pathlib.Path) -> str:
         if jax.process_index() == 0:
             path = reward_report.write(workdir, config, labels, train_stats, val_stats,
                                        final_rewards, ranks, valid, best_of, int(final.step))
-            log.info('report: %s', path)
+            log.debug('report: %s', path)
     run_.close()
     return result.status

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from gptstack import lineage as lineages
 from gptstack import sharding, stage, stats
 from gptstack.chat import reply_text
 from gptstack.config import ConfigError, GPTConfig, OptimConfig, flatten
@@ -148,13 +149,13 @@ def read_split(config, split: str) -> list[prompts_data.Prompt]:
     return read_records(paths, reader, 'rl prompts', config.data.max_skips)
 
 
-def load_roles(config, workdir: pathlib.Path) -> tuple[stage.Lineage, stage.Lineage]:
+def load_roles(config, workdir: pathlib.Path) -> tuple[lineages.Lineage, lineages.Lineage]:
     """The SFT (actor, reference) and reward-model (reward, critic) lineages, checked to share
     one tokenizer."""
-    sft = stage.start_from(config, 'init_from', ('sft', 'rl', 'dpo'),
+    sft = lineages.start_from(config, 'init_from', ('sft', 'rl', 'dpo'),
                            'the SFT workdir the policy starts from', workdir)
     # The reward model of the lowest held-out loss (the reward stage stops early and keeps it).
-    rm = stage.start_from(config, 'reward_from', ('reward',), 'the reward-model workdir',
+    rm = lineages.start_from(config, 'reward_from', ('reward',), 'the reward-model workdir',
                           best=True)
     if rm.tokenizer.sha256 != sft.tokenizer.sha256:
         raise ConfigError(f'reward_from={config.reward_from} uses tokenizer '
@@ -333,8 +334,8 @@ def run(config, workdir: pathlib.Path) -> str:
     run_ = stage.Stage(config, workdir, setup)
     state = run_.start(abstract_state, shardings, tokenizer, actor_config, data_iterator,
                        init=init)
-    sft.checkpointer.close()
-    rm.checkpointer.close()
+    sft.close()
+    rm.close()
 
     # --- the PPO iteration, evaluation and the loop -------------------------------------------
     sampler = Sampler(actor.graphdef, actor_config, mesh, rules, batch_size=batch_size,
@@ -378,5 +379,5 @@ def run(config, workdir: pathlib.Path) -> str:
     result = run_.train(state, step_fn, data_iterator, data_iterator, meta=meta,
                         evaluate=evaluate, tokens_per_step=batch_size * max_new)
     if run_.finished(result):
-        log.info('report: %s', rl_report.write(workdir, config))
+        log.debug('report: %s', rl_report.write(workdir, config))
     return result.status

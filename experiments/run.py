@@ -216,7 +216,9 @@ def run_stage(config) -> int:
         if jax.process_count() == 1:
             raise
         abandon(error)
-    log.info('stage %s %s; workdir %s', config.stage, status, workdir)
+    report = workdir / 'report.md'
+    log.info('stage %s %s; %s', config.stage, status,
+             f'report {report}' if report.exists() else f'workdir {workdir}')
     return 0
 
 

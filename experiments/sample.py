@@ -5,10 +5,13 @@
 
     python -m experiments.sample --workdir=workdirs/sft --chat [--system='Be brief.']
 
-Loads the workdir's tokenizer, model config and parameters (not the optimizer state), and
-generates with the same KV-cache sampler, dtypes and sharding as training. Each sample starts a
-new document (`<|endoftext|>` + prompt) and stops at the next `<|endoftext|>`. `--chat` (for a
-finetuned workdir) reads user turns from standard input, one per line, renders the whole
+    python -m experiments.sample --workdir=hf:path/to/model --prompt="Once upon a time"
+
+Loads the workdir's tokenizer, model config and parameters (not the optimizer state), or a
+Hugging Face model directory's (`hf:DIR`, see docs/interop.md), and generates with the same
+KV-cache sampler, dtypes and sharding as training. Each sample starts a new document
+(`<|endoftext|>` + prompt) and stops at the next `<|endoftext|>`. `--chat` (for a finetuned
+workdir) reads user turns from standard input, one per line, renders the whole
 conversation with the chat template and prints the assistant's reply; an empty line or end of
 input ends it.
 """
@@ -21,12 +24,14 @@ import sys
 import jax
 from absl import app, flags
 
+from gptstack import environment
 from gptstack.config import ConfigError
+from gptstack.data.sources import DataError
 from gptstack.data.tokenizer import parse_chat, render_prompt
+from gptstack.lineage import load_policy
 from gptstack.sampling import SamplingParams
-from gptstack.stage import Workdir
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A stage workdir with checkpoints.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A stage workdir with checkpoints, or hf:DIR.')
 _PROMPT = flags.DEFINE_string('prompt', '', 'Text to continue.')
 _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 1, 'Continuations to draw.')
 _MAX_NEW = flags.DEFINE_integer('max_new_tokens', None, 'Generation budget per sample '
@@ -58,10 +63,11 @@ def chat(tokenizer, sampler, params, sampling) -> None:
 
 def main(argv) -> int:
     del argv
+    environment.start_tool()
     workdir = pathlib.Path(_WORKDIR.value)
     try:
-        policy = Workdir(workdir).load_policy(_STEP.value)
-    except ConfigError as error:  # not a workdir of a language model
+        policy = load_policy(_WORKDIR.value, _STEP.value)
+    except (ConfigError, DataError) as error:  # not a workdir of a language model
         raise app.UsageError(str(error)) from None
     tokenizer, params = policy.tokenizer, policy.params
     stage = policy.meta.get('config', {}).get('stage')

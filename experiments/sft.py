@@ -22,6 +22,7 @@ from gptstack.data import tasks
 from gptstack.data.sources import DataError, SkipBudget, hold_out, read_records
 from gptstack.data.tokenizer import render_prompt
 from gptstack.evals import gold
+from gptstack.lineage import start_from
 from gptstack.metrics import train_flops_per_token
 from gptstack.model import GPT
 from gptstack.reports import sft as sft_report
@@ -110,7 +111,7 @@ def make_evaluate(config, evaluate_loss, sampler: Sampler, tokenizer, held_out):
 
 def run(config, workdir: pathlib.Path) -> str:
     setup = validate(config)
-    base = stage.start_from(config, 'init_from', STARTS_FROM,
+    base = start_from(config, 'init_from', STARTS_FROM,
                             'the pretraining workdir to finetune', workdir)
     tokenizer, model_config = base.tokenizer, setup.computing(base.model_config)
     stage.check_seq_len(config.data.seq_len, model_config, 'the base model')
@@ -125,7 +126,7 @@ def run(config, workdir: pathlib.Path) -> str:
     state = run_.start(trainable.abstract_state, trainable.shardings, tokenizer, model_config,
                        data_iterator, init=lambda: trainable.from_params(
                            base.restore_params(GPT, mesh, rules)[1]))
-    base.checkpointer.close()
+    base.close()
 
     # --- compiled functions, evaluation and the loop ------------------------------------------
     train_step = make_lm_step(trainable.graphdef, trainable.tx, trainable.schedule, mesh, rules,
@@ -151,6 +152,6 @@ def run(config, workdir: pathlib.Path) -> str:
         flops_per_step=train_flops_per_token(model_config, config.data.seq_len) *
         tokens_per_step)
     if run_.finished(result):
-        log.info('report: %s', sft_report.write(workdir, config, train_stats, len(train),
+        log.debug('report: %s', sft_report.write(workdir, config, train_stats, len(train),
                                                 len(val)))
     return result.status

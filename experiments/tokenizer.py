@@ -13,6 +13,7 @@ import pathlib
 from gptstack import stage
 from gptstack.config import check_bounds
 from gptstack.data.sources import specs_from_config
+from gptstack.lineage import Workdir
 from gptstack.reports import tokenizer as tokenizer_report
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,8 @@ def validate(config) -> None:
 
 def run(config, workdir: pathlib.Path) -> str:
     tokenizer, stats = stage.train_tokenizer_on(config)
-    tokenizer.save(stage.Workdir(workdir).tokenizer_path)
+    tokenizer.save(Workdir(workdir).tokenizer_path)
     rows = tokenizer_report.write(workdir, tokenizer, stats)
     log.info('tokenizer: %d tokens, bytes/token %s; saved %s', tokenizer.vocab_size,
-             {r[0]: round(r[2], 2) for r in rows}, stage.Workdir(workdir).tokenizer_path)
+             {r[0]: round(r[2], 2) for r in rows}, Workdir(workdir).tokenizer_path)
     return 'finished'

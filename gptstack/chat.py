@@ -7,10 +7,10 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
-import tqdm
 from flax import nnx
 
 from gptstack.data.tokenizer import Tokenizer, parse_chat, render_prompt
+from gptstack.metrics import progress_bar
 from gptstack.sampling import Sampler, SamplingParams
 
 
@@ -30,7 +30,7 @@ def sample_replies(sampler: Sampler, params: nnx.State, tokenizer: Tokenizer,
     texts = []
     starts = range(0, len(prompts), sampler.batch_size)
     if progress:
-        starts = tqdm.tqdm(starts, desc=progress, unit='batch', dynamic_ncols=True)
+        starts = progress_bar(starts, desc=progress, unit='batch')
     for i, start in enumerate(starts):
         out = sampler(params, prompts[start:start + sampler.batch_size],
                       jax.random.fold_in(key, i), sampling)

@@ -94,6 +94,16 @@ def use_compilation_cache(directory: str | os.PathLike | None) -> str:
            f'{jax.config.jax_persistent_cache_min_compile_time_secs:g} s to compile)'
 
 
+def start_tool() -> None:
+    """What a command-line tool other than `experiments.run` (sampling, ranking, export) sets
+    before JAX starts: the CPU alone where there is no accelerator, and the compilation cache
+    the runner uses, with its cap. (A process that wrote the shared cache without the cap would
+    leave entries without the access times that a capped one reads when it evicts.)"""
+    cpu_without_accelerators()
+    use_compilation_cache(os.environ.get('JAX_COMPILATION_CACHE_DIR',
+                                         str(DEFAULT_COMPILATION_CACHE)))
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (Linux), or none where they cannot be read."""
     path = pathlib.Path('/proc/cpuinfo')

@@ -16,8 +16,11 @@ head_dim other than hidden_size / heads, biases on other layers) is refused with
 shape is checked against `config.json` before anything is read, and a tensor of the checkpoint
 that nothing reads is an error as well.
 
-Loading reads one stacked parameter at a time from the memory-mapped files and hands each
-device only its shard (`jax.make_array_from_callback`), so no host holds the whole model.
+`config.json` is mapped by `gptstack.hf_config`. Loading reads one stacked parameter at a time
+from the memory-mapped files and hands each device only its shard
+(`jax.make_array_from_callback`), so no host holds the whole model. With the directory's
+tokenizer, the embedding gains a row for each reserved special token that the tokenizer lacked
+(`gptstack.data.hf_tokenizer`): the mean of the rows of the tokenizer's own vocabulary.
 
 The mapping, ours <- theirs (`L` layers stacked on our leading axis):
 
@@ -33,6 +36,7 @@ The mapping, ours <- theirs (`L` layers stacked on our leading axis):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -49,141 +53,17 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from gptstack import sharding
-from gptstack.config import ConfigError, GPTConfig
+from gptstack.config import GPTConfig
 from gptstack.data.sources import DataError
+from gptstack.hf_config import CONFIG_FILE, gpt_config, hf_config, read_config
 from gptstack.model import GPT
 from gptstack.state import abstract_model
 
-CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
 INDEX_FILE = 'model.safetensors.index.json'
-ARCHITECTURES = {'GPT2LMHeadModel': 'gpt2', 'LlamaForCausalLM': 'llama',
-                 'Qwen2ForCausalLM': 'qwen2'}
 # Buffers that older checkpoints store and that hold no parameters (GPT-2's causal mask, LLaMA's
 # rotary frequencies): recomputed here, so skipped.
 _BUFFERS = ('.attn.bias', '.attn.masked_bias', '.rotary_emb.inv_freq')
-
-
-# --- config.json <-> GPTConfig ------------------------------------------------------------------
-def _field(hf: dict, where: str, name: str, expected: str, ok: Callable[[object], bool],
-           default=None):
-    value = hf.get(name, default)
-    if not ok(value):
-        raise ConfigError(f'{where}: {name}={value!r} is not supported (expected {expected})')
-    return value
-
-
-def architecture(hf: dict, where: str) -> str:
-    """`'gpt2'`, `'llama'` or `'qwen2'` from `config.json`'s `architectures`."""
-    names = hf.get('architectures') or []
-    known = [ARCHITECTURES[n] for n in names if n in ARCHITECTURES]
-    if len(names) != 1 or not known:
-        raise ConfigError(f'{where}: architectures={names!r} is not supported (expected one of '
-                          f'{sorted(ARCHITECTURES)})')
-    return known[0]
-
-
-def _rope_theta(hf: dict, where: str) -> float:
-    """RoPE's base, from transformers 5's `rope_parameters` or the older `rope_theta` and
-    `rope_scaling` fields; only unscaled RoPE is implemented."""
-    params = hf.get('rope_parameters') or {}
-    scaling = hf.get('rope_scaling') or {}
-    kind = params.get('rope_type') or scaling.get('rope_type') or scaling.get('type') \
-        or 'default'
-    if kind != 'default':
-        raise ConfigError(f'{where}: rope type {kind!r} is not supported (expected unscaled '
-                          'RoPE, rope_type "default")')
-    return float(params.get('rope_theta', hf.get('rope_theta', 10_000.0)))
-
-
-def gpt_config(hf: dict, where: str = CONFIG_FILE, **overrides) -> GPTConfig:
-    """The `GPTConfig` of a Hugging Face `config.json` (as a dict); `overrides` set the
-    computing fields (`param_dtype`, `dtype`, `matmul_dtype`, `remat`, `scan_layers`).
-
-    Raises:
-        ConfigError: for an architecture or a field value the model does not implement.
-    """
-    kind = architecture(hf, where)
-    is_int = lambda v: isinstance(v, int) and v > 0  # noqa: E731
-    if kind == 'gpt2':
-        d = _field(hf, where, 'n_embd', 'a positive integer', is_int)
-        _field(hf, where, 'activation_function', '"gelu_new" (GELU, tanh approximation)',
-               lambda v: v in ('gelu_new', 'gelu_pytorch_tanh'), 'gelu_new')
-        _field(hf, where, 'scale_attn_weights', 'true', lambda v: v is True, True)
-        _field(hf, where, 'scale_attn_by_inverse_layer_idx', 'false', lambda v: v is False,
-               False)
-        _field(hf, where, 'add_cross_attention', 'false', lambda v: v is False, False)
-        return GPTConfig(
-            vocab_size=_field(hf, where, 'vocab_size', 'a positive integer', is_int),
-            n_layer=_field(hf, where, 'n_layer', 'a positive integer', is_int),
-            d_model=d,
-            n_head=_field(hf, where, 'n_head', 'a positive integer', is_int),
-            max_seq_len=_field(hf, where, 'n_positions', 'a positive integer', is_int),
-            family='gpt',
-            d_ff=_field(hf, where, 'n_inner', 'null or a positive integer',
-                        lambda v: v is None or is_int(v)) or 4 * d,
-            use_bias=True,
-            tie_embeddings=bool(hf.get('tie_word_embeddings', True)),
-            norm_eps=float(hf.get('layer_norm_epsilon', 1e-5)),
-            **overrides)
-    d = _field(hf, where, 'hidden_size', 'a positive integer', is_int)
-    n_head = _field(hf, where, 'num_attention_heads', 'a positive integer', is_int)
-    _field(hf, where, 'head_dim', f'null or hidden_size / num_attention_heads = {d // n_head}',
-           lambda v: v is None or v == d // n_head)
-    _field(hf, where, 'hidden_act', '"silu" (SwiGLU)', lambda v: v == 'silu', 'silu')
-    _field(hf, where, 'mlp_bias', 'false', lambda v: v is False, False)
-    if kind == 'llama':
-        _field(hf, where, 'attention_bias', 'false', lambda v: v is False, False)
-    else:
-        _field(hf, where, 'use_sliding_window', 'false', lambda v: v is False, False)
-        _field(hf, where, 'layer_types', 'full attention in every layer',
-               lambda v: v is None or all(t == 'full_attention' for t in v))
-    return GPTConfig(
-        vocab_size=_field(hf, where, 'vocab_size', 'a positive integer', is_int),
-        n_layer=_field(hf, where, 'num_hidden_layers', 'a positive integer', is_int),
-        d_model=d,
-        n_head=n_head,
-        n_kv_head=_field(hf, where, 'num_key_value_heads', 'a positive integer', is_int, n_head),
-        max_seq_len=_field(hf, where, 'max_position_embeddings', 'a positive integer', is_int),
-        family='llama',
-        d_ff=_field(hf, where, 'intermediate_size', 'a positive integer', is_int),
-        use_bias=False,
-        qkv_bias=kind == 'qwen2',
-        tie_embeddings=bool(hf.get('tie_word_embeddings', False)),
-        norm_eps=float(hf.get('rms_norm_eps', 1e-6)),
-        rope_theta=_rope_theta(hf, where),
-        **overrides)
-
-
-def hf_config(config: GPTConfig, **tokens) -> dict:
-    """The `config.json` of `config` (`tokens`: `bos_token_id`, `eos_token_id`, ...).
-
-    Raises:
-        ConfigError: for a config no supported architecture expresses.
-    """
-    c = config
-    if c.family == 'gpt':
-        if not c.use_bias:
-            raise ConfigError('GPTConfig.use_bias=False: GPT2LMHeadModel has biases everywhere')
-        return {'architectures': ['GPT2LMHeadModel'], 'model_type': 'gpt2',
-                'vocab_size': c.vocab_size, 'n_layer': c.n_layer, 'n_embd': c.d_model,
-                'n_head': c.n_head, 'n_positions': c.max_seq_len, 'n_inner': c.d_ff,
-                'activation_function': 'gelu_new', 'layer_norm_epsilon': c.norm_eps,
-                'tie_word_embeddings': c.tie_embeddings, 'dtype': c.param_dtype, **tokens}
-    if c.use_bias:
-        raise ConfigError('GPTConfig.use_bias=True: the LLaMA layout exports without biases '
-                          'beyond q/k/v (qkv_bias)')
-    return {'architectures': ['Qwen2ForCausalLM' if c.qkv_bias else 'LlamaForCausalLM'],
-            'model_type': 'qwen2' if c.qkv_bias else 'llama',
-            'vocab_size': c.vocab_size, 'num_hidden_layers': c.n_layer,
-            'hidden_size': c.d_model, 'num_attention_heads': c.n_head,
-            'num_key_value_heads': c.n_kv_head, 'head_dim': c.head_dim,
-            'intermediate_size': c.d_ff, 'max_position_embeddings': c.max_seq_len,
-            'hidden_act': 'silu', 'rms_norm_eps': c.norm_eps,
-            'rope_parameters': {'rope_type': 'default', 'rope_theta': c.rope_theta},
-            'tie_word_embeddings': c.tie_embeddings,
-            **({} if c.qkv_bias else {'attention_bias': False, 'mlp_bias': False}),
-            'dtype': c.param_dtype, **tokens}
 
 
 # --- the tensor mapping -------------------------------------------------------------------------
@@ -351,16 +231,6 @@ class Checkpoint:
                             f'corrupt ({error})') from None
 
 
-def read_config(directory: str | os.PathLike) -> dict:
-    path = pathlib.Path(directory) / CONFIG_FILE
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f'{path}: missing (a Hugging Face model directory has one)') from None
-    except json.JSONDecodeError as error:
-        raise DataError(f'{path}: not JSON ({error})') from None
-
-
 def _layer_names(link: Link, n_layer: int) -> Iterator[str]:
     return (link.hf.format(i=i) for i in range(n_layer)) if link.per_layer else iter([link.hf])
 
@@ -398,18 +268,44 @@ def check(checkpoint: Checkpoint, config: GPTConfig) -> list[Link]:
     return expected
 
 
-def load_hf(directory: str | os.PathLike, mesh: Mesh, rules: str, **overrides):
+def check_tokenizer(directory: pathlib.Path, config: GPTConfig, tokenizer) -> None:
+    """Refuses a `tokenizer.json` with ids that the embedding has no row for (the embedding may
+    have more rows than the tokenizer has ids: padding)."""
+    if tokenizer.base_vocab_size > config.vocab_size:
+        raise DataError(f'{directory / "tokenizer.json"}: {tokenizer.base_vocab_size} tokens, but '
+                        f'{CONFIG_FILE} gives the embedding vocab_size={config.vocab_size} rows')
+
+
+def _grow_vocabulary(host: np.ndarray, axis: int, tokenizer, vocab_size: int) -> np.ndarray:
+    """The embedding (or untied head) `host`, `vocab_size` long on `axis`, with the rows of the
+    tokenizer's added ids set to the mean of the rows of its own vocabulary."""
+    host = np.moveaxis(host, axis, 0)
+    grown = np.zeros((vocab_size, *host.shape[1:]), host.dtype)
+    grown[:len(host)] = host
+    grown[tokenizer.added_ids] = host[:tokenizer.base_vocab_size].astype(np.float32).mean(0)
+    return np.moveaxis(grown, 0, axis)
+
+
+def load_hf(directory: str | os.PathLike, mesh: Mesh, rules: str, tokenizer=None, **overrides):
     """`(config, graphdef, params)` of the `GPT` in a Hugging Face model directory, the params
-    laid out over `mesh` by `rules` in `overrides.get('param_dtype', 'float32')`.
+    laid out over `mesh` by `rules` in `overrides.get('param_dtype', 'float32')`. With the
+    directory's `tokenizer` (an `HFTokenizer`), the embedding gains a row for each special
+    token that the tokenizer added (`_grow_vocabulary`).
 
     Raises:
         ConfigError: an architecture or a `config.json` field that the model does not implement.
-        DataError: a missing or truncated file, a missing, misshapen or unexpected tensor.
+        DataError: a missing or truncated file, a missing, misshapen or unexpected tensor, or a
+            tokenizer with more ids than the embedding has rows.
     """
     directory = pathlib.Path(directory)
     config = gpt_config(read_config(directory), str(directory / CONFIG_FILE), **overrides)
     checkpoint = Checkpoint(directory)
     expected = check(checkpoint, config)
+    if tokenizer is not None:
+        check_tokenizer(directory, config, tokenizer)
+        embeddings = {('transformer', 'token_embed_vd'): 0, ('lm_head_dv',): 1}
+        vocab_size = max(config.vocab_size, tokenizer.vocab_size)
+        config = dataclasses.replace(config, vocab_size=vocab_size)
     graphdef, abstract = abstract_model(lambda rngs: GPT(config, rngs=rngs))
     shardings = {path: v.get_value() for path, v in
                  nnx.to_flat_state(sharding.param_shardings(abstract, mesh, rules))}
@@ -422,6 +318,8 @@ def load_hf(directory: str | os.PathLike, mesh: Mesh, rules: str, **overrides):
         for j, path in enumerate(link.ours):
             host = np.stack([parts[j] for parts in per_layer]) if link.per_layer \
                 else per_layer[0][j]
+            if tokenizer is not None and path in embeddings:
+                host = _grow_vocabulary(host, embeddings[path], tokenizer, vocab_size)
             values[path] = jax.make_array_from_callback(host.shape, shardings[path],
                                                         lambda index, host=host: host[index])
     flat = nnx.to_flat_state(abstract)
@@ -437,12 +335,29 @@ def save_hf(directory: str | os.PathLike, config: GPTConfig, params: nnx.State,
             **tokens) -> pathlib.Path:
     """Writes `config.json` and `model.safetensors` that transformers' `from_pretrained` reads
     as the same model; `tokens` go into the config (`bos_token_id`, `eos_token_id`, ...). Every
-    process must call it (the parameters are gathered); process 0 writes."""
+    process must call it (the parameters are gathered); process 0 writes.
+
+    The parameters of a `ScoreModel` (a reward model) are written as the architecture's
+    `...ForSequenceClassification` with one label, `reward`: the score head's weight is
+    `score.weight` `[1, D]`, and its bias, which that class does not have, the extra tensor
+    `score.bias` `[1]`. Transformers leaves the extra tensor unread, so its scores are ours
+    less that constant (rankings are the same); it reads the score at the last token that is
+    not `pad_token_id`, which is the reward token when a reply ends with it, as ours do.
+    """
     directory = pathlib.Path(directory)
     hf = hf_config(config, **tokens)
     flat = {path: v.get_value() for path, v in nnx.to_flat_state(params)}
     tensors = {}
+    is_score = ('score_head', 'weight_d') in flat
+    if is_score:
+        hf['architectures'] = [hf['architectures'][0].replace('LMHeadModel', 'ForCausalLM')
+                               .replace('ForCausalLM', 'ForSequenceClassification')]
+        hf.update(id2label={'0': 'reward'}, label2id={'reward': 0})
+        tensors['score.weight'] = np.asarray(sharding.to_host(flat['score_head', 'weight_d']))[None]
+        tensors['score.bias'] = np.asarray(sharding.to_host(flat['score_head', 'bias'])).reshape(1)
     for link in links(config, prefix='transformer.' if config.family == 'gpt' else ''):
+        if is_score and link.ours == (('lm_head_dv',),):
+            continue
         host = [np.asarray(sharding.to_host(flat[path])) for path in link.ours]
         if link.per_layer:
             for i in range(config.n_layer):

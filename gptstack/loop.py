@@ -32,12 +32,11 @@ from collections.abc import Callable, Iterator
 
 import jax
 import numpy as np
-import tqdm
 
 from gptstack import environment
 from gptstack.checkpoint import Checkpointer
 from gptstack.config import ConfigError
-from gptstack.metrics import MetricsWriter
+from gptstack.metrics import MetricsWriter, progress_bar
 
 log = logging.getLogger(__name__)
 # The parts of a run's time that are not its steps.
@@ -204,7 +203,7 @@ def train(*, state, step_fn: Callable, batches: Iterator[dict], config: LoopConf
         if window_start is None:  # the first step includes compilation: time from its end
             window_start = now
             first_step['time/first_step'] = now - clock_start
-            log.info('step %d (the first of this process, compilation included) took %.1f s',
+            log.debug('step %d (the first of this process, compilation included) took %.1f s',
                      step, first_step['time/first_step'])
         else:
             window_steps += 1
@@ -229,8 +228,8 @@ def train(*, state, step_fn: Callable, batches: Iterator[dict], config: LoopConf
             bar.set_postfix({k: f'{metrics[k]:.4g}' for k in ('loss', 'tokens_per_sec', 'mfu')
                              if k in metrics}, refresh=False)
 
-    bar = tqdm.tqdm(total=config.total_steps, initial=start, unit='step', dynamic_ncols=True,
-                    disable=not is_main, desc='train')
+    bar = progress_bar(total=config.total_steps, initial=start, unit='step', disable=not is_main,
+                       desc='train')
     status = 'finished'
     if record['stopped']:
         log.info('training stopped early at step %d (no lower val_loss in %d evaluations)',

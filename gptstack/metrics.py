@@ -18,11 +18,13 @@ import logging
 import math
 import os
 import pathlib
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 from gptstack.config import GPTConfig
 from gptstack.data.sources import DataError
@@ -185,3 +187,31 @@ def truncate_jsonl(path: str | os.PathLike, last_step: int) -> None:
     if path.exists():
         kept = [line for line, record in _parse_lines(path) if record['step'] <= last_step]
         write_whole(path, ''.join(line + '\n' for line in kept))
+
+
+# --- progress bars ------------------------------------------------------------------------------
+class _LinePerRedraw:
+    """Standard error for a progress bar where it is not a terminal (a log file, a pipe): each
+    redraw becomes a line of its own instead of a carriage return that a file keeps."""
+
+    def write(self, text: str) -> None:
+        text = text.replace('\r', '').strip('\n')
+        if text.strip():
+            sys.stderr.write(text + '\n')
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+# Where standard error is not a terminal, a bar draws at most once a minute and not at all for
+# work done within the first minute.
+QUIET_INTERVAL = 60.0
+
+
+def progress_bar(iterable=None, **kwargs) -> tqdm.tqdm:
+    """A tqdm bar on standard error: redrawn in place on a terminal; in a log, one line a
+    minute (`QUIET_INTERVAL`), so short work leaves nothing and long work a line a minute."""
+    if sys.stderr.isatty():
+        return tqdm.tqdm(iterable, dynamic_ncols=True, **kwargs)
+    return tqdm.tqdm(iterable, file=_LinePerRedraw(), mininterval=QUIET_INTERVAL,
+                     delay=QUIET_INTERVAL, ncols=100, **kwargs)

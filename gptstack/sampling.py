@@ -26,6 +26,7 @@ uniform number per row rather than with B×V Gumbel variates.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -43,6 +44,8 @@ from gptstack.model import GPT, Block
 from gptstack.ops import KVCache
 
 log = logging.getLogger(__name__)
+# Prompts cut to the context by any sampler of this process (the console shows a few counts).
+_TRUNCATED = itertools.count(1)
 Array = jax.Array
 MIN_PROMPT_BUCKET = 16
 CACHE_BLOCK = 64
@@ -192,9 +195,11 @@ class Sampler:
                 raise ValueError(f'prompt {row} is empty; start it with <|endoftext|> at least')
             if len(prompt) > bucket:
                 self.truncated_prompts += 1
-                n = self.truncated_prompts
-                # On the console at 1, 2, 4, 8, ...: a count, not a line per prompt.
-                log.log(logging.WARNING if n & (n - 1) == 0 else logging.DEBUG,
+                n = next(_TRUNCATED)
+                # On the console at 1, 4, 16, 64, ... of the process: a count, not a line per
+                # prompt (each one is in the run log).
+                is_power_of_4 = n & (n - 1) == 0 and n.bit_length() % 2 == 1
+                log.log(logging.WARNING if is_power_of_4 else logging.DEBUG,
                         '%d prompt%s so far longer than the %d tokens that the context (%d) '
                         'leaves beside %d new ones: each keeps its last %d tokens (this one '
                         'had %d)', n, 's' if n > 1 else '', bucket, self.config.max_seq_len,

@@ -3,10 +3,8 @@
 - `setup(config)` checks the settings every training stage has (mesh, optimizer, loop, batch)
   before any work, and derives the mesh, the batch placement, the precision policy and the peak
   FLOP/s for MFU.
-- `Workdir` owns the layout of a stage folder. As the input of a later stage (`init_from`,
-  `reward_from`) it yields the `Lineage` to start from: the tokenizer, the model config and the
-  latest checkpoint, refusing a workdir of the wrong kind. `load_policy` and `load_reward_model`
-  load a finished stage's model as one object that makes its own sampler or scorer.
+- Where a stage starts from (an earlier stage's workdir or a Hugging Face directory) is
+  `gptstack.lineage`'s part.
 - `obtain_tokenizer` gives pretraining its tokenizer: the configured one, the workdir's own (a
   resumed run) or one trained on the corpus mixture.
 - `Trainable` is a model under training before any array exists (graphdef, abstract state,
@@ -22,7 +20,6 @@ import os
 import pathlib
 import time
 from collections.abc import Callable
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,12 +36,9 @@ from gptstack.config import (
 )
 from gptstack.data import sources
 from gptstack.data.tokenizer import Tokenizer, train_tokenizer
-from gptstack.evals.best_of_n import ScoreFn, reward_scorer
-from gptstack.files import write_whole
+from gptstack.lineage import Workdir
 from gptstack.metrics import MetricsWriter, peak_flops_per_device, truncate_jsonl
-from gptstack.model import GPT, ScoreModel
 from gptstack.optim import make_optimizer
-from gptstack.sampling import Sampler
 from gptstack.state import (
     ModelFn,
     TrainState,
@@ -52,14 +46,8 @@ from gptstack.state import (
     abstract_train_state,
     state_shardings,
 )
-from gptstack.steps.reward import make_score_fn
 
 log = logging.getLogger(__name__)
-# The stages whose checkpoint holds a language model, and where in their state it sits.
-POLICY_WITHIN = {'pretrain': (), 'sft': (), 'rl': ('actor',), 'dpo': ()}
-# What each stage's checkpoint holds, for messages.
-KINDS = {'pretrain': 'a base model', 'sft': 'an SFT model', 'reward': 'a reward model',
-         'rl': 'an RL policy', 'dpo': 'a DPO policy'}
 
 
 # --- set-up ---------------------------------------------------------------------------------
@@ -140,153 +128,6 @@ def check_compatible(meta: dict, tokenizer: Tokenizer, model_config: GPTConfig, 
             f'{k}={saved[k]!r} there vs {current[k]!r} here' for k in diff))
 
 
-# --- workdirs -------------------------------------------------------------------------------
-class Lineage(NamedTuple):
-    """What a stage starts from: an earlier stage's tokenizer, model config and checkpoint."""
-
-    tokenizer: Tokenizer
-    model_config: GPTConfig
-    checkpointer: Checkpointer
-    step: int
-    meta: dict
-
-    def restore_params(self, model_cls, mesh, rules: str, step: int | None = None,
-                       model_config: GPTConfig | None = None):
-        """`(graphdef, params)` of the checkpoint's `model_cls` (`GPT` or `ScoreModel`), laid
-        out over `mesh` by `rules`; no optimizer state is read. The graphdef computes as
-        `model_config` says (default: as the checkpoint's run did)."""
-        config = model_config or self.model_config
-        graphdef, abstract = abstract_model(lambda rngs: model_cls(config, rngs=rngs))
-        within = POLICY_WITHIN.get(self.meta.get('config', {}).get('stage'), ())
-        params = self.checkpointer.restore_params(
-            self.step if step is None else step,
-            abstract_with_shardings(abstract, sharding.param_shardings(abstract, mesh, rules)),
-            within=within)
-        return graphdef, params
-
-
-class Workdir:
-    """A stage's folder: `tokenizer.model`, `checkpoints/<step>/{state,data,meta}` (the meta
-    names the model config, the tokenizer's sha256 and the resolved stage config),
-    `metrics.jsonl`, `tensorboard/`, `samples.jsonl` and `report.md`."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = pathlib.Path(path)
-        self.tokenizer_path = self.path / 'tokenizer.model'
-        self.checkpoints = self.path / 'checkpoints'
-        self.samples = self.path / 'samples.jsonl'
-
-    def lineage(self, key: str, stages: tuple[str, ...] | None = None,
-                best: bool = False, local: bool = False) -> Lineage:
-        """The start of a later stage whose config names this workdir under `key` (say
-        `init_from`); `stages`: the kinds of run it may be. Its checkpoint is the latest one,
-        or with `best` the one of the lowest validation loss (the latest if none has one).
-        `local`: read by this process alone (see `Checkpointer`)."""
-        if not self.tokenizer_path.exists():
-            raise ConfigError(f'{key}={self.path}: no tokenizer.model there; is it a stage '
-                              'workdir?')
-        tokenizer = Tokenizer.load(self.tokenizer_path)
-        checkpointer = Checkpointer(self.checkpoints, local=local)
-        step = checkpointer.latest_step()
-        if step is None:
-            raise ConfigError(f'{key}={self.path}: no checkpoint in {self.checkpoints}')
-        if best:
-            step = checkpointer.best_step() or step
-        meta = checkpointer.read_meta(step)
-        if meta.get('tokenizer_sha256') != tokenizer.sha256:
-            raise ConfigError(f'{key}={self.path}: checkpoint {step} was trained with tokenizer '
-                              f'{meta.get("tokenizer_sha256")}, but {self.tokenizer_path} is '
-                              f'{tokenizer.sha256}')
-        stage = meta.get('config', {}).get('stage')
-        if stages is not None and stage not in stages:
-            kinds = [KINDS.get(s, repr(s)) for s in stages]
-            expected = ' or '.join([', '.join(kinds[:-1]), kinds[-1]] if len(kinds) > 1 else kinds)
-            raise ConfigError(f'{key}={self.path} is a {stage!r} run, not {expected}')
-        return Lineage(tokenizer, GPTConfig.from_dict(meta['model']), checkpointer, step, meta)
-
-    def latest_meta(self) -> dict:
-        """The metadata of the latest checkpoint (model config, tokenizer, stage config), read
-        by this process alone."""
-        lineage = self.lineage('workdir', local=True)
-        lineage.checkpointer.close()
-        return lineage.meta
-
-    def load_policy(self, step: int | None = None) -> Policy:
-        """The language model of a pretraining, SFT or PPO run (the latest checkpoint, or
-        `step`), its parameters laid out over all local devices by FSDP; no optimizer state is
-        read."""
-        return Policy(*self._load(step, GPT, tuple(POLICY_WITHIN)))
-
-    def load_reward_model(self, step: int | None = None) -> RewardModel:
-        """Like `load_policy`, for the `ScoreModel` of a reward-model run; by default its
-        checkpoint of the lowest held-out loss."""
-        return RewardModel(*self._load(step, ScoreModel, ('reward',), best=True))
-
-    def _load(self, step, model_cls, stages, best: bool = False):
-        lineage = self.lineage('workdir', stages, best)
-        step = lineage.step if step is None else step
-        if step not in lineage.checkpointer.all_steps():
-            raise ConfigError(f'workdir={self.path}: no checkpoint of step {step} (there are '
-                              f'{lineage.checkpointer.all_steps()})')
-        mesh = sharding.make_mesh(MeshConfig(fsdp=-1))
-        graphdef, params = lineage.restore_params(model_cls, mesh, 'fsdp', step)
-        lineage.checkpointer.close()
-        return lineage.tokenizer, lineage.model_config, graphdef, params, mesh, lineage.meta
-
-
-def start_from(config, key: str, stages: tuple[str, ...], purpose: str,
-               workdir: pathlib.Path | None = None, best: bool = False) -> Lineage:
-    """The `Lineage` of the workdir that `config.<key>` names (its best checkpoint by
-    validation loss with `best`); with `workdir`, its tokenizer is copied there so the lineage
-    is on disk."""
-    if not config.get(key):
-        raise ConfigError(f'{key}: name {purpose} (--config.{key}=workdirs/...)')
-    lineage = Workdir(config[key]).lineage(key, stages, best)
-    if workdir is not None:
-        source = Workdir(config[key]).tokenizer_path
-        write_whole(Workdir(workdir).tokenizer_path, source.read_bytes())
-    return lineage
-
-
-@dataclasses.dataclass(frozen=True)
-class LoadedModel:
-    """A finished stage's model with what it needs to run: the tokenizer, its config and
-    graphdef, its parameters over all local devices, and its checkpoint's metadata."""
-
-    tokenizer: Tokenizer
-    config: GPTConfig
-    graphdef: object
-    params: object
-    mesh: jax.sharding.Mesh
-    meta: dict
-
-
-class Policy(LoadedModel):
-    """A language model, ready to sample."""
-
-    def sampler(self, batch_size: int, max_new_tokens: int, chat: bool = True) -> Sampler:
-        """A sampler of at least `batch_size` rows; `chat` stops at the end of the assistant's
-        turn too, otherwise only at `<|endoftext|>`."""
-        tok = self.tokenizer
-        stops = [tok.end_of_turn_id, tok.eot_id] if chat else [tok.eot_id]
-        return Sampler(self.graphdef, self.config, self.mesh, 'fsdp', batch_size=batch_size,
-                       max_new_tokens=max_new_tokens, stop_ids=stops, pad_id=tok.pad_id,
-                       vocab_size=tok.vocab_size)
-
-
-class RewardModel(LoadedModel):
-    """A reward model, ready to score replies."""
-
-    def scorer(self, batch_size: int) -> ScoreFn:
-        """`scorer(prompts, completions) -> rewards`, rows as long as the model was trained on."""
-        batch_size = sharding.round_to_batch_shards(self.mesh, batch_size)
-        shardings = jax.tree.map(lambda x: x.sharding, self.params)
-        score_fn = make_score_fn(self.graphdef, self.mesh, 'fsdp', shardings, batch_size,
-                                 self.tokenizer.reward_id)
-        return reward_scorer(score_fn, self.params, self.tokenizer, batch_size,
-                             self.meta['config']['data']['seq_len'])
-
-
 # --- the tokenizer --------------------------------------------------------------------------
 def train_tokenizer_on(config) -> tuple[Tokenizer, dict]:
     """A tokenizer trained on every document of `config.data.sources`, and its statistics,
@@ -314,7 +155,8 @@ def obtain_tokenizer(config, workdir: Workdir) -> Tokenizer:
     if config.tokenizer.path:
         if not pathlib.Path(config.tokenizer.path).is_file():
             raise ConfigError(f'tokenizer.path={config.tokenizer.path}: no such file (give a '
-                              'tokenizer.model, or leave the key unset to train one)')
+                              'tokenizer.model or a Hugging Face tokenizer.json, or leave the '
+                              'key unset to train one)')
         tokenizer = Tokenizer.load(config.tokenizer.path)
         if target.exists() and Tokenizer.load(target).sha256 != tokenizer.sha256:
             raise ConfigError(f'tokenizer.path={config.tokenizer.path} differs from {target}, '
@@ -331,7 +173,7 @@ def obtain_tokenizer(config, workdir: Workdir) -> Tokenizer:
         log.info('trained a %d-token tokenizer in %.1f s', tokenizer.vocab_size,
                  stats['train_seconds'])
     if jax.process_index() == 0:
-        tokenizer.save(target)
+        workdir.save_tokenizer(tokenizer)
     sharding.barrier('tokenizer saved')
     return tokenizer
 

@@ -15,7 +15,7 @@ os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
 import jax
 import pytest
 
-from gptstack import sharding
+from gptstack import environment, sharding
 from gptstack.config import MeshConfig
 
 # The stage subprocesses the tests start share a compilation cache for this session, so a later
@@ -25,6 +25,9 @@ from gptstack.config import MeshConfig
 # where the tests that count compilations look.
 os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='gptstack-test-xla-cache-')
 os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
+# Every process writing there keeps the access times that a capped cache evicts by (the cap of
+# `experiments.run`): a process without a cap would leave entries that a capped one cannot read.
+os.environ['JAX_COMPILATION_CACHE_MAX_SIZE'] = str(environment.COMPILATION_CACHE_BYTES)
 atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 

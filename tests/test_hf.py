@@ -113,15 +113,26 @@ def test_save_of_a_loaded_model_loads_back_in_transformers_with_identical_logits
 def test_a_model_trained_here_exports_with_its_logits(sft_workdir, tmp_path):
     """The quick pipeline's SFT model (GPT-2 layout, our tokenizer's vocabulary) in
     transformers."""
-    from gptstack.stage import Workdir
+    from gptstack.lineage import load_policy
 
-    policy = Workdir(sft_workdir).load_policy()
+    policy = load_policy(sft_workdir)
     hf.save_hf(tmp_path, policy.config, policy.params)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     tokens = np.random.default_rng(3).integers(0, policy.config.vocab_size, (2, 48),
                                                dtype=np.int32)
-    ours = _our_logits(policy.graphdef, policy.params, tokens)
+    ours = _our_logits(float32_graphdef(policy.config), policy.params, tokens)
     np.testing.assert_allclose(_their_logits(model, tokens), ours, atol=1e-4, rtol=0)
+
+
+def float32_graphdef(config):
+    """The graphdef of `config`'s GPT computing in float32, as transformers does (a run's own
+    precision may be `mixed`)."""
+    import dataclasses
+
+    from gptstack.model import GPT
+    from gptstack.state import abstract_model
+    config = dataclasses.replace(config, dtype='float32', matmul_dtype='float32')
+    return abstract_model(lambda rngs: GPT(config, rngs=rngs))[0]
 
 
 def test_each_device_receives_only_its_shard(saved, mesh_8):

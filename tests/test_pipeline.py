@@ -232,6 +232,11 @@ def test_the_console_has_no_tpu_probe_and_leaves_the_details_to_the_run_log(pipe
     console = (pipeline_workdir / CONSOLE).read_text()
     for text in ('libtpu', 'TPU initialization', "backend 'tpu'", 'Source Location Trace'):
         assert text not in console, text
+    # Every stage in at most 60 lines: progress bars in a log draw once a minute (so not at all
+    # in this two-minute run), and repeated warnings are counts.
+    lines = console.replace('\r', '\n').splitlines()
+    assert len(lines) <= 60, '\n'.join(lines)
+    assert 'Warning' not in console
     # The tiny model's context cuts some task conversations: the console shows the first of
     # each reason and the count, the run's log every one.
     run_log = (pipeline_workdir / 'run.log').read_text()

@@ -57,15 +57,16 @@ def test_reward_model_starts_from_the_sft_transformer(sft_workdir, reward_workdi
     from gptstack import sharding, stage
     from gptstack.checkpoint import abstract_with_shardings
     from gptstack.config import MeshConfig, OptimConfig
+    from gptstack.lineage import Workdir
     from gptstack.model import GPT, ScoreModel
     from gptstack.state import abstract_model
 
-    lineage = stage.Workdir(sft_workdir).lineage('init_from')
+    lineage = Workdir(sft_workdir).lineage('init_from')
     model_config, checkpointer, step = lineage.model_config, lineage.checkpointer, lineage.step
     mesh = sharding.make_mesh(MeshConfig(fsdp=8))
     trainable = stage.Trainable.create(lambda rngs: ScoreModel(model_config, rngs=rngs),
                                        OptimConfig(), mesh, 'fsdp')
-    state = initial_state(trainable, lineage, 0)
+    state = initial_state(trainable, lineage, mesh, 'fsdp', 0)
     _, lm_abstract = abstract_model(lambda rngs: GPT(model_config, rngs=rngs))
     lm = checkpointer.restore_params(step, abstract_with_shardings(
         lm_abstract, sharding.param_shardings(lm_abstract, mesh, 'fsdp')))

@@ -108,7 +108,7 @@ def test_untrained_special_tokens_are_rejected(tmp_path):
                                    model_writer=model, vocab_size=10, minloglevel=2)
     message = "lacks the reserved special token '<|endoftext|>'"
     with pytest.raises(ValueError, match=re.escape(message)):
-        tk.Tokenizer(model.getvalue())
+        tk.SentencePieceTokenizer(model.getvalue())
 
 
 # --- chat template ------------------------------------------------------------------------------

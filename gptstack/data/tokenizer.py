@@ -1,5 +1,7 @@
-"""The tokenizer: a SentencePiece BPE with byte fallback and reserved special tokens, and the
-chat template that every later stage renders conversations with.
+"""Tokenizers: the interface every stage uses, the SentencePiece BPE this repository trains
+(byte fallback, reserved special tokens), and the chat template that every later stage renders
+conversations with. A Hugging Face `tokenizer.json` is the interface's other implementation
+(`gptstack.data.hf_tokenizer`), so a model imported from there runs through the same stages.
 
 - Exact round trip of any UTF-8 text: identity normalisation, no dummy prefix, whitespace kept,
   byte fallback for characters outside the vocabulary (so no unknown tokens), and `'\\n'` as a
@@ -7,7 +9,7 @@ chat template that every later stage renders conversations with.
 - Special tokens are SentencePiece *control* symbols: they have reserved ids but are never
   matched in text, so text that spells `<|reward|>` encodes as ordinary characters. They are only
   ever inserted by id.
-- `Tokenizer.sha256` identifies the model file; later stages compare it with the one their
+- `Tokenizer.sha256` identifies the tokenizer; later stages compare it with the one their
   checkpoint was trained with.
 - Chat template (one line per turn, no newlines added):
   `<|endoftext|><|system|>...<|end_of_turn|><|user|>...<|end_of_turn|><|assistant|>...<|end_of_turn|>`
@@ -16,12 +18,13 @@ chat template that every later stage renders conversations with.
 
 from __future__ import annotations
 
+import abc
 import hashlib
 import io
 import os
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 import sentencepiece as spm
@@ -40,41 +43,97 @@ REWARD = '<|reward|>'
 SPECIAL_TOKENS = (EOT, PAD, SYSTEM, USER, ASSISTANT, END_OF_TURN, REWARD)
 ROLES = {'system': SYSTEM, 'user': USER, 'assistant': ASSISTANT}
 
-# SentencePiece shows spaces as U+2581; a literal U+2581 in the text would decode as a space, so
-# it is encoded through its UTF-8 byte pieces instead.
-_SPACE_MARK = '\u2581'
 
+class Tokenizer(abc.ABC):
+    """What every stage needs of a tokenizer: text to ids and back without ever producing a
+    special id from text, the ids of the reserved special tokens, bytes per token (for
+    bits-per-byte) and a file in the workdir that identifies it (`sha256`).
 
-class Tokenizer:
-    """A trained SentencePiece model plus the ids of the reserved special tokens."""
+    `Tokenizer.load(path)` reads either kind: a `.json` file is a Hugging Face tokenizer, any
+    other a SentencePiece model.
+    """
 
-    def __init__(self, model_proto: bytes):
-        self.model_proto = bytes(model_proto)
-        self.sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
-        self.sha256 = hashlib.sha256(self.model_proto).hexdigest()
-        self.special_ids = {}
-        for token in SPECIAL_TOKENS:
-            token_id = self.sp.piece_to_id(token)
-            if not self.sp.is_control(token_id):
-                raise ValueError(f'tokenizer model lacks the reserved special token {token!r}; '
-                                 'it was not trained by gptstack.data.tokenizer.train_tokenizer')
-            self.special_ids[token] = token_id
+    file_name: str  # its name in a stage workdir
+    sha256: str
+
+    def __init__(self, special_ids: Mapping[str, int]):
+        self.special_ids = dict(special_ids)
         self.eot_id = self.special_ids[EOT]
         self.pad_id = self.special_ids[PAD]
         self.end_of_turn_id = self.special_ids[END_OF_TURN]
         self.reward_id = self.special_ids[REWARD]
         self.role_ids = {role: self.special_ids[token] for role, token in ROLES.items()}
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> Tokenizer:
+        """The tokenizer saved at `path`.
+
+        Raises:
+            DataError: when the file is not a tokenizer (damaged or cut short), or lacks the
+                reserved special tokens.
+        """
+        if str(path).endswith('.json'):
+            from gptstack.data.hf_tokenizer import HFTokenizer  # needs the `tokenizers` package
+            return HFTokenizer.load(path)
+        return SentencePieceTokenizer.load(path)
+
+    @abc.abstractmethod
+    def save(self, path: str | os.PathLike) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Ids in use, special tokens included (the model's embedding may have more rows)."""
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`; never produces a special id."""
+        return self.encode_batch([text])[0]
+
+    @abc.abstractmethod
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+    @abc.abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of `ids`; special tokens are shown by name (encode never produces them)."""
+
+    @abc.abstractmethod
+    def piece(self, token_id: int) -> str:
+        """The vocabulary entry of `token_id`, as the tokenizer spells it."""
+
+    @abc.abstractmethod
+    def token_bytes(self) -> np.ndarray:
+        """`[V]` int32: UTF-8 bytes each token stands for (0 for special tokens), for
+        bits-per-byte."""
+
+
+# SentencePiece shows spaces as U+2581; a literal U+2581 in the text would decode as a space, so
+# it is encoded through its UTF-8 byte pieces instead.
+_SPACE_MARK = '\u2581'
+
+
+class SentencePieceTokenizer(Tokenizer):
+    """A trained SentencePiece model plus the ids of the reserved special tokens."""
+
+    file_name = 'tokenizer.model'
+
+    def __init__(self, model_proto: bytes):
+        self.model_proto = bytes(model_proto)
+        self.sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
+        self.sha256 = hashlib.sha256(self.model_proto).hexdigest()
+        special_ids = {}
+        for token in SPECIAL_TOKENS:
+            token_id = self.sp.piece_to_id(token)
+            if not self.sp.is_control(token_id):
+                raise ValueError(f'tokenizer model lacks the reserved special token {token!r}; '
+                                 'it was not trained by gptstack.data.tokenizer.train_tokenizer')
+            special_ids[token] = token_id
+        super().__init__(special_ids)
         self._space_mark_ids = [self.sp.piece_to_id(f'<0x{b:02X}>')
                                 for b in _SPACE_MARK.encode()]
 
     # --- files ----------------------------------------------------------------------------------
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Tokenizer:
-        """The tokenizer saved at `path`.
-
-        Raises:
-            DataError: when the file is not a SentencePiece model (damaged or cut short).
-        """
+    def load(cls, path: str | os.PathLike) -> SentencePieceTokenizer:
         with open(path, 'rb') as f:
             proto = f.read()
         try:
@@ -93,10 +152,6 @@ class Tokenizer:
         return self.sp.get_piece_size()
 
     # --- text <-> ids ---------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text`; never produces a special id."""
-        return self.encode_batch([text])[0]
-
     def encode_batch(self, texts: Sequence[str], num_threads: int = 2) -> list[list[int]]:
         ids = self.sp.encode(list(texts), out_type=int, num_threads=num_threads)
         for i, text in enumerate(texts):
@@ -106,7 +161,6 @@ class Tokenizer:
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of `ids`; special tokens are shown by name (encode never produces them)."""
         out, run = [], []
         for token_id in map(int, ids):
             if self.sp.is_control(token_id):
@@ -116,9 +170,10 @@ class Tokenizer:
                 run.append(token_id)
         return ''.join(out) + self.sp.decode(run)
 
+    def piece(self, token_id: int) -> str:
+        return self.sp.id_to_piece(token_id)
+
     def token_bytes(self) -> np.ndarray:
-        """`[V]` int32: UTF-8 bytes each token stands for (0 for special tokens), for
-        bits-per-byte."""
         table = np.zeros(self.vocab_size, np.int32)
         for i in range(self.vocab_size):
             if self.sp.is_byte(i):
@@ -136,7 +191,7 @@ def _interleave(parts, separator):
 
 
 def train_tokenizer(documents: Iterable[str], vocab_size: int, *, max_lines: int = 500_000,
-                    seed: int = 0) -> Tokenizer:
+                    seed: int = 0) -> SentencePieceTokenizer:
     """Trains a SentencePiece BPE on the lines of `documents`.
 
     Args:
@@ -162,7 +217,7 @@ def train_tokenizer(documents: Iterable[str], vocab_size: int, *, max_lines: int
             f'{"at least" if least else "at most"} {bound["bound"] or bound["high"]} (the '
             f'{len(SPECIAL_TOKENS)} special tokens, byte pieces, its characters and the merges '
             'its text has)') from None
-    return Tokenizer(model.getvalue())
+    return SentencePieceTokenizer(model.getvalue())
 
 
 _VOCAB_BOUND = re.compile(r'Vocabulary size (?:is (?P<kind>smaller) than required_chars\. '

@@ -26,8 +26,8 @@ from gptstack.config import ConfigError
 from gptstack.data import tasks
 from gptstack.evals import gold
 from gptstack.evals.best_of_n import expected_best_of_n
+from gptstack.lineage import load_policy, load_reward_model
 from gptstack.sampling import Sampler, SamplingParams
-from gptstack.stage import Workdir
 
 # The models of the comparison, in the order of the recipe, and the stage each comes from; the
 # last, PPO with the gold scorer as its reward, is the ceiling a perfect reward model would give.
@@ -106,7 +106,7 @@ def sample_models(config, workdir: pathlib.Path, held_out: list[tasks.Task]):
     replies = {'sampled': {}, 'greedy': {}}
     for model, stage in SAMPLED_FROM.items():
         start = time.perf_counter()
-        policy = Workdir(workdir / stage).load_policy()
+        policy = load_policy(workdir / stage)
         sampler = policy.sampler(c.batch_size, c.max_new_tokens, chat=model != 'base')
         for mode, sampling, n in modes:
             mode_key = jax.random.fold_in(key, MODELS.index(model) * 2 + (mode == 'greedy'))
@@ -150,7 +150,7 @@ def compare(config, workdir: pathlib.Path) -> dict:
     replies, greedy_replies, seconds = sample_models(config, workdir, held_out)
     # The reward model scores the SFT pool; its pick among N is best-of-N.
     start = time.perf_counter()
-    scorer = Workdir(workdir / 'reward').load_reward_model().scorer(c.batch_size)
+    scorer = load_reward_model(workdir / 'reward').scorer(c.batch_size)
     flat = scorer([m for m in gold.conversations(held_out) for _ in range(c.samples)],
                   [[{'role': 'assistant', 'content': r}] for rs in replies['sft'] for r in rs])
     seconds['best_of_n'] = time.perf_counter() - start

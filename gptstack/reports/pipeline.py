@@ -13,10 +13,10 @@ from gptstack import report
 from gptstack.config import GPTConfig
 from gptstack.evals import best_of_n, overoptimization
 from gptstack.evals.comparison import MODEL_NAMES, MODELS
+from gptstack.lineage import Workdir
 from gptstack.loop import SPLIT
 from gptstack.metrics import read_metrics
 from gptstack.model import GPT, ScoreModel, count_params
-from gptstack.stage import Workdir
 from gptstack.state import abstract_model
 
 COMPARISON = 'comparison.json'

@@ -15,7 +15,7 @@ def write(workdir, tokenizer: Tokenizer, stats: dict) -> list[tuple]:
         n_tokens = sum(map(len, tokenizer.encode_batch(sample)))
         rows.append((name, len(docs), n_bytes / max(n_tokens, 1)))
     example = 'def greet(name):\n    return f"Hello, {name}!"  # The end.'
-    pieces = [tokenizer.sp.id_to_piece(i) for i in tokenizer.encode(example)]
+    pieces = [tokenizer.piece(i) for i in tokenizer.encode(example)]
     report.write(workdir, 'Tokenizer', [
         ('Summary', report.table(['what', 'value'], [
             ('vocabulary', tokenizer.vocab_size), ('sha256', tokenizer.sha256),

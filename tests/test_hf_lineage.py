@@ -8,6 +8,7 @@ larger than the embedding is refused in one line."""
 import dataclasses
 import json
 import random
+import re
 import subprocess
 import sys
 
@@ -298,9 +299,9 @@ def _edit_config(**changes):
     (_edit_config(architectures=['MistralForCausalLM']), ConfigError,
      r"config\.json: architectures=\['MistralForCausalLM'\] is not supported"),
 ])
-def test_a_bad_directory_fails_when_the_stage_opens_it(tmp_path, damage, error, message):
+def test_a_bad_directory_exits_1_when_the_stage_opens_it(tmp_path, damage, error, message):
     """What `load_hf` refuses (tests/test_hf.py has each exact message), refused by the lineage
-    before the stage reads a tensor or compiles anything."""
+    before the stage reads a tensor or compiles anything, and by the command in one line."""
     model, _ = _hf_directory(tmp_path, 'llama')
     (tmp_path / 'model.safetensors').unlink()
     model.save_pretrained(tmp_path, max_shard_size='60KB')
@@ -308,6 +309,11 @@ def test_a_bad_directory_fails_when_the_stage_opens_it(tmp_path, damage, error, 
     damage(tmp_path)
     with pytest.raises(error, match=message):
         lineages.start_from({'init_from': f'hf:{tmp_path}'}, 'init_from', ('sft',), 'the model')
+    result = subprocess.run(sft_command(tmp_path / 'sft', f'hf:{tmp_path}'), cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.search(message, last) and 'Traceback' not in result.stderr, last
 
 
 @pytest.fixture(scope='module')

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import time
 
 import jax
 import jax.numpy as jnp
@@ -213,9 +214,11 @@ def run(config, workdir: pathlib.Path) -> str:
                                      config.best_of_n.batch_size, reward_id)
             scorer = best_of_n.reward_scorer(score_fn, final.params, tokenizer,
                                              config.best_of_n.batch_size, seq_len)
+            start = time.perf_counter()
             best_of = best_of_n_curve(config, make_sampler(), policy_params, tokenizer, scorer)
-            run_.metrics().write(int(final.step), {f'best_of_{n}/gold': v['rm']
-                                                   for n, v in best_of.items()})
+            run_.metrics().write(int(final.step), {
+                **{f'best_of_{n}/gold': v['rm'] for n, v in best_of.items()},
+                'time/best_of_n': time.perf_counter() - start})
             if jax.process_index() == 0:
                 write_whole(curve_path, json.dumps(best_of, indent=1) + '\n')
         final_rewards = held_out_rewards(final.params)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import time
 
 import jax
 import numpy as np
@@ -35,7 +36,9 @@ def label(config, sampler, params, tokenizer, split: str, n_prompts: int,
     (`gptstack.files.write_whole`; in a multi-process run every process samples its share and
     process 0 writes). With `labeler.oversample` > 1, replies to that many times
     more prompts are drawn and the groups whose replies differ in gold score go first: a group
-    of tied replies teaches a reward model nothing. Returns the labeler's statistics."""
+    of tied replies teaches a reward model nothing. Returns the labeler's statistics, with the
+    seconds it took."""
+    start = time.perf_counter()
     oversample = config.labeler.get('oversample', 1)
     drawn = tasks.generate(split, n_prompts * oversample, config.seed)
     stream = list(tasks.SPLITS).index(split)  # one random stream per split, the same each run
@@ -68,7 +71,7 @@ def label(config, sampler, params, tokenizer, split: str, n_prompts: int,
     if jax.process_index() == 0:
         write_whole(path, ''.join(lines))
     log.info('%s comparisons: %s', split, stats)
-    return stats
+    return {**stats, 'seconds': time.perf_counter() - start}
 
 
 def comparisons(config, directory: pathlib.Path, make_sampler, params, tokenizer) -> dict:

@@ -326,6 +326,7 @@ def test_pipeline_runs_every_stage_into_one_report(pipeline_workdir):
     assert rows['stage'][-3:] == ['of which (min)', 'tokens/s', 'MFU |']
     for stage in ('1 pretraining', '2 SFT', '3 reward model'):
         assert 'steps' in rows[stage][-3] and 0 < float(rows[stage][-1].strip(' |')) < 1, stage
+    assert 'comparisons' in rows['3 reward model'][-3]  # sampling and labelling them
     for stage in ('4 RL (PPO)', '4 PPO at a small β', '4 PPO against the gold scorer'):
         assert 'update' in rows[stage][-3] and 0 < float(rows[stage][-1].strip(' |')) < 1, stage
     assert rows['5 comparison'][-3].startswith('base (few-shot prompt) ')

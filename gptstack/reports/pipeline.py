@@ -4,12 +4,13 @@ task family and by level."""
 
 from __future__ import annotations
 
+import json
 import math
 import pathlib
 
 import numpy as np
 
-from gptstack import report
+from gptstack import labeler, report
 from gptstack.config import GPTConfig
 from gptstack.evals import best_of_n, overoptimization
 from gptstack.evals.comparison import MODEL_NAMES, MODELS
@@ -66,9 +67,9 @@ def _summed(records: list[dict], key: str) -> float:
 def time_split(workdir: pathlib.Path, stage: str, seconds: float, records: list[dict]) -> str:
     """Where a stage's wall time went, in minutes: its training steps (an RL stage's
     iterations as generation, scoring and update), evaluations, checkpoints, samples, waiting
-    for data, and the rest (loading, tokenizing, an RL stage's evaluation of the SFT policy,
-    the reward stage's sampling of comparisons and best-of-N, reports), as the stage's last
-    checkpoint and metrics record them."""
+    for data, the reward stage's sampling and labelling of its comparisons and its best-of-N,
+    and the rest (loading, tokenizing, an RL stage's evaluation of the SFT policy, reports), as
+    the stage's last checkpoint, metrics and labeler statistics record them."""
     meta = Workdir(workdir / stage).latest_meta()
     if 'time_spent' not in meta:
         return ''
@@ -79,7 +80,17 @@ def time_split(workdir: pathlib.Path, stage: str, seconds: float, records: list[
     if any(key in r for r in records for key in rl_parts.values()):
         parts = {name: _summed(records, key) for name, key in rl_parts.items()}
     computing = list(parts)
-    parts.update({part: spent[part] for part in SPLIT}, other=seconds - meta['wall_time'])
+    parts.update({part: spent[part] for part in SPLIT})
+    # The reward stage's work outside its loop: sampling and labelling its comparisons, and
+    # best-of-N with the trained model.
+    labeler_stats = workdir / stage / 'comparisons' / labeler.STATS
+    if labeler_stats.exists():
+        stats = json.loads(labeler_stats.read_text())
+        parts['comparisons'] = sum(s.get('seconds', 0.0) for s in stats.values()
+                                   if isinstance(s, dict))
+    parts['best-of-N'] = sum(r.get('time/best_of_n', 0.0) for r in records)
+    parts['other'] = (seconds - meta['wall_time'] - parts.get('comparisons', 0.0)
+                      - parts['best-of-N'])
     return ' · '.join(f'{name} {value / 60:.1f}' for name, value in parts.items()
                       if name in computing or value >= 0.05 * 60)  # no parts of 0.0
 

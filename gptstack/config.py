@@ -49,7 +49,12 @@ def _from_mapping(cls, values: Mapping[str, Any] | Any, **overrides):
 # `GPTConfig` fields that choose how the model computes, not what its parameters are: a
 # checkpoint continues under any of them (finetune a float32 run in the mixed policy, turn on
 # rematerialisation after a restart).
-COMPUTE_FIELDS = ('dtype', 'matmul_dtype', 'remat', 'scan_layers')
+COMPUTE_FIELDS = ('dtype', 'matmul_dtype', 'remat', 'scan_layers', 'attention')
+# How a sequence attends to itself (training, scoring, prefill): this repository's kernel
+# (`gptstack.ops.dot_product_attention`, tuned for XLA:CPU), or `jax.nn.dot_product_attention`
+# with its XLA or cuDNN implementation (`gptstack.environment.attention`). Decoding from a KV
+# cache always uses the first.
+ATTENTION = ('gptstack', 'xla', 'cudnn')
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -96,6 +101,8 @@ class GPTConfig:
     # depth. False unrolls them, which spares the scan's stacked buffers of saved activations
     # (faster for shallow models on CPU, at a compile time that grows with depth).
     scan_layers: bool = True
+    # `ATTENTION`: which implementation a sequence attending to itself runs.
+    attention: str = 'gptstack'
 
     def __post_init__(self):
         for name in ('vocab_size', 'n_layer', 'd_model', 'n_head', 'max_seq_len'):
@@ -127,6 +134,8 @@ class GPTConfig:
         for name in ('param_dtype', 'dtype', 'matmul_dtype'):
             _require(getattr(self, name) in DTYPES,
                      f'GPTConfig.{name}={getattr(self, name)!r}: expected one of {DTYPES}')
+        _require(self.attention in ATTENTION,
+                 f'GPTConfig.attention={self.attention!r}: expected one of {ATTENTION}')
 
     def _default_d_ff(self) -> int:
         if self.family == 'gpt':

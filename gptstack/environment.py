@@ -1,5 +1,5 @@
 """The process environment and platform a run computes in: glibc's malloc settings, the
-compilation cache, and the precision policy chosen for the platform.
+compilation cache, and the precision policy and attention kernel chosen for the platform.
 
 - Malloc: XLA:CPU allocates and frees large temporaries at every step. glibc's defaults return
   them to the kernel and fault them in again (20-40% of a training step), and its many arenas cost
@@ -16,6 +16,9 @@ compilation cache, and the precision policy chosen for the platform.
   (bfloat16 matmul inputs, float32 everything else) where the CPU has bfloat16 matrix instructions
   (AVX512-BF16 or AMX) and `float32` where it has not, since without them XLA:CPU's bfloat16
   matmuls are slower than float32 ones (docs/performance.md).
+- Attention (`attention`): on GPUs cuDNN's fused kernel through `jax.nn.dot_product_attention`
+  where it compiles (else that function's XLA implementation, the reason in the log); on CPUs and
+  TPUs this repository's kernel.
 - Platforms (`cpu_without_accelerators`): with `libtpu` installed (the `test` extra brings it for
   ahead-of-time TPU compiles) JAX probes for a TPU when it starts, and on a machine without one
   libtpu prints a page of initialisation errors. Where JAX's own PCI scan finds no TPU chip and no
@@ -31,6 +34,7 @@ import logging
 import os
 import pathlib
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 # Keep XLA's temporaries mapped between steps instead of returning them to the kernel and
@@ -127,6 +131,40 @@ def precision(name: str, platform: str) -> tuple[str, dict[str, str]]:
     if name == 'auto':
         name = auto_precision(platform, cpu_flags())
     return name, dict(PRECISIONS[name])
+
+
+def attention(platform: str, matmul_dtype: str,
+              cudnn_error: Callable[[str], str | None] | None = None) -> tuple[str, str]:
+    """`(implementation, why)` of a sequence attending to itself (`GPTConfig.attention`) on
+    `platform`: on GPUs cuDNN's fused kernel where it compiles for `matmul_dtype` inputs, else
+    `jax.nn.dot_product_attention`'s XLA implementation, `why` saying what cuDNN answered; on CPUs
+    and TPUs this repository's kernel, which keeps XLA:CPU on its fast bfloat16 matmuls (and
+    which XLA fuses on TPUs). `cudnn_error(dtype)` is None where cuDNN compiles (default: it
+    compiles a small attention, `cudnn_attention_error`)."""
+    if platform != 'gpu':
+        return 'gptstack', f'{platform}: gptstack.ops.dot_product_attention'
+    if matmul_dtype not in ('bfloat16', 'float16'):
+        return 'xla', f'cuDNN attention takes bfloat16 or float16 inputs, not {matmul_dtype}'
+    error = (cudnn_error or cudnn_attention_error)(matmul_dtype)
+    if error:
+        return 'xla', f'cuDNN attention is not available here: {error}'
+    return 'cudnn', 'cuDNN fused attention'
+
+
+def cudnn_attention_error(dtype: str) -> str | None:
+    """None if cuDNN's fused attention compiles on this machine for `dtype` inputs with a
+    boolean mask (what the model passes), else the first line of the reason."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.zeros((1, 128, 2, 64), dtype)
+    mask = jnp.ones((1, 1, 128, 128), bool)
+    try:
+        jax.jit(lambda q: jax.nn.dot_product_attention(
+            q, q, q, mask=mask, implementation='cudnn')).lower(x).compile()
+    except Exception as error:
+        return first_line(error, type(error).__name__)
+    return None
 
 
 def cpu_without_accelerators(always: bool = False) -> bool:

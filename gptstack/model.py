@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gptstack.config import GPTConfig
-from gptstack.ops import KVCache, dot_product_attention, matmul
+from gptstack.ops import KVCache, dot_product_attention, library_attention, matmul
 from gptstack.sharding import constrain
 
 Array = jax.Array
@@ -148,7 +148,10 @@ class Attention(nnx.Module):
         k, v = k.astype(mm), v.astype(mm)
         if cache is None:
             kv = (k, v)
-            out_bnth = dot_product_attention(q, [k], [v], mask, mm)
+            if c.attention == 'gptstack':
+                out_bnth = dot_product_attention(q, [k], [v], mask, mm)
+            else:
+                out_bnth = library_attention(q, k, v, mask, c.attention, mm)
         else:
             kv = cache.write(k, v)
             out_bnth = dot_product_attention(q, kv.keys, kv.values, mask, mm)

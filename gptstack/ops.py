@@ -135,6 +135,19 @@ def dot_product_attention(q_bnth: Array, keys: Sequence[Array], values: Sequence
     return out_bkqh[:, :, :rows].reshape(b, n, t, h).astype(q_bnth.dtype)
 
 
+def library_attention(q_bnth: Array, k_bkth: Array, v_bkth: Array, mask_bts: Array,
+                      implementation: str, matmul_dtype=None) -> Array:
+    """`jax.nn.dot_product_attention` over one key block, in the layout and contract of
+    `dot_product_attention`: grouped-query heads, inputs in `matmul_dtype`, the output in the
+    queries' dtype. `implementation` is `'xla'` or `'cudnn'` (GPUs, bfloat16 or float16 inputs),
+    whose fused kernel never materialises the `[T, S]` scores."""
+    dtype = jnp.dtype(matmul_dtype or q_bnth.dtype)
+    q, k, v = (x.transpose(0, 2, 1, 3).astype(dtype) for x in (q_bnth, k_bkth, v_bkth))
+    out_btnh = jax.nn.dot_product_attention(q, k, v, mask=mask_bts[:, None],
+                                            implementation=implementation)
+    return out_btnh.transpose(0, 2, 1, 3).astype(q_bnth.dtype)
+
+
 def _batched(x_bk__: Array) -> Array:
     """`[B, K, ...]` as `[B*K, ...]`: one batch axis for XLA's batched matmuls."""
     return x_bk__.reshape(-1, *x_bk__.shape[2:])

@@ -91,8 +91,11 @@ def setup(config) -> Setup:
                           f'{sorted(environment.PRECISIONS)}')
     precision, policy = environment.precision(config.get('precision', 'auto'),
                                               jax.default_backend())
+    dtypes = ', '.join(f'{k} {v}' for k, v in policy.items())
+    policy['attention'], why = environment.attention(jax.default_backend(),
+                                                     policy['matmul_dtype'])
     described = (f'mesh: {sharding.describe(mesh)}, rules {mesh_config.rules}; precision '
-                 f'{precision} ({", ".join(f"{k} {v}" for k, v in policy.items())})')
+                 f'{precision} ({dtypes}); attention {policy["attention"]} ({why})')
     # Once per process unless it changes (the pipeline sets up every stage twice).
     log.log(logging.DEBUG if described in _DESCRIBED else logging.INFO, described)
     _DESCRIBED.add(described)

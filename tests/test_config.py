@@ -117,6 +117,19 @@ def test_checkpoint_compatibility_ignores_compute_policy_and_fields_it_predates(
         check_compatible({**meta, 'tokenizer_sha256': 'xyz'}, tokenizer, current, 'ckpt/7')
 
 
+def test_attention_is_cudnn_on_gpus_where_it_compiles_and_ours_elsewhere():
+    from gptstack.environment import attention
+    assert attention('cpu', 'bfloat16')[0] == attention('tpu', 'bfloat16')[0] == 'gptstack'
+    assert attention('gpu', 'bfloat16', lambda dtype: None) == ('cudnn', 'cuDNN fused attention')
+    assert attention('gpu', 'bfloat16', lambda dtype: 'no cuDNN') == (
+        'xla', 'cuDNN attention is not available here: no cuDNN')
+    assert attention('gpu', 'float32', lambda dtype: None) == (
+        'xla', 'cuDNN attention takes bfloat16 or float16 inputs, not float32')
+    # On this CPU, cuDNN does not compile: the probe says why instead of raising.
+    from gptstack.environment import cudnn_attention_error
+    assert cudnn_attention_error('bfloat16')
+
+
 def test_auto_precision_is_the_fastest_policy_of_the_platform():
     from gptstack.environment import PRECISIONS, auto_precision, precision
 

@@ -69,10 +69,18 @@ DRY = Sizes(train={'124m': ('toy', 4), '350m': ('toy-llama', 4)}, seq_len=64, st
             sample_batch=64, prompt=8, new_tokens=8, ppo_preset='toy')
 
 
+def platform_policy() -> tuple[str, dict, str]:
+    """`(precision, GPTConfig fields, why that attention)`: what a run on this platform
+    computes with (`gptstack.stage.setup` chooses the same)."""
+    platform = jax.default_backend()
+    precision, policy = environment.precision('auto', platform)
+    policy['attention'], why = environment.attention(platform, policy['matmul_dtype'])
+    return precision, policy, why
+
+
 def model_config(preset: str, seq_len: int) -> GPTConfig:
-    """The preset at `seq_len`, computing in this platform's default precision."""
-    _, policy = environment.precision('auto', jax.default_backend())
-    return GPTConfig.preset(preset, max_seq_len=seq_len, **policy)
+    """The preset at `seq_len`, computing in this platform's default precision and attention."""
+    return GPTConfig.preset(preset, max_seq_len=seq_len, **platform_policy()[1])
 
 
 def one_device_mesh():
@@ -199,12 +207,13 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     sizes = DRY if args.dry_run else FULL
     device = jax.devices()[0]
-    precision, policy = environment.precision('auto', jax.default_backend())
+    precision, policy, why = platform_policy()
     peak, peak_source = peak_flops_per_device(policy['matmul_dtype'])
     start = time.perf_counter()
     result = {'device': device.device_kind, 'platform': device.platform,
               'device_count': jax.device_count(), 'jax': jax.__version__,
-              'dry_run': args.dry_run, 'precision': precision, 'peak_flops': peak,
+              'dry_run': args.dry_run, 'precision': precision,
+              'attention': policy['attention'], 'attention_why': why, 'peak_flops': peak,
               'peak_flops_source': peak_source,
               'train': {name: training(preset, rows, sizes, peak)
                         for name, (preset, rows) in sizes.train.items()},

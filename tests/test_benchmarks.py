@@ -15,6 +15,7 @@ def test_accelerator_script_dry_run_writes_every_figure(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     figures = json.loads(out.read_text())
     assert figures['dry_run'] and figures['device'] and figures['peak_flops'] > 0
+    assert figures['attention'] == 'gptstack'  # on the CPU
     assert figures['peak_flops_source'].startswith(('spec sheet', 'measured'))
     for name in ('124m', '350m'):
         train = figures['train'][name]

@@ -28,25 +28,20 @@ import statistics
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import ppo_iteration as ppo_benchmark
 from gptstack import environment, sharding
 from gptstack.config import GPTConfig, MeshConfig, OptimConfig
 from gptstack.metrics import peak_flops_per_device, train_flops_per_token
-from gptstack.model import GPT, ScoreModel
+from gptstack.model import GPT
 from gptstack.optim import make_optimizer
-from gptstack.rollout import PPOIteration
 from gptstack.sampling import Sampler, SamplingParams
 from gptstack.state import (
-    TrainState,
     abstract_model,
-    abstract_train_state,
     create_train_state,
     init_params,
-    state_shardings,
 )
-from gptstack.steps import ppo
 from gptstack.steps.lm import make_lm_step
 
 
@@ -147,46 +142,20 @@ def sampling(sizes: Sizes) -> dict:
 
 def ppo_iteration(sizes: Sizes) -> dict:
     """Seconds of one PPO iteration (after one that compiles): 64 rollouts, one per prompt,
-    two epochs of two minibatches; all four roles of the same size from random weights."""
+    two epochs of two minibatches; all four roles of the same size from random weights
+    (`benchmarks.ppo_iteration.build`)."""
     config = model_config(sizes.ppo_preset, sizes.seq_len)
-    mesh = one_device_mesh()
-    rollouts, ppo_config = 64, ppo.PPOConfig(kl_coef=0.05, group_size=1)
-    tx, _ = make_optimizer(OptimConfig(lr=1e-6, total_steps=1000, warmup_steps=0))
-    actor_fn = lambda rngs: GPT(config, rngs=rngs)  # noqa: E731
-    critic_fn = lambda rngs: ScoreModel(config, rngs=rngs)  # noqa: E731
-    actor_graphdef, critic_graphdef = abstract_model(actor_fn)[0], abstract_model(critic_fn)[0]
-    shardings = ppo.PPOState.structure(
-        state_shardings(abstract_train_state(actor_fn, tx), mesh, 'fsdp', tx),
-        state_shardings(abstract_train_state(critic_fn, tx), mesh, 'fsdp', tx), ppo_config,
-        sharding.replicated(mesh))
-
-    def init(key):
-        actor = init_params(actor_fn, jax.random.fold_in(key, 0))
-        critic = init_params(critic_fn, jax.random.fold_in(key, 1))
-        return ppo.PPOState.create(TrainState(jnp.zeros((), jnp.int32), actor, tx.init(actor)),
-                                   TrainState(jnp.zeros((), jnp.int32), critic,
-                                              tx.init(critic)), ppo_config)
-
-    state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
-    frozen = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
-    sampler = Sampler(actor_graphdef, config, mesh, 'fsdp', batch_size=rollouts,
-                      max_new_tokens=sizes.new_tokens, stop_ids=[], pad_id=0)
-    iteration = PPOIteration(ppo_config, actor_graphdef=actor_graphdef,
-                             critic_graphdef=critic_graphdef,
-                             reference=ppo.Frozen(actor_graphdef, frozen.actor.params),
-                             reward=ppo.Frozen(critic_graphdef, frozen.critic.params),
-                             sampler=sampler, tx_actor=tx, tx_critic=tx, mesh=mesh,
-                             rules='fsdp', reward_id=config.vocab_size - 1)
+    rollouts = 64
+    iteration, state = ppo_benchmark.build(config, rollouts, sizes.new_tokens)
     prompts = {'tokens': np.random.default_rng(0).integers(
                    1, config.vocab_size - 1, (rollouts, sizes.prompt)).astype(np.int32),
                'lengths': np.full(rollouts, sizes.prompt, np.int32)}
-    parts = ('generate', 'score', 'update')
     for i in range(2):  # the first compiles
         state, metrics = iteration(state, prompts, jax.random.key(i))
+    seconds = {part: float(metrics[f'time/{part}']) for part in ppo_benchmark.PARTS}
     return {'preset': sizes.ppo_preset, 'rollouts': rollouts, 'prompt': sizes.prompt,
-            'new_tokens': sizes.new_tokens,
-            'seconds': {part: float(metrics[f'time/{part}']) for part in parts},
-            'iteration_seconds': sum(float(metrics[f'time/{part}']) for part in parts)}
+            'new_tokens': sizes.new_tokens, 'seconds': seconds,
+            'iteration_seconds': sum(seconds.values())}
 
 
 def peak_memory() -> dict:

@@ -96,4 +96,5 @@ def main():
 
 
 if __name__ == '__main__':
+    environment.cpu_without_accelerators()  # no TPU probe on a machine without one
     main()

@@ -30,8 +30,8 @@ import numpy as np
 from flax import nnx
 
 from benchmarks import peer as peer_bench
+from gptstack import environment, sharding
 from gptstack import model as gpt_model
-from gptstack import sharding
 from gptstack.config import GPTConfig, MeshConfig
 from gptstack.environment import PRECISIONS
 from gptstack.sampling import Sampler, SamplingParams
@@ -112,4 +112,5 @@ def main():
 
 
 if __name__ == '__main__':
+    environment.cpu_without_accelerators()  # no TPU probe on a machine without one
     sys.exit(main() and 0)

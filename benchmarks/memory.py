@@ -23,7 +23,7 @@ import json
 
 import jax
 
-from gptstack import sharding
+from gptstack import environment, sharding
 from gptstack.aot import lower_pretrain_step
 from gptstack.config import GPTConfig, MeshConfig, OptimConfig
 from gptstack.model import GPT, count_params
@@ -72,4 +72,5 @@ def main():
 
 
 if __name__ == '__main__':
+    environment.cpu_without_accelerators()  # no TPU probe on a machine without one
     main()

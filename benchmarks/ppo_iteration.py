@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.generate import POLICIES, parse_policies
-from gptstack import sharding
+from gptstack import environment, sharding
 from gptstack.config import GPTConfig, MeshConfig, OptimConfig
 from gptstack.model import GPT, ScoreModel
 from gptstack.optim import make_optimizer
@@ -46,10 +46,10 @@ CONFIG = ppo.PPOConfig(kl_coef=0.05, group_size=1)
 PARTS = ('generate', 'score', 'update')
 
 
-def build(policy: str):
-    """The trainer and its state; reference and reward model are copies of the initial actor
-    and critic (the state's own buffers are donated to the update)."""
-    config = GPTConfig.preset('mini', scan_layers=False, **POLICIES[policy])
+def build(config: GPTConfig, rollouts: int = BATCH, new_tokens: int = NEW):
+    """The trainer and its state for `rollouts` replies of `new_tokens` by `config`'s actor;
+    reference and reward model are copies of the initial actor and critic (the state's own
+    buffers are donated to the update)."""
     mesh = sharding.make_mesh(MeshConfig(fsdp=1), devices=jax.devices()[:1])
     tx, _ = make_optimizer(OptimConfig(lr=1e-6, total_steps=1000, warmup_steps=0))
     actor_fn = lambda rngs: GPT(config, rngs=rngs)  # noqa: E731
@@ -69,8 +69,8 @@ def build(policy: str):
 
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
     frozen = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
-    sampler = Sampler(actor_graphdef, config, mesh, 'fsdp', batch_size=BATCH, max_new_tokens=NEW,
-                      stop_ids=[], pad_id=0)
+    sampler = Sampler(actor_graphdef, config, mesh, 'fsdp', batch_size=rollouts,
+                      max_new_tokens=new_tokens, stop_ids=[], pad_id=0)
     trainer = PPOIteration(CONFIG, actor_graphdef=actor_graphdef,
                            critic_graphdef=critic_graphdef,
                            reference=ppo.Frozen(actor_graphdef, frozen.actor.params),
@@ -94,7 +94,7 @@ def main():
               'new_tokens': NEW, 'epochs': 2, 'minibatches': 2, 'cpu_count': os.cpu_count(),
               'policies': {}}
     for policy in parse_policies(parser, args.policy):
-        trainer, state = build(policy)
+        trainer, state = build(GPTConfig.preset('mini', scan_layers=False, **POLICIES[policy]))
         seconds = {part: [] for part in PARTS}
         rates = {part: [] for part in PARTS}
         for i in range(args.iterations + 1):  # the first compiles
@@ -121,4 +121,5 @@ def main():
 
 
 if __name__ == '__main__':
+    environment.cpu_without_accelerators()  # no TPU probe on a machine without one
     main()

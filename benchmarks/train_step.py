@@ -30,8 +30,8 @@ import numpy as np
 
 from benchmarks import peer as peer_bench
 from benchmarks.generate import POLICIES, parse_policies
+from gptstack import environment, sharding
 from gptstack import model as gpt_model
-from gptstack import sharding
 from gptstack.config import GPTConfig, MeshConfig, OptimConfig
 from gptstack.metrics import measure_matmul_flops
 from gptstack.optim import make_optimizer
@@ -158,4 +158,5 @@ def main():
 
 
 if __name__ == '__main__':
+    environment.cpu_without_accelerators()  # no TPU probe on a machine without one
     main()

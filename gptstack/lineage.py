@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 
@@ -66,14 +67,19 @@ class Workdir:
         `init_from`); `stages`: the kinds of run it may be. Its checkpoint is the latest one,
         or with `best` the one of the lowest validation loss (the latest if none has one).
         `local`: read by this process alone (see `Checkpointer`)."""
+        hint = (f' (a Hugging Face model directory is named {HF_PREFIX}{self.path})'
+                if _hugging_face_directory(self.path) else '')
         if not self.tokenizer_path.exists():
-            raise ConfigError(f'{key}={self.path}: no tokenizer.model there; is it a stage '
-                              'workdir?')
+            raise ConfigError(f'{key}={self.path}: no tokenizer.model or tokenizer.json there; '
+                              f'is it a stage workdir?{hint}')
+        no_checkpoint = f'{key}={self.path}: no checkpoint in {self.checkpoints}'
+        if not self.checkpoints.is_dir():  # looked at before the checkpointer makes the folder
+            raise ConfigError(no_checkpoint + hint)
         tokenizer = Tokenizer.load(self.tokenizer_path)
         checkpointer = Checkpointer(self.checkpoints, local=local)
         step = checkpointer.latest_step()
         if step is None:
-            raise ConfigError(f'{key}={self.path}: no checkpoint in {self.checkpoints}')
+            raise ConfigError(no_checkpoint)
         if best:
             step = checkpointer.best_step() or step
         meta = checkpointer.read_meta(step)
@@ -93,6 +99,15 @@ class Workdir:
         lineage = self.lineage('workdir', local=True)
         lineage.close()
         return lineage.meta
+
+
+def _hugging_face_directory(path: pathlib.Path) -> bool:
+    """Whether `path` looks like a Hugging Face model directory (its `config.json` names an
+    architecture; a stage's `config.json` does not)."""
+    try:
+        return 'architectures' in json.loads((path / hf.CONFIG_FILE).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def _kinds(stages: tuple[str, ...]) -> str:

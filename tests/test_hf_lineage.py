@@ -209,6 +209,14 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(tmp_path):
     assert message in result.stderr.strip().splitlines()[-1]
 
 
+def test_a_hugging_face_directory_named_as_a_workdir_gets_the_hint(hf_model):
+    directory = hf_model[0]
+    with pytest.raises(ConfigError, match=rf'^init_from={directory}: no checkpoint in '
+                       rf'{directory}/checkpoints \(a Hugging Face model directory is named '
+                       rf'hf:{directory}\)$'):
+        lineages.start_from({'init_from': str(directory)}, 'init_from', ('sft',), 'the model')
+
+
 def test_a_reward_model_does_not_come_from_a_hugging_face_directory(hf_model):
     directory = hf_model[0]
     with pytest.raises(ConfigError, match=r'^reward_from=hf:\S+: a Hugging Face '

@@ -262,9 +262,11 @@ def test_sft_from_hf_exports_and_loads_back_in_transformers(tmp_path_factory):
 
 
 def test_a_reward_model_exports_as_a_sequence_classifier(reward_workdir, tmp_path):
-    from experiments.export import export
+    export = subprocess.run([sys.executable, '-m', 'experiments.export',
+                             f'--workdir={reward_workdir}', f'--out={tmp_path}'], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert export.returncode == 0, export.stderr[-3000:]
     model = lineages.load_reward_model(reward_workdir)
-    export(str(reward_workdir), tmp_path)
     theirs = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
     tok = model.tokenizer
     rows = [render_prompt(tok, [{'role': 'user', 'content': 'hi'}]) + tok.encode('hello') +

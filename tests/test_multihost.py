@@ -25,7 +25,10 @@ from tests.runs import (
 )
 
 # A constant learning rate after warmup: runs of 4 and of 6 steps take the same first 4 steps.
-SCHEDULE = ('--config.optim.end_lr_ratio=1.0', '--config.train.sample_every=0')
+# Float32 on every CPU: with bfloat16 matmul inputs (`mixed`, chosen on CPUs with AMX) the
+# sums that the two layouts order differently differ by more than the tolerance.
+SCHEDULE = ('--config.optim.end_lr_ratio=1.0', '--config.train.sample_every=0',
+            '--config.precision=float32')
 
 
 def two_processes(args):

@@ -101,7 +101,7 @@ def test_sigterm_saves_the_current_step_and_exits_0(corpus, tmp_path):
                                "['bfloat16', 'float32', 'mixed']"),
     ('--config.tokenizer.path=/nowhere/tokenizer.model',
      'ConfigError: tokenizer.path=/nowhere/tokenizer.model: no such file (give a '
-     'tokenizer.model, or leave the key unset to train one)'),
+     'tokenizer.model or a Hugging Face tokenizer.json, or leave the key unset to train one)'),
     ('--config.data.batch_size=0',
      'ConfigError: data.batch_size=0: expected at least 1 (rows or groups per step)'),
     ('--config.data.seq_len=1', 'ConfigError: data.seq_len=1: expected at least 2'),

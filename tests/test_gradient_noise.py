@@ -29,6 +29,8 @@ def test_noise_scale_recovers_the_signal_share_of_known_gradients():
     assert result['noise_scale'] == pytest.approx(576, rel=0.1)
     assert result['signal_share'][batch * 16] == pytest.approx(16 / (16 + 9), abs=0.02)
     assert noise_scale([signal, -signal], batch)['noise_scale'] is None  # no signal measured
+    tied = noise_scale([signal, np.zeros(dim)], batch)  # every group of a batch tied
+    assert tied['cosine'] == 0 and tied['noise_scale'] is None
 
 
 def test_group_advantages_are_centred_within_groups_and_whitened():

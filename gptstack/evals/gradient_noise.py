@@ -48,13 +48,16 @@ def make_policy_gradient(graphdef):
 
 def noise_scale(gradients: Sequence[np.ndarray], batch: int) -> dict:
     """From the gradients of disjoint batches of `batch` rollouts each: the mean pairwise cosine
-    `c` (the signal's share at that batch) with its standard error over pairs, the noise scale
+    `c` (the signal's share at that batch; 0 with a batch of no gradient) with its standard
+    error over pairs, the noise scale
     `B_noise = batch (1 - c) / c` (None where `c <= 0`: no signal measured) and the signal's
     share at 1, 4, 16 and 64 times the batch."""
     if len(gradients) < 2:
         raise ValueError(f'noise_scale needs gradients of at least 2 batches, got '
                          f'{len(gradients)}')
-    unit = [np.asarray(g, np.float64) / np.linalg.norm(g) for g in gradients]
+    # A batch whose advantages are all 0 (every group tied) has no gradient: it agrees with none.
+    unit = [np.asarray(g, np.float64) / max(np.linalg.norm(g), np.finfo(np.float64).tiny)
+            for g in gradients]
     cosines = np.array([a @ b for a, b in itertools.combinations(unit, 2)])
     c = float(cosines.mean())
     b_noise = batch * (1 - c) / c if c > 0 else None

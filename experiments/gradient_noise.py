@@ -54,11 +54,14 @@ def measure(policy, scorer, batches: int, rollouts: int, group_size: int, max_ne
     sampler = policy.sampler(rollouts, max_new_tokens)
     gradient = make_policy_gradient(policy.graphdef)
     drawn = tasks.generate('train', batches * rollouts // group_size, seed)
+    max_prompt = policy.config.max_seq_len - max_new_tokens - 1
     grads, scores = {'gold': [], 'reward_model': []}, {'gold': [], 'reward_model': []}
     for b in range(batches):
         chunk = drawn[b * rollouts // group_size:(b + 1) * rollouts // group_size]
         conversations = [c for c in gold.conversations(chunk) for _ in range(group_size)]
-        prompts = [render_prompt(tok, c) for c in conversations]
+        # As the RL stage keeps them: the end of each prompt, leaving room for the reply and
+        # the reward token within the context.
+        prompts = [render_prompt(tok, c)[-max_prompt:] for c in conversations]
         out = sampler(policy.params, prompts, jax.random.fold_in(jax.random.key(seed), b),
                       SamplingParams(temperature=1.0, top_k=0, top_p=1.0))
         lengths = out['lengths'].astype(np.int32)

@@ -94,7 +94,7 @@ class HFTokenizer(Tokenizer):
         """Bytes per token: in a byte-level BPE (GPT-2's) each character of a token stands for
         one byte; otherwise `<0xNN>` pieces are one byte and others are their text with `▁` as
         a space."""
-        byte_level = '"ByteLevel"' in self._json
+        byte_level = 'ByteLevel' in _types(json.loads(self._json).get('decoder'))
         table = np.zeros(self.vocab_size, np.int32)
         for i in range(self.vocab_size):
             token = self.fast.id_to_token(i)
@@ -107,6 +107,14 @@ class HFTokenizer(Tokenizer):
             else:
                 table[i] = len(token.replace('\u2581', ' ').encode())
         return table
+
+
+def _types(component) -> set[str]:
+    """The `type`s of a tokenizer.json component and of the parts of a `Sequence` one."""
+    if not isinstance(component, dict):
+        return set()
+    parts = component.get('decoders') or component.get('pretokenizers') or []
+    return {component.get('type'), *(t for part in parts for t in _types(part))}
 
 
 # The chat template of `gptstack.data.tokenizer.render_chat` in the Jinja form that

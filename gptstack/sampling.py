@@ -6,12 +6,16 @@ model code, dtypes and sharding as training.
   is masked out of attention, and positions count from each prompt's first real token. Every row
   then writes its next token at the same cache slot.
 - Temperature, top-k and top-p are traced arguments (changing them does not recompile);
-  temperature 0 is greedy. One compiled program exists per (batch, prompt bucket, max new tokens).
+  temperature 0 is greedy. They are one setting for the batch, or one per row; so is the random
+  key. One compiled program exists per (batch, prompt bucket, max new tokens) and per choice.
 - Each row stops at its first stop token (kept, and scored); later slots are `pad` with mask 0.
   Decoding ends when every row has stopped or `max_new_tokens` is reached.
 - Returns per-token log-probabilities under the distribution actually sampled from (after
   temperature, top-k, top-p) and under the unmodified model (what PPO's ratios and KL use).
-- Randomness is `fold_in(key, decode step)`: the same key gives the same samples.
+- Randomness is `fold_in(key, decode step)`: the same key gives the same samples. With a key
+  per row, a row's samples depend on its own key and prompt only, not on its batch-mates.
+- An optional host callback (`on_step`) sees each step's tokens as they are drawn and may stop
+  any row: what streaming, stop strings and cancellation in a server are built on.
 
 Decoding a token reads every weight and the whole KV cache written so far, for a few small
 matmuls per layer, so its speed is set by per-call and per-byte costs, not arithmetic. Hence:
@@ -36,6 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 from jax.sharding import Mesh
 
 from gptstack import sharding
@@ -71,16 +76,19 @@ class SamplingParams:
 def filter_logits(logits_bv: Array, temperature: Array, top_k: Array, top_p: Array) -> Array:
     """Log-probabilities of the sampling distribution: logits / temperature restricted to the
     `top_k` most likely tokens and to the smallest set whose probability reaches `top_p`.
-    With temperature 0 all mass goes to the argmax (greedy)."""
+    With temperature 0 all mass goes to the argmax (greedy). Each setting is a scalar or one
+    value per row (`[B]`); a row's distribution does not depend on the other rows' settings."""
+    temperature, top_k, top_p = (jnp.reshape(x, (-1, 1)) if jnp.ndim(x) else x
+                                 for x in (temperature, top_k, top_p))
     greedy = temperature <= 0
     scaled_bv = logits_bv / jnp.where(greedy, 1.0, temperature)
     vocab = logits_bv.shape[-1]
     # Sorting the vocabulary is the costly part: only do it when a filter is on.
     needs_sort = ~greedy & (((top_k > 0) & (top_k < vocab)) | (top_p < 1))
     threshold_b1 = jax.lax.cond(
-        needs_sort, _filter_threshold,
-        lambda s, *_: jnp.where(greedy, s.max(axis=-1, keepdims=True), -jnp.inf),
-        scaled_bv, top_k, top_p)
+        jnp.any(needs_sort), _filter_threshold,
+        lambda s, *_: jnp.full((s.shape[0], 1), -jnp.inf, s.dtype), scaled_bv, top_k, top_p)
+    threshold_b1 = jnp.where(greedy, scaled_bv.max(axis=-1, keepdims=True), threshold_b1)
     return jax.nn.log_softmax(jnp.where(scaled_bv >= threshold_b1, scaled_bv, -jnp.inf), axis=-1)
 
 
@@ -94,13 +102,15 @@ def _filter_threshold(scaled_bv: Array, top_k: Array, top_p: Array) -> Array:
     probs_sorted_bv = jax.nn.softmax(sorted_bv, axis=-1)
     mass_before_bv = jnp.cumsum(probs_sorted_bv, axis=-1) - probs_sorted_bv
     last_kept_b1 = jnp.sum(mass_before_bv < top_p, axis=-1, keepdims=True) - 1
-    nucleus_b1 = jnp.take_along_axis(sorted_bv, last_kept_b1, axis=-1)
+    nucleus_b1 = jnp.where(top_p < 1, jnp.take_along_axis(sorted_bv, last_kept_b1, axis=-1),
+                           -jnp.inf)
     return jnp.maximum(kth_b1, nucleus_b1)
 
 
 def sample_tokens(key: Array, log_probs_bv: Array, chunk: int = 128) -> Array:
     """`[B]` int32: one token per row drawn from `exp(log_probs_bv)`, by inverting the
-    cumulative distribution at one uniform number per row.
+    cumulative distribution at one uniform number per row, drawn from `key` or, given a key
+    per row (`[B]`), from the row's own.
 
     Exact like the Gumbel-max trick, but it draws B random numbers instead of B×V, which
     makes it several times cheaper at every decoding step. The inversion runs in two levels,
@@ -113,7 +123,11 @@ def sample_tokens(key: Array, log_probs_bv: Array, chunk: int = 128) -> Array:
     probs_bv = jnp.pad(jnp.exp(log_probs_bv), ((0, 0), (0, n_chunks * chunk - vocab)))
     probs_bgc = probs_bv.reshape(batch, n_chunks, chunk)
     mass_bg = probs_bgc.sum(axis=-1)
-    u_b1 = jax.random.uniform(key, (batch, 1)) * mass_bg.sum(axis=-1, keepdims=True)
+    if jnp.ndim(key):
+        u_b1 = jax.vmap(lambda k: jax.random.uniform(k, (1,)))(key)
+    else:
+        u_b1 = jax.random.uniform(key, (batch, 1))
+    u_b1 = u_b1 * mass_bg.sum(axis=-1, keepdims=True)
     group_b, rest_b1 = _invert_cdf(mass_bg, u_b1)
     probs_bc = jnp.take_along_axis(probs_bgc, group_b[:, None, None], axis=1)[:, 0]
     within_b, _ = _invert_cdf(probs_bc, rest_b1)
@@ -146,11 +160,17 @@ class Sampler:
         pad_id: fills slots after a row stopped.
         vocab_size: ids below this are drawn (the tokenizer's size); rows of an embedding table
             padded past it never are. None: the model's whole vocabulary.
+        on_step: called on the host after every decoding step, in order, as
+            `on_step(step, tokens [B], live [B]) -> stop [B]`: the tokens drawn at `step`, which
+            rows are still generating (their token is recorded), and the rows to stop now
+            (their token stays recorded). A server streams, applies stop strings and per-request
+            limits, and cancels with it. None (every training and evaluation use): no callback
+            is compiled in.
     """
 
     def __init__(self, graphdef: nnx.GraphDef, config: GPTConfig, mesh: Mesh, rules: str, *,
                  batch_size: int, max_new_tokens: int, stop_ids: Sequence[int], pad_id: int,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, on_step: StepCallback | None = None):
         if max_new_tokens >= config.max_seq_len:
             raise ConfigError(f'max_new_tokens={max_new_tokens} leaves no room for a prompt in '
                              f'max_seq_len={config.max_seq_len}')
@@ -165,6 +185,7 @@ class Sampler:
                               f'{config.vocab_size} token rows')
         self._batch_sharding = sharding.batch_sharding(mesh, rules, self.batch_size)
         self._row_sharding = sharding.named_sharding(mesh, ('batch',), rules)
+        self.on_step = on_step
         self._compiled: dict[int, Callable] = {}
         self.truncated_prompts = 0
 
@@ -176,8 +197,13 @@ class Sampler:
         return min(limit, max(MIN_PROMPT_BUCKET, 1 << (max(longest, 1) - 1).bit_length()))
 
     def __call__(self, params: nnx.State, prompts: Sequence[Sequence[int]], key: Array,
-                 sampling: SamplingParams = SamplingParams()) -> dict[str, np.ndarray]:
+                 sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams()
+                 ) -> dict[str, np.ndarray]:
         """Generates a continuation of each prompt.
+
+        `key` is one key for the batch, or a key per prompt (`[len(prompts)]`); `sampling` is
+        one setting for the batch, or one per prompt. Per row, a reply depends only on its own
+        prompt, key and setting.
 
         Returns (NumPy, one row per prompt):
             tokens `[B, N]` int32, logprobs `[B, N]` (sampling distribution), model_logprobs
@@ -211,21 +237,45 @@ class Sampler:
             self._compiled[bucket] = self._build(bucket)
         out = self._compiled[bucket](
             params, jax.device_put(tokens, self._batch_sharding),
-            jax.device_put(lengths, self._row_sharding), key,
-            jnp.float32(sampling.temperature), jnp.int32(sampling.top_k),
-            jnp.float32(sampling.top_p))
+            jax.device_put(lengths, self._row_sharding), self._keys(key, len(prompts)),
+            *self._settings(sampling, len(prompts)))
         return {k: v[:len(prompts)] for k, v in sharding.to_host(out).items()}
+
+    def _keys(self, key: Array, n: int) -> Array:
+        """One key as given, or per-row keys padded to the batch (dummy rows reuse the last)."""
+        if not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+            raise ValueError('expected a typed key (jax.random.key), not raw key data')
+        if not jnp.ndim(key):
+            return key
+        if key.shape != (n,):
+            raise ValueError(f'got {key.shape[0]} keys for {n} prompts: give one key, or one '
+                             'per prompt')
+        keys = jnp.concatenate([key, jnp.repeat(key[-1:], self.batch_size - n)])
+        return jax.device_put(keys, self._row_sharding)
+
+    def _settings(self, sampling: SamplingParams | Sequence[SamplingParams], n: int):
+        """Temperature, top-k and top-p as scalars, or per row (dummy rows greedy)."""
+        if isinstance(sampling, SamplingParams):
+            return (jnp.float32(sampling.temperature), jnp.int32(sampling.top_k),
+                    jnp.float32(sampling.top_p))
+        if len(sampling) != n:
+            raise ValueError(f'got {len(sampling)} sampling settings for {n} prompts')
+        rows = [*sampling, *[SamplingParams(temperature=0.0)] * (self.batch_size - n)]
+        columns = ((np.float32, [r.temperature for r in rows]),
+                   (np.int32, [r.top_k for r in rows]), (np.float32, [r.top_p for r in rows]))
+        return tuple(jax.device_put(np.asarray(values, dtype), self._row_sharding)
+                     for dtype, values in columns)
 
     def _build(self, prompt_len: int):
         """The jitted generation for prompts of `prompt_len` tokens (a bucket)."""
         graphdef, mesh, rules = self.graphdef, self.mesh, self.rules
         n_new, stop_ids, pad_id = self.max_new_tokens, jnp.asarray(self.stop_ids), self.pad_id
-        vocab_size = self.vocab_size
+        vocab_size, on_step = self.vocab_size, self.on_step
 
         def generate(params, tokens_bp, lengths_b, key, temperature, top_k, top_p):
             with sharding.activation_sharding(mesh, rules):
                 sampling = _Sampling(key, temperature, top_k, top_p, stop_ids, pad_id,
-                                     vocab_size)
+                                     vocab_size, on_step)
                 return _generate(nnx.merge(graphdef, params), tokens_bp, lengths_b, sampling,
                                  prompt_len, n_new)
 
@@ -236,18 +286,20 @@ class Sampler:
 # --- decoding -----------------------------------------------------------------------------------
 _BLOCK_AXES = ('batch', 'kv_heads', 'seq', 'head_dim')
 _LayerBlocks = list[tuple[list[Array], list[Array]]]  # per layer, key blocks and value blocks
+StepCallback = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 class _Sampling(NamedTuple):
     """How a token is drawn (traced: changing these does not recompile) and where a row ends."""
 
-    key: Array
+    key: Array  # one key, or one per row
     temperature: Array
     top_k: Array
     top_p: Array
     stop_ids: Array
     pad_id: int
     vocab_size: int  # ids at or past it (a padded embedding table) are never drawn
+    on_step: StepCallback | None  # the host's view of each step (see `Sampler`)
 
 
 class _Layout(NamedTuple):
@@ -288,8 +340,9 @@ def _generate(model: GPT, tokens_bp: Array, lengths_b: Array, sampling: _Samplin
                model_logprobs=jnp.zeros((batch, n_new), jnp.float32),
                mask=jnp.zeros((batch, n_new), jnp.int32))
     token_b, sampled_lp, model_lp = _pick(logits_bv, 0, sampling)
-    out = _record(out, 0, token_b, sampled_lp, model_lp, jnp.ones((batch,), bool), sampling)
-    done_b = jnp.isin(token_b, sampling.stop_ids)
+    live_b = jnp.ones((batch,), bool)
+    out = _record(out, 0, token_b, sampled_lp, model_lp, live_b, sampling)
+    done_b = jnp.isin(token_b, sampling.stop_ids) | _host_stops(sampling, 0, token_b, live_b)
     carry = DecodeCarry(jnp.int32(1), token_b, done_b, current, out)
     block_index = prompt_len // block
     while block_index * block - prompt_len + 1 < n_new:
@@ -349,11 +402,25 @@ def _pick(logits_bv: Array, step: Array | int, sampling: _Sampling):
                                 logits_bv, -jnp.inf)
     log_probs_bv = filter_logits(drawable_bv, sampling.temperature, sampling.top_k,
                                  sampling.top_p)
-    token_b = sample_tokens(jax.random.fold_in(sampling.key, step), log_probs_bv)
+    if jnp.ndim(sampling.key):  # a key per row
+        key = jax.vmap(jax.random.fold_in, in_axes=(0, None))(sampling.key, step)
+    else:
+        key = jax.random.fold_in(sampling.key, step)
+    token_b = sample_tokens(key, log_probs_bv)
     sampled_lp = jnp.take_along_axis(log_probs_bv, token_b[:, None], -1)[:, 0]
     model_lp = jnp.take_along_axis(jax.nn.log_softmax(logits_bv, axis=-1),
                                    token_b[:, None], -1)[:, 0]
     return token_b, sampled_lp, model_lp
+
+
+def _host_stops(sampling: _Sampling, step: Array | int, token_b: Array,
+                live_b: Array) -> Array | bool:
+    """The rows that the host callback stops after this step (none without a callback). The
+    call is ordered: the host sees the steps one after another."""
+    if sampling.on_step is None:
+        return False
+    return io_callback(sampling.on_step, jax.ShapeDtypeStruct(live_b.shape, jnp.bool_),
+                       jnp.int32(step), token_b, live_b, ordered=True)
 
 
 def _record(out: dict[str, Array], step: Array | int, token_b: Array, sampled_lp: Array,
@@ -390,7 +457,8 @@ def _decode_block(model: GPT, layers: Sequence[Block], carry: DecodeCarry, full:
         current = [(c.keys[-1], c.values[-1]) for c in caches]
         next_b, sampled_lp, model_lp = _pick(logits_b1v[:, 0], step, sampling)
         out = _record(carry.out, step, next_b, sampled_lp, model_lp, ~carry.done_b, sampling)
-        done_b = carry.done_b | jnp.isin(next_b, sampling.stop_ids)
+        done_b = (carry.done_b | jnp.isin(next_b, sampling.stop_ids)
+                  | _host_stops(sampling, step, next_b, ~carry.done_b))
         return DecodeCarry(step + 1, next_b, done_b, current, out)
 
     return jax.lax.while_loop(cond, body, carry)

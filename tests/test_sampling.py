@@ -239,3 +239,64 @@ def test_prompts_past_the_context_keep_their_end_and_are_counted_not_logged_each
     assert caplog.records[-1].getMessage().startswith(
         f'4 prompts so far longer than the {limit} tokens that the context (128) leaves beside '
         f'8 new ones: each keeps its last {limit} tokens (this one had {limit + 3})')
+
+
+def test_per_row_keys_and_settings_make_a_row_independent_of_its_batch_mates(mesh_1, mesh_8):
+    """A row's reply depends only on its own prompt, key and setting: alone, or beside other
+    rows with other keys and settings (greedy, nucleus, top-k), sharded or not."""
+    config, graphdef, params = build('toy', mesh_1)
+    prompts = [[5, 6, 7], [9, 10, 11, 12], [20, 21], [30]]
+    settings = [SamplingParams(temperature=1.0), SamplingParams(temperature=0.0),
+                SamplingParams(temperature=0.7, top_p=0.9), SamplingParams(top_k=5)]
+    keys = jax.random.split(jax.random.key(7), 4)
+    results = {}
+    for name, mesh in (('single', mesh_1), ('sharded', mesh_8)):
+        sampler = Sampler(graphdef, config, mesh, 'fsdp', batch_size=8, max_new_tokens=12,
+                          stop_ids=[STOP], pad_id=PAD)
+        placed = jax.device_put(params, jax.sharding.NamedSharding(
+            mesh, jax.sharding.PartitionSpec()))
+        together = sampler(placed, prompts, keys, settings)
+        results[name] = together['tokens']
+        for row in range(4):
+            alone = sampler(placed, [prompts[row]], keys[row:row + 1], [settings[row]])
+            np.testing.assert_array_equal(alone['tokens'][0], together['tokens'][row])
+    np.testing.assert_array_equal(results['single'], results['sharded'])
+    # The greedy row is the argmax path, whatever its key; per-row keys differ row to row.
+    greedy = Sampler(graphdef, config, mesh_1, 'fsdp', batch_size=8, max_new_tokens=12,
+                     stop_ids=[STOP], pad_id=PAD)(params, [prompts[1]], jax.random.key(0),
+                                                  SamplingParams(temperature=0.0))
+    np.testing.assert_array_equal(greedy['tokens'][0], results['single'][1])
+
+
+def test_step_callback_sees_every_token_in_order_and_stops_rows(mesh_8):
+    """The host callback receives each step's tokens in order; rows it stops end there (their
+    last token kept), the others go on exactly as without it, and when it stops every row the
+    decoding ends."""
+    config, graphdef, params = build('toy', mesh_8)
+    prompts = [[5, 6, 7], [9, 10, 11, 12], [20, 21]]
+    kwargs = dict(batch_size=4, max_new_tokens=20, stop_ids=[STOP], pad_id=PAD)
+    plain = Sampler(graphdef, config, mesh_8, 'fsdp', **kwargs)(
+        params, prompts, jax.random.key(3), SamplingParams(temperature=1.0))
+    seen = []
+
+    def on_step(step, tokens, live):
+        seen.append((int(step), np.array(tokens), np.array(live)))
+        return np.arange(len(tokens)) == 1 if step >= 4 else np.zeros(len(tokens), bool)
+
+    sampler = Sampler(graphdef, config, mesh_8, 'fsdp', on_step=on_step, **kwargs)
+    out = sampler(params, prompts, jax.random.key(3), SamplingParams(temperature=1.0))
+    assert [s for s, _, _ in seen] == list(range(len(seen)))
+    for row in (0, 2):
+        np.testing.assert_array_equal(out['tokens'][row], plain['tokens'][row])
+    assert out['lengths'][1] == min(5, plain['lengths'][1])
+    np.testing.assert_array_equal(out['tokens'][1, :5], plain['tokens'][1, :5])
+    for step, tokens, live in seen:  # what the host saw is what was recorded
+        for row in range(3):
+            if live[row]:
+                assert out['tokens'][row, step] == tokens[row]
+    seen.clear()
+    everything = Sampler(graphdef, config, mesh_8, 'fsdp',
+                         on_step=lambda s, t, live: seen.append(int(s)) or np.ones(len(t), bool),
+                         **kwargs)
+    out = everything(params, prompts, jax.random.key(3), SamplingParams(temperature=1.0))
+    assert seen == [0] and (out['lengths'] == 1).all()

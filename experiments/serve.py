@@ -1,0 +1,110 @@
+"""Serve a trained language model over OpenAI's API, with a chat page at `/`.
+
+    python -m experiments.serve --workdir=workdirs/pipeline/sft [--port=8000] [--host=127.0.0.1] \
+        [--max_batch=8] [--max_new_tokens=N] [--max_queue=256] [--step=N] [--name=NAME]
+
+Any language-model workdir (pretraining, SFT, DPO, RL) or Hugging Face directory (`hf:DIR`) is
+served with the same model code, sharding and precision as training, on all local devices.
+The server compiles every program it can run (each prompt bucket for generation, each length
+bucket for scoring) before it opens its port, then prints one line saying it is ready: clients
+that probe at connect time (lm-eval) find it answering at once.
+
+SIGTERM or Ctrl-C stops taking requests, lets the ones in flight finish, and exits 0.
+See docs/serving.md for the API, the `openai` client and `lm-eval` against it.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import time
+
+import jax
+from absl import app, flags
+
+from gptstack import environment
+from gptstack.config import ConfigError
+from gptstack.data.sources import DataError
+from gptstack.lineage import load_policy
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A language-model workdir, or hf:DIR.')
+_HOST = flags.DEFINE_string('host', '127.0.0.1', 'Address to listen on (0.0.0.0: every '
+                            'interface).')
+_PORT = flags.DEFINE_integer('port', 8000, 'Port to listen on.')
+_MAX_BATCH = flags.DEFINE_integer('max_batch', 8, 'Rows per compiled call: requests that '
+                                  'arrive together share one.')
+_MAX_NEW = flags.DEFINE_integer('max_new_tokens', None, 'The most tokens a reply may take '
+                                '(default: half the context, at most 256); prompts may use the '
+                                'rest of the context.')
+_MAX_QUEUE = flags.DEFINE_integer('max_queue', 256, 'Rows that may wait; past it requests get '
+                                  '503 with Retry-After.')
+_STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
+_NAME = flags.DEFINE_string('name', None, 'The model id clients name (default: the workdir\'s '
+                            'folder name).')
+flags.mark_flag_as_required('workdir')
+
+
+def main(argv) -> int:
+    del argv
+    environment.start_tool()
+    import uvicorn  # the `serve` extra
+
+    from gptstack.serving.api import create_app
+    from gptstack.serving.engine import Engine
+
+    logging.getLogger('gptstack').setLevel(logging.INFO)
+    try:
+        policy = load_policy(_WORKDIR.value, _STEP.value)
+    except (ConfigError, DataError) as error:  # not a workdir of a language model
+        raise app.UsageError(str(error)) from None
+    context = policy.config.max_seq_len
+    max_new = _MAX_NEW.value or min(256, context // 2)
+    try:
+        engine = Engine(policy, batch_size=_MAX_BATCH.value, max_new_tokens=max_new,
+                        max_queue=_MAX_QUEUE.value)
+    except ConfigError as error:
+        raise app.UsageError(f'--max_new_tokens: {error}') from None
+    name = _NAME.value or _WORKDIR.value.rstrip('/').split('/')[-1]
+    about = describe(policy)
+    print(f'serving {name}: {about["stage"]}, step {about["step"]}, '
+          f'{about["parameters"] / 1e6:.1f}M parameters, context {context}, replies of up to '
+          f'{max_new} tokens, batches of {engine.batch_size}', flush=True)
+    start = time.perf_counter()
+    engine.warm_up(progress=lambda line: print(f'  {line}', flush=True))
+    print(f'compiled in {time.perf_counter() - start:.0f} s', flush=True)
+    engine.start()
+    server = uvicorn.Server(uvicorn.Config(
+        create_app(engine, name, about), host=_HOST.value, port=_PORT.value, workers=1,
+        log_level='warning', access_log=False))
+    # Signals stay with this thread: the server runs in another, and is asked to stop.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: setattr(server, 'should_exit', True))
+    thread = threading.Thread(target=server.run, name='http')
+    thread.start()
+    while not server.started and thread.is_alive():
+        time.sleep(0.05)
+    if not server.started:
+        engine.stop()
+        print(f'could not listen on {_HOST.value}:{_PORT.value}', file=sys.stderr)
+        return 1
+    print(f'ready: http://{_HOST.value}:{_PORT.value} (chat page at /, OpenAI API at /v1)',
+          flush=True)
+    while thread.is_alive():
+        thread.join(0.2)
+    engine.stop()
+    print('stopped', flush=True)
+    return 0
+
+
+def describe(policy) -> dict:
+    """What the server tells clients about its model: stage, step and size."""
+    meta = policy.meta
+    stage = meta.get('config', {}).get('stage', 'hf' if 'config' not in meta else None)
+    return {'stage': stage or 'unknown', 'step': meta.get('step', 0),
+            'parameters': int(sum(x.size for x in jax.tree.leaves(policy.params)))}
+
+
+if __name__ == '__main__':
+    sys.exit(app.run(main))

@@ -1,10 +1,11 @@
-"""Serve a trained language model over OpenAI's API, with a chat page at `/`.
+"""Serve a trained model over OpenAI's API, with a chat page at `/`.
 
     python -m experiments.serve --workdir=workdirs/pipeline/sft [--port=8000] [--host=127.0.0.1] \
         [--max_batch=8] [--max_new_tokens=N] [--max_queue=256] [--step=N] [--name=NAME]
 
 Any language-model workdir (pretraining, SFT, DPO, RL) or Hugging Face directory (`hf:DIR`) is
-served with the same model code, sharding and precision as training, on all local devices.
+served with the same model code, sharding and precision as training, on all local devices. A
+reward-model workdir is served too: it scores conversations at `POST /v1/score`.
 The server compiles every program it can run (each prompt bucket for generation, each length
 bucket for scoring) before it opens its port, then prints one line saying it is ready: clients
 that probe at connect time (lm-eval) find it answering at once.
@@ -27,9 +28,9 @@ from absl import app, flags
 from gptstack import environment
 from gptstack.config import ConfigError
 from gptstack.data.sources import DataError
-from gptstack.lineage import load_policy
+from gptstack.lineage import HF_PREFIX, Workdir, load_policy, load_reward_model
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'A language-model workdir, or hf:DIR.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'A stage workdir, or hf:DIR.')
 _HOST = flags.DEFINE_string('host', '127.0.0.1', 'Address to listen on (0.0.0.0: every '
                             'interface).')
 _PORT = flags.DEFINE_integer('port', 8000, 'Port to listen on.')
@@ -56,21 +57,23 @@ def main(argv) -> int:
 
     logging.getLogger('gptstack').setLevel(logging.INFO)
     try:
-        policy = load_policy(_WORKDIR.value, _STEP.value)
+        model = load_model(_WORKDIR.value, _STEP.value)
     except (ConfigError, DataError) as error:  # not a workdir of a language model
         raise app.UsageError(str(error)) from None
-    context = policy.config.max_seq_len
+    context = model.config.max_seq_len
     max_new = _MAX_NEW.value or min(256, context // 2)
     try:
-        engine = Engine(policy, batch_size=_MAX_BATCH.value, max_new_tokens=max_new,
+        engine = Engine(model, batch_size=_MAX_BATCH.value, max_new_tokens=max_new,
                         max_queue=_MAX_QUEUE.value)
     except ConfigError as error:
         raise app.UsageError(f'--max_new_tokens: {error}') from None
     name = _NAME.value or _WORKDIR.value.rstrip('/').split('/')[-1]
-    about = describe(policy)
+    about = describe(model)
+    what = (f'replies of up to {max_new} tokens' if engine.generates
+            else 'a reward model: POST /v1/score')
     print(f'serving {name}: {about["stage"]}, step {about["step"]}, '
-          f'{about["parameters"] / 1e6:.1f}M parameters, context {context}, replies of up to '
-          f'{max_new} tokens, batches of {engine.batch_size}', flush=True)
+          f'{about["parameters"] / 1e6:.1f}M parameters, context {context}, {what}, batches of '
+          f'{engine.batch_size}', flush=True)
     start = time.perf_counter()
     engine.warm_up(progress=lambda line: print(f'  {line}', flush=True))
     print(f'compiled in {time.perf_counter() - start:.0f} s', flush=True)
@@ -98,12 +101,24 @@ def main(argv) -> int:
     return 0
 
 
-def describe(policy) -> dict:
+def load_model(source: str, step: int | None):
+    """A reward workdir's reward model, or any other source's language model."""
+    if not source.startswith(HF_PREFIX):
+        try:
+            stage = Workdir(source).latest_meta().get('config', {}).get('stage')
+        except (ConfigError, DataError):
+            stage = None  # load_policy says what is wrong
+        if stage == 'reward':
+            return load_reward_model(source, step)
+    return load_policy(source, step)
+
+
+def describe(model) -> dict:
     """What the server tells clients about its model: stage, step and size."""
-    meta = policy.meta
+    meta = model.meta
     stage = meta.get('config', {}).get('stage', 'hf' if 'config' not in meta else None)
     return {'stage': stage or 'unknown', 'step': meta.get('step', 0),
-            'parameters': int(sum(x.size for x in jax.tree.leaves(policy.params)))}
+            'parameters': int(sum(x.size for x in jax.tree.leaves(model.params)))}
 
 
 if __name__ == '__main__':

@@ -1,10 +1,15 @@
-"""Helpers for tests that run whole stages as `python -m experiments.run` subprocesses; the
-shared workdirs they start from are session fixtures in `conftest.py`."""
+"""Helpers for tests that run whole stages as `python -m experiments.run` subprocesses, or a
+server (`experiments.serve`); the shared workdirs they start from are session fixtures in
+`conftest.py`."""
 
+import contextlib
 import json
 import pathlib
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -100,3 +105,33 @@ def start_and_wait_for_checkpoint(args, workdir, step, **kwargs):
         assert time.time() < deadline
         time.sleep(0.02)
     return process
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(workdir, *flags):
+    """A server on `workdir` (`python -m experiments.serve`) on a free local port, once it says
+    it is ready: yields `(base_url, output_lines)`. On exit it gets SIGTERM and must end with
+    status 0."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, '-m', 'experiments.serve', f'--workdir={workdir}', f'--port={port}',
+         *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()
+    try:
+        deadline = time.time() + 300
+        while not any(line.startswith('ready:') for line in lines):
+            assert process.poll() is None, ''.join(lines)[-3000:]
+            assert time.time() < deadline, ''.join(lines)[-3000:]
+            time.sleep(0.1)
+        yield f'http://127.0.0.1:{port}', lines
+    finally:
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(timeout=60)
+    assert status == 0, ''.join(lines)[-3000:]

@@ -9,7 +9,6 @@ import concurrent.futures
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,7 +26,7 @@ from gptstack.data.tokenizer import render_prompt
 from gptstack.lineage import load_policy
 from gptstack.sampling import SamplingParams
 from gptstack.serving import engine as engine_lib
-from tests.runs import ROOT
+from tests.runs import ROOT, free_port, serving
 
 openai = pytest.importorskip('openai')
 MAX_NEW = 24
@@ -39,32 +38,12 @@ QUESTIONS = ['Write "marble number" in capital letters. Reply with the result on
              'What is the opposite of cold?']
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope='module')
 def server(sft_workdir):
-    """`(base_url, process)` of a server on the SFT model; on teardown, SIGTERM must end it
-    with status 0."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, '-m', 'experiments.serve', f'--workdir={sft_workdir}', f'--port={port}',
-         '--max_batch=8', f'--max_new_tokens={MAX_NEW}', '--max_queue=64', '--name=sft'],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines = []
-    reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
-    reader.start()
-    deadline = time.time() + 300
-    while not any(line.startswith('ready:') for line in lines):
-        assert process.poll() is None, ''.join(lines)[-3000:]
-        assert time.time() < deadline, ''.join(lines)[-3000:]
-        time.sleep(0.1)
-    yield f'http://127.0.0.1:{port}', process, lines
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=60) == 0, ''.join(lines)[-3000:]
+    """`(base_url, output_lines)` of a server on the SFT model; it must exit 0 on SIGTERM."""
+    with serving(sft_workdir, '--max_batch=8', f'--max_new_tokens={MAX_NEW}', '--max_queue=64',
+                 '--name=sft') as server:
+        yield server
 
 
 @pytest.fixture(scope='module')
@@ -327,3 +306,64 @@ def test_the_server_exits_cleanly_with_requests_in_flight(sft_workdir):
     rest = list(stream)
     assert first.choices and [c for c in rest if c.choices and c.choices[0].finish_reason]
     assert process.wait(timeout=60) == 0
+
+
+class Collect:
+    """A request's events; with `cancel`, its client goes away at the first text it gets."""
+
+    def __init__(self, cancel: bool):
+        self.events, self.done, self.cancel = [], threading.Event(), cancel
+        self.request = engine_lib.Request(self)
+
+    def __call__(self, event):
+        self.events.append(event)
+        if self.cancel and isinstance(event, engine_lib.Delta):
+            self.request.cancelled.set()
+        if isinstance(event, engine_lib.Finished):
+            self.done.set()
+
+
+def test_a_cancelled_row_stops_generating(policy):
+    """A client that goes away mid-reply cancels its row: the engine's callback stops it at the
+    next step, while the same row left alone runs to its limit."""
+    engine = engine_lib.Engine(policy, batch_size=8, max_new_tokens=MAX_NEW)
+    engine.start()
+    prompt = render_prompt(policy.tokenizer, chat('Tell me everything.'))
+    tokens = {}
+    for cancel in (False, True):
+        collect = Collect(cancel)
+        engine.submit([engine_lib.GenerationRow(collect.request, 0, prompt,
+                                                SamplingParams(temperature=0.0), MAX_NEW)])
+        assert collect.done.wait(120)
+        tokens[cancel] = collect.events[-1].token_ids
+    engine.stop()
+    assert len(tokens[False]) >= 8  # a long reply, so there is something to cut
+    assert len(tokens[True]) < len(tokens[False])
+    assert tokens[True] == tokens[False][:len(tokens[True])]
+
+
+def test_the_reward_endpoint_scores_as_the_library_does(reward_workdir, server):
+    """`/v1/score` on a reward workdir returns `RewardModel.scorer`'s rewards for the same
+    conversations (what best-of-N ranks by); its text endpoints refuse, and a language model's
+    server refuses `/v1/score`."""
+    from gptstack.lineage import load_reward_model
+
+    questions = ['What is 12 plus 30?', 'Name three colours.', 'Reverse the word "garden".',
+                 'Say hello.', 'What is the opposite of cold?']
+    replies = ['42', 'red, green, blue', 'nedrag', 'Hello!', 'hot']
+    conversations = [[{'role': 'user', 'content': q}, {'role': 'assistant', 'content': r}]
+                     for q, r in zip(questions, replies, strict=True)]
+    model = load_reward_model(reward_workdir)
+    expected = model.scorer(8)([c[:1] for c in conversations], [c[1:] for c in conversations])
+    with serving(reward_workdir, '--name=rm') as (base_url, _):
+        status, body = post(base_url, '/v1/score', {'conversations': conversations})
+        assert status == 200, body
+        np.testing.assert_allclose([d['score'] for d in body['data']], expected, atol=1e-5)
+        assert [d['index'] for d in body['data']] == list(range(5))
+        status, body = post(base_url, '/v1/chat/completions', {'messages': conversations[0]})
+        assert status == 400 and 'reward model' in body['error']['message']
+        too_long = [[{'role': 'user', 'content': 'word ' * 100}, conversations[0][1]]]
+        status, body = post(base_url, '/v1/score', {'conversations': too_long})
+        assert status == 400 and body['error']['param'] == 'conversations', body
+    status, body = post(server[0], '/v1/score', {'conversations': conversations})
+    assert status == 400 and 'language model' in body['error']['message']

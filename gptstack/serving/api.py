@@ -6,7 +6,8 @@
 - `POST /v1/completions` with `echo` and `logprobs` and `max_tokens` 0 or 1 scores the prompt
   in one forward pass: how evaluation harnesses read a continuation's log-likelihood.
 - `POST /tokenize`, `POST /detokenize`, `GET /tokenizer_info` in the shapes vLLM established,
-  so a client needs no tokenizer of its own; `GET /v1/models`, `GET /health`.
+  so a client needs no tokenizer of its own; `GET /v1/models`, `GET /health`, and a chat page
+  at `GET /` (`chat.html`: one static file, nothing fetched from elsewhere).
 - Every prompt is read as a new document, after an implicit `<|endoftext|>`, as every
   pretraining document starts; echoed log-probabilities are those of the given tokens only.
 - Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 400 for a bad
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import pathlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -28,10 +30,11 @@ from typing import Annotated, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gptstack.data.preference import completion_row
 from gptstack.data.tokenizer import SPECIAL_TOKENS, render_prompt
 from gptstack.sampling import SamplingParams
 from gptstack.serving import engine as engine_lib
@@ -42,10 +45,12 @@ from gptstack.serving.engine import (
     Finished,
     GenerationRow,
     QueueFullError,
+    RewardRow,
     ScoringRow,
 )
 
 log = logging.getLogger(__name__)
+CHAT_PAGE = pathlib.Path(__file__).with_name('chat.html')  # the web chat page, one static file
 MAX_STOP_STRINGS = 16
 # Known parameters this server does not implement, with the values that mean "not used".
 UNSUPPORTED = {'tools': (None, []), 'tool_choice': (None, 'none'), 'functions': (None, []),
@@ -66,22 +71,24 @@ class BadRequestError(Exception):
 
 # --- requests -----------------------------------------------------------------------------------
 class _Body(BaseModel):
+    """Fields every generation request shares. `null` means the default, as OpenAI reads it."""
+
     model_config = ConfigDict(extra='allow')
 
     model: StrictStr | None = None
     max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
-    temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    temperature: Annotated[float, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     stop: StrictStr | list[StrictStr] | None = None
     seed: StrictInt | None = None
-    n: Annotated[StrictInt, Field(ge=1)] = 1
-    stream: StrictBool = False
+    n: Annotated[StrictInt, Field(ge=1)] | None = None
+    stream: StrictBool | None = None
     stream_options: _StreamOptions | None = None
 
 
 class _StreamOptions(BaseModel):
     model_config = ConfigDict(extra='allow')
-    include_usage: StrictBool = False
+    include_usage: StrictBool | None = None
 
 
 class _TextPart(BaseModel):
@@ -98,7 +105,7 @@ class _Message(BaseModel):
 class ChatRequest(_Body):
     messages: Annotated[list[_Message], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
-    logprobs: StrictBool = False
+    logprobs: StrictBool | None = None
 
 
 class CompletionRequest(_Body):
@@ -106,8 +113,15 @@ class CompletionRequest(_Body):
              | Annotated[list[StrictStr], Field(min_length=1)]
              | Annotated[list[Annotated[list[StrictInt], Field(min_length=1)]],
                          Field(min_length=1)])
-    echo: StrictBool = False
+    echo: StrictBool | None = None
     logprobs: Annotated[StrictInt, Field(ge=0, le=engine_lib.MAX_TOP_LOGPROBS)] | None = None
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra='allow')
+    model: StrictStr | None = None
+    conversations: Annotated[list[Annotated[list[_Message], Field(min_length=2)]],
+                             Field(min_length=1)]
 
 
 class TokenizeRequest(BaseModel):
@@ -181,7 +195,12 @@ def create_app(engine: Engine, model_name: str, about: dict) -> FastAPI:
     async def models():
         return {'object': 'list', 'data': [{'id': model_name, 'object': 'model',
                                             'created': created, 'owned_by': 'gptstack',
-                                            'max_model_len': engine.context, **about}]}
+                                            'max_model_len': engine.context,
+                                            'max_new_tokens': engine.max_new_tokens, **about}]}
+
+    @app.get('/', response_class=HTMLResponse)
+    async def chat_page():
+        return CHAT_PAGE.read_text(encoding='utf-8')
 
     @app.get('/tokenizer_info')
     async def tokenizer_info():
@@ -203,13 +222,42 @@ def create_app(engine: Engine, model_name: str, about: dict) -> FastAPI:
         _check_ids(body.tokens, tok.vocab_size, 'tokens')
         return {'prompt': tok.decode(body.tokens)}
 
+    def needs_language_model() -> None:
+        if not engine.generates:
+            raise BadRequestError(f'{model_name} is a reward model: it generates no text; '
+                                  'score conversations with POST /v1/score')
+
+    # --- rewards -----------------------------------------------------------------------------
+    @app.post('/v1/score')
+    async def score(body: ScoreRequest):
+        if engine.generates:
+            raise BadRequestError(f'{model_name} is a language model: /v1/score needs a '
+                                  'reward-model workdir', 'conversations')
+        events, rows = _Events(), []
+        for i, conversation in enumerate(body.conversations):
+            messages = _messages(conversation)
+            if messages[-1]['role'] != 'assistant':
+                raise BadRequestError(f'conversations.{i}: the last message is the reply to '
+                                      'score, so its role must be assistant', 'conversations')
+            prompt, completion = messages[:-1], messages[-1:]
+            n = len(completion_row(tok, prompt, completion))
+            if n > engine.reward_row_tokens:
+                raise BadRequestError(f'conversations.{i} is {n} tokens with the reward token; '
+                                      f'the reward model reads at most '
+                                      f'{engine.reward_row_tokens}', 'conversations')
+            rows.append(RewardRow(events.request, i, prompt, completion))
+        engine.submit(rows)
+        finished = await _wait(events, len(rows))
+        return {'object': 'list', 'model': model_name,
+                'data': [{'object': 'score', 'index': f.index, 'score': f.reward}
+                         for f in finished]}
+
     # --- generation --------------------------------------------------------------------------
     @app.post('/v1/chat/completions')
     async def chat_completions(body: ChatRequest, request: Request):
+        needs_language_model()
         _refuse_unsupported(body, extra_refused=('logprobs',) if body.logprobs else ())
-        messages = [{'role': 'system' if m.role == 'developer' else m.role,
-                     'content': m.content if isinstance(m.content, str)
-                     else ''.join(part.text for part in m.content)} for m in body.messages]
+        messages = _messages(body.messages)
         prompt = render_prompt(tok, messages)
         max_tokens = _max_tokens(engine, body.max_completion_tokens
                                  if body.max_completion_tokens is not None else body.max_tokens)
@@ -230,6 +278,7 @@ def create_app(engine: Engine, model_name: str, about: dict) -> FastAPI:
 
     @app.post('/v1/completions')
     async def completions(body: CompletionRequest):
+        needs_language_model()
         _refuse_unsupported(body)
         if body.stream and body.logprobs is not None:
             raise BadRequestError('logprobs are not streamed: ask without stream', 'logprobs')
@@ -248,14 +297,15 @@ def create_app(engine: Engine, model_name: str, about: dict) -> FastAPI:
                         f'<|endoftext|> before it and the {max_tokens} generated)', 'prompt')
                 rows.append(ScoringRow(events.request, i, prompt, body.logprobs,
                                        generate=max_tokens == 1,
-                                       temperature=body.temperature, seed=body.seed))
+                                       temperature=_sampling(body).temperature,
+                                       seed=body.seed))
             else:
                 ids = [tok.eot_id, *prompt]
                 _check_ids(prompt, tok.vocab_size, 'prompt')
                 _check_prompt(engine, ids, 'prompt', index=i)
                 rows.append(GenerationRow(
                     events.request, i, ids, _sampling(body), _max_tokens(engine, max_tokens),
-                    body.seed, _stops(body.stop), logprobs=body.logprobs, echo=body.echo))
+                    body.seed, _stops(body.stop), logprobs=body.logprobs, echo=bool(body.echo)))
         engine.submit(rows)
         ids = _ids('cmpl')
         prompt_tokens = sum(1 + len(p) for p in prompts)
@@ -294,14 +344,22 @@ def _refuse_unsupported(body: _Body, extra_refused: Sequence[str] = ()) -> None:
             raise BadRequestError(f'{name} is not supported by this server', name)
     for name in extra_refused:
         raise BadRequestError(f'{name} is not supported by this server for this endpoint', name)
-    if body.n != 1:
+    if body.n not in (None, 1):
         raise BadRequestError(f'n={body.n}: this server returns one choice per prompt', 'n')
     if extras:
         log.info('ignored request fields: %s', ', '.join(sorted(extras)))
 
 
+def _messages(messages: Sequence[_Message]) -> list[dict]:
+    """Messages as the chat template takes them (`developer` is OpenAI's newer `system`)."""
+    return [{'role': 'system' if m.role == 'developer' else m.role,
+             'content': m.content if isinstance(m.content, str)
+             else ''.join(part.text for part in m.content)} for m in messages]
+
+
 def _sampling(body: _Body) -> SamplingParams:
-    return SamplingParams(temperature=body.temperature, top_p=body.top_p)
+    return SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
+                          top_p=1.0 if body.top_p is None else body.top_p)
 
 
 def _stops(stop: str | list[str] | None) -> tuple[str, ...]:

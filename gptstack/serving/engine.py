@@ -16,6 +16,9 @@ requests from any number of HTTP handlers reach it through a bounded queue.
 - **Scoring** (`echo` with `logprobs`): each row runs through the model once, after an implicit
   `<|endoftext|>` (every training document starts with one), and gets the log-probability of
   each of its tokens and the most likely alternatives at each position.
+- **Rewards**: an engine on a reward model scores conversations with the library's reward
+  scorer (`RewardModel.scorer`), read at the reward token exactly as training reads it; it
+  generates no text.
 
 Results go back through each row's `emit` callable, which must be safe to call from the engine
 thread (the HTTP side hands the events to its event loop).
@@ -38,7 +41,7 @@ from flax import nnx
 
 from gptstack import sharding
 from gptstack.chat import reply_text
-from gptstack.lineage import Policy
+from gptstack.lineage import Policy, RewardModel
 from gptstack.sampling import MIN_PROMPT_BUCKET, Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,7 @@ class Finished:
     token_ids: list[int]
     finish_reason: str
     logprobs: dict | None = None
+    reward: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +129,18 @@ class ScoringRow:
     seed: int | None = None
 
 
-Row = GenerationRow | ScoringRow
+@dataclasses.dataclass
+class RewardRow:
+    """The reward model's score of `completion` (the assistant's turns) after `prompt` (the
+    conversation before them)."""
+
+    request: Request
+    index: int
+    prompt: list[dict]
+    completion: list[dict]
+
+
+Row = GenerationRow | ScoringRow | RewardRow
 
 
 # --- text as it streams -------------------------------------------------------------------------
@@ -190,10 +205,11 @@ def _held_back(text: str, stops: Sequence[str]) -> int:
 
 # --- the engine ---------------------------------------------------------------------------------
 class Engine:
-    """Serves one language model (`Policy`) from a thread of its own.
+    """Serves one model from a thread of its own: a language model (`Policy`) generates and
+    scores text, a reward model (`RewardModel`) scores conversations.
 
     Args:
-        policy: the loaded model, tokenizer and mesh.
+        model: the loaded model, tokenizer and mesh.
         batch_size: rows per compiled call (rounded up to the mesh's batch shards).
         max_new_tokens: the most tokens one row may generate; prompts may use the rest of the
             context.
@@ -201,23 +217,30 @@ class Engine:
         gather_s: how long to wait for more rows after the first one arrives.
     """
 
-    def __init__(self, policy: Policy, *, batch_size: int = 8, max_new_tokens: int = 128,
-                 max_queue: int = 256, gather_s: float = 0.005):
-        self.policy, self.tokenizer = policy, policy.tokenizer
+    def __init__(self, model: Policy | RewardModel, *, batch_size: int = 8,
+                 max_new_tokens: int = 128, max_queue: int = 256, gather_s: float = 0.005):
+        self.model, self.tokenizer = model, model.tokenizer
         tok = self.tokenizer
-        self.stop_ids = {tok.eot_id, tok.end_of_turn_id}
-        self.sampler = Sampler(policy.graphdef, policy.config, policy.mesh, 'fsdp',
-                               batch_size=batch_size, max_new_tokens=max_new_tokens,
-                               stop_ids=sorted(self.stop_ids), pad_id=tok.pad_id,
-                               vocab_size=tok.vocab_size, on_step=self._on_step)
-        self.batch_size = self.sampler.batch_size
-        self.max_new_tokens = max_new_tokens
-        self.context = policy.config.max_seq_len
-        # The longest prompt generation takes: the context less the generation budget.
-        self.max_prompt_tokens = self.sampler.prompt_bucket(self.context)
+        self.context = model.config.max_seq_len
         self.max_queue, self.gather_s = max_queue, gather_s
-        self._special_ids = set(tok.special_ids.values())
-        self._score = _make_scorer(policy, self.batch_size)
+        self.generates = isinstance(model, Policy)
+        self.batch_size = sharding.round_to_batch_shards(model.mesh, batch_size)
+        if not self.generates:
+            self._rewards = model.scorer(self.batch_size)
+            # The rows the reward model was trained on: longer ones are refused, not cut.
+            self.reward_row_tokens = min(self.context, model.meta['config']['data']['seq_len'])
+            self.max_new_tokens = self.max_prompt_tokens = 0
+        else:
+            self.stop_ids = {tok.eot_id, tok.end_of_turn_id}
+            self.sampler = Sampler(model.graphdef, model.config, model.mesh, 'fsdp',
+                                   batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                   stop_ids=sorted(self.stop_ids), pad_id=tok.pad_id,
+                                   vocab_size=tok.vocab_size, on_step=self._on_step)
+            self.max_new_tokens = max_new_tokens
+            # The longest prompt generation takes: the context less the generation budget.
+            self.max_prompt_tokens = self.sampler.prompt_bucket(self.context)
+            self._special_ids = set(tok.special_ids.values())
+            self._score = _make_scorer(model, self.batch_size)
         self._base_key = jax.random.key(secrets.randbits(31))
         self._unseeded = 0
         self._waiting: collections.deque[Row] = collections.deque()
@@ -256,10 +279,16 @@ class Engine:
 
     def warm_up(self, progress: Callable[[str], None] = log.info) -> None:
         """Compiles every program requests can reach: generation for each prompt bucket and
-        scoring for each length bucket (one batch of dummy rows each)."""
+        scoring for each length bucket (one batch of dummy rows each), or the reward model's
+        scoring."""
+        if not self.generates:
+            progress(f'compiling reward scoring for rows of {self.reward_row_tokens} tokens')
+            self._rewards([[{'role': 'user', 'content': ''}]],
+                          [[{'role': 'assistant', 'content': ''}]])
+            return
         buckets = sorted({self.sampler.prompt_bucket(n)
                           for n in range(1, self.max_prompt_tokens + 1)})
-        params, key = self.policy.params, jax.random.key(0)
+        params, key = self.model.params, jax.random.key(0)
         for bucket in buckets:
             progress(f'compiling generation for prompts of up to {bucket} tokens')
             self._streams = []  # the callback stops every row at once
@@ -278,8 +307,10 @@ class Engine:
             try:
                 if isinstance(batch[0], GenerationRow):
                     self._generate(batch)
-                else:
+                elif isinstance(batch[0], ScoringRow):
                     self._score_rows(batch)
+                else:
+                    self._reward_rows(batch)
             except Exception as error:  # the server goes on; these rows fail
                 log.exception('a batch of %d rows failed', len(batch))
                 for row in batch:
@@ -318,7 +349,7 @@ class Engine:
         self._streams = [_Stream(row, self._reply_text if row.chat else self._plain_text,
                                  self.stop_ids) for row in rows]
         keys = jnp.stack([self._key(row.seed) for row in rows])
-        self.sampler(self.policy.params, [row.prompt for row in rows], keys,
+        self.sampler(self.model.params, [row.prompt for row in rows], keys,
                      [row.sampling for row in rows])
         scores = self._generated_logprobs(self._streams)
         for stream, logprobs in zip(self._streams, scores, strict=True):
@@ -359,6 +390,11 @@ class Engine:
                     (stream.row.prompt[1:] + stream.tokens)[begin:], logp[begin:], top[begin:],
                     stream.row.logprobs)
         return [results.get(id(s)) for s in streams]
+
+    def _reward_rows(self, rows: list[RewardRow]) -> None:
+        rewards = self._rewards([row.prompt for row in rows], [row.completion for row in rows])
+        for row, reward in zip(rows, rewards, strict=True):
+            row.request.emit(Finished(row.index, '', [], 'stop', reward=float(reward)))
 
     def _score_rows(self, rows: list[ScoringRow]) -> None:
         scored = self._forward([row.prompt for row in rows], max(r.top for r in rows),

@@ -101,3 +101,14 @@ def sft_workdir(pipeline_workdir):
 def reward_workdir(pipeline_workdir):
     """A runlocal reward-model run from `sft_workdir`."""
     return pipeline_workdir / 'reward'
+
+
+@pytest.fixture(scope='session')
+def sft_server(sft_workdir):
+    """The base URL of a server on the SFT model (`python -m experiments.serve`), shared by the
+    serving tests; it must exit 0 on SIGTERM at the end of the session."""
+    from tests.runs import SERVE_MAX_NEW, serving
+
+    with serving(sft_workdir, '--max_batch=8', f'--max_new_tokens={SERVE_MAX_NEW}',
+                 '--max_queue=64', '--name=sft') as (base_url, _):
+        yield base_url

@@ -21,6 +21,8 @@ CONSOLE = 'console.txt'
 LONG_STEPS = 120
 LONG = (f'--config.train.total_steps={LONG_STEPS}', '--config.train.checkpoint_every=5',
         '--config.train.eval_every=0', '--config.train.sample_every=0')
+# The longest reply the test servers give (of the SFT model's 96-token context).
+SERVE_MAX_NEW = 24
 # Room for task conversations in runlocal models.
 SFT = ('--config.data.seq_len=96',)
 # Enough held-out prompts that some of a tiny model's replies differ in gold score.

@@ -13,13 +13,13 @@ import urllib.request
 
 import pytest
 
-from tests.runs import serving
+from tests.runs import SERVE_MAX_NEW
 
 webdriver = pytest.importorskip('selenium.webdriver')
 CHROMIUM, DRIVER = shutil.which('chromium'), shutil.which('chromedriver')
 pytestmark = pytest.mark.skipif(not (CHROMIUM and DRIVER),
                                 reason='needs chromium and chromium-driver (apt)')
-MAX_NEW = 24  # leaves 72 tokens of the context for the conversation
+MAX_NEW = SERVE_MAX_NEW  # leaves 72 tokens of the context for the conversation
 PROMPTS = ['Tell me everything.', 'hello there', 'Write a long story.', 'What is 12 plus 30?',
            'List every colour you know.', 'Explain the rules of chess.']
 # Records every text the newest assistant bubble shows, and (when armed) presses Stop at the
@@ -43,9 +43,8 @@ new MutationObserver(() => {
 
 
 @pytest.fixture(scope='module')
-def server(sft_workdir):
-    with serving(sft_workdir, f'--max_new_tokens={MAX_NEW}', '--name=sft') as server:
-        yield server[0]
+def server(sft_server):
+    return sft_server
 
 
 @pytest.fixture(scope='module')

@@ -26,10 +26,9 @@ from gptstack.data.tokenizer import render_prompt
 from gptstack.lineage import load_policy
 from gptstack.sampling import SamplingParams
 from gptstack.serving import engine as engine_lib
-from tests.runs import ROOT, free_port, serving
+from tests.runs import ROOT, SERVE_MAX_NEW, free_port, serving
 
 openai = pytest.importorskip('openai')
-MAX_NEW = 24
 QUESTIONS = ['Write "marble number" in capital letters. Reply with the result only.',
              'Erin has 7 coins. Erin gets 1 more. How many coins does Erin have now? '
              'Answer with the number only.',
@@ -39,16 +38,8 @@ QUESTIONS = ['Write "marble number" in capital letters. Reply with the result on
 
 
 @pytest.fixture(scope='module')
-def server(sft_workdir):
-    """`(base_url, output_lines)` of a server on the SFT model; it must exit 0 on SIGTERM."""
-    with serving(sft_workdir, '--max_batch=8', f'--max_new_tokens={MAX_NEW}', '--max_queue=64',
-                 '--name=sft') as server:
-        yield server
-
-
-@pytest.fixture(scope='module')
-def client(server):
-    return openai.OpenAI(base_url=f'{server[0]}/v1', api_key='unused', max_retries=0)
+def client(sft_server):
+    return openai.OpenAI(base_url=f'{sft_server}/v1', api_key='unused', max_retries=0)
 
 
 @pytest.fixture(scope='module')
@@ -74,7 +65,7 @@ def post(base_url, path, body: bytes | dict):
 def test_greedy_chat_equals_the_library_sampler_streamed_or_not(client, policy):
     """The server's greedy reply to a conversation is the library's: the same text from the
     same tokens, whole or streamed; the usage counts our tokens."""
-    sampler = policy.sampler(8, MAX_NEW, chat=True)
+    sampler = policy.sampler(8, SERVE_MAX_NEW, chat=True)
     conversations = [chat(q) for q in QUESTIONS]
     expected = sample_replies(sampler, policy.params, policy.tokenizer, conversations,
                               jax.random.key(0), SamplingParams(temperature=0.0))
@@ -107,8 +98,9 @@ def test_a_stream_arrives_while_it_is_decoded(client):
     are decoded, not all at the end."""
     for seed in range(20):  # a sampled reply long enough to time
         times, start = [], time.perf_counter()
-        chunks = client.completions.create(model='sft', prompt='def parse(', max_tokens=MAX_NEW,
-                                           temperature=1.0, seed=seed, stream=True)
+        chunks = client.completions.create(model='sft', prompt='def parse(',
+                                           max_tokens=SERVE_MAX_NEW, temperature=1.0, seed=seed,
+                                           stream=True)
         n = 0
         for chunk in chunks:
             if chunk.choices and chunk.choices[0].text:
@@ -182,7 +174,7 @@ def test_echo_logprobs_equal_the_models_own(client, policy):
 
 def test_stop_strings_and_max_tokens(client):
     prompt = 'def parse(text):\n'
-    whole = client.completions.create(model='sft', prompt=prompt, max_tokens=MAX_NEW,
+    whole = client.completions.create(model='sft', prompt=prompt, max_tokens=SERVE_MAX_NEW,
                                       temperature=0)
     text = whole.choices[0].text
     five = client.completions.create(model='sft', prompt=prompt, max_tokens=5, temperature=0)
@@ -194,22 +186,22 @@ def test_stop_strings_and_max_tokens(client):
     for stream in (False, True):
         if stream:
             chunks = list(client.completions.create(model='sft', prompt=prompt, stop=[stop],
-                                                    max_tokens=MAX_NEW, temperature=0,
+                                                    max_tokens=SERVE_MAX_NEW, temperature=0,
                                                     stream=True))
             cut = ''.join(c.choices[0].text for c in chunks)
             assert not any(stop in c.choices[0].text for c in chunks)
             reason = chunks[-1].choices[0].finish_reason
         else:
             reply = client.completions.create(model='sft', prompt=prompt, stop=[stop],
-                                              max_tokens=MAX_NEW, temperature=0)
+                                              max_tokens=SERVE_MAX_NEW, temperature=0)
             cut, reason = reply.choices[0].text, reply.choices[0].finish_reason
         assert cut == text[:text.index(stop)] and reason == 'stop'
 
 
-def test_tokenizer_endpoints(server, policy):
+def test_tokenizer_endpoints(sft_server, policy):
     """vLLM's shapes, as lm-eval probes them; only the exact spelling of a special token maps
     to its id."""
-    base_url, tok = server[0], policy.tokenizer
+    base_url, tok = sft_server, policy.tokenizer
     status, body = post(base_url, '/tokenize', {'prompt': 'Grüße, world', 'add_special_tokens':
                                                 False})
     assert status == 200 and body['tokens'] == tok.encode('Grüße, world')
@@ -228,7 +220,7 @@ def test_tokenizer_endpoints(server, policy):
 @pytest.mark.parametrize('path,body,param', [
     ('/v1/chat/completions', {'messages': [{'role': 'user', 'content': 'word ' * 200}]},
      'messages'),
-    ('/v1/completions', {'prompt': 'hi', 'max_tokens': MAX_NEW + 1}, 'max_tokens'),
+    ('/v1/completions', {'prompt': 'hi', 'max_tokens': SERVE_MAX_NEW + 1}, 'max_tokens'),
     ('/v1/completions', {'prompt': 'hi', 'max_tokens': 'ten'}, 'max_tokens'),
     ('/v1/completions', {'prompt': [10 ** 9]}, 'prompt'),
     ('/v1/completions', {'prompt': 'hi', 'tools': [{'type': 'function'}]}, 'tools'),
@@ -238,12 +230,12 @@ def test_tokenizer_endpoints(server, policy):
     ('/v1/chat/completions', {'messages': []}, 'messages'),
     ('/v1/completions', b'{"prompt": "hi",', None),
 ])
-def test_bad_requests_get_a_400_in_openais_shape(server, path, body, param):
-    status, reply = post(server[0], path, body)
+def test_bad_requests_get_a_400_in_openais_shape(sft_server, path, body, param):
+    status, reply = post(sft_server, path, body)
     assert status == 400, reply
     assert set(reply['error']) == {'message', 'type', 'param', 'code'}
     assert reply['error']['param'] == param
-    assert post(server[0], '/v1/completions', {'prompt': 'hi', 'max_tokens': 2,
+    assert post(sft_server, '/v1/completions', {'prompt': 'hi', 'max_tokens': 2,
                                                'some_harness_key': 1})[0] == 200
 
 
@@ -293,14 +285,14 @@ def test_the_server_exits_cleanly_with_requests_in_flight(sft_workdir):
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, '-m', 'experiments.serve', f'--workdir={sft_workdir}', f'--port={port}',
-         f'--max_new_tokens={MAX_NEW}'], cwd=ROOT, stdout=subprocess.PIPE,
+         f'--max_new_tokens={SERVE_MAX_NEW}'], cwd=ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, env={**os.environ})
     for line in process.stdout:
         if line.startswith('ready:'):
             break
     client = openai.OpenAI(base_url=f'http://127.0.0.1:{port}/v1', api_key='x', max_retries=0)
     stream = client.completions.create(model='sft', prompt=['def parse('] * 8, temperature=1.0,
-                                       max_tokens=MAX_NEW, stream=True)
+                                       max_tokens=SERVE_MAX_NEW, stream=True)
     first = next(iter(stream))
     process.send_signal(signal.SIGTERM)
     rest = list(stream)
@@ -326,14 +318,14 @@ class Collect:
 def test_a_cancelled_row_stops_generating(policy):
     """A client that goes away mid-reply cancels its row: the engine's callback stops it at the
     next step, while the same row left alone runs to its limit."""
-    engine = engine_lib.Engine(policy, batch_size=8, max_new_tokens=MAX_NEW)
+    engine = engine_lib.Engine(policy, batch_size=8, max_new_tokens=SERVE_MAX_NEW)
     engine.start()
     prompt = render_prompt(policy.tokenizer, chat('Tell me everything.'))
     tokens = {}
     for cancel in (False, True):
         collect = Collect(cancel)
         engine.submit([engine_lib.GenerationRow(collect.request, 0, prompt,
-                                                SamplingParams(temperature=0.0), MAX_NEW)])
+                                                SamplingParams(temperature=0.0), SERVE_MAX_NEW)])
         assert collect.done.wait(120)
         tokens[cancel] = collect.events[-1].token_ids
     engine.stop()
@@ -342,7 +334,7 @@ def test_a_cancelled_row_stops_generating(policy):
     assert tokens[True] == tokens[False][:len(tokens[True])]
 
 
-def test_the_reward_endpoint_scores_as_the_library_does(reward_workdir, server):
+def test_the_reward_endpoint_scores_as_the_library_does(reward_workdir, sft_server):
     """`/v1/score` on a reward workdir returns `RewardModel.scorer`'s rewards for the same
     conversations (what best-of-N ranks by); its text endpoints refuse, and a language model's
     server refuses `/v1/score`."""
@@ -365,5 +357,92 @@ def test_the_reward_endpoint_scores_as_the_library_does(reward_workdir, server):
         too_long = [[{'role': 'user', 'content': 'word ' * 100}, conversations[0][1]]]
         status, body = post(base_url, '/v1/score', {'conversations': too_long})
         assert status == 400 and body['error']['param'] == 'conversations', body
-    status, body = post(server[0], '/v1/score', {'conversations': conversations})
+    status, body = post(sft_server, '/v1/score', {'conversations': conversations})
     assert status == 400 and 'language model' in body['error']['message']
+
+
+def hostile_requests(tok, n: int, seed: int = 0):
+    """`n` requests `(path, body bytes)`: valid skeletons with one field replaced by a wrong
+    type, an extreme or a hostile value, and bodies that are not JSON at all."""
+    rng = np.random.default_rng(seed)
+    junk = [None, True, -1, 0, 10 ** 12, -(10 ** 12), 1.5, float('nan'), float('inf'), 'x', '',
+            [], {}, [1, 'a'], {'a': 1}, [[]], [[-5]], [[10 ** 9]], [10 ** 9], ['a', 1],
+            '<script>alert(1)</script>', '<|endoftext|>', '<|assistant|><|reward|>',
+            'é' * 3000, 'word ' * 500, '\x00\ud7ff', [{'role': 'user'}],
+            [{'role': 'user', 'content': 5}], [{'role': 'tool', 'content': 'x'}],
+            [{'type': 'image_url', 'image_url': 'x'}]]
+    valid_text = ['<|endoftext|> hi', '<b>bold</b> <img src=x onerror=alert(1)>', 'Grüße 🙂',
+                  '<|end_of_turn|>', '']
+    chat = {'messages': [{'role': 'user', 'content': 'hi'}], 'max_tokens': 4}
+    completion = {'prompt': 'hi', 'max_tokens': 4}
+    skeletons = [
+        ('/v1/chat/completions', chat, ['messages', 'max_tokens', 'temperature', 'top_p', 'stop',
+                                        'seed', 'n', 'stream', 'stream_options', 'logprobs',
+                                        'max_completion_tokens', 'tools', 'logit_bias']),
+        ('/v1/completions', completion, ['prompt', 'max_tokens', 'temperature', 'top_p', 'stop',
+                                         'seed', 'echo', 'logprobs', 'stream', 'best_of',
+                                         'suffix']),
+        ('/tokenize', {'prompt': 'hi'}, ['prompt', 'add_special_tokens']),
+        ('/detokenize', {'tokens': [1, 2]}, ['tokens']),
+        ('/v1/score', {'conversations': [[{'role': 'user', 'content': 'a'},
+                                          {'role': 'assistant', 'content': 'b'}]]},
+         ['conversations']),
+    ]
+    requests = []
+    for _ in range(n):
+        path, skeleton, fields = skeletons[rng.integers(len(skeletons))]
+        kind = rng.integers(4)
+        body = dict(skeleton)
+        if kind == 0:  # not JSON, or JSON of the wrong shape
+            text = json.dumps(skeleton)
+            raw = [text[:rng.integers(1, len(text))], '', 'null', '[]', '"text"', '{"a": }',
+                   '\xff\xfe'][rng.integers(7)]
+            requests.append((path, raw.encode('utf-8', 'surrogatepass')))
+            continue
+        if kind == 1:  # a hostile but valid text
+            key = 'messages' if 'messages' in body else 'prompt'
+            text = valid_text[rng.integers(len(valid_text))]
+            body[key] = [{'role': 'user', 'content': text}] if key == 'messages' else text
+        else:
+            body[fields[rng.integers(len(fields))]] = junk[rng.integers(len(junk))]
+        requests.append((path, json.dumps(body).encode('utf-8', 'surrogatepass')))
+    return requests
+
+
+def test_three_hundred_hostile_requests_get_no_server_error(sft_server, policy):
+    """Every malformed or hostile request gets a 4xx (in OpenAI's shape) or a well-formed
+    answer; none gets a 5xx, and the server still answers afterwards."""
+    requests = hostile_requests(policy.tokenizer, 320)
+
+    def send(request):
+        path, body = request
+        http = urllib.request.Request(sft_server + path, data=body,
+                                      headers={'Content-Type': 'application/json'})
+        try:
+            with urllib.request.urlopen(http, timeout=120) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read()
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, requests))
+    statuses = [status for status, _ in answers]
+    assert not [s for s in statuses if s >= 500], statuses
+    for (path, _), (status, body) in zip(requests, answers, strict=True):
+        if status == 200 and path.startswith('/v1/') and not body.startswith(b'data:'):
+            assert 'choices' in json.loads(body) or 'data' in json.loads(body)
+        elif status >= 400:
+            error = json.loads(body)['error']
+            assert set(error) == {'message', 'type', 'param', 'code'} and error['message']
+    assert statuses.count(200) > 30 and len([s for s in statuses if s == 400]) > 100
+    with urllib.request.urlopen(sft_server + '/health') as response:
+        assert response.status == 200
+
+
+def test_a_full_queue_refuses_at_once(policy):
+    engine = engine_lib.Engine(policy, batch_size=8, max_new_tokens=SERVE_MAX_NEW, max_queue=2)
+    request = engine_lib.Request(lambda event: None)
+    row = engine_lib.GenerationRow(request, 0, [policy.tokenizer.eot_id], SamplingParams(), 4)
+    engine.submit([row, row])
+    with pytest.raises(engine_lib.QueueFullError, match='2 rows are waiting'):
+        engine.submit([row])

@@ -290,11 +290,12 @@ def create_app(engine: Engine, model_name: str, about: dict) -> FastAPI:
         for i, prompt in enumerate(prompts):
             if scoring:
                 _check_ids(prompt, tok.vocab_size, 'prompt')
-                if 1 + len(prompt) + max_tokens > engine.context:
+                # The one token generated after the prompt takes no position of its own.
+                if 1 + len(prompt) > engine.context:
                     raise BadRequestError(
                         f'prompt {i} is {len(prompt)} tokens; scoring takes at most '
-                        f'{engine.context - 1 - max_tokens} (the context, {engine.context}, less '
-                        f'<|endoftext|> before it and the {max_tokens} generated)', 'prompt')
+                        f'{engine.context - 1} (the context, {engine.context}, less '
+                        '<|endoftext|> before it)', 'prompt')
                 rows.append(ScoringRow(events.request, i, prompt, body.logprobs,
                                        generate=max_tokens == 1,
                                        temperature=_sampling(body).temperature,

@@ -240,7 +240,7 @@ class Engine:
             # The longest prompt generation takes: the context less the generation budget.
             self.max_prompt_tokens = self.sampler.prompt_bucket(self.context)
             self._special_ids = set(tok.special_ids.values())
-            self._score = _make_scorer(model, self.batch_size)
+            self._score = make_scorer(model, self.batch_size)
         self._base_key = jax.random.key(secrets.randbits(31))
         self._unseeded = 0
         self._waiting: collections.deque[Row] = collections.deque()
@@ -288,11 +288,10 @@ class Engine:
             return
         buckets = sorted({self.sampler.prompt_bucket(n)
                           for n in range(1, self.max_prompt_tokens + 1)})
-        params, key = self.model.params, jax.random.key(0)
         for bucket in buckets:
             progress(f'compiling generation for prompts of up to {bucket} tokens')
             self._streams = []  # the callback stops every row at once
-            self.sampler(params, [[self.tokenizer.eot_id] * bucket], key)
+            self._sample([[self.tokenizer.eot_id] * bucket], [None], [SamplingParams()])
         for length in _score_buckets(self.context):
             progress(f'compiling scoring for rows of up to {length} tokens')
             self._score(np.full((self.batch_size, length), self.tokenizer.pad_id, np.int32),
@@ -340,16 +339,25 @@ class Engine:
             return batch
 
     def _key(self, seed: int | None) -> jax.Array:
+        """A row's key: from its seed (taken modulo 2**32), or a fresh one."""
         if seed is not None:
-            return jax.random.key(seed)
+            return jax.random.key(seed % 2**32)
         self._unseeded += 1
         return jax.random.fold_in(self._base_key, self._unseeded)
+
+    def _sample(self, prompts: list[list[int]], seeds: list[int | None],
+                settings: list[SamplingParams]) -> None:
+        """One call of the sampler, always on a full batch (dummy rows, which the callback
+        stops at once, fill it): every array has one shape, so nothing compiles per request."""
+        dummies = self.batch_size - len(prompts)
+        keys = jnp.stack([self._key(seed) for seed in seeds] + [self._key(0)] * dummies)
+        self.sampler(self.model.params, prompts + [[self.tokenizer.eot_id]] * dummies, keys,
+                     settings + [SamplingParams(temperature=0.0)] * dummies)
 
     def _generate(self, rows: list[GenerationRow]) -> None:
         self._streams = [_Stream(row, self._reply_text if row.chat else self._plain_text,
                                  self.stop_ids) for row in rows]
-        keys = jnp.stack([self._key(row.seed) for row in rows])
-        self.sampler(self.model.params, [row.prompt for row in rows], keys,
+        self._sample([row.prompt for row in rows], [row.seed for row in rows],
                      [row.sampling for row in rows])
         scores = self._generated_logprobs(self._streams)
         for stream, logprobs in zip(self._streams, scores, strict=True):
@@ -460,7 +468,7 @@ def _score_buckets(context: int) -> list[int]:
     return [*buckets, context]
 
 
-def _make_scorer(policy: Policy, batch_size: int):
+def make_scorer(policy: Policy, batch_size: int):
     """`score(tokens [B, T], lengths [B]) -> (token_logp [B, T-1], top_logp [B, T-1, k],
     top_ids [B, T-1, k], next_logp [B, V])` as NumPy: the log-probability of each next token,
     the `k` most likely tokens at each position, and the distribution of the token after each

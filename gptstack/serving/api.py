@@ -444,16 +444,32 @@ def _sse(chunks: AsyncIterator[dict | str], events: _Events) -> StreamingRespons
 
 async def _stream_events(events: _Events, n: int) -> AsyncIterator:
     """The engine's events until all `n` rows finish; a failure becomes an error chunk (how
-    a stream reports an error after its 200)."""
+    a stream reports an error after its 200). Text that arrived while the previous chunk was
+    being sent goes out as one chunk per row: under load, fewer and larger chunks."""
     done = 0
     while done < n:
-        event = await events.queue.get()
-        if isinstance(event, Failed):
-            yield {'error': {'message': event.message, 'type': 'server_error', 'param': None,
-                             'code': 500}}
-            return
-        done += isinstance(event, Finished)
-        yield event
+        pending = [await events.queue.get()]
+        while not events.queue.empty():
+            pending.append(events.queue.get_nowait())
+        for event in _merged_deltas(pending):
+            if isinstance(event, Failed):
+                yield {'error': {'message': event.message, 'type': 'server_error',
+                                 'param': None, 'code': 500}}
+                return
+            done += isinstance(event, Finished)
+            yield event
+
+
+def _merged_deltas(events: list) -> list:
+    """`events` in order, with consecutive text of the same row joined into one `Delta`."""
+    merged = []
+    for event in events:
+        last = merged[-1] if merged else None
+        if isinstance(event, Delta) and isinstance(last, Delta) and last.index == event.index:
+            merged[-1] = Delta(event.index, last.text + event.text)
+        else:
+            merged.append(event)
+    return merged
 
 
 async def _chat_chunks(events: _Events, ids: dict, model: str, prompt_tokens: int,

@@ -81,10 +81,13 @@ def main() -> int:
     parser.add_argument('--requests', type=int, default=4, help='Requests per client.')
     parser.add_argument('--max_tokens', type=int, default=64)
     parser.add_argument('--max_batch', type=int, default=8)
+    parser.add_argument('--gather_ms', type=float, default=None,
+                        help='The server\'s --gather_ms (default: its own).')
     parser.add_argument('--out', default='serve.json')
     args = parser.parse_args()
     prompts = [t.prompt for t in tasks.generate('test', 256, 0)]
-    with serving(args.workdir, f'--max_batch={args.max_batch}',
+    gather = [] if args.gather_ms is None else [f'--gather_ms={args.gather_ms}']
+    with serving(args.workdir, f'--max_batch={args.max_batch}', *gather,
                  f'--max_new_tokens={args.max_tokens}', '--max_queue=1024',
                  '--name=served') as (base_url, lines):
         measure(base_url, args.endpoint, 1, 2, args.max_tokens, prompts)  # off the clock
@@ -94,6 +97,7 @@ def main() -> int:
     for row in rows:
         row['throughput_vs_one_client'] = round(row['new_tokens_per_s'] / alone, 2)
     result = {'workdir': args.workdir, 'endpoint': args.endpoint, 'max_batch': args.max_batch,
+              'gather_ms': args.gather_ms,
               'max_tokens': args.max_tokens,
               'server': [line.strip() for line in lines if line.startswith('serving')],
               'rows': rows}

@@ -1,7 +1,8 @@
 """Serve a trained model over OpenAI's API, with a chat page at `/`.
 
     python -m experiments.serve --workdir=workdirs/pipeline/sft [--port=8000] [--host=127.0.0.1] \
-        [--max_batch=8] [--max_new_tokens=N] [--max_queue=256] [--step=N] [--name=NAME]
+        [--max_batch=8] [--max_new_tokens=N] [--max_queue=256] [--gather_ms=5] [--step=N] \
+        [--name=NAME]
 
 Any language-model workdir (pretraining, SFT, DPO, RL) or Hugging Face directory (`hf:DIR`) is
 served with the same model code, sharding and precision as training, on all local devices. A
@@ -33,14 +34,18 @@ from gptstack.lineage import HF_PREFIX, Workdir, load_policy, load_reward_model
 _WORKDIR = flags.DEFINE_string('workdir', None, 'A stage workdir, or hf:DIR.')
 _HOST = flags.DEFINE_string('host', '127.0.0.1', 'Address to listen on (0.0.0.0: every '
                             'interface).')
-_PORT = flags.DEFINE_integer('port', 8000, 'Port to listen on.')
+_PORT = flags.DEFINE_integer('port', 8000, 'Port to listen on.', lower_bound=1,
+                             upper_bound=65535)
 _MAX_BATCH = flags.DEFINE_integer('max_batch', 8, 'Rows per compiled call: requests that '
-                                  'arrive together share one.')
+                                  'arrive together share one.', lower_bound=1)
 _MAX_NEW = flags.DEFINE_integer('max_new_tokens', None, 'The most tokens a reply may take '
                                 '(default: half the context, at most 256); prompts may use the '
-                                'rest of the context.')
+                                'rest of the context.', lower_bound=1)
 _MAX_QUEUE = flags.DEFINE_integer('max_queue', 256, 'Rows that may wait; past it requests get '
-                                  '503 with Retry-After.')
+                                  '503 with Retry-After.', lower_bound=1)
+_GATHER_MS = flags.DEFINE_float('gather_ms', 5, 'How long a batch waits for more rows once '
+                                'its first is there (when fewer than --max_batch wait).',
+                                lower_bound=0)
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')
 _NAME = flags.DEFINE_string('name', None, 'The model id clients name (default: the workdir\'s '
                             'folder name).')
@@ -64,7 +69,7 @@ def main(argv) -> int:
     max_new = _MAX_NEW.value or min(256, context // 2)
     try:
         engine = Engine(model, batch_size=_MAX_BATCH.value, max_new_tokens=max_new,
-                        max_queue=_MAX_QUEUE.value)
+                        max_queue=_MAX_QUEUE.value, gather_s=_GATHER_MS.value / 1000)
     except ConfigError as error:
         raise app.UsageError(f'--max_new_tokens: {error}') from None
     name = _NAME.value or _WORKDIR.value.rstrip('/').split('/')[-1]

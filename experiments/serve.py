@@ -1,7 +1,7 @@
 """Serve a trained model over OpenAI's API, with a chat page at `/`.
 
     python -m experiments.serve --workdir=workdirs/pipeline/sft [--port=8000] [--host=127.0.0.1] \
-        [--max_batch=8] [--max_new_tokens=N] [--max_queue=256] [--gather_ms=5] [--step=N] \
+        [--max_batch=8] [--max_new_tokens=N] [--max_queue=256] [--gather_ms=20] [--step=N] \
         [--name=NAME]
 
 Any language-model workdir (pretraining, SFT, DPO, RL) or Hugging Face directory (`hf:DIR`) is
@@ -43,7 +43,7 @@ _MAX_NEW = flags.DEFINE_integer('max_new_tokens', None, 'The most tokens a reply
                                 'rest of the context.', lower_bound=1)
 _MAX_QUEUE = flags.DEFINE_integer('max_queue', 256, 'Rows that may wait; past it requests get '
                                   '503 with Retry-After.', lower_bound=1)
-_GATHER_MS = flags.DEFINE_float('gather_ms', 5, 'How long a batch waits for more rows once '
+_GATHER_MS = flags.DEFINE_float('gather_ms', 20, 'How long a batch waits for more rows once '
                                 'its first is there (when fewer than --max_batch wait).',
                                 lower_bound=0)
 _STEP = flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).')

@@ -161,8 +161,9 @@ class Sampler:
         vocab_size: ids below this are drawn (the tokenizer's size); rows of an embedding table
             padded past it never are. None: the model's whole vocabulary.
         on_step: called on the host after every decoding step, in order, as
-            `on_step(step, tokens [B], live [B]) -> stop [B]`: the tokens drawn at `step`, which
-            rows are still generating (their token is recorded), and the rows to stop now
+            `on_step(step, tokens [B], live [B]) -> stop [B]` on NumPy arrays: the tokens drawn
+            at `step`, which rows are still generating (their token is recorded), and the rows
+            to stop now
             (their token stays recorded). A server streams, applies stop strings and per-request
             limits, and cancels with it. None (every training and evaluation use): no callback
             is compiled in.
@@ -419,7 +420,11 @@ def _host_stops(sampling: _Sampling, step: Array | int, token_b: Array,
     call is ordered: the host sees the steps one after another."""
     if sampling.on_step is None:
         return False
-    return io_callback(sampling.on_step, jax.ShapeDtypeStruct(live_b.shape, jnp.bool_),
+
+    def on_host(*arrays):  # as NumPy: indexing a jax.Array on the host dispatches an op
+        return np.asarray(sampling.on_step(*map(np.asarray, arrays)), bool)
+
+    return io_callback(on_host, jax.ShapeDtypeStruct(live_b.shape, jnp.bool_),
                        jnp.int32(step), token_b, live_b, ordered=True)
 
 

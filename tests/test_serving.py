@@ -250,7 +250,8 @@ class _Row:
 
 def stream_text(tokenizer, ids, stop=(), max_tokens=100):
     row = _Row(stop, max_tokens)
-    stream = engine_lib._Stream(row.row, lambda t: tokenizer.decode(t), stop_ids=set())
+    stream = engine_lib._Stream(row.row, tokenizer, stop_ids=set(), ends=set(),
+                                skipped=set(tokenizer.special_ids.values()))
     for token in ids:
         if stream.done:
             break

@@ -40,7 +40,7 @@ import numpy as np
 from flax import nnx
 
 from gptstack import sharding
-from gptstack.chat import reply_text
+from gptstack.data.tokenizer import Tokenizer
 from gptstack.lineage import Policy, RewardModel
 from gptstack.sampling import MIN_PROMPT_BUCKET, Sampler, SamplingParams
 
@@ -145,12 +145,25 @@ Row = GenerationRow | ScoringRow | RewardRow
 
 # --- text as it streams -------------------------------------------------------------------------
 class _Stream:
-    """A generation row's tokens so far and the text already sent."""
+    """A generation row's tokens so far, the text they make, and the text already sent.
 
-    def __init__(self, row: GenerationRow, to_text: Callable[[list[int]], str],
-                 stop_ids: set[int]):
-        self.row, self.to_text, self.stop_ids = row, to_text, stop_ids
+    The text is a row's content tokens decoded: for a chat row, the assistant turn's tokens up
+    to the first role marker or `<|end_of_turn|>` (`<|endoftext|>` and `<|pad|>` left out), as
+    `gptstack.chat.reply_text` reads a reply; for a completion row, every token that is not a
+    special token. While the row runs, each step decodes only its last few tokens (the text
+    grows by whole characters only); the row's last step decodes it whole.
+    """
+
+    def __init__(self, row: GenerationRow, tokenizer: Tokenizer, stop_ids: set[int],
+                 ends: set[int], skipped: set[int]):
+        self.row, self.decode, self.stop_ids = row, tokenizer.decode, stop_ids
+        self.ends, self.skipped = ends, skipped  # tokens that end the content, or are not in it
         self.tokens: list[int] = []
+        self.content: list[int] = []
+        self.content_ended = False
+        self.text = ''  # the content decoded up to `self._read`, whole characters only
+        # The tokens decoded last step begin at `_prefix` (context), the new ones at `_read`.
+        self._prefix = self._read = 0
         self.sent = ''
         self.finish_reason: str | None = None
 
@@ -162,28 +175,44 @@ class _Stream:
         """Takes one new token, decides whether the row ends here, and sends the text that is
         now safe to send."""
         self.tokens.append(token)
-        text = self.to_text(self.tokens)
-        cut = _first_stop(text, self.row.stop)
-        if token in self.stop_ids or cut is not None:
+        if not self.content_ended:
+            if token in self.ends:
+                self.content_ended = True
+            elif token not in self.skipped:
+                self.content.append(token)
+                self._extend_text()
+        if token in self.stop_ids or _first_stop(self.text, self.row.stop) is not None:
             self.finish_reason = 'stop'
         elif len(self.tokens) >= self.row.max_tokens:
             self.finish_reason = 'length'
-        if cut is not None:
-            text = text[:cut]
-        if not self.done:
-            text = text[:len(text) - _held_back(text, self.row.stop)]
-            if text.endswith(REPLACEMENT_CHARACTER):  # a character whose bytes are still coming
-                return
-        self._send(text)
+        if self.done:
+            self._send(self._final_text())
+        else:
+            self._send(self.text[:len(self.text) - _held_back(self.text, self.row.stop)])
 
     def finish(self, logprobs: dict | None = None) -> None:
         """Ends the row: a row that ran out of the sampler's budget ends by `length`, and any
         text held back is sent."""
         if not self.done:
             self.finish_reason = 'length'
-            self._send(self.to_text(self.tokens))
+            self._send(self._final_text())
         self.row.request.emit(Finished(self.row.index, self.sent, self.tokens,
                                        self.finish_reason, logprobs))
+
+    def _extend_text(self) -> None:
+        """Decodes the new tokens after a few earlier ones (a token's text may depend on the one
+        before it) and keeps the text once it ends in a whole character."""
+        before = self.decode(self.content[self._prefix:self._read])
+        after = self.decode(self.content[self._prefix:])
+        if len(after) > len(before) and not after.endswith(REPLACEMENT_CHARACTER):
+            self.text += after[len(before):]
+            self._prefix, self._read = self._read, len(self.content)
+
+    def _final_text(self) -> str:
+        """The whole content decoded, cut before the first stop string."""
+        text = self.decode(self.content)
+        cut = _first_stop(text, self.row.stop)
+        return text if cut is None else text[:cut]
 
     def _send(self, text: str) -> None:
         if len(text) > len(self.sent) and text.startswith(self.sent):
@@ -218,7 +247,7 @@ class Engine:
     """
 
     def __init__(self, model: Policy | RewardModel, *, batch_size: int = 8,
-                 max_new_tokens: int = 128, max_queue: int = 256, gather_s: float = 0.005):
+                 max_new_tokens: int = 128, max_queue: int = 256, gather_s: float = 0.02):
         self.model, self.tokenizer = model, model.tokenizer
         tok = self.tokenizer
         self.context = model.config.max_seq_len
@@ -355,22 +384,17 @@ class Engine:
                      settings + [SamplingParams(temperature=0.0)] * dummies)
 
     def _generate(self, rows: list[GenerationRow]) -> None:
-        self._streams = [_Stream(row, self._reply_text if row.chat else self._plain_text,
-                                 self.stop_ids) for row in rows]
+        tok = self.tokenizer
+        chat_ends = {tok.end_of_turn_id, *tok.role_ids.values()}
+        self._streams = [
+            _Stream(row, tok, self.stop_ids, chat_ends, {tok.eot_id, tok.pad_id}) if row.chat
+            else _Stream(row, tok, self.stop_ids, set(), self._special_ids) for row in rows]
         self._sample([row.prompt for row in rows], [row.seed for row in rows],
                      [row.sampling for row in rows])
         scores = self._generated_logprobs(self._streams)
         for stream, logprobs in zip(self._streams, scores, strict=True):
             stream.finish(logprobs)
         self._streams = []
-
-    def _reply_text(self, ids: list[int]) -> str:
-        """A chat row's text: the assistant turn's content, as the library reads replies."""
-        return reply_text(self.tokenizer, ids)
-
-    def _plain_text(self, ids: list[int]) -> str:
-        """A completion row's text: its tokens decoded, special tokens left out."""
-        return self.tokenizer.decode([i for i in ids if i not in self._special_ids])
 
     def _on_step(self, step, tokens, live) -> np.ndarray:
         """The sampler's host callback: each live row takes its token; the rows that end here,

@@ -28,7 +28,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
@@ -254,7 +254,7 @@ def create_app(engine: Engine, model_name: str, about: dict) -> FastAPI:
 
     # --- generation --------------------------------------------------------------------------
     @app.post('/v1/chat/completions')
-    async def chat_completions(body: ChatRequest, request: Request):
+    async def chat_completions(body: ChatRequest):
         needs_language_model()
         _refuse_unsupported(body, extra_refused=('logprobs',) if body.logprobs else ())
         messages = _messages(body.messages)

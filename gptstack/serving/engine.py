@@ -284,7 +284,7 @@ class Engine:
         with self._lock:
             if len(self._waiting) + len(rows) > self.max_queue:
                 raise QueueFullError(f'{len(self._waiting)} rows are waiting (at most '
-                                f'{self.max_queue}); retry shortly')
+                                     f'{self.max_queue}); retry shortly')
             self._waiting.extend(rows)
             self._lock.notify()
 

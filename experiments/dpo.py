@@ -33,7 +33,7 @@ from gptstack.data.sources import DataError, hold_out, read_records
 from gptstack.evals import gold
 from gptstack.files import write_whole
 from gptstack.losses import dpo_loss, preference_pairs
-from gptstack.metrics import progress_bar
+from gptstack.metrics import progress_bar, train_flops_per_token
 from gptstack.model import GPT
 from gptstack.reports import dpo as dpo_report
 from gptstack.sampling import Sampler, SamplingParams
@@ -45,9 +45,6 @@ REFERENCE_CACHE = 'reference_logps.npz'
 
 def validate(config) -> stage.Setup:
     setup = stage.setup(config)
-    if jax.process_count() > 1:
-        raise ConfigError('the dpo stage runs on one process for now (the reference cache is '
-                          'computed on the host)')
     DPOLoss(**config.loss)
     if not config.data.train:
         raise ConfigError('data.train: the comparison files to learn from (JSONL, e.g. '
@@ -78,9 +75,12 @@ def load_comparisons(config, tokenizer) -> tuple[list[dict], list[dict], prefere
 
 
 def batches_in_order(examples: list[dict], batch_size: int) -> list[dict]:
-    """Every example once, in order, the last batch padded with empty groups."""
+    """Every example once, in order, in global batches of `batch_size` (the last padded with
+    empty groups): this process's rows of each."""
+    local = batch_size // jax.process_count()
     return preference.make_preference_eval_batches(
-        examples, batch_size, max_batches=-(-len(examples) // batch_size))
+        examples, local, max_batches=-(-len(examples) // batch_size),
+        process_index=jax.process_index(), process_count=jax.process_count())
 
 
 def fingerprint(examples: dict[str, list[dict]], lineage: lineages.Lineage) -> str:
@@ -122,13 +122,14 @@ def attach_reference(config, workdir: pathlib.Path, examples: dict[str, list[dic
         for split, rows in examples.items():
             batches = progress_bar(batches_in_order(rows, batch_size), unit='batch',
                                    desc=f'reference log-probabilities ({split})')
-            out = [np.asarray(jax.device_get(log_probs(params, sharding.global_batch(
-                b, placement)))) for b in batches]
+            out = [sharding.to_host(log_probs(params, sharding.global_batch(b, placement)))
+                   for b in batches]  # replicated: every process has every group's
             cached[split] = np.concatenate(out)[:len(rows)].astype(np.float32)
         del params
         buffer = io.BytesIO()
         np.savez(buffer, fingerprint=np.asarray(key), **cached)
-        write_whole(path, buffer.getvalue())
+        if jax.process_index() == 0:
+            write_whole(path, buffer.getvalue())
         log.info('reference log-probabilities of %s completion groups cached in %s',
                  ' and '.join(f'{len(v):,} {k}' for k, v in cached.items()), path)
     for split, rows in examples.items():
@@ -140,7 +141,11 @@ def make_evaluate(config, loss: DPOLoss, log_probs, eval_batches: list[dict], pl
                   sampler: Sampler, tokenizer, held_out: list[tasks.Task]):
     """`evaluate(state)`: the DPO metrics of the held-out comparisons and the gold score of the
     policy's greedy and sampled replies to held-out task prompts (the same draws each time)."""
-    device_batches = [sharding.global_batch({k: v for k, v in b.items() if k != 'ref_logp'},
+    # `eval_batches` are whole global batches: each process puts its rows on the devices, and
+    # the log-probabilities come back whole (replicated) to be compared with the host's.
+    local = len(eval_batches[0]['ranks']) // jax.process_count()
+    mine = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
+    device_batches = [sharding.global_batch({k: v[mine] for k, v in b.items() if k != 'ref_logp'},
                                             placement) for b in eval_batches]
     ref_logp, ranks, valid = (np.concatenate([b[k] for b in eval_batches])
                               for k in ('ref_logp', 'ranks', 'valid'))
@@ -186,7 +191,10 @@ def run(config, workdir: pathlib.Path) -> str:
     train, val, train_stats = load_comparisons(config, tokenizer)
     attach_reference(config, workdir, {'train': train, 'validation': val}, sft, setup,
                      model_config)
-    data_iterator = iter(preference.make_preference_dataset(train, batch_size, seed=config.seed))
+    # Each process reads its rows of every global batch, as the reward stage does.
+    data_iterator = iter(preference.make_preference_dataset(
+        train, batch_size // jax.process_count(), seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count()))
     eval_batches = preference.make_preference_eval_batches(val, batch_size,
                                                            max_batches=config.data.eval_batches)
     placement = dpo_batch_shardings(mesh, rules, batch_size)
@@ -222,8 +230,9 @@ def run(config, workdir: pathlib.Path) -> str:
     result = run_.train(
         state, train_step, (sharding.global_batch(b, placement) for b in data_iterator),
         data_iterator, meta=run_.meta(tokenizer, model_config, init_from=str(config.init_from)),
-        evaluate=evaluate, tokens_per_step=batch_size * k * seq_len)
-    if run_.finished(result):
+        evaluate=evaluate, tokens_per_step=batch_size * k * seq_len,
+        flops_per_step=train_flops_per_token(model_config, seq_len) * batch_size * k * seq_len)
+    if run_.finished(result) and jax.process_index() == 0:
         log.debug('report: %s', dpo_report.write(workdir, config, train_stats, len(train),
                                                 len(val)))
     return result.status

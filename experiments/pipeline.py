@@ -1,13 +1,15 @@
 """The main job: the four stages of the recipe in one workdir, then one report.
 
     tokenizer -> pretrain -> sft -> reward (comparisons sampled from the SFT model and ranked by
-    the simulated labeler) -> rl (PPO against the reward model) -> rl_small_beta (the same at a
-    small KL coefficient and a larger step: over-optimisation) -> rl_gold (PPO against the gold
-    scorer: the ceiling) -> compare
+    the simulated labeler) -> dpo (the SFT model trained on those comparisons directly) -> rl
+    (PPO against the reward model) -> rl_small_beta (the same at a small KL coefficient and a
+    larger step: over-optimisation) -> rl_gold (PPO against the gold scorer: the ceiling) ->
+    grpo (critic-free GRPO against the gold scorer) -> compare
 
 Each stage runs in `<workdir>/<stage>/` exactly as `experiments.run` would run it alone, with
-its `init_from` / `reward_from` / tokenizer path wired to the stage before it (and the later PPO
-runs to the first one's evaluation of the SFT policy, which they would repeat). Every stage's
+its `init_from` / `reward_from` / comparison files / tokenizer path wired to the stages before it
+(and the later RL runs to the first one's evaluation of the SFT policy, which they would
+repeat). Every stage's
 config is checked before the first one starts. `pipeline.json` records the stages that finished
 and the settings each ran with: re-running the command skips them, and a stage that was
 interrupted resumes from its own latest checkpoint. A finished stage whose settings have changed
@@ -16,9 +18,10 @@ is never skipped silently: the run stops naming the changed keys, and
 results are moved to `<workdir>/replaced/`, never deleted).
 
 The last step, `compare` (`gptstack.evals.comparison`), puts the base model (prompted
-few-shot), the SFT model, best-of-N with the reward model, the PPO policy and the gold-reward PPO
-policy in front of the same held-out task prompts, and `report.md` lays the whole run side by
-side, with the over-optimisation curves of best-of-N and of PPO at both β.
+few-shot), the SFT model, best-of-N with the reward model, DPO, PPO, and PPO and GRPO against the
+gold scorer in front of the same held-out task prompts, with each policy's KL to the SFT model
+and what its stage cost, and `report.md` lays the whole run side by side, with the
+over-optimisation curves of best-of-N and of PPO at both β.
 """
 
 from __future__ import annotations
@@ -33,8 +36,10 @@ import jax
 from experiments import rl as rl_driver
 from gptstack import sharding
 from gptstack.config import ConfigError, check_bounds, flatten
+from gptstack.data import tasks
 from gptstack.evals import comparison
 from gptstack.files import write_whole
+from gptstack.metrics import peak_memory_gib, reset_peak_memory
 from gptstack.reports import pipeline as pipeline_report
 from gptstack.reports.pipeline import COMPARISON, PER_PROMPT
 
@@ -42,7 +47,7 @@ log = logging.getLogger(__name__)
 LEDGER = 'pipeline.json'
 # The pipeline's stages in order, each a key of its config naming its driver by `.stage`.
 DRIVERS = {'tokenizer': 'tokenizer', 'pretrain': 'pretrain', 'sft': 'sft', 'reward': 'reward',
-           'rl': 'rl', 'rl_small_beta': 'rl', 'rl_gold': 'rl'}
+           'dpo': 'dpo', 'rl': 'rl', 'rl_small_beta': 'rl', 'rl_gold': 'rl', 'grpo': 'rl'}
 STAGES = tuple(DRIVERS)
 
 
@@ -51,6 +56,16 @@ def wire(config, workdir: pathlib.Path) -> None:
     config.pretrain.tokenizer.path = str(workdir / 'tokenizer' / 'tokenizer.model')
     config.sft.init_from = str(workdir / 'pretrain')
     config.reward.init_from = str(workdir / 'sft')
+    # DPO learns from the comparisons the reward model learns from: the ones its labeler
+    # samples from the embedded tasks and writes, or the files it was given.
+    config.dpo.init_from = str(workdir / 'sft')
+    if config.reward.data.train != tasks.EMBEDDED_TASKS:
+        config.dpo.data.train = config.reward.data.train
+        config.dpo.data.validation = config.reward.data.validation
+    else:
+        comparisons = workdir / 'reward' / 'comparisons'
+        config.dpo.data.train = str(comparisons / 'train.jsonl')
+        config.dpo.data.validation = str(comparisons / 'validation.jsonl')
     for name in STAGES:
         if config[name].stage == 'rl':
             config[name].init_from = str(workdir / 'sft')
@@ -158,10 +173,12 @@ def run(config, workdir: pathlib.Path, recipe: dict) -> str:
             write_json(stage_dir / 'config.json', config[name].to_dict())
         log.info('=== stage %s in %s', name, stage_dir)
         start = time.perf_counter()
+        reset_peak_memory()
         status = recipe[config[name].stage].run(config[name], stage_dir)
         if status != 'finished':
             return status
-        ledger[name] = {'seconds': time.perf_counter() - start, 'settings': given[name]}
+        ledger[name] = {'seconds': time.perf_counter() - start, 'settings': given[name],
+                        'peak_memory_gib': peak_memory_gib()}
         log.info('=== stage %s finished in %.1f min; report %s', name,
                  ledger[name]['seconds'] / 60, stage_dir / 'report.md')
         if jax.process_index() == 0:
@@ -172,8 +189,10 @@ def run(config, workdir: pathlib.Path, recipe: dict) -> str:
         log.info('=== the comparison of the models on %d held-out prompts',
                  config.compare.prompts)
         start = time.perf_counter()
+        reset_peak_memory()
         result = comparison.compare(config, workdir)
         result['seconds'] = time.perf_counter() - start
+        result['peak_memory_gib'] = peak_memory_gib()
         result['settings'] = given['compare']
         per_prompt = result.pop('per_prompt')
         if jax.process_index() == 0:

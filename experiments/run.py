@@ -128,10 +128,27 @@ def compile_only(config) -> int:
     return 0 if report.fits else 1
 
 
+class OncePerMessage(logging.Filter):
+    """Lets each distinct message through once: the later stages of a pipeline that read the
+    same data repeat its warnings, which the console then shows once (the run log keeps every
+    one)."""
+
+    def __init__(self):
+        super().__init__()
+        self._seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if message in self._seen:
+            return False
+        self._seen.add(message)
+        return True
+
+
 def keep_log(path: pathlib.Path) -> None:
     """Appends this process's log to `path` (process 0), with the details the console leaves
-    out: every skipped record and every prompt cut to the context (`gptstack` loggers at DEBUG).
-    The console keeps INFO and above."""
+    out: every skipped record and every prompt cut to the context (`gptstack` loggers at DEBUG),
+    and every repeat of a message. The console keeps INFO and above, each message once."""
     if jax.process_index() != 0:
         return
     handler = logging.FileHandler(path)
@@ -139,6 +156,7 @@ def keep_log(path: pathlib.Path) -> None:
     handler.setLevel(logging.DEBUG)
     for handler_ in logging.getLogger().handlers:  # the console's (absl's)
         handler_.setLevel(max(handler_.level, logging.INFO))
+        handler_.addFilter(OncePerMessage())
     logging.getLogger().addHandler(handler)
     logging.getLogger('gptstack').setLevel(logging.DEBUG)
 
@@ -154,10 +172,9 @@ def log_environment(config, cache: str) -> None:
                 'orbax': orbax.checkpoint.__version__, 'grain': grain.__version__}
     log.info('versions: %s', ' '.join(f'{k}={v}' for k, v in versions.items()))
     log.info('process environment: %s; %s', environment.describe_malloc(), cache)
-    log.info('process %d of %d; %d local / %d global %s devices (%s)', jax.process_index(),
-             jax.process_count(), jax.local_device_count(), jax.device_count(),
-             jax.default_backend(), jax.devices()[0].device_kind)
-    log.info('stage %s', config.stage)
+    log.info('stage %s on process %d of %d; %d local / %d global %s devices (%s)', config.stage,
+             jax.process_index(), jax.process_count(), jax.local_device_count(),
+             jax.device_count(), jax.default_backend(), jax.devices()[0].device_kind)
 
 
 def main(argv) -> int:

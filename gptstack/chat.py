@@ -19,21 +19,34 @@ def reply_text(tokenizer: Tokenizer, tokens: np.ndarray) -> str:
     return parse_chat(tokenizer, [tokenizer.role_ids['assistant'], *tokens])[0]['content']
 
 
-def sample_replies(sampler: Sampler, params: nnx.State, tokenizer: Tokenizer,
-                   conversations: Sequence[list[dict]], key: jax.Array,
-                   sampling: SamplingParams, n: int = 1,
-                   progress: str | None = None) -> list[list[str]]:
-    """`n` replies to each conversation (its turns so far), drawn in sampler-sized batches;
-    batch `i` uses `fold_in(key, i)`, so the result depends only on the key and the inputs.
-    With `progress`, a progress bar of that name shows the batches."""
+def sample_reply_tokens(sampler: Sampler, params: nnx.State, tokenizer: Tokenizer,
+                        conversations: Sequence[list[dict]], key: jax.Array,
+                        sampling: SamplingParams, n: int = 1,
+                        progress: str | None = None) -> tuple[list[list[int]], list[np.ndarray]]:
+    """`(prompts, replies)`: each conversation's rendered prompt `n` times over, and the tokens
+    of the reply sampled for each (up to and including its stop token), drawn in sampler-sized
+    batches; batch `i` uses `fold_in(key, i)`, so the result depends only on the key and the
+    inputs. With `progress`, a progress bar of that name shows the batches."""
     prompts = [render_prompt(tokenizer, c) for c in conversations for _ in range(n)]
-    texts = []
+    replies = []
     starts = range(0, len(prompts), sampler.batch_size)
     if progress:
         starts = progress_bar(starts, desc=progress, unit='batch')
     for i, start in enumerate(starts):
         out = sampler(params, prompts[start:start + sampler.batch_size],
                       jax.random.fold_in(key, i), sampling)
-        texts += [reply_text(tokenizer, row[:length])
-                  for row, length in zip(out['tokens'], out['lengths'], strict=True)]
+        replies += [row[:length] for row, length in zip(out['tokens'], out['lengths'],
+                                                        strict=True)]
+    return prompts, replies
+
+
+def sample_replies(sampler: Sampler, params: nnx.State, tokenizer: Tokenizer,
+                   conversations: Sequence[list[dict]], key: jax.Array,
+                   sampling: SamplingParams, n: int = 1,
+                   progress: str | None = None) -> list[list[str]]:
+    """The text of `n` replies to each conversation (its turns so far), drawn as
+    `sample_reply_tokens` draws them."""
+    _, replies = sample_reply_tokens(sampler, params, tokenizer, conversations, key, sampling,
+                                     n, progress)
+    texts = [reply_text(tokenizer, reply) for reply in replies]
     return [texts[i:i + n] for i in range(0, len(texts), n)]

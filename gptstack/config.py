@@ -318,6 +318,7 @@ KEY_BOUNDS: dict[str, Bounds] = {
     # The pipeline's comparison.
     'compare.prompts': _count(1),
     'compare.samples': _count(1),
+    'compare.base_samples': _count(1),
     'compare.best_of': _count(1),
     'compare.few_shot': _count(0),
     'compare.max_new_tokens': _count(1),

@@ -36,7 +36,7 @@ import numpy as np
 from gptstack import environment
 from gptstack.checkpoint import Checkpointer
 from gptstack.config import ConfigError
-from gptstack.metrics import MetricsWriter, progress_bar
+from gptstack.metrics import MetricsWriter, peak_memory_gib, progress_bar
 
 log = logging.getLogger(__name__)
 # The parts of a run's time that are not its steps.
@@ -224,6 +224,9 @@ def train(*, state, step_fn: Callable, batches: Iterator[dict], config: LoopConf
             metrics['nonfinite_skips'] = skips
             metrics['wall_time'] = wall_time()
             metrics.update({f'time/{part}': seconds for part, seconds in spent.items()})
+            peak = peak_memory_gib()
+            if peak is not None:
+                metrics['memory/peak_gib'] = peak
             writer.write(step, metrics)
             bar.set_postfix({k: f'{metrics[k]:.4g}' for k in ('loss', 'tokens_per_sec', 'mfu')
                              if k in metrics}, refresh=False)

@@ -1,4 +1,5 @@
-"""Metrics: JSONL and TensorBoard writers (process 0 only), FLOP counts, peak FLOP/s and MFU.
+"""Metrics: JSONL and TensorBoard writers (process 0 only), FLOP counts, peak FLOP/s and MFU, peak
+memory.
 
 - `MetricsWriter` appends one JSON object per logged step to `metrics.jsonl` and the same scalars
   to TensorBoard event files. On resume it first drops records past the restored step, so the file
@@ -8,10 +9,14 @@
   matmuls (the learned position table does not).
 - Peak FLOP/s comes from a table of accelerator specs; on CPUs it is measured with a large matmul
   in the compute dtype, so CPU MFU is relative to what this machine's matmul reaches.
+- Peak memory (`peak_memory_gib`): on accelerators the largest `peak_bytes_in_use` of this
+  process's devices (since the process started); on CPUs, where the devices' memory is the
+  process's, its peak resident set since `reset_peak_memory` (Linux's VmHWM).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -66,6 +71,29 @@ def peak_flops_per_device(dtype: str = 'float32') -> tuple[float, str]:
         if device.device_kind.startswith(kind):
             return flops, f'spec sheet ({device.device_kind})'
     return measure_matmul_flops(dtype), f'measured {dtype} matmul on {device.device_kind}'
+
+
+def reset_peak_memory() -> None:
+    """Starts this process's peak resident set afresh (Linux; elsewhere a no-op), so that a
+    stage's peak is its own and not an earlier stage's of the same process."""
+    with contextlib.suppress(OSError):
+        pathlib.Path('/proc/self/clear_refs').write_text('5')
+
+
+def peak_memory_gib() -> float | None:
+    """The peak memory of this process's devices in GiB (see the module docstring), or None
+    where neither the devices nor the OS report it."""
+    peaks = [(device.memory_stats() or {}).get('peak_bytes_in_use', 0)
+             for device in jax.local_devices() if device.platform != 'cpu']
+    if any(peaks):
+        return max(peaks) / 2**30
+    try:
+        status = pathlib.Path('/proc/self/status').read_text()
+    except OSError:
+        return None
+    kib = next((int(line.split()[1]) for line in status.splitlines()
+                if line.startswith('VmHWM:')), None)
+    return None if kib is None else kib / 2**20
 
 
 def measure_matmul_flops(dtype: str = 'float32', n: int = 2048, repeats: int = 3) -> float:

@@ -51,7 +51,8 @@ def snapshot(workdir: pathlib.Path) -> dict:
     """What a numerically neutral change leaves as it was: metrics but the clocks, and the
     comparison but its wall time."""
     def clock(key):
-        return 'time' in key or key.startswith('tokens_per_sec') or key == 'mfu'
+        return ('time' in key or key.startswith(('tokens_per_sec', 'memory/'))
+                or key == 'mfu')
 
     def jsonl(path):
         return [json.loads(line) for line in path.read_text().splitlines() if line]
@@ -61,6 +62,7 @@ def snapshot(workdir: pathlib.Path) -> dict:
     comparison = json.loads((workdir / COMPARISON).read_text())
     comparison.pop('seconds')
     comparison.pop('seconds_by_model')
+    comparison.pop('peak_memory_gib')
     comparison.pop('settings', None)  # the configuration, not a result
     return _plain({'stages': stages, 'comparison': comparison,
                    'per_prompt': jsonl(workdir / PER_PROMPT)})

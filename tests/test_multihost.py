@@ -76,16 +76,19 @@ def numbers(tree, prefix=''):
 def measured(record):
     """A metrics record without its timings."""
     return {k: v for k, v in record.items()
-            if not k.startswith(('time/', 'tokens_per_sec', 'wall_time', 'step_time', 'mfu'))}
+            if not k.startswith(('time/', 'tokens_per_sec', 'wall_time', 'step_time', 'mfu',
+                                     'memory/'))}
 
 
-def test_reward_rl_and_comparison_on_two_processes_equal_one(corpus, pipeline_workdir, tmp_path):
-    """The reward stage (its sampled comparisons, training and best-of-N), PPO and the
-    comparison of the quick pipeline on 2 processes x 4 devices, from the same SFT model as the
-    fixture's run on 1 process x 8 (its other two RL runs, the same code as PPO's, are copied)."""
+def test_reward_dpo_rl_and_comparison_on_two_processes_equal_one(corpus, pipeline_workdir,
+                                                                 tmp_path):
+    """The reward stage (its sampled comparisons, training and best-of-N), DPO (its reference
+    cache, training and evaluation), PPO and the comparison of the quick pipeline on 2
+    processes x 4 devices, from the same SFT model as the fixture's run on 1 process x 8 (its
+    other RL runs, the same code as PPO's, are copied)."""
     workdir = tmp_path / 'two'
     workdir.mkdir()
-    copied = ('tokenizer', 'pretrain', 'sft', 'rl_small_beta', 'rl_gold')
+    copied = ('tokenizer', 'pretrain', 'sft', 'rl_small_beta', 'rl_gold', 'grpo')
     for stage in copied:
         shutil.copytree(pipeline_workdir / stage, workdir / stage)
     ledger = json.loads((pipeline_workdir / 'pipeline.json').read_text())
@@ -98,14 +101,22 @@ def test_reward_rl_and_comparison_on_two_processes_equal_one(corpus, pipeline_wo
     one = numbers(json.loads((pipeline_workdir / 'comparison.json').read_text()))
     two = numbers(json.loads((workdir / 'comparison.json').read_text()))
     for timings in (one, two):
-        for key in [k for k in timings if k.startswith('seconds')]:
+        for key in [k for k in timings if k.startswith(('seconds', 'peak_memory'))]:
             timings.pop(key)
+    # The KL to SFT sums log-probabilities of forward passes laid out over other devices:
+    # equal to rounding.
+    kl = [k for k in one if k.split('/')[-1] in ('kl', 'kl_stderr')]
+    np.testing.assert_allclose([two.pop(k) for k in kl], [one.pop(k) for k in kl], atol=1e-4)
     assert two == one
-    assert (workdir / 'comparison_prompts.jsonl').read_text() == \
-        (pipeline_workdir / 'comparison_prompts.jsonl').read_text()
+    def prompt_scores(path):
+        return [{k: v for k, v in json.loads(line).items() if k != 'kl'}
+                for line in path.read_text().splitlines()]
+
+    assert prompt_scores(workdir / 'comparison_prompts.jsonl') == \
+        prompt_scores(pipeline_workdir / 'comparison_prompts.jsonl')
     # Training sums gradients across processes in another order: equal to rounding. A clip
     # fraction counts values at a threshold, which rounding moves across it for a few rows.
-    for stage in ('reward', 'rl'):
+    for stage in ('reward', 'dpo', 'rl'):
         expected, got = metrics(pipeline_workdir / stage), metrics(workdir / stage)
         assert [r['step'] for r in got] == [r['step'] for r in expected], stage
         for want, have in zip(expected, got, strict=True):

@@ -1,23 +1,30 @@
 """The main job end to end: the quick pipeline's stages, comparison and report, re-running a
-finished pipeline, and a pipeline killed with `kill -9` at ten points across every stage."""
+finished pipeline, and a pipeline killed with `kill -9` at twelve points across every stage."""
 
 import json
 import math
+import os
 import random
 import subprocess
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from experiments import pipeline
 from experiments.configs import pipeline as pipeline_config
 from experiments.pipeline import LEDGER, STAGES
 from gptstack import report
-from gptstack.config import ConfigError
+from gptstack.config import ConfigError, GPTConfig
 from gptstack.data import tasks
 from gptstack.evals import comparison, gold
 from gptstack.evals.comparison import MODELS
+from gptstack.lineage import Policy
+from gptstack.metrics import peak_memory_gib, reset_peak_memory
+from gptstack.model import GPT
 from gptstack.reports.pipeline import (
     COMPARISON,
     PER_PROMPT,
@@ -26,7 +33,8 @@ from gptstack.reports.pipeline import (
     level_rows,
     model_names,
 )
-from gptstack.stats import mean_and_stderr
+from gptstack.sampling import Sampler
+from gptstack.stats import mean_and_stderr, paired
 from tests.runs import CONSOLE, ROOT, metrics, pipeline_command, run
 
 
@@ -34,13 +42,15 @@ def comparable(workdir):
     """What must not change when a run is interrupted: every stage's training metrics but the
     clocks, and the comparison but its wall time."""
     def clock(key):
-        return 'time' in key or key.startswith('tokens_per_sec') or key == 'mfu'
+        return ('time' in key or key.startswith(('tokens_per_sec', 'memory/'))
+                or key == 'mfu')
 
     stages = {stage: [{k: v for k, v in r.items() if not clock(k)}
                       for r in metrics(workdir / stage)] for stage in STAGES[1:]}
     comparison = json.loads((workdir / COMPARISON).read_text())
     comparison.pop('seconds')
     comparison.pop('seconds_by_model')
+    comparison.pop('peak_memory_gib')
     return stages, comparison
 
 
@@ -192,7 +202,7 @@ def test_changed_settings_of_a_finished_stage_stop_the_pipeline_until_rerun(
     monkeypatch.setattr(comparison, 'compare', lambda config, workdir: {'per_prompt': []})
     monkeypatch.setattr(pipeline.pipeline_report, 'write', lambda *args: 'report.md')
     ran = []
-    recipe = dict.fromkeys(('tokenizer', 'pretrain', 'sft', 'reward', 'rl'),
+    recipe = dict.fromkeys(('tokenizer', 'pretrain', 'sft', 'reward', 'dpo', 'rl'),
                            RecordingDriver(ran))
 
     def run_with(**overrides):
@@ -264,9 +274,21 @@ def test_pipeline_runs_every_stage_into_one_report(pipeline_workdir):
         pipeline_workdir / 'tokenizer' / 'tokenizer.model')
     assert configs['sft']['init_from'] == str(pipeline_workdir / 'pretrain')
     assert configs['reward']['init_from'] == str(pipeline_workdir / 'sft')
-    for name in ('rl', 'rl_small_beta', 'rl_gold'):
+    for name in ('rl', 'rl_small_beta', 'rl_gold', 'grpo'):
         assert configs[name]['init_from'] == str(pipeline_workdir / 'sft'), name
         assert configs[name]['reward_from'] == str(pipeline_workdir / 'reward'), name
+    # DPO learns from the SFT model on the comparisons the reward stage sampled and ranked.
+    assert configs['dpo']['init_from'] == str(pipeline_workdir / 'sft')
+    assert (configs['dpo']['data']['train'], configs['dpo']['data']['validation']) == tuple(
+        str(pipeline_workdir / 'reward' / 'comparisons' / f'{split}.jsonl')
+        for split in ('train', 'validation'))
+    # GRPO against the gold scorer differs from the gold-reward PPO run by its algorithm and
+    # (evaluated once) its evaluations, and shares PPO's evaluation of the SFT policy.
+    grpo = configs.pop('grpo')
+    gold_rl = dict(configs['rl_gold']['rl'])
+    assert (grpo['rl'].pop('algorithm'), gold_rl.pop('algorithm')) == ('grpo', 'ppo')
+    assert grpo['rl'] == gold_rl and grpo['eval'] == configs['rl_gold']['eval']
+    assert metrics(pipeline_workdir / 'grpo')[0] == metrics(pipeline_workdir / 'rl')[0]
     # The over-optimisation run differs from PPO only by β, the ceiling only by its reward.
     betas = {name: configs[name]['rl']['ppo'].pop('kl_coef') for name in configs if 'rl' in name}
     assert betas == {'rl': 0.2, 'rl_small_beta': 0.02, 'rl_gold': 0.2}
@@ -290,8 +312,22 @@ def test_pipeline_runs_every_stage_into_one_report(pipeline_workdir):
         assert (entry['gold'], entry['gold_stderr']) == pytest.approx(
             mean_and_stderr(scores, cells)), model
         assert entry['gold_stderr_unstratified'] == pytest.approx(mean_and_stderr(scores)[1])
-    assert comparison['models']['ppo']['gain']['over'] == 'sft'
-    assert comparison['models']['ppo_gold']['gain']['over'] == 'sft'
+    for model in ('best_of_n', 'dpo', 'ppo', 'ppo_gold', 'grpo'):
+        assert comparison['models'][model]['gain']['over'] == 'sft', model
+    assert [(c['model'], c['over']) for c in comparison['contrasts']] == [
+        ('grpo', 'ppo'), ('grpo', 'ppo_gold'), ('dpo', 'best_of_n')]
+    for c in comparison['contrasts']:
+        mine = np.asarray([line['gold'][c['model']] for line in lines])
+        theirs = np.asarray([line['gold'][c['over']] for line in lines])
+        assert (c['mean'], c['stderr']) == pytest.approx(paired(mine, theirs, cells))
+    # Each trained policy's KL to the SFT model, on its own samples of these prompts.
+    assert comparison['models']['sft']['kl'] == 0.0
+    for model in ('dpo', 'ppo', 'ppo_gold', 'grpo'):
+        kl = np.asarray([line['kl'][model] for line in lines])
+        assert (comparison['models'][model]['kl'], comparison['models'][model]['kl_stderr']) \
+            == pytest.approx(mean_and_stderr(kl, cells)), model
+    n = comparison['best_of']
+    assert comparison['models']['best_of_n']['kl'] == pytest.approx(np.log(n) - (n - 1) / n)
     levels = sorted({line['level'] for line in lines})
     assert list(comparison['levels']) == [str(k) for k in levels]
     for level, scores in comparison['levels'].items():
@@ -327,8 +363,15 @@ def test_pipeline_runs_every_stage_into_one_report(pipeline_workdir):
     for stage in ('1 pretraining', '2 SFT', '3 reward model'):
         assert 'steps' in rows[stage][-3] and 0 < float(rows[stage][-1].strip(' |')) < 1, stage
     assert 'comparisons' in rows['3 reward model'][-3]  # sampling and labelling them
-    for stage in ('4 RL (PPO)', '4 PPO at a small β', '4 PPO against the gold scorer'):
+    for stage in ('4 RL (PPO)', '4 PPO at a small β', '4 PPO against the gold scorer',
+                  '4 GRPO against the gold scorer'):
         assert 'update' in rows[stage][-3] and 0 < float(rows[stage][-1].strip(' |')) < 1, stage
+    assert 'steps' in rows['3-4 DPO'][-3] and 0 < float(rows['3-4 DPO'][-1].strip(' |')) < 1
+    # The gold table: each model's KL to SFT and the cost of the stage that made it.
+    assert rows['model'][4:8] == ['KL to SFT', 'wall time (min)', 'tokens/s',
+                                  'peak memory (GiB)']
+    assert rows['DPO'][4].startswith(f'{comparison["models"]["dpo"]["kl"]:.3f} ± ')
+    assert float(rows['GRPO, gold reward'][7]) > 0  # GiB
     assert rows['5 comparison'][-3].startswith('base (few-shot prompt) ')
 
 
@@ -342,14 +385,16 @@ KILL_POINTS = (
     ('reward', 'reward/comparisons', 0.5),  # sampling and ranking the comparisons
     ('reward', 'reward/checkpoints/1', 0.3),
     ('reward', 'reward/checkpoints/2', 0.5),  # best-of-N after training
+    ('dpo', 'dpo/checkpoints/1', 0.3),
     ('rl', 'rl/checkpoints/1', 0.3),
     ('rl_small_beta', 'rl_small_beta/checkpoints/1', 0.3),
     ('rl_gold', 'rl_gold/checkpoints/1', 0.3),
+    ('grpo', 'grpo/checkpoints/1', 0.3),
     ('compare', None, 2.0),  # once every stage is in the ledger
 )
 
 
-def test_pipeline_killed_at_ten_seeded_points_then_rerun_finishes_with_the_same_results(
+def test_pipeline_killed_at_twelve_seeded_points_then_rerun_finishes_with_the_same_results(
         pipeline_workdir, corpus, tmp_path):
     """`kill -9` at each point of `KILL_POINTS` after a seeded random wait, each followed by the
     same command: every stage's metrics and the comparison equal the uninterrupted run's."""
@@ -388,3 +433,43 @@ def test_pipeline_killed_at_ten_seeded_points_then_rerun_finishes_with_the_same_
     assert again.returncode == 0, again.stderr[-3000:]
     assert 'stage rl finished earlier' in again.stderr
     assert comparable(workdir) == comparable(pipeline_workdir)
+
+
+def test_reply_log_probs_equal_a_full_forward_pass_per_reply(mesh_8):
+    """The comparison's `log π(reply | prompt)` (rollout rows of mixed prompt and reply
+    lengths, a partial last batch, a reply that fills the context) against each reply scored
+    alone by the model's plain forward pass, log-softmax summed in NumPy."""
+    config = GPTConfig.preset('toy', max_seq_len=64)
+    with nnx.use_eager_sharding(False):
+        model = GPT(config, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    policy = Policy(tokenizer=None, config=config, graphdef=graphdef, params=params,
+                    mesh=mesh_8, meta={})
+    sampler = Sampler(graphdef, config, mesh_8, 'fsdp', batch_size=8, max_new_tokens=16,
+                      stop_ids=[1], pad_id=0)
+    rng = np.random.default_rng(0)
+    lengths = [(5, 3), (30, 16), (48, 16), (12, 1), (7, 9)] * 2 + [(20, 4)]  # 11: 8 + 3
+    prompts = [list(rng.integers(2, config.vocab_size, p)) for p, _ in lengths]
+    replies = [rng.integers(2, config.vocab_size, n).astype(np.int32) for _, n in lengths]
+    got = comparison.reply_log_probs(policy, sampler, prompts, replies)
+
+    forward = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))
+    for prompt, reply, value in zip(prompts, replies, got, strict=True):
+        tokens = np.asarray([*prompt, *reply], np.int32)[None]
+        logits = np.asarray(forward(params, jnp.asarray(tokens))[0], np.float64)
+        log_softmax = logits - logits.max(-1, keepdims=True)
+        log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+        expected = sum(log_softmax[len(prompt) + j - 1, token] for j, token in enumerate(reply))
+        assert value == pytest.approx(expected, rel=1e-4, abs=1e-3)
+
+
+def test_the_peak_memory_counts_from_its_reset():
+    if not os.access('/proc/self/clear_refs', os.W_OK):
+        pytest.skip('this system does not let a process reset its peak resident set')
+    before = peak_memory_gib()
+    block = np.ones(2**28 // 8)  # 256 MiB, touched
+    during = peak_memory_gib()
+    assert during >= before + 0.2
+    del block
+    reset_peak_memory()
+    assert peak_memory_gib() < during - 0.2

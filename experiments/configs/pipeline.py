@@ -1,12 +1,14 @@
-"""The main job: tokenizer -> pretraining -> SFT -> reward model -> PPO, then one report.
+"""The main job: tokenizer -> pretraining -> SFT -> reward model -> DPO and PPO (and GRPO), then
+one report.
 
 COMMAND (the default: embedded data, no downloads; 2-core CPU):
   python -m experiments.run --config=experiments/configs/pipeline.py --workdir=workdirs/pipeline
 
 Each stage runs in `<workdir>/<stage>/` with the settings of its own config file
 (`experiments/configs/<stage>.py`), wired to the stage before it; `<workdir>/report.md` compares
-the base model (prompted few-shot), the SFT model, best-of-N with the reward model and the PPO
-policy on the same held-out task prompts. Re-running the command resumes: finished stages are
+the base model (prompted few-shot), the SFT model, best-of-N with the reward model, DPO on the
+reward stage's comparisons, PPO, and PPO and GRPO against the gold scorer on the same held-out
+task prompts. Re-running the command resumes: finished stages are
 skipped and an interrupted one continues from its checkpoint.
 
 Override any stage's field through its name: --config.pretrain.train.total_steps=3000,
@@ -22,7 +24,7 @@ import copy
 
 import ml_collections
 
-from experiments.configs import common, pretrain, reward, rl, sft, tokenizer
+from experiments.configs import common, dpo, pretrain, reward, rl, sft, tokenizer
 
 
 def get_config(arg=None):
@@ -40,6 +42,14 @@ def get_config(arg=None):
     config.sft = sft.get_config(local)
     config.reward = reward.get_config(local)
     config.rl = rl.get_config(local)
+    # DPO from the SFT model on the comparisons the reward stage sampled and ranked: no reward
+    # model and no sampling in its loop. It evaluates on the held-out comparisons at the end;
+    # its gold score is the comparison's, beside the other models'.
+    config.dpo = dpo.get_config(local)
+    config.dpo.train.eval_every = config.dpo.train.get_ref('total_steps')
+    config.dpo.eval.gold_prompts = 0
+    if not arg.quick:
+        config.dpo.train.total_steps = 150  # 300 gained no more (docs/results.md)
     # The tokenizer is trained on the pretraining mixture with the pretraining stage's settings.
     config.tokenizer = tokenizer.get_config()
     for field in ('vocab_size', 'max_lines'):
@@ -53,6 +63,9 @@ def get_config(arg=None):
     # Replies per prompt at temperature 1 (a prompt's score is their mean; best-of-N picks
     # among them).
     config.compare.samples = 4
+    # The base model's: its few-shot prompts make it the slowest to sample, and one reply per
+    # prompt measures it well enough to set it beside SFT (docs/results.md).
+    config.compare.base_samples = 1
     config.compare.best_of = 4
     # Solved examples of the same task family in the base model's prompt.
     config.compare.few_shot = 3
@@ -89,24 +102,32 @@ def get_config(arg=None):
         config.reward.train.total_steps = 1000
         config.rl.data.batch_size = 256
         config.rl.train.total_steps = 500
+        config.dpo.data.batch_size = 64
+        config.dpo.train.total_steps = 1000
         config.compare.batch_size = 256
 
-    # Two more PPO runs like `rl`, each its own stage (override them by their own names), each
-    # half as long, both taking the SFT policy's step-0 evaluation from `rl`:
+    # Three more RL runs like `rl`, each its own stage (override them by their own names), each
+    # half as long, all taking the SFT policy's step-0 evaluation from `rl`:
     # - at a small KL coefficient and the actor's learning rate of 1e-4, where in 20 iterations
     #   the policy travels far enough from the SFT model for the reward model's score to keep
     #   rising after the gold score has peaked (over-optimisation), evaluated twice as often;
-    # - with the gold scorer as the reward at the same β: what a perfect reward model gives.
+    # - with the gold scorer as the reward at the same β: what a perfect reward model gives;
+    # - GRPO (no critic, group baselines, the KL a term of its loss) against the gold scorer.
     config.rl_small_beta = copy.deepcopy(config.rl)
     config.rl_small_beta.rl.ppo.kl_coef = 0.02
     config.rl_gold = copy.deepcopy(config.rl)
     config.rl_gold.rl.reward = 'gold'
+    config.grpo = copy.deepcopy(config.rl_gold)
+    config.grpo.rl.algorithm = 'grpo'
     if not arg.quick:
         config.rl_small_beta.optim.lr = 1e-4
-        for name in ('rl_small_beta', 'rl_gold'):
+        for name in ('rl_small_beta', 'rl_gold', 'grpo'):
             config[name].train.total_steps = config.rl.train.total_steps // 2
             config[name].train.checkpoint_every = config.rl.train.eval_every // 2
         config.rl_small_beta.train.eval_every = config.rl.train.eval_every // 2
-    for stage in ('tokenizer', 'pretrain', 'sft', 'reward', 'rl', 'rl_small_beta', 'rl_gold'):
+        # The gold-reward runs are lines of the comparison: evaluated once, at their end.
+        config.grpo.train.eval_every = config.grpo.train.get_ref('total_steps')
+    for stage in ('tokenizer', 'pretrain', 'sft', 'reward', 'dpo', 'rl', 'rl_small_beta',
+                  'rl_gold', 'grpo'):
         config[stage].seed = config.get_ref('seed')
     return config

@@ -274,12 +274,15 @@ def render_comparisons(tokenizer: Tokenizer, comparisons: Iterable[Comparison], 
         stats.groups += 1
         stats.completions += k
         stats.pairs += comparison.pairs
+    notes = []
     if stats.truncated:
-        log.warning('truncated %d completions to %d tokens (from the start of the prompt)',
-                    stats.truncated, seq_len)
+        notes.append(f'truncated {stats.truncated} completions to {seq_len} tokens (from the '
+                     'start of the prompt)')
     if stats.all_tied:
-        log.warning('left out %d comparisons whose completions all tie (no pair to learn from)',
-                    stats.all_tied)
+        notes.append(f'left out {stats.all_tied} comparisons whose completions all tie (no pair '
+                     'to learn from)')
+    if notes:
+        log.warning('comparisons: %s', '; '.join(notes))
     return examples, stats
 
 

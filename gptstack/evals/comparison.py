@@ -1,7 +1,7 @@
 """The recipe's models side by side on the same held-out task prompts: the base model (prompted
 with solved examples, the way a base model can be coaxed into answering), the SFT model,
-best-of-N with the reward model, the PPO policy, and PPO with the gold scorer as its reward (the
-ceiling of a perfect reward model).
+best-of-N with the reward model, DPO on the reward model's comparisons, PPO, and PPO and GRPO
+with the gold scorer as their reward (what a perfect reward model would give).
 
 Each model draws `samples` replies per prompt at temperature 1 (a prompt's score is the mean over
 them) and one greedy reply; best-of-N is the reward model's pick among N of the SFT samples,
@@ -9,32 +9,52 @@ scored exactly over all N-subsets of the pool (`best_of_n.expected_best_of_n`). 
 over prompts. Standard errors are stratified by the task generator's cells, family and level:
 the prompts fix that mix, so the spread between cells is not noise in a comparison of models on
 these prompts; the unstratified errors are kept alongside. The sampled scores are also given by
-task family and by level (keys '1', '2', '3', as JSON keeps them).
+task family and by level (keys '1', '2', '3', as JSONL keeps them).
+
+The base model draws `base_samples` replies per prompt (its few-shot prompts are long, and its
+score only shows what a prompt coaxes out of it). Each trained policy's KL to the SFT model is
+measured on its own replies, the first sample of each prompt: the mean of
+`log π(reply) - log π_SFT(reply)`, summed over the reply's tokens. Best-of-N's is the analytic
+`log N - (N - 1) / N` (Stiennon et al., 2020).
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import pathlib
 import time
 
 import jax
 import numpy as np
 
-from gptstack import stats
-from gptstack.chat import sample_replies
+from gptstack import sharding, stats
+from gptstack.chat import reply_text, sample_reply_tokens
 from gptstack.config import ConfigError
 from gptstack.data import tasks
 from gptstack.evals import gold
 from gptstack.evals.best_of_n import expected_best_of_n
-from gptstack.lineage import load_policy, load_reward_model
+from gptstack.lineage import Policy, load_policy, load_reward_model
+from gptstack.rollout import rollout_rows
 from gptstack.sampling import Sampler, SamplingParams
+from gptstack.steps.ppo import response_log_probs
 
 # The models of the comparison, in the order of the recipe, and the stage each comes from; the
-# last, PPO with the gold scorer as its reward, is the ceiling a perfect reward model would give.
-MODELS = ('base', 'sft', 'best_of_n', 'ppo', 'ppo_gold')
+# gold-reward runs are the ceiling a perfect reward model would give.
+MODELS = ('base', 'sft', 'best_of_n', 'dpo', 'ppo', 'ppo_gold', 'grpo')
 MODEL_NAMES = {'base': 'base (few-shot prompt)', 'sft': 'SFT', 'best_of_n': 'best-of-N (SFT + RM)',
-               'ppo': 'PPO', 'ppo_gold': 'PPO, gold reward (ceiling)'}
-SAMPLED_FROM = {'base': 'pretrain', 'sft': 'sft', 'ppo': 'rl', 'ppo_gold': 'rl_gold'}
+               'dpo': 'DPO', 'ppo': 'PPO', 'ppo_gold': 'PPO, gold reward (ceiling)',
+               'grpo': 'GRPO, gold reward'}
+SAMPLED_FROM = {'base': 'pretrain', 'sft': 'sft', 'dpo': 'dpo', 'ppo': 'rl', 'ppo_gold': 'rl_gold',
+                'grpo': 'grpo'}
+# Each sampled model's draws come from its own index, fixed when it joined the comparison, so a
+# model added later leaves the others' replies as they were.
+DRAWS = {'base': 0, 'sft': 1, 'ppo': 3, 'ppo_gold': 4, 'dpo': 5, 'grpo': 6}
+# Gains paired over prompts: each model against the one it improves on, and the contrasts the
+# recipe asks about (a critic-free RL run on a verifiable reward against PPO on the learned one).
+GAINS = (('sft', 'base'), ('best_of_n', 'sft'), ('dpo', 'sft'), ('ppo', 'sft'),
+         ('ppo_gold', 'sft'), ('grpo', 'sft'))
+CONTRASTS = (('grpo', 'ppo'), ('grpo', 'ppo_gold'), ('dpo', 'best_of_n'))
 
 
 def held_out_prompts(config) -> tuple[list[tasks.Task], np.ndarray]:
@@ -94,33 +114,76 @@ def diversity(replies: list[list[str]]) -> dict:
             'distinct_bigrams': float(np.mean(bigram)) if bigram else 0.0}
 
 
+@functools.cache
+def _log_probs_fn(graphdef):
+    """Jitted `(params, rollout rows) -> [B, N]` response-token log-probabilities of a model."""
+    return jax.jit(lambda params, rows: response_log_probs(graphdef, params, rows)[0])
+
+
+def reply_log_probs(policy: Policy, sampler: Sampler, prompts: list[list[int]],
+                    replies: list[np.ndarray]) -> np.ndarray:
+    """`log π(reply | prompt)` of each reply under `policy`, summed over the reply's tokens,
+    in full batches of the sampler's size laid out as rollout rows (`gptstack.rollout`)."""
+    size, sums = sampler.batch_size, []
+    for start in range(0, len(prompts), size):
+        real = min(size, len(prompts) - start)
+        chunk = [*range(start, start + real), *[start + real - 1] * (size - real)]
+        lengths = np.asarray([len(replies[i]) for i in chunk], np.int32)
+        responses = np.full((size, max(1, lengths.max())), sampler.pad_id, np.int32)
+        for row, i in enumerate(chunk):
+            responses[row, :lengths[row]] = replies[i]
+        rows = rollout_rows([prompts[i] for i in chunk], responses, lengths, sampler,
+                            reward_id=sampler.pad_id)
+        # The slot after a reply (the reward model's) is read by nothing here, but a reply
+        # that fills the context puts it one past the last position.
+        rows['positions'] = np.minimum(rows['positions'], sampler.config.max_seq_len - 1)
+        with sharding.activation_sharding(policy.mesh, 'fsdp'):
+            logp = sharding.to_host(_log_probs_fn(policy.graphdef)(policy.params, rows))
+        sums.append((logp * rows['mask']).sum(axis=1)[:real])
+    return np.concatenate(sums)
+
+
 def sample_models(config, workdir: pathlib.Path, held_out: list[tasks.Task]):
-    """`(sampled, greedy, seconds)`: the replies of the base, SFT and PPO models,
-    `{model: [[reply]]}`, and the seconds each model took (loading and sampling)."""
+    """`(sampled, greedy, kl, seconds)`: the replies of the base model and of every trained
+    policy, `{model: [[reply]]}`; each trained policy's KL to the SFT model on each prompt's
+    first sample, `{model: [prompts]}`; and the seconds each model took (loading, sampling and
+    its KL)."""
     c = config.compare
-    seconds = {}
+    seconds, kl = {}, {}
     conversations = gold.conversations(held_out)
     key = jax.random.key(config.seed + 2)
-    modes = (('sampled', SamplingParams(temperature=1.0), c.samples),
-             ('greedy', SamplingParams(temperature=0.0), 1))
     replies = {'sampled': {}, 'greedy': {}}
+    reference = None  # the SFT policy, kept for the others' KL
     for model, stage in SAMPLED_FROM.items():
         start = time.perf_counter()
         policy = load_policy(workdir / stage)
         sampler = policy.sampler(c.batch_size, c.max_new_tokens, chat=model != 'base')
+        modes = (('sampled', SamplingParams(temperature=1.0),
+                  c.base_samples if model == 'base' else c.samples),
+                 ('greedy', SamplingParams(temperature=0.0), 1))
         for mode, sampling, n in modes:
-            mode_key = jax.random.fold_in(key, MODELS.index(model) * 2 + (mode == 'greedy'))
+            mode_key = jax.random.fold_in(key, DRAWS[model] * 2 + (mode == 'greedy'))
             if model == 'base':
                 replies[mode][model] = few_shot_replies(
                     sampler, policy.params, policy.tokenizer, held_out, c.few_shot, n, mode_key,
                     sampling, config.seed)
-            else:
-                replies[mode][model] = sample_replies(
-                    sampler, policy.params, policy.tokenizer, conversations, mode_key, sampling,
-                    n, progress=f'{model} {mode}')
+                continue
+            prompts, tokens = sample_reply_tokens(
+                sampler, policy.params, policy.tokenizer, conversations, mode_key, sampling, n,
+                progress=f'{model} {mode}')
+            texts = [reply_text(policy.tokenizer, reply) for reply in tokens]
+            replies[mode][model] = [texts[i:i + n] for i in range(0, len(texts), n)]
+            if mode == 'sampled' and model == 'sft':
+                kl[model] = np.zeros(len(held_out))
+            elif mode == 'sampled':  # on each prompt's first sample
+                prompts, tokens = prompts[::n], tokens[::n]
+                kl[model] = (reply_log_probs(policy, sampler, prompts, tokens)
+                             - reply_log_probs(reference, sampler, prompts, tokens))
+        if model == 'sft':
+            reference = policy
         del policy
         seconds[model] = time.perf_counter() - start
-    return replies['sampled'], replies['greedy'], seconds
+    return replies['sampled'], replies['greedy'], kl, seconds
 
 
 def by_level(held_out: list[tasks.Task], cells: np.ndarray,
@@ -143,11 +206,11 @@ def by_level(held_out: list[tasks.Task], cells: np.ndarray,
 
 
 def compare(config, workdir: pathlib.Path) -> dict:
-    """Gold scores, diversity and example answers of the four models (see the module
-    docstring); `per_prompt` holds every prompt's scores."""
+    """Gold scores, KL to the SFT model, diversity and example answers of the models (see the
+    module docstring); `per_prompt` holds every prompt's scores and KL."""
     c = config.compare
     held_out, cells = held_out_prompts(config)
-    replies, greedy_replies, seconds = sample_models(config, workdir, held_out)
+    replies, greedy_replies, kl, seconds = sample_models(config, workdir, held_out)
     # The reward model scores the SFT pool; its pick among N is best-of-N.
     start = time.perf_counter()
     scorer = load_reward_model(workdir / 'reward').scorer(c.batch_size)
@@ -160,22 +223,31 @@ def compare(config, workdir: pathlib.Path) -> dict:
     per_prompt['best_of_n'] = expected_best_of_n(rewards, scores['sft'], c.best_of)
     greedy = {m: gold.score(held_out, greedy_replies[m])[:, 0] for m in greedy_replies}
 
-    result = {'prompts': len(held_out), 'samples': c.samples, 'best_of': c.best_of,
-              'models': {}, 'families': {}, 'levels': {}, 'levels_stderr': {},
-              'examples': [], 'seconds_by_model': seconds}
+    result = {'prompts': len(held_out), 'samples': c.samples, 'base_samples': c.base_samples,
+              'best_of': c.best_of,
+              'models': {}, 'contrasts': [], 'families': {}, 'levels': {},
+              'levels_stderr': {}, 'examples': [], 'seconds_by_model': seconds}
     for model in MODELS:
         mean, stderr = stats.mean_and_stderr(per_prompt[model], cells)
         entry = {'gold': mean, 'gold_stderr': stderr,
                  'gold_stderr_unstratified': stats.mean_and_stderr(per_prompt[model])[1]}
         if model in greedy:
             entry['greedy'], entry['greedy_stderr'] = stats.mean_and_stderr(greedy[model], cells)
-            entry.update(diversity(replies[model]))
+            if len(replies[model][0]) > 1:
+                entry.update(diversity(replies[model]))
+        if model in kl:
+            entry['kl'], entry['kl_stderr'] = stats.mean_and_stderr(kl[model], cells)
+        elif model == 'best_of_n':
+            entry['kl'] = math.log(c.best_of) - (c.best_of - 1) / c.best_of
         result['models'][model] = entry
     # Differences paired over prompts: the same prompts, so far less noisy than two means.
-    for model, baseline in (('sft', 'base'), ('best_of_n', 'sft'), ('ppo', 'sft'),
-                            ('ppo_gold', 'sft')):
+    for model, baseline in GAINS:
         gain, gain_stderr = stats.paired(per_prompt[model], per_prompt[baseline], cells)
         result['models'][model]['gain'] = {'over': baseline, 'mean': gain, 'stderr': gain_stderr}
+    for model, baseline in CONTRASTS:
+        gain, gain_stderr = stats.paired(per_prompt[model], per_prompt[baseline], cells)
+        result['contrasts'].append({'model': model, 'over': baseline, 'mean': gain,
+                                    'stderr': gain_stderr})
     for family in tasks.FAMILIES:
         mine = np.asarray([t.family == family for t in held_out])
         if mine.any():
@@ -185,12 +257,11 @@ def compare(config, workdir: pathlib.Path) -> dict:
         best = int(np.argmax(rewards[i]))
         result['examples'].append({
             'prompt': task.prompt, 'answer': str(task.answer),
-            'base': replies['base'][i][0], 'sft': replies['sft'][i][0],
-            'best_of_n': replies['sft'][i][best], 'ppo': replies['ppo'][i][0],
-            'ppo_gold': replies['ppo_gold'][i][0]})
+            **{m: replies[m][i][0] for m in replies}, 'best_of_n': replies['sft'][i][best]})
     result['per_prompt'] = [
         {'family': t.family, 'level': t.level, 'prompt': t.prompt,
          'gold': {m: per_prompt[m][i] for m in MODELS},
-         'greedy': {m: greedy[m][i] for m in greedy}}
+         'greedy': {m: greedy[m][i] for m in greedy},
+         'kl': {m: float(kl[m][i]) for m in kl}}
         for i, t in enumerate(held_out)]
     return result

@@ -37,10 +37,11 @@ def write(workdir, config, train_stats, n_train, n_val) -> str:
                               'other (held-out)': 'val_rejected_logp'},
                     workdir / 'log_probs.png', title='Log-probability of the completions',
                     ylabel='nats per completion'),
-        report.plot(records, {'greedy': 'gold/greedy', 'sampled': 'gold/sampled'},
-                    workdir / 'gold.png', title='Gold score on held-out task prompts',
-                    ylabel='mean gold score'),
     ]
+    if any('gold/sampled' in r for r in records):  # eval.gold_prompts > 0
+        plots.append(report.plot(records, {'greedy': 'gold/greedy', 'sampled': 'gold/sampled'},
+                                 workdir / 'gold.png', title='Gold score on held-out task prompts',
+                                 ylabel='mean gold score'))
     by_level = report.levels_before_after(first, last, ('sampled', 'greedy'))
     rows = [(r['step'], r.get('val_loss'), r.get('val_accuracy'), r.get('val_margin'),
              r.get('gold/sampled', ''), r.get('gold/greedy', '')) for r in evals]

@@ -1,6 +1,6 @@
 """The main job's report: the stages side by side (the talk's table), their curves, and the
-comparison of the base, SFT, best-of-N and PPO models on the same held-out prompts, overall, by
-task family and by level."""
+comparison of the base, SFT, best-of-N, DPO and RL models on the same held-out prompts, overall,
+by task family and by level, each with its KL to the SFT model and what its stage cost."""
 
 from __future__ import annotations
 
@@ -23,7 +23,10 @@ from gptstack.state import abstract_model
 COMPARISON = 'comparison.json'
 # The pipeline's RL runs (stage folders) and how the report names them, given the algorithm.
 RL_RUNS = {'rl': '4 RL ({})', 'rl_small_beta': '4 {} at a small β',
-           'rl_gold': '4 {} against the gold scorer'}
+           'rl_gold': '4 {} against the gold scorer', 'grpo': '4 {} against the gold scorer'}
+# The stage each model of the comparison comes out of (best-of-N: the reward model's).
+MODEL_STAGES = {'base': 'pretrain', 'sft': 'sft', 'best_of_n': 'reward', 'dpo': 'dpo',
+                'ppo': 'rl', 'ppo_gold': 'rl_gold', 'grpo': 'grpo'}
 # One line per held-out prompt of the comparison: its family, level and every model's scores.
 PER_PROMPT = 'comparison_prompts.jsonl'
 
@@ -35,9 +38,10 @@ def algorithm(stage_config) -> str:
 
 def model_names(config) -> dict[str, str]:
     """`MODEL_NAMES` with the RL models named by their runs' algorithm."""
-    rl, gold = algorithm(config.rl), algorithm(config.rl_gold)
+    rl, gold, grpo = algorithm(config.rl), algorithm(config.rl_gold), algorithm(config.grpo)
     return {**MODEL_NAMES, 'ppo': MODEL_NAMES['ppo'].replace('PPO', rl),
-            'ppo_gold': MODEL_NAMES['ppo_gold'].replace('PPO', gold)}
+            'ppo_gold': MODEL_NAMES['ppo_gold'].replace('PPO', gold),
+            'grpo': MODEL_NAMES['grpo'].replace('GRPO', grpo)}
 
 
 def _median(records: list[dict], key: str) -> float | str:
@@ -101,7 +105,8 @@ def comparison_row(config, comparison: dict, names: dict[str, str]) -> tuple:
     split = ' · '.join(f'{names.get(m, m)} {seconds / 60:.1f}'
                        for m, seconds in comparison.get('seconds_by_model', {}).items())
     return ('5 comparison', f'{comparison["prompts"]:,} held-out task prompts',
-            f'{c.samples} samples and a greedy reply per prompt and model', '', '',
+            f'{c.samples} samples (the base model {c.base_samples}) and a greedy reply per '
+            'prompt and model', '', '',
             f'{comparison.get("seconds", 0.0) / 60:.1f}', split, '', '')
 
 
@@ -146,6 +151,13 @@ def stage_table(config, workdir: pathlib.Path, ledger: dict) -> list[tuple]:
                  f'{steps * rm.data.batch_size:,} ranked groups ({steps} × '
                  f'{rm.data.batch_size})', f'{n_params("reward", ScoreModel):,}',
                  f'lr {rm.optim.lr:g}', *cost('reward', records)))
+    dpo = config.dpo
+    records = read_metrics(workdir / 'dpo')
+    steps = _steps(records)
+    rows.append(('3-4 DPO', 'the reward stage\'s ranked comparisons',
+                 f'{steps * dpo.data.batch_size:,} ranked groups ({steps} × '
+                 f'{dpo.data.batch_size})', f'{n_params("dpo", GPT):,}',
+                 f'lr {dpo.optim.lr:g}, β {dpo.loss.beta:g}', *cost('dpo', records)))
     for name, label in RL_RUNS.items():
         ppo = config[name]
         critic = ' + critic' if algorithm(ppo) == 'PPO' else ''
@@ -260,6 +272,27 @@ def over_optimisation(config, workdir: pathlib.Path) -> str:
         'both with the run against the gold scorer itself.')
 
 
+def kl_cell(entry: dict) -> str:
+    """A model's KL to the SFT model as the gold table shows it."""
+    if 'kl' not in entry:
+        return ''
+    if 'kl_stderr' not in entry:
+        return f'{entry["kl"]:.3f} (analytic)'
+    return f'{entry["kl"]:.3f} ± {entry["kl_stderr"]:.3f}'
+
+
+def model_cost(workdir: pathlib.Path, model: str, ledger: dict) -> tuple:
+    """`(wall time in minutes, median tokens/s, peak memory in GiB)` of the stage that made
+    `model`, blank where the run did not record them."""
+    stage = MODEL_STAGES[model]
+    entry = ledger.get(stage, {})
+    speed = _median(read_metrics(workdir / stage), 'tokens_per_sec')
+    peak = entry.get('peak_memory_gib')
+    return (f'{entry["seconds"] / 60:.1f}' if 'seconds' in entry else '',
+            f'{speed:,.0f}' if isinstance(speed, float) else '',
+            f'{peak:.2f}' if peak is not None else '')
+
+
 def write(config, workdir: pathlib.Path, ledger: dict, comparison: dict) -> str:
     models = comparison['models']
     names, rl = model_names(config), algorithm(config.rl)
@@ -271,8 +304,12 @@ def write(config, workdir: pathlib.Path, ledger: dict, comparison: dict) -> str:
             names[model], f'{entry["gold"]:.4f} ± {entry["gold_stderr"]:.4f}',
             f'{entry["greedy"]:.4f} ± {entry["greedy_stderr"]:.4f}' if 'greedy' in entry else '',
             f'{gain["mean"]:+.4f} ± {gain["stderr"]:.4f} (over {names[gain["over"]]})'
-            if gain else '',
+            if gain else '', kl_cell(entry), *model_cost(workdir, model, ledger),
             entry.get('distinct_replies', ''), entry.get('distinct_bigrams', '')))
+    contrast_rows = [(f'{names[c["model"]]} over {names[c["over"]]}',
+                      f'{c["mean"]:+.4f} ± {c["stderr"]:.4f}',
+                      f'{c["mean"] / max(c["stderr"], 1e-12):.1f}')
+                     for c in comparison.get('contrasts', [])]
     family_rows = [(family, *(scores[m] for m in MODELS))
                    for family, scores in comparison['families'].items()]
     gold_plot = report.bars({names[m]: models[m]['gold'] for m in MODELS},
@@ -302,13 +339,20 @@ def write(config, workdir: pathlib.Path, ledger: dict, comparison: dict) -> str:
     compare_seconds = comparison.get('seconds', 0.0)
     headline = [
         ('held-out task prompts', f'{comparison["prompts"]} (test split), {comparison["samples"]} '
-                                  'samples each at temperature 1, plus one greedy reply'),
-        (f'gold score: base → SFT → best-of-N → {rl} (→ {algorithm(config.rl_gold)} against '
-         'the gold scorer)',
-         ' → '.join(f'{models[m]["gold"]:.3f}' for m in MODELS)),
+                                  'samples each at temperature 1 (the base model '
+                                  f'{comparison.get("base_samples", comparison["samples"])}), '
+                                  'plus one greedy reply'),
+        ('gold score (sampled): ' + ' · '.join(names[m] for m in MODELS),
+         ' · '.join(f'{models[m]["gold"]:.3f}' for m in MODELS)),
         (f'{rl} over SFT (paired over prompts)', gain(models['ppo'])),
         (f'{algorithm(config.rl_gold)} against the gold scorer over SFT: the ceiling',
          gain(models['ppo_gold'])),
+        ('DPO over SFT (on the reward stage\'s comparisons)', gain(models['dpo'])),
+        (f'{names["grpo"]} over SFT', gain(models['grpo'])),
+        *((f'{names[c["model"]]} over {names[c["over"]]}',
+           f'{c["mean"]:+.4f} ± {c["stderr"]:.4f} '
+           f'({c["mean"] / max(c["stderr"], 1e-12):.1f} standard errors)')
+          for c in comparison.get('contrasts', []) if c['model'] == 'grpo' and c['over'] == 'ppo'),
         (f'SFT and {rl} gold score, ± 2 standard errors',
          intervals(models['sft'], models['ppo'], name=rl)),
         ('the same, standard errors not stratified',
@@ -319,6 +363,10 @@ def write(config, workdir: pathlib.Path, ledger: dict, comparison: dict) -> str:
          f'{rm_eval.get("gold_agreement", math.nan):.3f})'),
         (f'KL of the final {rl} policy to the SFT model',
          f'{rl_eval.get("val/kl", math.nan):.3f} nats per response'),
+        ('KL to the SFT model on the comparison\'s prompts: ' + ', '.join(
+            names[m] for m in MODELS if 'kl_stderr' in models[m] and m != 'sft'),
+         ', '.join(f'{models[m]["kl"]:.3f}' for m in MODELS
+                   if 'kl_stderr' in models[m] and m != 'sft') + ' nats per reply'),
         *best_of_n_rows(workdir),
         ('wall time', f'{(stage_seconds + compare_seconds) / 60:.1f} min (the comparison '
                       f'{compare_seconds / 60:.1f} min)'),
@@ -327,7 +375,8 @@ def write(config, workdir: pathlib.Path, ledger: dict, comparison: dict) -> str:
         f'prompt: {e["prompt"]}\nexpected: {e["answer"]}\n' + '\n'.join(
             f'{names[m]:>22}: {e[m]!r}' for m in MODELS)) for e in comparison['examples'])
     links = ('Stage reports: [tokenizer](tokenizer/report.md), [pretraining](pretrain/report.md), '
-             f'[SFT](sft/report.md), [reward model](reward/report.md), [{rl}](rl/report.md).')
+             f'[SFT](sft/report.md), [reward model](reward/report.md), [DPO](dpo/report.md), '
+             f'[{rl}](rl/report.md), [{names["grpo"]}](grpo/report.md).')
     return report.write(workdir, 'gptstack pipeline report', [
         ('Summary', report.table(['', ''], headline)),
         ('The stages', report.table(
@@ -336,7 +385,8 @@ def write(config, workdir: pathlib.Path, ledger: dict, comparison: dict) -> str:
             [*stage_table(config, workdir, ledger), comparison_row(config, comparison, names)])
          + f'\n\n![{stages_plot}]({stages_plot})\n\n{links}'),
         ('Gold score on the same held-out prompts', report.table(
-            ['model', 'sampled ± se', 'greedy ± se', 'gain ± se', 'distinct replies',
+            ['model', 'sampled ± se', 'greedy ± se', 'gain ± se', 'KL to SFT',
+             'wall time (min)', 'tokens/s', 'peak memory (GiB)', 'distinct replies',
              'distinct bigrams'], gold_rows) + f'\n\n![{gold_plot}]({gold_plot})\n\n'
          f'Best-of-N is the reward model\'s pick among N = {comparison["best_of"]} SFT samples. '
          'Standard errors are stratified by task family and level: these are fixed with the '
@@ -344,7 +394,11 @@ def write(config, workdir: pathlib.Path, ledger: dict, comparison: dict) -> str:
          'unstratified errors are in '
          f'`{COMPARISON}`, every prompt\'s scores in `{PER_PROMPT}`). '
          'Distinct replies: the fraction of different answers among a prompt\'s samples (lower '
-         'is a narrower model).'),
+         'is a narrower model). KL to SFT: nats per reply on the model\'s own samples of these '
+         'prompts (best-of-N: the analytic log N - (N - 1)/N). Wall time, tokens/s (the median '
+         'logged) and peak memory are those of the stage that made the model (best-of-N: the '
+         'reward stage).\n\nOther contrasts, paired over the same prompts:\n\n'
+         + report.table(['', 'gain ± se', 'standard errors'], contrast_rows)),
         ('Gold score by task family (sampled)', report.table(
             ['family', *(names[m] for m in MODELS)], family_rows)),
         ('Gold score by task level (sampled, ± se stratified by family)', report.table(

@@ -7,7 +7,9 @@ reward stage's `comparisons/train.jsonl` and `validation.jsonl` are the natural 
 pairs of a K-way ranking are all its ordered pairs or its best against its worst
 (`loss.pairs`). Before training, the frozen SFT model's log-probability of every completion is
 computed once and cached in `<workdir>/reference_logps.npz`; it travels with the data, so the
-reference is never on the devices beside the policy.
+reference is never on the devices beside the policy. On several processes each reads its rows of
+every batch, the log-probabilities come back whole to every process, and process 0 writes the
+cache.
 
 Evaluation: on the held-out comparisons, the loss, the implicit reward's pairwise accuracy (with
 its standard error) and margin, and the policy's log-probabilities of the preferred and the

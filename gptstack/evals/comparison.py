@@ -9,7 +9,7 @@ scored exactly over all N-subsets of the pool (`best_of_n.expected_best_of_n`). 
 over prompts. Standard errors are stratified by the task generator's cells, family and level:
 the prompts fix that mix, so the spread between cells is not noise in a comparison of models on
 these prompts; the unstratified errors are kept alongside. The sampled scores are also given by
-task family and by level (keys '1', '2', '3', as JSONL keeps them).
+task family and by level (keys '1', '2', '3', as JSON keeps them).
 
 The base model draws `base_samples` replies per prompt (its few-shot prompts are long, and its
 score only shows what a prompt coaxes out of it). Each trained policy's KL to the SFT model is

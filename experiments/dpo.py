@@ -14,7 +14,10 @@ cache.
 Evaluation: on the held-out comparisons, the loss, the implicit reward's pairwise accuracy (with
 its standard error) and margin, and the policy's log-probabilities of the preferred and the
 other completions; on held-out task prompts (test split), the gold score of greedy and sampled
-replies, for the SFT policy (step 0) and during training. Re-running resumes exactly.
+replies and the policy's KL to the reference on its sampled replies, for the SFT policy (step 0)
+and during training. For the KL the reference's parameters are read from its checkpoint at each
+evaluation and dropped after it, beside the policy and its optimizer state but not the gradients
+and activations of a training step. Re-running resumes exactly.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import hashlib
 import io
 import logging
 import pathlib
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -140,9 +144,11 @@ def attach_reference(config, workdir: pathlib.Path, examples: dict[str, list[dic
 
 
 def make_evaluate(config, loss: DPOLoss, log_probs, eval_batches: list[dict], placement,
-                  sampler: Sampler, tokenizer, held_out: list[tasks.Task]):
-    """`evaluate(state)`: the DPO metrics of the held-out comparisons and the gold score of the
-    policy's greedy and sampled replies to held-out task prompts (the same draws each time)."""
+                  sampler: Sampler, tokenizer, held_out: list[tasks.Task],
+                  restore_reference: Callable[[], object]):
+    """`evaluate(state)`: the DPO metrics of the held-out comparisons, and the gold score of the
+    policy's greedy and sampled replies to held-out task prompts (the same draws each time) with
+    its KL to the reference (`restore_reference()`: its parameters) on the sampled replies."""
     # `eval_batches` are whole global batches: each process puts its rows on the devices, and
     # the log-probabilities come back whole (replicated) to be compared with the host's.
     local = len(eval_batches[0]['ranks']) // jax.process_count()
@@ -176,7 +182,8 @@ def make_evaluate(config, loss: DPOLoss, log_probs, eval_batches: list[dict], pl
                    'val_rejected_logp': float(sums['rejected']) / n}
         if held_out:
             metrics.update(gold.modes_summary(sampler, state.params, tokenizer, held_out,
-                                              jax.random.key(config.seed + 1), modes))
+                                              jax.random.key(config.seed + 1), modes,
+                                              reference=restore_reference()))
         return metrics
 
     return evaluate
@@ -208,7 +215,6 @@ def run(config, workdir: pathlib.Path) -> str:
     state = run_.start(trainable.abstract_state, trainable.shardings, tokenizer, model_config,
                        data_iterator, init=lambda: trainable.from_params(
                            sft.restore_params(GPT, mesh, rules)[1]))
-    sft.close()
 
     # --- compiled functions, evaluation and the loop ------------------------------------------
     train_step = make_dpo_step(trainable.graphdef, trainable.tx, trainable.schedule, mesh,
@@ -223,9 +229,11 @@ def run(config, workdir: pathlib.Path) -> str:
                       pad_id=tokenizer.pad_id, vocab_size=tokenizer.vocab_size)
     held_out = tasks.generate('test', config.eval.gold_prompts, config.seed) \
         if config.eval.gold_prompts else []
-    evaluate = make_evaluate(config, loss, log_probs, eval_batches,
-                             {k: v for k, v in placement.items() if k != 'ref_logp'}, sampler,
-                             tokenizer, held_out)
+    evaluate = make_evaluate(
+        config, loss, log_probs, eval_batches,
+        {k: v for k, v in placement.items() if k != 'ref_logp'}, sampler, tokenizer, held_out,
+        restore_reference=lambda: sft.restore_params(GPT, mesh, rules,
+                                                     model_config=model_config)[1])
     if run_.resumed_from is None:  # the SFT policy: step 0 of the curves
         run_.metrics().write(0, evaluate(state))
     k, seq_len = config.data.completions, config.data.seq_len
@@ -234,6 +242,7 @@ def run(config, workdir: pathlib.Path) -> str:
         data_iterator, meta=run_.meta(tokenizer, model_config, init_from=str(config.init_from)),
         evaluate=evaluate, tokens_per_step=batch_size * k * seq_len,
         flops_per_step=train_flops_per_token(model_config, seq_len) * batch_size * k * seq_len)
+    sft.close()
     if run_.finished(result) and jax.process_index() == 0:
         log.debug('report: %s', dpo_report.write(workdir, config, train_stats, len(train),
                                                 len(val)))

@@ -20,6 +20,7 @@ critic takes part.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
@@ -41,6 +42,7 @@ from gptstack.steps.ppo import (
     make_reward_fn,
     make_score_fn,
     make_update_fn,
+    response_log_probs,
 )
 
 Array = jax.Array
@@ -78,6 +80,42 @@ def rollout_rows(prompts: Sequence[Sequence[int]], responses: np.ndarray, length
     n = bucket(int(lengths.max()), sampler.max_new_tokens)
     return rollout_batch(prompts, responses[:, :n], lengths, prompt_len, sampler.pad_id,
                          reward_id)
+
+
+@functools.cache
+def _log_probs_fn(graphdef: nnx.GraphDef, mesh: Mesh, rules: str):
+    """Jitted `(params, rollout rows) -> [B, N]` response-token log-probabilities of a model."""
+
+    def log_probs(params, rows):
+        with sharding.activation_sharding(mesh, rules):
+            return response_log_probs(graphdef, params, rows)[0]
+
+    return jax.jit(log_probs)
+
+
+def reply_log_probs(graphdef: nnx.GraphDef, params, sampler: Sampler,
+                    prompts: Sequence[Sequence[int]], replies: Sequence[np.ndarray]) -> np.ndarray:
+    """`log π(reply | prompt)` of each reply under the model `(graphdef, params)`, summed over
+    the reply's tokens (its stop token included): rollout rows in full batches of `sampler`'s
+    size on its mesh, the last batch filled up with its final reply. The difference of two
+    models' sums on one model's replies is that model's KL (k1) to the other, reply by reply."""
+    size, sums = sampler.batch_size, []
+    log_probs = _log_probs_fn(graphdef, sampler.mesh, sampler.rules)
+    for start in range(0, len(prompts), size):
+        real = min(size, len(prompts) - start)
+        chunk = [*range(start, start + real), *[start + real - 1] * (size - real)]
+        lengths = np.asarray([len(replies[i]) for i in chunk], np.int32)
+        responses = np.full((size, max(1, lengths.max())), sampler.pad_id, np.int32)
+        for row, i in enumerate(chunk):
+            responses[row, :lengths[row]] = replies[i]
+        rows = rollout_rows([prompts[i] for i in chunk], responses, lengths, sampler,
+                            reward_id=sampler.pad_id)
+        # The slot after a reply (the reward model's) is read by nothing here, but a reply that
+        # fills the context puts it one past the last position.
+        rows['positions'] = np.minimum(rows['positions'], sampler.config.max_seq_len - 1)
+        logp = sharding.to_host(log_probs(params, rows))
+        sums.append((logp * rows['mask']).sum(axis=1)[:real])
+    return np.concatenate(sums)
 
 
 def informative_groups(scores: np.ndarray, group_size: int, rows: int) -> np.ndarray:

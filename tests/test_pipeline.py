@@ -8,23 +8,18 @@ import random
 import subprocess
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from experiments import pipeline
 from experiments.configs import pipeline as pipeline_config
 from experiments.pipeline import LEDGER, STAGES
 from gptstack import report
-from gptstack.config import ConfigError, GPTConfig
+from gptstack.config import ConfigError
 from gptstack.data import tasks
 from gptstack.evals import comparison, gold
 from gptstack.evals.comparison import MODELS
-from gptstack.lineage import Policy
 from gptstack.metrics import peak_memory_gib, reset_peak_memory
-from gptstack.model import GPT
 from gptstack.reports.pipeline import (
     COMPARISON,
     PER_PROMPT,
@@ -33,7 +28,6 @@ from gptstack.reports.pipeline import (
     level_rows,
     model_names,
 )
-from gptstack.sampling import Sampler
 from gptstack.stats import mean_and_stderr, paired
 from tests.runs import CONSOLE, ROOT, metrics, pipeline_command, run
 
@@ -433,34 +427,6 @@ def test_pipeline_killed_at_twelve_seeded_points_then_rerun_finishes_with_the_sa
     assert again.returncode == 0, again.stderr[-3000:]
     assert 'stage rl finished earlier' in again.stderr
     assert comparable(workdir) == comparable(pipeline_workdir)
-
-
-def test_reply_log_probs_equal_a_full_forward_pass_per_reply(mesh_8):
-    """The comparison's `log π(reply | prompt)` (rollout rows of mixed prompt and reply
-    lengths, a partial last batch, a reply that fills the context) against each reply scored
-    alone by the model's plain forward pass, log-softmax summed in NumPy."""
-    config = GPTConfig.preset('toy', max_seq_len=64)
-    with nnx.use_eager_sharding(False):
-        model = GPT(config, rngs=nnx.Rngs(0))
-    graphdef, params = nnx.split(model, nnx.Param)
-    policy = Policy(tokenizer=None, config=config, graphdef=graphdef, params=params,
-                    mesh=mesh_8, meta={})
-    sampler = Sampler(graphdef, config, mesh_8, 'fsdp', batch_size=8, max_new_tokens=16,
-                      stop_ids=[1], pad_id=0)
-    rng = np.random.default_rng(0)
-    lengths = [(5, 3), (30, 16), (48, 16), (12, 1), (7, 9)] * 2 + [(20, 4)]  # 11: 8 + 3
-    prompts = [list(rng.integers(2, config.vocab_size, p)) for p, _ in lengths]
-    replies = [rng.integers(2, config.vocab_size, n).astype(np.int32) for _, n in lengths]
-    got = comparison.reply_log_probs(policy, sampler, prompts, replies)
-
-    forward = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))
-    for prompt, reply, value in zip(prompts, replies, got, strict=True):
-        tokens = np.asarray([*prompt, *reply], np.int32)[None]
-        logits = np.asarray(forward(params, jnp.asarray(tokens))[0], np.float64)
-        log_softmax = logits - logits.max(-1, keepdims=True)
-        log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
-        expected = sum(log_softmax[len(prompt) + j - 1, token] for j, token in enumerate(reply))
-        assert value == pytest.approx(expected, rel=1e-4, abs=1e-3)
 
 
 def test_the_peak_memory_counts_from_its_reset():

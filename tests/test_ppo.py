@@ -36,6 +36,32 @@ def test_rollout_rows_put_the_reward_token_right_after_the_response():
     assert rows['mask'].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1]]
 
 
+def test_reply_log_probs_equal_a_full_forward_pass_per_reply(mesh_8):
+    """The comparison's `log π(reply | prompt)` (rollout rows of mixed prompt and reply
+    lengths, a partial last batch, a reply that fills the context) against each reply scored
+    alone by the model's plain forward pass, log-softmax summed in NumPy."""
+    config = GPTConfig.preset('toy', max_seq_len=64)
+    with nnx.use_eager_sharding(False):
+        model = GPT(config, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model, nnx.Param)
+    sampler = Sampler(graphdef, config, mesh_8, 'fsdp', batch_size=8, max_new_tokens=16,
+                      stop_ids=[1], pad_id=0)
+    rng = np.random.default_rng(0)
+    lengths = [(5, 3), (30, 16), (48, 16), (12, 1), (7, 9)] * 2 + [(20, 4)]  # 11: 8 + 3
+    prompts = [list(rng.integers(2, config.vocab_size, p)) for p, _ in lengths]
+    replies = [rng.integers(2, config.vocab_size, n).astype(np.int32) for _, n in lengths]
+    got = rollout.reply_log_probs(graphdef, params, sampler, prompts, replies)
+
+    forward = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t))
+    for prompt, reply, value in zip(prompts, replies, got, strict=True):
+        tokens = np.asarray([*prompt, *reply], np.int32)[None]
+        logits = np.asarray(forward(params, jnp.asarray(tokens))[0], np.float64)
+        log_softmax = logits - logits.max(-1, keepdims=True)
+        log_softmax -= np.log(np.exp(log_softmax).sum(-1, keepdims=True))
+        expected = sum(log_softmax[len(prompt) + j - 1, token] for j, token in enumerate(reply))
+        assert value == pytest.approx(expected, rel=1e-4, abs=1e-3)
+
+
 def test_oversampling_keeps_the_groups_whose_replies_differ_then_tied_ones_in_order():
     scores = np.array([1, 1, 0, 1, 0, 0, 2, 2, 3, 0, 5, 5], np.float32)  # six groups of 2
     assert rollout.informative_groups(scores, 2, 4).tolist() == [2, 3, 8, 9]

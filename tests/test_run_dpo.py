@@ -44,13 +44,18 @@ def test_dpo_learns_the_comparisons_and_resumes_exactly_after_kill_9(sft_workdir
     assert first['val_margin'] == 0.0 and first['val_accuracy'] == 0.5  # every pair tied
     assert first['val_chosen_logp'] < 0
     assert {'gold/sampled', 'gold/greedy', 'gold/greedy/level1'} <= set(first)
+    assert first['val/kl'] == 0.0 and first['val/kl_stderr'] == 0.0  # the reference's own replies
     assert last['step'] == 6 and last['val_loss'] < first['val_loss']
     assert last['val_margin'] > 0  # the preferred completions gained on the others
+    # The policy moved off the reference: its replies are scored by both (8 prompts: the estimate
+    # is noisy, but no longer exactly 0).
+    assert last['val/kl'] != 0.0 and last['val/kl_stderr'] > 0
     train = [r for r in records if 'margin' in r]
     assert sorted(r['step'] for r in train) == list(range(1, 7))
     report = (tmp_path / 'reference' / 'report.md').read_text()
     for text in ('# DPO report', 'held-out implicit-reward accuracy: SFT → DPO',
                  'held-out gold score, sampled: SFT → DPO', 'Gold score by task level',
+                 'KL to the reference on held-out prompts',
                  'accuracy.png', 'log_probs.png'):
         assert text in report, text
 

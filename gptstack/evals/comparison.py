@@ -20,7 +20,6 @@ measured on its own replies, the first sample of each prompt: the mean of
 
 from __future__ import annotations
 
-import functools
 import math
 import pathlib
 import time
@@ -28,16 +27,15 @@ import time
 import jax
 import numpy as np
 
-from gptstack import sharding, stats
+from gptstack import stats
 from gptstack.chat import reply_text, sample_reply_tokens
 from gptstack.config import ConfigError
 from gptstack.data import tasks
 from gptstack.evals import gold
 from gptstack.evals.best_of_n import expected_best_of_n
-from gptstack.lineage import Policy, load_policy, load_reward_model
-from gptstack.rollout import rollout_rows
+from gptstack.lineage import load_policy, load_reward_model
+from gptstack.rollout import reply_log_probs
 from gptstack.sampling import Sampler, SamplingParams
-from gptstack.steps.ppo import response_log_probs
 
 # The models of the comparison, in the order of the recipe, and the stage each comes from; the
 # gold-reward runs are the ceiling a perfect reward model would give.
@@ -114,35 +112,6 @@ def diversity(replies: list[list[str]]) -> dict:
             'distinct_bigrams': float(np.mean(bigram)) if bigram else 0.0}
 
 
-@functools.cache
-def _log_probs_fn(graphdef):
-    """Jitted `(params, rollout rows) -> [B, N]` response-token log-probabilities of a model."""
-    return jax.jit(lambda params, rows: response_log_probs(graphdef, params, rows)[0])
-
-
-def reply_log_probs(policy: Policy, sampler: Sampler, prompts: list[list[int]],
-                    replies: list[np.ndarray]) -> np.ndarray:
-    """`log π(reply | prompt)` of each reply under `policy`, summed over the reply's tokens,
-    in full batches of the sampler's size laid out as rollout rows (`gptstack.rollout`)."""
-    size, sums = sampler.batch_size, []
-    for start in range(0, len(prompts), size):
-        real = min(size, len(prompts) - start)
-        chunk = [*range(start, start + real), *[start + real - 1] * (size - real)]
-        lengths = np.asarray([len(replies[i]) for i in chunk], np.int32)
-        responses = np.full((size, max(1, lengths.max())), sampler.pad_id, np.int32)
-        for row, i in enumerate(chunk):
-            responses[row, :lengths[row]] = replies[i]
-        rows = rollout_rows([prompts[i] for i in chunk], responses, lengths, sampler,
-                            reward_id=sampler.pad_id)
-        # The slot after a reply (the reward model's) is read by nothing here, but a reply
-        # that fills the context puts it one past the last position.
-        rows['positions'] = np.minimum(rows['positions'], sampler.config.max_seq_len - 1)
-        with sharding.activation_sharding(policy.mesh, 'fsdp'):
-            logp = sharding.to_host(_log_probs_fn(policy.graphdef)(policy.params, rows))
-        sums.append((logp * rows['mask']).sum(axis=1)[:real])
-    return np.concatenate(sums)
-
-
 def sample_models(config, workdir: pathlib.Path, held_out: list[tasks.Task]):
     """`(sampled, greedy, kl, seconds)`: the replies of the base model and of every trained
     policy, `{model: [[reply]]}`; each trained policy's KL to the SFT model on each prompt's
@@ -177,8 +146,10 @@ def sample_models(config, workdir: pathlib.Path, held_out: list[tasks.Task]):
                 kl[model] = np.zeros(len(held_out))
             elif mode == 'sampled':  # on each prompt's first sample
                 prompts, tokens = prompts[::n], tokens[::n]
-                kl[model] = (reply_log_probs(policy, sampler, prompts, tokens)
-                             - reply_log_probs(reference, sampler, prompts, tokens))
+                kl[model] = (reply_log_probs(policy.graphdef, policy.params, sampler, prompts,
+                                             tokens)
+                             - reply_log_probs(reference.graphdef, reference.params, sampler,
+                                               prompts, tokens))
         if model == 'sft':
             reference = policy
         del policy

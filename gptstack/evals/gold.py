@@ -12,9 +12,10 @@ import jax
 import numpy as np
 
 from gptstack import stats
-from gptstack.chat import sample_replies
+from gptstack.chat import reply_text, sample_replies, sample_reply_tokens
 from gptstack.data import tasks
 from gptstack.data.tokenizer import Tokenizer
+from gptstack.rollout import reply_log_probs
 from gptstack.sampling import Sampler, SamplingParams
 
 
@@ -40,16 +41,27 @@ def sample_and_score(sampler: Sampler, params, tokenizer: Tokenizer,
 
 def modes_summary(sampler: Sampler, params, tokenizer: Tokenizer,
                   held_out: Sequence[tasks.Task], key: jax.Array,
-                  modes: dict[str, SamplingParams]) -> dict[str, float]:
+                  modes: dict[str, SamplingParams], reference=None) -> dict[str, float]:
     """For each `{name: sampling}` decoding, the gold score of the policy's replies to the tasks
-    (`summary`) and its mean by task level (`by_level`), all drawn with `key`."""
+    (`summary`) and its mean by task level (`by_level`), all drawn with `key`.
+
+    With `reference` (parameters of the sampler's model), also the policy's KL to that model on
+    its replies of the mode named 'sampled': `val/kl` and `val/kl_stderr`, the mean over prompts
+    of `log π(reply) - log π_ref(reply)` (k1, an unbiased estimate where that mode samples at
+    temperature 1)."""
     metrics = {}
     levels = [t.level for t in held_out]
     for name, sampling in modes.items():
-        scores, _ = sample_and_score(sampler, params, tokenizer, held_out, key, sampling)
-        per_prompt = scores.mean(axis=1)
+        prompts, tokens = sample_reply_tokens(sampler, params, tokenizer,
+                                              conversations(held_out), key, sampling)
+        per_prompt = score(held_out, [[reply_text(tokenizer, t)] for t in tokens])[:, 0]
         metrics.update(summary(per_prompt, name))
         metrics.update(by_level(per_prompt, levels, name))
+        if reference is not None and name == 'sampled':
+            kl = (reply_log_probs(sampler.graphdef, params, sampler, prompts, tokens)
+                  - reply_log_probs(sampler.graphdef, reference, sampler, prompts, tokens))
+            mean, stderr = stats.mean_and_stderr(kl)
+            metrics.update({'val/kl': mean, 'val/kl_stderr': stderr})
     return metrics
 
 

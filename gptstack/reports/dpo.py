@@ -1,6 +1,7 @@
 """The DPO report: what it trained on, the held-out comparisons' loss, implicit-reward accuracy
 and margin, the policy's log-probabilities of preferred and other completions, and the gold score
-of the SFT and DPO policies on held-out task prompts (overall and by level), with curves."""
+of the SFT and DPO policies on held-out task prompts (overall and by level) with the DPO policy's
+KL to the reference there, with curves."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def write(workdir, config, train_stats, n_train, n_val) -> str:
                                  ylabel='mean gold score'))
     by_level = report.levels_before_after(first, last, ('sampled', 'greedy'))
     rows = [(r['step'], r.get('val_loss'), r.get('val_accuracy'), r.get('val_margin'),
-             r.get('gold/sampled', ''), r.get('gold/greedy', '')) for r in evals]
+             r.get('gold/sampled', ''), r.get('gold/greedy', ''), r.get('val/kl', ''))
+            for r in evals]
     return report.write(workdir, 'DPO report', [
         ('Summary', report.table(['', ''], [
             ('policy and reference from', config.init_from),
@@ -63,9 +65,13 @@ def write(workdir, config, train_stats, n_train, n_val) -> str:
              f'{score(first, "sampled")} → {score(last, "sampled")}'),
             ('held-out gold score, greedy: SFT → DPO',
              f'{score(first, "greedy")} → {score(last, "greedy")}'),
+            ('KL to the reference on held-out prompts (nats per reply, sampled replies)',
+             f'{last["val/kl"]:.4f} ± {last["val/kl_stderr"]:.4f}' if 'val/kl' in last
+             else 'n/a'),
         ])),
         ('Held-out evaluations', report.table(
-            ['step', 'loss', 'accuracy', 'margin', 'gold (sampled)', 'gold (greedy)'], rows)),
+            ['step', 'loss', 'accuracy', 'margin', 'gold (sampled)', 'gold (greedy)',
+             'KL to the reference'], rows)),
         ('Gold score by task level', report.table(
             ['level', 'SFT, sampled', 'DPO, sampled', 'SFT, greedy', 'DPO, greedy'],
             by_level) if by_level else 'no held-out tasks'),

@@ -30,9 +30,9 @@ from gptstack import lineage as lineages
 from gptstack import sharding, stage, stats
 from gptstack.chat import reply_text
 from gptstack.config import ConfigError, GPTConfig, OptimConfig, flatten
+from gptstack.data import answers, tasks
 from gptstack.data import pretrain as pretrain_data
 from gptstack.data import prompts as prompts_data
-from gptstack.data import tasks
 from gptstack.data.sources import read_records, specs_from_config
 from gptstack.data.tokenizer import render_prompt
 from gptstack.evals import gold as gold_eval
@@ -58,6 +58,12 @@ def validate(config) -> stage.Setup:
         if config.data[key] not in allowed:
             raise ConfigError(f'data.{key}={config.data[key]!r}: expected one of '
                               f'{", ".join(allowed)}')
+    if config.rl.format_reward and (config.rl.reward != 'gold'
+                                    or config.data.match not in answers.RULES):
+        raise ConfigError(f'rl.format_reward={config.rl.format_reward}: a format reward is paid '
+                          f"with verifiable rewards of a number match (rl.reward='gold' and "
+                          f'data.match one of {", ".join(answers.RULES)}), not rl.reward='
+                          f'{config.rl.reward!r} with data.match={config.data.match!r}')
     if config.rl.critic_head not in CRITIC_HEADS:
         raise ConfigError(f'rl.critic_head={config.rl.critic_head!r}: expected one of '
                           f'{CRITIC_HEADS}')
@@ -196,17 +202,23 @@ def ptx_dataset(config, workdir, tokenizer, ppo_config: ppo.PPOConfig):
                                             seed=config.seed)
 
 
-def make_judge(tokenizer, train_prompts: list[prompts_data.Prompt]):
-    """`judge(prompt_batch, responses, lengths)`: the gold score of each reply (the reward in
-    the verifiable-reward mode, logged otherwise), or nothing for prompts without a scorer."""
+def make_judge(tokenizer, train_prompts: list[prompts_data.Prompt], format_reward: float = 0.0):
+    """`judge(prompt_batch, responses, lengths)`: the gold score of each reply (logged; with
+    verifiable rewards also the reward, plus `format_reward` for each reply whose final answer
+    is in the form its prompt reads, `formatted`), or nothing for prompts without a scorer."""
     def judge(prompt_batch, responses, lengths):
         replies = [reply_text(tokenizer, row[:n]) for row, n in zip(responses, lengths,
                                                                      strict=True)]
-        gold = [train_prompts[int(i)].gold(r) for i, r in zip(prompt_batch['index'], replies,
-                                                               strict=True)]
+        prompts = [train_prompts[int(i)] for i in prompt_batch['index']]
+        gold = [p.gold(r) for p, r in zip(prompts, replies, strict=True)]
         if any(g is None for g in gold):
             return {}
-        return {'reward': np.asarray(gold, np.float32), 'gold': np.asarray(gold)}
+        gold = np.asarray(gold)
+        if not format_reward:
+            return {'reward': gold.astype(np.float32), 'gold': gold}
+        formatted = np.asarray([p.formatted(r) for p, r in zip(prompts, replies, strict=True)])
+        return {'reward': (gold + format_reward * formatted).astype(np.float32), 'gold': gold,
+                'formatted': formatted}
 
     return judge
 
@@ -348,7 +360,8 @@ def run(config, workdir: pathlib.Path) -> str:
                            tx_critic=critic and critic.tx, mesh=mesh,
                            rules=rules, reward_id=tokenizer.reward_id,
                            verifiable=config.rl.reward == 'gold',
-                           judge=make_judge(tokenizer, train_prompts))
+                           judge=make_judge(tokenizer, train_prompts,
+                                            config.rl.format_reward))
 
     def step_fn(state, batch):
         key = jax.random.fold_in(jax.random.key(config.seed), int(state.step))

@@ -312,7 +312,8 @@ KEY_BOUNDS: dict[str, Bounds] = {
     'best_of_n.temperature': _TEMPERATURE,
     'best_of_n.max_n': _count(1),
     'best_of_n.batch_size': _count(1),
-    # PPO-ptx rows.
+    # RL: the format bonus of verifiable rewards, and PPO-ptx rows.
+    'rl.format_reward': _number(0, why='0 turns it off'),
     'rl.ptx.batch_size': _count(1),
     'rl.ptx.seq_len': _count(2),
     # The pipeline's comparison.

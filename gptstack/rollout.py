@@ -290,8 +290,9 @@ class PPOIteration:
             values = [float(m[k]) for m in update_metrics]
             metrics[k] = float(np.max(values)) if k == 'nonfinite' else float(np.mean(values))
         metrics['rm_score'] = float(np.mean(rm_score))
-        if 'gold' in judged:  # of every sampled reply: the policy's own score
-            metrics['gold'] = float(np.mean(judged['gold']))
+        for name in ('gold', 'formatted'):  # of every sampled reply: the policy's own
+            if name in judged:
+                metrics[name] = float(np.mean(judged[name]))
         if config.oversample > 1:
             metrics['sampled_tied_groups'] = float(rl.tied_groups(reward, config.group_size))
         metrics['response_length'] = float(lengths.mean())

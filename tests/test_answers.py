@@ -1,13 +1,15 @@
-"""Checkable final answers (GSM8K's `#### N` and the number a reply gives) and the prompt
-reader that uses them: `python -m pytest -q tests/test_answers.py`."""
+"""Checkable final answers (GSM8K's `#### N` and the number a reply gives), the prompt reader
+that uses them and the RL stage's format reward: `python -m pytest -q tests/test_answers.py`."""
 
 import json
 import pathlib
 
+import numpy as np
 import pytest
 
+from gptstack.config import ConfigError
 from gptstack.data import answers
-from gptstack.data.prompts import read_prompts
+from gptstack.data.prompts import Prompt, read_prompts
 from gptstack.data.sources import DataError, SkipBudget
 
 GSM8K = pathlib.Path(__file__).parents[2] / 'shared' / 'data' / 'gsm8k'
@@ -56,6 +58,44 @@ def test_gsm8k_records_become_prompts_scored_by_their_final_number(tmp_path):
     # Exact match of the text is the default for other records.
     (plain,) = read_prompts(_write(tmp_path, {'prompt': 'Say hi', 'answer': 'hi'}), SkipBudget(0))
     assert plain.gold(' hi ') == 1.0 and plain.gold('hi!') == 0.0
+
+
+def test_a_format_reward_pays_for_a_readable_final_answer_right_or_wrong(tokenizer):
+    from experiments import rl
+    from experiments.configs import rl as rl_configs
+
+    marked = Prompt([{'role': 'user', 'content': 'What is 5 + 7?'}], answer='12',
+                    match='marked_number')
+    last = Prompt(marked.messages, answer='12', match='last_number')
+    replies = ['5 + 7 = 12\n#### 12', '5 + 7 = 13\n#### 13', 'It is 12.', 'I do not know.']
+    assert [marked.formatted(r) for r in replies] == [True, True, False, False]
+    assert [last.formatted(r) for r in replies] == [True, True, True, False]
+    with pytest.raises(ValueError, match='a format reward needs a number match'):
+        Prompt(marked.messages, answer='12').formatted('12')
+
+    # The stage's judge: the gold score, plus the bonus for each readable answer.
+    ids = [[*tokenizer.encode(r), tokenizer.end_of_turn_id] for r in replies]
+    responses = np.zeros((len(ids), max(map(len, ids))), np.int32)
+    for row, reply in enumerate(ids):
+        responses[row, :len(reply)] = reply
+    lengths = np.asarray([len(reply) for reply in ids])
+    batch = {'index': np.asarray([0, 0, 1, 1])}
+    judged = rl.make_judge(tokenizer, [marked, last], format_reward=0.25)(batch, responses,
+                                                                          lengths)
+    assert judged['gold'].tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert judged['formatted'].tolist() == [True, True, True, False]
+    assert judged['reward'].tolist() == [1.25, 0.25, 1.25, 0.0]
+    plain = rl.make_judge(tokenizer, [marked, last])(batch, responses, lengths)
+    assert plain['reward'].tolist() == [1.0, 0.0, 1.0, 0.0] and 'formatted' not in plain
+
+    # Paid only where there is a number to read, with verifiable rewards.
+    config = rl_configs.get_config()
+    config.rl.format_reward = 0.5
+    config.rl.reward = 'gold'
+    with pytest.raises(ConfigError, match=r"^rl.format_reward=0.5: a format reward is paid with "
+                                          r"verifiable rewards of a number match .* not "
+                                          r"rl.reward='gold' with data.match='text'$"):
+        rl.validate(config)
 
 
 def _write(tmp_path, record):

@@ -142,6 +142,25 @@ def test_rl_verifiable_rewards_and_bad_inputs(sft_workdir, reward_workdir, tmp_p
     assert train
     # The reward is the gold score (averaged in float32 on the device, in float64 on the host).
     assert [r['score'] for r in train] == pytest.approx([r['gold'] for r in train], rel=1e-6)
+    # GSM8K-style records, the reply's last number checked against the one after '####', and
+    # a format reward for every reply that writes a number at all.
+    problems = tmp_path / 'problems.jsonl'
+    problems.write_text(''.join(
+        json.dumps({'question': f'What is {a} + {a % 7}? Answer with the number only.',
+                    'answer': f'{a} + {a % 7} = {a + a % 7}\n#### {a + a % 7}'}) + '\n'
+        for a in range(10, 42)))
+    result = run(rl_command(tmp_path / 'numbers', sft_workdir, reward_workdir,
+                            '--config.rl.reward=gold', '--config.rl.ppo.group_size=1',
+                            f'--config.data.train={problems}',
+                            f'--config.data.validation={problems}',
+                            '--config.data.prompt_field=question',
+                            '--config.data.answer_format=gsm8k',
+                            '--config.data.match=last_number', '--config.rl.format_reward=0.5'))
+    assert result.returncode == 0, result.stderr[-3000:]
+    train = [r for r in metrics(tmp_path / 'numbers') if 'policy_loss' in r]
+    assert train and any(r['formatted'] > 0 for r in train)
+    assert [r['score'] for r in train] == pytest.approx(
+        [r['gold'] + 0.5 * r['formatted'] for r in train], rel=1e-6)
     # A run that differs only in training takes the SFT policy's step-0 evaluation from it.
     result = run(rl_command(tmp_path / 'shared', sft_workdir, reward_workdir,
                             '--config.rl.ppo.kl_coef=0.5',

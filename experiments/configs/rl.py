@@ -55,6 +55,10 @@ def get_config(arg=None):
     # 'model': the reward model's score; 'gold': the task gold scorer or exact match with the
     # prompt's 'answer' (verifiable rewards).
     config.rl.reward = 'model'
+    # With verifiable rewards of a number match (`data.match` last_number or marked_number),
+    # added to a reply's reward when it states its final answer in the form the match reads,
+    # right or wrong (a format reward, as DeepSeek-R1's); the logged gold score leaves it out.
+    config.rl.format_reward = 0.0
     # 'ppo' (a critic and GAE), 'grpo' (group mean and standard deviation, KL in the loss) or
     # 'rloo' (leave-one-out baselines, KL in the reward): `gptstack.steps.ppo`.
     config.rl.algorithm = 'ppo'

@@ -9,7 +9,9 @@ reward-model score; the data lives outside the repository):
 Training prompts are the 7,473 train problems, held-out ones the 1,319 test problems (the first
 `eval.prompts` of them at every evaluation). A reply scores 1 when its last number equals the
 reference (`data.match=last_number`; `marked_number` reads the number after a final `####`,
-the format SFT on GSM8K teaches). The models this repository trains on a CPU score near zero
+the format SFT on GSM8K teaches). `--config.rl.format_reward=0.1` adds 0.1 to the reward of
+every reply whose final answer can be read, right or wrong (DeepSeek-R1's format reward; with
+`marked_number`, a number after `####`). The models this repository trains on a CPU score near zero
 here: they learn the solutions' format, not the arithmetic. The recipe is meant for a model of
 GPT-2 size or larger on an accelerator (`pipeline.py:large` sizes, `data.max_new_tokens` 256 or
 more, `eval.prompts` 1,319).

@@ -50,6 +50,13 @@ class Prompt:
         return float(answers.reply_number(reply, self.match) == answers.normalise_number(
             self.answer))
 
+    def formatted(self, reply: str) -> bool:
+        """Whether the reply states a final answer in the form its number is read from (a
+        number; after `####` for `marked_number`), right or wrong: what a format reward pays."""
+        if self.match not in answers.RULES:
+            raise ValueError(f'a format reward needs a number match, not {self.match!r}')
+        return answers.reply_number(reply, self.match) is not None
+
 
 def task_prompts(split: str, n: int, seed: int) -> list[Prompt]:
     return [Prompt(t.messages(with_answer=False), task=t) for t in tasks.generate(split, n, seed)]

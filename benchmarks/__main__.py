@@ -4,8 +4,9 @@
 
 Runs, each in its own process (the memory benchmark needs eight emulated devices, the timed
 ones the whole machine as one device): the pretraining step (`benchmarks.train_step`),
-generation (`benchmarks.generate`), one PPO iteration (`benchmarks.ppo_iteration`) and the
-per-device state memory under FSDP=1..8 (`benchmarks.memory`). With `--peer_python`, the PyTorch
+generation (`benchmarks.generate`), one PPO, GRPO and RLOO iteration
+(`benchmarks.ppo_iteration`) and the per-device state memory under FSDP=1..8
+(`benchmarks.memory`). With `--peer_python`, the PyTorch
 peer's training and generation sections run in between our rounds (see those modules).
 
 Each of our processes starts with the glibc malloc settings that measured fastest for it
@@ -76,10 +77,12 @@ def main():
         print(f'generation, ours / peer {name}: {ratio:.2f}x')
     if 'ratio_to_fastest_peer' in generate:
         print(f'generation, ours / fastest peer: {generate["ratio_to_fastest_peer"]:.2f}x')
-    for policy, r in results['ppo_iteration']['policies'].items():
-        parts = ', '.join(f'{part} {r[part]["seconds"]:.2f} s'
-                          for part in ('generate', 'score', 'update'))
-        print(f'PPO iteration,    {policy:8s} {r["iteration_seconds"]:.2f} s ({parts})')
+    for algorithm, by_policy in results['ppo_iteration']['algorithms'].items():
+        for policy, r in by_policy.items():
+            parts = ', '.join(f'{part} {r[part]["seconds"]:.2f} s'
+                              for part in ('generate', 'score', 'update'))
+            print(f'{algorithm.upper() + " iteration,":17s} {policy:8s} '
+                  f'{r["iteration_seconds"]:.2f} s ({parts})')
     for row in results['memory']['fsdp']:
         print(f'FSDP={row["devices"]}: state {row["state_bytes"] / 2**20:.2f} MiB per device, '
               f'{row["fraction_of_unsharded"]:.4f} of FSDP=1 ({row["times_devices"]:.3f}/N)')

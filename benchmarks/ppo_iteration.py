@@ -70,18 +70,20 @@ def build(config: GPTConfig, rollouts: int = BATCH, new_tokens: int = NEW,
         state_shardings(abstract_train_state(critic_fn, tx), mesh, 'fsdp', tx)
         if with_critic else None, rl_config, sharding.replicated(mesh))
 
+    def initial(key):
+        return (init_params(actor_fn, jax.random.fold_in(key, 0)),
+                init_params(critic_fn, jax.random.fold_in(key, 1)))
+
     def init(key):
-        actor = init_params(actor_fn, jax.random.fold_in(key, 0))
-        critic = init_params(critic_fn, jax.random.fold_in(key, 1))
-        return actor, critic, ppo.PPOState.create(
+        actor, critic = initial(key)
+        return ppo.PPOState.create(
             TrainState(jnp.zeros((), jnp.int32), actor, tx.init(actor)),
             TrainState(jnp.zeros((), jnp.int32), critic, tx.init(critic))
             if with_critic else None, rl_config)
 
-    replicated = sharding.replicated(mesh)
-    _, _, state = jax.jit(init, out_shardings=(replicated, replicated, shardings))(
-        jax.random.key(0))
-    actor, score_model, _ = jax.jit(init, out_shardings=(replicated, replicated, shardings))(
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+    # The frozen roles: the same initial weights in buffers of their own.
+    actor, score_model = jax.jit(initial, out_shardings=sharding.replicated(mesh))(
         jax.random.key(0))
     sampler = Sampler(actor_graphdef, config, mesh, 'fsdp', batch_size=rollouts,
                       max_new_tokens=new_tokens, stop_ids=[], pad_id=0)

@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from gptstack.data.tokenizer import Tokenizer, parse_chat, render_prompt
-from gptstack.metrics import progress_bar
-from gptstack.sampling import Sampler, SamplingParams
+from gptstack.sampling import Sampler, SamplingParams, sample_many
 
 
 def reply_text(tokenizer: Tokenizer, tokens: np.ndarray) -> str:
@@ -24,20 +24,13 @@ def sample_reply_tokens(sampler: Sampler, params: nnx.State, tokenizer: Tokenize
                         sampling: SamplingParams, n: int = 1,
                         progress: str | None = None) -> tuple[list[list[int]], list[np.ndarray]]:
     """`(prompts, replies)`: each conversation's rendered prompt `n` times over, and the tokens
-    of the reply sampled for each (up to and including its stop token), drawn in sampler-sized
-    batches; batch `i` uses `fold_in(key, i)`, so the result depends only on the key and the
-    inputs. With `progress`, a progress bar of that name shows the batches."""
+    of the reply sampled for each (up to and including its stop token), by `sample_many`: reply
+    `i` is drawn with `fold_in(key, i)`, so the result depends only on the key and the inputs,
+    not on the sampler's batch size. With `progress`, a progress bar of that name counts the
+    replies."""
     prompts = [render_prompt(tokenizer, c) for c in conversations for _ in range(n)]
-    replies = []
-    starts = range(0, len(prompts), sampler.batch_size)
-    if progress:
-        starts = progress_bar(starts, desc=progress, unit='batch')
-    for i, start in enumerate(starts):
-        out = sampler(params, prompts[start:start + sampler.batch_size],
-                      jax.random.fold_in(key, i), sampling)
-        replies += [row[:length] for row, length in zip(out['tokens'], out['lengths'],
-                                                        strict=True)]
-    return prompts, replies
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(len(prompts)))
+    return prompts, sample_many(sampler, params, prompts, keys, sampling, progress)
 
 
 def sample_replies(sampler: Sampler, params: nnx.State, tokenizer: Tokenizer,

@@ -45,6 +45,7 @@ from jax.sharding import Mesh
 
 from gptstack import sharding
 from gptstack.config import ConfigError, GPTConfig
+from gptstack.metrics import progress_bar
 from gptstack.model import GPT, Block
 from gptstack.ops import KVCache
 
@@ -187,24 +188,47 @@ class Sampler:
         self._batch_sharding = sharding.batch_sharding(mesh, rules, self.batch_size)
         self._row_sharding = sharding.named_sharding(mesh, ('batch',), rules)
         self.on_step = on_step
-        self._compiled: dict[int, Callable] = {}
+        self._compiled: dict[tuple[int, int], Callable] = {}
         self.truncated_prompts = 0
 
-    def prompt_bucket(self, longest: int) -> int:
+    def prompt_bucket(self, longest: int, max_new_tokens: int | None = None) -> int:
         """Prompt lengths are rounded up to a power of two, at least `MIN_PROMPT_BUCKET` (capped
-        by the context): a stream of prompts compiles a few programs, and the padding, which
-        every decoding step reads in the cache, stays below the prompt's own length."""
-        limit = self.config.max_seq_len - self.max_new_tokens
+        by the context less `max_new_tokens`, by default the sampler's): a stream of prompts
+        compiles a few programs, and the padding, which every decoding step reads in the cache,
+        stays below the prompt's own length."""
+        limit = self.config.max_seq_len - (max_new_tokens or self.max_new_tokens)
         return min(limit, max(MIN_PROMPT_BUCKET, 1 << (max(longest, 1) - 1).bit_length()))
 
+    def fitted(self, prompt: Sequence[int], bucket: int | None = None) -> Sequence[int]:
+        """`prompt`, or its last `bucket` tokens (by default, all that the context leaves beside
+        `max_new_tokens` new ones) when it is longer: counted in `truncated_prompts`, and logged
+        at the 1st, 4th, 16th, 64th, ... prompt of the process on the console (every one in the
+        run log)."""
+        bucket = bucket or self.config.max_seq_len - self.max_new_tokens
+        if len(prompt) <= bucket:
+            return prompt
+        self.truncated_prompts += 1
+        n = next(_TRUNCATED)
+        is_power_of_4 = n & (n - 1) == 0 and n.bit_length() % 2 == 1
+        log.log(logging.WARNING if is_power_of_4 else logging.DEBUG,
+                '%d prompt%s so far longer than the %d tokens that the context (%d) leaves '
+                'beside %d new ones: each keeps its last %d tokens (this one had %d)', n,
+                's' if n > 1 else '', bucket, self.config.max_seq_len,
+                self.config.max_seq_len - bucket, bucket, len(prompt))
+        return prompt[-bucket:]
+
     def __call__(self, params: nnx.State, prompts: Sequence[Sequence[int]], key: Array,
-                 sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams()
+                 sampling: SamplingParams | Sequence[SamplingParams] = SamplingParams(), *,
+                 max_new_tokens: int | None = None, first_step: int = 0
                  ) -> dict[str, np.ndarray]:
         """Generates a continuation of each prompt.
 
         `key` is one key for the batch, or a key per prompt (`[len(prompts)]`); `sampling` is
         one setting for the batch, or one per prompt. Per row, a reply depends only on its own
-        prompt, key and setting.
+        prompt, key and setting. `max_new_tokens` (at most the sampler's) lowers this call's
+        budget. `first_step` continues a reply: the prompts end with the `first_step` tokens
+        drawn so far with these keys, and the draws go on from there (token `s` of the reply
+        always comes from `fold_in(key, s)`).
 
         Returns (NumPy, one row per prompt):
             tokens `[B, N]` int32, logprobs `[B, N]` (sampling distribution), model_logprobs
@@ -214,32 +238,25 @@ class Sampler:
         if not 0 < len(prompts) <= self.batch_size:
             raise ValueError(f'got {len(prompts)} prompts for a sampler of batch size '
                              f'{self.batch_size}')
-        bucket = self.prompt_bucket(max(len(p) for p in prompts))
+        n_new = max_new_tokens or self.max_new_tokens
+        if not 0 < n_new <= self.max_new_tokens:
+            raise ValueError(f'max_new_tokens={max_new_tokens}: expected 1 to the sampler\'s '
+                             f'{self.max_new_tokens}')
+        bucket = self.prompt_bucket(max(len(p) for p in prompts), n_new)
         tokens = np.full((self.batch_size, bucket), self.pad_id, np.int32)
         lengths = np.ones(self.batch_size, np.int32)
         for row, prompt in enumerate(prompts):
             if not len(prompt):
                 raise ValueError(f'prompt {row} is empty; start it with <|endoftext|> at least')
-            if len(prompt) > bucket:
-                self.truncated_prompts += 1
-                n = next(_TRUNCATED)
-                # On the console at 1, 4, 16, 64, ... of the process: a count, not a line per
-                # prompt (each one is in the run log).
-                is_power_of_4 = n & (n - 1) == 0 and n.bit_length() % 2 == 1
-                log.log(logging.WARNING if is_power_of_4 else logging.DEBUG,
-                        '%d prompt%s so far longer than the %d tokens that the context (%d) '
-                        'leaves beside %d new ones: each keeps its last %d tokens (this one '
-                        'had %d)', n, 's' if n > 1 else '', bucket, self.config.max_seq_len,
-                        self.max_new_tokens, bucket, len(prompt))
-                prompt = prompt[-bucket:]
+            prompt = self.fitted(prompt, bucket)
             tokens[row, bucket - len(prompt):] = prompt
             lengths[row] = len(prompt)
-        if bucket not in self._compiled:
-            self._compiled[bucket] = self._build(bucket)
-        out = self._compiled[bucket](
+        if (bucket, n_new) not in self._compiled:
+            self._compiled[bucket, n_new] = self._build(bucket, n_new)
+        out = self._compiled[bucket, n_new](
             params, jax.device_put(tokens, self._batch_sharding),
             jax.device_put(lengths, self._row_sharding), self._keys(key, len(prompts)),
-            *self._settings(sampling, len(prompts)))
+            jnp.int32(first_step), *self._settings(sampling, len(prompts)))
         return {k: v[:len(prompts)] for k, v in sharding.to_host(out).items()}
 
     def _keys(self, key: Array, n: int) -> Array:
@@ -267,21 +284,73 @@ class Sampler:
         return tuple(jax.device_put(np.asarray(values, dtype), self._row_sharding)
                      for dtype, values in columns)
 
-    def _build(self, prompt_len: int):
-        """The jitted generation for prompts of `prompt_len` tokens (a bucket)."""
+    def _build(self, prompt_len: int, n_new: int):
+        """The jitted generation of `n_new` tokens for prompts of `prompt_len` tokens (a
+        bucket)."""
         graphdef, mesh, rules = self.graphdef, self.mesh, self.rules
-        n_new, stop_ids, pad_id = self.max_new_tokens, jnp.asarray(self.stop_ids), self.pad_id
+        stop_ids, pad_id = jnp.asarray(self.stop_ids), self.pad_id
         vocab_size, on_step = self.vocab_size, self.on_step
 
-        def generate(params, tokens_bp, lengths_b, key, temperature, top_k, top_p):
+        def generate(params, tokens_bp, lengths_b, key, first_step, temperature, top_k, top_p):
             with sharding.activation_sharding(mesh, rules):
-                sampling = _Sampling(key, temperature, top_k, top_p, stop_ids, pad_id,
-                                     vocab_size, on_step)
+                sampling = _Sampling(key, first_step, temperature, top_k, top_p, stop_ids,
+                                     pad_id, vocab_size, on_step)
                 return _generate(nnx.merge(graphdef, params), tokens_bp, lengths_b, sampling,
                                  prompt_len, n_new)
 
         # Outputs are small and replicated, so every process can read them (multi-host too).
         return jax.jit(generate, out_shardings=sharding.replicated(mesh))
+
+
+# --- many prompts --------------------------------------------------------------------------
+FIRST_WAVE = 16
+
+
+def sample_many(sampler: Sampler, params: nnx.State, prompts: Sequence[Sequence[int]],
+                keys: Array, sampling: SamplingParams, progress: str | None = None
+                ) -> list[np.ndarray]:
+    """The generated tokens of every prompt (up to and including its stop token), prompt `i`
+    drawn with `keys[i]`: a reply depends on its prompt and key only, not on its batch-mates
+    or the batch size.
+
+    A batch decodes until its longest reply stops, and at temperatures above 0 one row in a
+    batch of dozens often runs to `max_new_tokens` while the median reply is a few tokens. So
+    the replies are drawn in waves: every prompt gets `max(FIRST_WAVE, max_new_tokens // 4)`
+    tokens, then only the unfinished replies go on, in full batches again, each wave with
+    twice the budget of the last (at most what is left). A reply that goes on is prefilled
+    anew from its prompt and the tokens it has (one forward pass, which costs a few decoding
+    steps) and draws its next tokens from the same keys (`first_step`), so it is the reply
+    that one call would have drawn, up to the rounding of prefill against decoding. A prompt
+    longer than the context leaves beside `max_new_tokens` keeps its last tokens, as in one
+    call. With `progress`, a bar of that name counts finished replies."""
+    if keys.shape != (len(prompts),):
+        raise ValueError(f'got keys of shape {keys.shape} for {len(prompts)} prompts')
+    prompts = [list(sampler.fitted(p)) for p in prompts]
+    replies: list[list[int]] = [[] for _ in prompts]
+    pending, drawn = list(range(len(prompts))), 0
+    budget = min(sampler.max_new_tokens, max(FIRST_WAVE, sampler.max_new_tokens // 4))
+    bar = progress_bar(total=len(prompts), desc=progress, unit='reply') if progress else None
+    while pending:
+        # Batches of similar lengths share a prompt bucket (the order does not change a reply).
+        pending.sort(key=lambda r: len(prompts[r]) + len(replies[r]))
+        going_on = []
+        for start in range(0, len(pending), sampler.batch_size):
+            rows = pending[start:start + sampler.batch_size]
+            out = sampler(params, [prompts[r] + replies[r] for r in rows], keys[np.asarray(rows)],
+                          sampling, max_new_tokens=budget, first_step=drawn)
+            finished = len(going_on) + len(rows)
+            for r, tokens, length in zip(rows, out['tokens'], out['lengths'], strict=True):
+                replies[r] += tokens[:length].tolist()
+                stopped = length < budget or tokens[length - 1] in sampler.stop_ids
+                if not stopped and drawn + budget < sampler.max_new_tokens:
+                    going_on.append(r)
+            if bar is not None:
+                bar.update(finished - len(going_on))
+        pending, drawn = going_on, drawn + budget
+        budget = min(2 * budget, sampler.max_new_tokens - drawn)
+    if bar is not None:
+        bar.close()
+    return [np.asarray(reply, np.int32) for reply in replies]
 
 
 # --- decoding -----------------------------------------------------------------------------------
@@ -294,6 +363,7 @@ class _Sampling(NamedTuple):
     """How a token is drawn (traced: changing these does not recompile) and where a row ends."""
 
     key: Array  # one key, or one per row
+    first_step: Array  # the reply's tokens before this call's first (a continuation's)
     temperature: Array
     top_k: Array
     top_p: Array
@@ -395,8 +465,9 @@ def _joined(full: _LayerBlocks, current: list[tuple[Array, Array]]) -> _LayerBlo
 
 
 def _pick(logits_bv: Array, step: Array | int, sampling: _Sampling):
-    """Token `step` `[B]`, drawn with key `fold_in(key, step)`, and its log-probabilities under
-    the sampling distribution and under the model."""
+    """Token `step` `[B]`, drawn with key `fold_in(key, first_step + step)`, and its
+    log-probabilities under the sampling distribution and under the model."""
+    step = sampling.first_step + step
     drawable_bv = logits_bv
     if sampling.vocab_size < logits_bv.shape[-1]:
         drawable_bv = jnp.where(jnp.arange(logits_bv.shape[-1]) < sampling.vocab_size,

@@ -46,9 +46,12 @@ def test_curve_over_a_pool_of_eight_against_brute_force():
 class FakeSampler:
     """Stands in for `Sampler`: row `i` of every call answers with the one token `BASE + i`."""
 
-    batch_size = 4
+    batch_size, max_new_tokens, stop_ids = 4, 2, np.array([0])
 
-    def __call__(self, params, prompts, key, sampling):
+    def fitted(self, prompt):
+        return prompt
+
+    def __call__(self, params, prompts, key, sampling, max_new_tokens, first_step):
         tokens = np.array([[BASE + i, 0] for i in range(len(prompts))], np.int32)
         return {'tokens': tokens, 'lengths': np.ones(len(prompts), np.int32)}
 

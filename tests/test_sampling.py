@@ -11,7 +11,14 @@ from flax import nnx
 from gptstack import model as gpt_model
 from gptstack import sampling
 from gptstack.config import ConfigError, GPTConfig
-from gptstack.sampling import CACHE_BLOCK, Sampler, SamplingParams, filter_logits, sample_tokens
+from gptstack.sampling import (
+    CACHE_BLOCK,
+    Sampler,
+    SamplingParams,
+    filter_logits,
+    sample_many,
+    sample_tokens,
+)
 
 STOP, PAD = 3, 1
 
@@ -204,7 +211,7 @@ def test_no_recompilation_within_a_prompt_bucket(mesh_1):
                 SamplingParams(temperature=float(rng.uniform(0, 2)), top_k=int(i % 5),
                                top_p=float(rng.uniform(0.5, 1))))
     assert len(compiles) == before
-    assert list(sampler._compiled) == [64]
+    assert list(sampler._compiled) == [(64, 4)]  # (prompt bucket, new tokens)
 
 
 def test_ids_past_the_tokenizer_in_a_padded_table_are_never_drawn(mesh_1):
@@ -266,6 +273,30 @@ def test_per_row_keys_and_settings_make_a_row_independent_of_its_batch_mates(mes
                      stop_ids=[STOP], pad_id=PAD)(params, [prompts[1]], jax.random.key(0),
                                                   SamplingParams(temperature=0.0))
     np.testing.assert_array_equal(greedy['tokens'][0], results['single'][1])
+
+
+def test_replies_drawn_in_waves_are_one_calls_replies_whatever_the_batch(mesh_1, monkeypatch):
+    """`sample_many` draws each reply as one call with the reply's key draws it, although the
+    unfinished replies go on in later waves (budgets of 3, 6 and the 3 left of 12 here), and
+    whatever the batch size; a call's `max_new_tokens` and `first_step` are what carry it."""
+    config, graphdef, params = build('toy', mesh_1)
+    monkeypatch.setattr(sampling, 'FIRST_WAVE', 2)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(10, 200, size=n).tolist() for n in rng.integers(1, 40, size=10)]
+    keys = jax.random.split(jax.random.key(0), len(prompts))
+    # 16 drawable ids, so that the stop token ends replies at many lengths.
+    kwargs = dict(max_new_tokens=12, stop_ids=[STOP], pad_id=PAD, vocab_size=16)
+    one = Sampler(graphdef, config, mesh_1, 'fsdp', batch_size=16, **kwargs)(
+        params, prompts, keys)
+    expected = [row[:n].tolist() for row, n in zip(one['tokens'], one['lengths'], strict=True)]
+    assert len({len(reply) for reply in expected}) > 4 and max(map(len, expected)) > 6
+    for batch_size in (3, 16):
+        sampler = Sampler(graphdef, config, mesh_1, 'fsdp', batch_size=batch_size, **kwargs)
+        replies = sample_many(sampler, params, prompts, keys, SamplingParams())
+        assert [r.tolist() for r in replies] == expected
+        assert {n_new for _, n_new in sampler._compiled} == {3, 6}
+    with pytest.raises(ValueError, match="max_new_tokens=13: expected 1 to the sampler's 12"):
+        sampler(params, prompts[:1], keys[0], max_new_tokens=13)
 
 
 def test_step_callback_sees_every_token_in_order_and_stops_rows(mesh_8):

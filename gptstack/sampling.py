@@ -16,6 +16,9 @@ model code, dtypes and sharding as training.
   per row, a row's samples depend on its own key and prompt only, not on its batch-mates.
 - An optional host callback (`on_step`) sees each step's tokens as they are drawn and may stop
   any row: what streaming, stop strings and cancellation in a server are built on.
+- `sample_many` draws replies to any number of prompts (evaluation, labelling, best-of-N, the
+  comparison) in waves: short budgets first, then only the unfinished replies go on, so that a
+  batch does not decode for its one long reply while the rest have stopped.
 
 Decoding a token reads every weight and the whole KV cache written so far, for a few small
 matmuls per layer, so its speed is set by per-call and per-byte costs, not arithmetic. Hence:

@@ -158,3 +158,20 @@ def test_rank_tool_appends_k_way_records(sft_workdir, tmp_path):
     assert comparison.prompt == [{'role': 'user', 'content': 'Say hi.'}]
     assert comparison.ranks == [2, 1] and len(comparison.completions) == 2
     assert pathlib.Path(out).read_text().count('\n') == 1
+
+
+def test_reports_read_the_evaluation_of_the_kept_checkpoint():
+    """The reports' reward-model figures are those of the checkpoint later stages take: the
+    trained step of the lowest held-out loss (the earlier on a tie), not the last evaluation
+    and not the untrained head's."""
+    from gptstack.reports.reward import kept_evaluation
+
+    records = [{'step': 0, 'val_loss': 0.50, 'val_accuracy': 0.42},
+               {'step': 50, 'val_loss': 0.53, 'val_accuracy': 0.66},
+               {'step': 100, 'val_loss': 0.55, 'val_accuracy': 0.67},
+               {'step': 150, 'val_loss': 0.53, 'val_accuracy': 0.68},
+               {'step': 200, 'loss': 0.4},
+               {'step': 200, 'val_loss': 0.55, 'val_accuracy': 0.68},
+               {'step': 50, 'best_of_1/gold': 0.3}]
+    assert kept_evaluation(records)['step'] == 50
+    assert kept_evaluation(records[:1]) == {}

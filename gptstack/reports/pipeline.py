@@ -18,6 +18,7 @@ from gptstack.lineage import Workdir
 from gptstack.loop import SPLIT
 from gptstack.metrics import read_metrics
 from gptstack.model import GPT, ScoreModel, count_params
+from gptstack.reports import reward as reward_report
 from gptstack.state import abstract_model
 
 COMPARISON = 'comparison.json'
@@ -329,7 +330,7 @@ def write(config, workdir: pathlib.Path, ledger: dict, comparison: dict) -> str:
         dict(records=rl_r, series={'reward-model score': 'rm_score', 'KL to SFT': 'kl'},
              title=f'4 {rl} (train rollouts)', ylabel='per response'),
     ], workdir / 'stages.png', title='The four stages')
-    rm_eval, rl_eval = _last(rm_r, 'val_accuracy'), _last(rl_r, 'val/kl')
+    rm_eval, rl_eval = reward_report.kept_evaluation(rm_r), _last(rl_r, 'val/kl')
     def gain(entry):
         g = entry['gain']
         return (f'{g["mean"]:+.4f} ± {g["stderr"]:.4f} '
@@ -357,7 +358,7 @@ def write(config, workdir: pathlib.Path, ledger: dict, comparison: dict) -> str:
          intervals(models['sft'], models['ppo'], name=rl)),
         ('the same, standard errors not stratified',
          intervals(models['sft'], models['ppo'], 'gold_stderr_unstratified', rl)),
-        ('reward model: held-out pairwise accuracy',
+        ('reward model: held-out pairwise accuracy (the kept checkpoint)',
          f'{rm_eval.get("val_accuracy", math.nan):.3f} ± '
          f'{rm_eval.get("val_accuracy_stderr", math.nan):.3f} (agreement with the gold scorer '
          f'{rm_eval.get("gold_agreement", math.nan):.3f})'),

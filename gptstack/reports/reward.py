@@ -13,11 +13,20 @@ from gptstack.evals.ranking import calibration, pair_table
 from gptstack.metrics import read_metrics
 
 
+def kept_evaluation(records: list[dict]) -> dict:
+    """The held-out evaluation of the checkpoint that later stages take: of the trained steps,
+    the one of the lowest held-out loss (the earlier on a tie), as `Checkpointer.best_step`
+    picks it; {} before any."""
+    evals = [r for r in records if 'val_accuracy' in r and 'val_loss' in r and r['step'] > 0]
+    return min(evals, key=lambda r: (r['val_loss'], r['step'])) if evals else {}
+
+
 def write(workdir, config, labeler, train_stats, val_stats, rewards, ranks, valid,
           best_of, kept_step: int | None = None) -> str:
     records = read_metrics(workdir)
     evals = [r for r in records if 'val_accuracy' in r]
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
+    kept = next((r for r in evals if r['step'] == kept_step), None) or kept_evaluation(records)
     predicted, observed, counts = calibration(rewards, ranks, valid)
     pairs = pair_table(rewards, ranks, valid)
     plots = [
@@ -42,15 +51,20 @@ def write(workdir, config, labeler, train_stats, val_stats, rewards, ranks, vali
         ('steps', last.get('step', 'n/a')),
         ('checkpoint kept for PPO and the comparison',
          f'step {kept_step} (the lowest held-out loss)' if kept_step is not None else 'n/a'),
-        ('held-out accuracy: untrained head → trained',
-         f'{first.get("val_accuracy", math.nan):.3f} → {last.get("val_accuracy", math.nan):.3f}'
-         f' ± {last.get("val_accuracy_stderr", math.nan):.3f}'),
-        ('held-out loss', f'{first.get("val_loss", math.nan):.4f} → '
-                          f'{last.get("val_loss", math.nan):.4f}'),
+        ('held-out accuracy: untrained head → kept checkpoint',
+         f'{first.get("val_accuracy", math.nan):.3f} → {kept.get("val_accuracy", math.nan):.3f}'
+         f' ± {kept.get("val_accuracy_stderr", math.nan):.3f}'),
+        ('held-out loss: untrained head → kept checkpoint',
+         f'{first.get("val_loss", math.nan):.4f} → {kept.get("val_loss", math.nan):.4f}'),
     ]
-    if 'gold_agreement' in last:
-        summary.append(('agreement with the gold scorer (held-out pairs of different gold)',
-                        f'{last["gold_agreement"]:.3f} ± {last["gold_agreement_stderr"]:.3f}'))
+    if kept and kept is not last:
+        summary.append(('the last evaluation (held-out accuracy, loss)',
+                        f'step {last["step"]}: {last["val_accuracy"]:.3f}, '
+                        f'{last.get("val_loss", math.nan):.4f}'))
+    if 'gold_agreement' in kept:
+        summary.append(('agreement with the gold scorer at the kept checkpoint (held-out pairs '
+                        'of different gold)',
+                        f'{kept["gold_agreement"]:.3f} ± {kept["gold_agreement_stderr"]:.3f}'))
     sections = [('Summary', report.table(['', ''], summary))]
     if labeler:
         rows = [(split, s.get('sampled_prompts', s['groups']), s['groups'],

@@ -271,8 +271,12 @@ class Sampler:
         if key.shape != (n,):
             raise ValueError(f'got {key.shape[0]} keys for {n} prompts: give one key, or one '
                              'per prompt')
-        keys = jnp.concatenate([key, jnp.repeat(key[-1:], self.batch_size - n)])
-        return jax.device_put(keys, self._row_sharding)
+        # Through the host, like the prompts: every process holds the same keys, and a
+        # multi-process mesh takes host values, not an array on one process's device.
+        data = np.asarray(jax.random.key_data(key))
+        data = np.concatenate([data, np.repeat(data[-1:], self.batch_size - n, axis=0)])
+        return jax.random.wrap_key_data(jax.device_put(data, self._row_sharding),
+                                        impl=jax.random.key_impl(key))
 
     def _settings(self, sampling: SamplingParams | Sequence[SamplingParams], n: int):
         """Temperature, top-k and top-p as scalars, or per row (dummy rows greedy)."""

@@ -4,6 +4,7 @@ Run the suite with `python -m pytest -q`.
 """
 
 import atexit
+import fcntl
 import os
 import shutil
 import tempfile
@@ -23,12 +24,15 @@ from gptstack.config import MeshConfig
 # them: at the tests' tiny sizes most compile in under the default threshold of a second). Set after
 # `import jax`: this process has read its configuration already and keeps compiling in memory,
 # where the tests that count compilations look.
-os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='gptstack-test-xla-cache-')
+# Under `pytest -n 2` the workers inherit the controlling process's cache, so a program one
+# worker's subprocess compiled is loaded by the other's; the controlling process removes it.
+if 'PYTEST_XDIST_WORKER' not in os.environ:
+    os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='gptstack-test-xla-cache-')
+    atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 os.environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 # Every process writing there keeps the access times that a capped cache evicts by (the cap of
 # `experiments.run`): a process without a cap would leave entries that a capped one cannot read.
 os.environ['JAX_COMPILATION_CACHE_MAX_SIZE'] = str(environment.COMPILATION_CACHE_BYTES)
-atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'], ignore_errors=True)
 
 
 @pytest.fixture(scope='session', autouse=True)
@@ -65,12 +69,29 @@ def tokenizer():
 
 
 # --- workdirs of whole stages, shared by the tests that start from them ------------------------
+def built_once(tmp_path_factory, name, build):
+    """`build(directory)` into a directory of this test session, once for all its processes:
+    under `pytest -n N` the first worker to ask builds it while the others wait on a lock."""
+    shared = tmp_path_factory.getbasetemp()
+    if 'PYTEST_XDIST_WORKER' in os.environ:
+        shared = shared.parent  # the workers' base directories share this one
+    directory, done = shared / name, shared / f'{name}.done'
+    with open(shared / f'{name}.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(directory, ignore_errors=True)  # a build that failed before
+            directory.mkdir()
+            build(directory)
+            done.touch()
+    return directory
+
+
 @pytest.fixture(scope='session')
 def corpus(tmp_path_factory):
     """A few standard-library files as code and a JSONL of docstrings as prose."""
     from tests.runs import write_corpus
 
-    return write_corpus(tmp_path_factory.mktemp('corpus'))
+    return built_once(tmp_path_factory, 'corpus', write_corpus)
 
 
 @pytest.fixture(scope='session')
@@ -78,11 +99,12 @@ def pipeline_workdir(corpus, tmp_path_factory):
     """The quick pipeline on `corpus`: every stage's workdir, the comparison and the report."""
     from tests.runs import CONSOLE, pipeline_command, run
 
-    workdir = tmp_path_factory.mktemp('pipeline')
-    result = run(pipeline_command(corpus, workdir))
-    assert result.returncode == 0, result.stderr[-3000:]
-    (workdir / CONSOLE).write_text(result.stdout + result.stderr)  # what a user would see
-    return workdir
+    def build(workdir):
+        result = run(pipeline_command(corpus, workdir))
+        assert result.returncode == 0, result.stderr[-3000:]
+        (workdir / CONSOLE).write_text(result.stdout + result.stderr)  # what a user would see
+
+    return built_once(tmp_path_factory, 'pipeline', build)
 
 
 @pytest.fixture(scope='session')

@@ -198,6 +198,9 @@ def run(config, workdir: pathlib.Path) -> str:
     stage.check_seq_len(config.data.seq_len, model_config, 'the SFT model')
     mesh, rules, batch_size = setup.mesh, setup.rules, config.data.batch_size
     train, val, train_stats = load_comparisons(config, tokenizer)
+    # The evaluation reads the first `eval_batches` batches of held-out groups: the reference
+    # scores only those.
+    val = val[:config.data.eval_batches * batch_size]
     attach_reference(config, workdir, {'train': train, 'validation': val}, sft, setup,
                      model_config)
     # Each process reads its rows of every global batch, as the reward stage does.

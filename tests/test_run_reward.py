@@ -160,18 +160,24 @@ def test_rank_tool_appends_k_way_records(sft_workdir, tmp_path):
     assert pathlib.Path(out).read_text().count('\n') == 1
 
 
-def test_reports_read_the_evaluation_of_the_kept_checkpoint():
-    """The reports' reward-model figures are those of the checkpoint later stages take: the
-    trained step of the lowest held-out loss (the earlier on a tie), not the last evaluation
-    and not the untrained head's."""
+def test_reports_read_the_evaluation_of_the_kept_checkpoint(reward_workdir):
+    """The reports' reward-model figures are those of the checkpoint later stages take (the
+    checkpointer's step of the lowest held-out loss), which the stage records, not the last
+    evaluation and not the untrained head's."""
+    from gptstack.checkpoint import Checkpointer
     from gptstack.reports.reward import kept_evaluation
 
+    records = metrics(reward_workdir)
+    checkpointer = Checkpointer(reward_workdir / 'checkpoints', local=True)
+    kept = checkpointer.best_step()
+    checkpointer.close()
+    assert kept_evaluation(records)['step'] == kept > 0
+    assert kept_evaluation(records)['val_accuracy'] == next(
+        r['val_accuracy'] for r in records if r['step'] == kept and 'val_accuracy' in r)
+    # Whatever the losses say: the record decides.
     records = [{'step': 0, 'val_loss': 0.50, 'val_accuracy': 0.42},
                {'step': 50, 'val_loss': 0.53, 'val_accuracy': 0.66},
                {'step': 100, 'val_loss': 0.55, 'val_accuracy': 0.67},
-               {'step': 150, 'val_loss': 0.53, 'val_accuracy': 0.68},
-               {'step': 200, 'loss': 0.4},
-               {'step': 200, 'val_loss': 0.55, 'val_accuracy': 0.68},
-               {'step': 50, 'best_of_1/gold': 0.3}]
-    assert kept_evaluation(records)['step'] == 50
-    assert kept_evaluation(records[:1]) == {}
+               {'step': 100, 'kept_step': 100}]
+    assert kept_evaluation(records)['val_accuracy'] == 0.67
+    assert kept_evaluation(records[:3]) == {}

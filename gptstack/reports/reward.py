@@ -14,11 +14,11 @@ from gptstack.metrics import read_metrics
 
 
 def kept_evaluation(records: list[dict]) -> dict:
-    """The held-out evaluation of the checkpoint that later stages take: of the trained steps,
-    the one of the lowest held-out loss (the earlier on a tie), as `Checkpointer.best_step`
-    picks it; {} before any."""
-    evals = [r for r in records if 'val_accuracy' in r and 'val_loss' in r and r['step'] > 0]
-    return min(evals, key=lambda r: (r['val_loss'], r['step'])) if evals else {}
+    """The held-out evaluation of the checkpoint that later stages take, whose step the
+    finished stage records as `kept_step`; {} before the stage has finished."""
+    kept = [r['kept_step'] for r in records if 'kept_step' in r]
+    evals = {r['step']: r for r in records if 'val_accuracy' in r}
+    return evals.get(kept[-1], {}) if kept else {}
 
 
 def write(workdir, config, labeler, train_stats, val_stats, rewards, ranks, valid,

@@ -206,8 +206,6 @@ def run(config, workdir: pathlib.Path) -> str:
         best = run_.checkpointer.best_step()
         final = result.state if best in (None, result.step) else run_.checkpointer.restore(
             best, abstract_with_shardings(trainable.abstract_state, trainable.shardings))[0]
-        # The reports read which evaluation is the kept model's from this record.
-        run_.metrics().write(int(final.step), {'kept_step': int(final.step)})
         best_of, curve_path = None, workdir / best_of_n.CURVE_FILE
         if curve_path.exists():  # the finished stage run again: its curve is measured already
             best_of = best_of_n.read_curve(curve_path)

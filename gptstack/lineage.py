@@ -93,6 +93,13 @@ class Workdir:
         return CheckpointLineage(tokenizer, GPTConfig.from_dict(meta['model']), step, meta,
                                  checkpointer)
 
+    def best_step(self) -> int:
+        """The step a later stage takes with `best`: of the lowest validation loss (the
+        latest if none has one), read by this process alone."""
+        lineage = self.lineage('workdir', best=True, local=True)
+        lineage.close()
+        return lineage.step
+
     def latest_meta(self) -> dict:
         """The metadata of the latest checkpoint (model config, tokenizer, stage config), read
         by this process alone."""

@@ -4,7 +4,6 @@ Run the suite with `python -m pytest -q`.
 """
 
 import atexit
-import fcntl
 import os
 import shutil
 import tempfile
@@ -13,6 +12,7 @@ import tempfile
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8').strip()
 
+import filelock
 import jax
 import pytest
 
@@ -76,8 +76,7 @@ def built_once(tmp_path_factory, name, build):
     if 'PYTEST_XDIST_WORKER' in os.environ:
         shared = shared.parent  # the workers' base directories share this one
     directory, done = shared / name, shared / f'{name}.done'
-    with open(shared / f'{name}.lock', 'w') as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with filelock.FileLock(shared / f'{name}.lock'):
         if not done.exists():
             shutil.rmtree(directory, ignore_errors=True)  # a build that failed before
             directory.mkdir()

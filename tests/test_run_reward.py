@@ -162,22 +162,25 @@ def test_rank_tool_appends_k_way_records(sft_workdir, tmp_path):
 
 def test_reports_read_the_evaluation_of_the_kept_checkpoint(reward_workdir):
     """The reports' reward-model figures are those of the checkpoint later stages take (the
-    checkpointer's step of the lowest held-out loss), which the stage records, not the last
-    evaluation and not the untrained head's."""
+    checkpointer's step of the lowest held-out loss), not the last evaluation and not the
+    untrained head's."""
     from gptstack.checkpoint import Checkpointer
+    from gptstack.lineage import Workdir
     from gptstack.reports.reward import kept_evaluation
 
-    records = metrics(reward_workdir)
+    records = [{'step': 0, 'val_loss': 0.50, 'val_accuracy': 0.42},
+               {'step': 50, 'val_loss': 0.53, 'val_accuracy': 0.66},
+               {'step': 100, 'loss': 0.4},
+               {'step': 100, 'val_loss': 0.55, 'val_accuracy': 0.67}]
+    assert kept_evaluation(records, 50)['val_accuracy'] == 0.66
+    assert kept_evaluation(records, None) == {}
+    # The pipeline's report on the checkpointer's choice.
     checkpointer = Checkpointer(reward_workdir / 'checkpoints', local=True)
     kept = checkpointer.best_step()
     checkpointer.close()
-    assert kept_evaluation(records)['step'] == kept > 0
-    assert kept_evaluation(records)['val_accuracy'] == next(
-        r['val_accuracy'] for r in records if r['step'] == kept and 'val_accuracy' in r)
-    # Whatever the losses say: the record decides.
-    records = [{'step': 0, 'val_loss': 0.50, 'val_accuracy': 0.42},
-               {'step': 50, 'val_loss': 0.53, 'val_accuracy': 0.66},
-               {'step': 100, 'val_loss': 0.55, 'val_accuracy': 0.67},
-               {'step': 100, 'kept_step': 100}]
-    assert kept_evaluation(records)['val_accuracy'] == 0.67
-    assert kept_evaluation(records[:3]) == {}
+    assert kept is not None and Workdir(reward_workdir).best_step() == kept
+    evaluation = kept_evaluation(metrics(reward_workdir), kept)
+    row = (f'| reward model: held-out pairwise accuracy (the kept checkpoint) | '
+           f'{evaluation["val_accuracy"]:.3f} ± '
+           f'{evaluation["val_accuracy_stderr"]:.3f}')
+    assert row in (reward_workdir.parent / 'report.md').read_text()

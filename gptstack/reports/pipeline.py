@@ -330,7 +330,8 @@ def write(config, workdir: pathlib.Path, ledger: dict, comparison: dict) -> str:
         dict(records=rl_r, series={'reward-model score': 'rm_score', 'KL to SFT': 'kl'},
              title=f'4 {rl} (train rollouts)', ylabel='per response'),
     ], workdir / 'stages.png', title='The four stages')
-    rm_eval, rl_eval = reward_report.kept_evaluation(rm_r), _last(rl_r, 'val/kl')
+    rm_eval = reward_report.kept_evaluation(rm_r, Workdir(workdir / 'reward').best_step())
+    rl_eval = _last(rl_r, 'val/kl')
     def gain(entry):
         g = entry['gain']
         return (f'{g["mean"]:+.4f} ± {g["stderr"]:.4f} '

@@ -13,12 +13,10 @@ from gptstack.evals.ranking import calibration, pair_table
 from gptstack.metrics import read_metrics
 
 
-def kept_evaluation(records: list[dict]) -> dict:
-    """The held-out evaluation of the checkpoint that later stages take, whose step the
-    finished stage records as `kept_step`; {} before the stage has finished."""
-    kept = [r['kept_step'] for r in records if 'kept_step' in r]
-    evals = {r['step']: r for r in records if 'val_accuracy' in r}
-    return evals.get(kept[-1], {}) if kept else {}
+def kept_evaluation(records: list[dict], kept_step: int | None) -> dict:
+    """The held-out evaluation of the checkpoint that later stages take (`kept_step`, the
+    checkpointer's best step); {} if there is none."""
+    return next((r for r in records if r['step'] == kept_step and 'val_accuracy' in r), {})
 
 
 def write(workdir, config, labeler, train_stats, val_stats, rewards, ranks, valid,
@@ -26,7 +24,7 @@ def write(workdir, config, labeler, train_stats, val_stats, rewards, ranks, vali
     records = read_metrics(workdir)
     evals = [r for r in records if 'val_accuracy' in r]
     first, last = (evals[0], evals[-1]) if evals else ({}, {})
-    kept = next((r for r in evals if r['step'] == kept_step), None) or kept_evaluation(records)
+    kept = kept_evaluation(records, kept_step)
     predicted, observed, counts = calibration(rewards, ranks, valid)
     pairs = pair_table(rewards, ranks, valid)
     plots = [

@@ -4,6 +4,7 @@ Run the suite with `python -m pytest -q`.
 """
 
 import atexit
+import fcntl
 import os
 import shutil
 import tempfile
@@ -38,6 +39,21 @@ os.environ['JAX_COMPILATION_CACHE_MAX_SIZE'] = str(environment.COMPILATION_CACHE
 @pytest.fixture(scope='session', autouse=True)
 def _eight_devices():
     assert jax.device_count() == 8, 'XLA_FLAGS was set too late: jax was imported earlier'
+
+
+@pytest.fixture(autouse=True)
+def _alone_if_marked(request, tmp_path_factory):
+    """Under `pytest -n N`, a test marked `alone` runs while no other worker runs one: every
+    test holds a shared lock on one file of the session, an `alone` test an exclusive one.
+    (A killed process's survivor must speak before the runtime's heartbeat aborts it, which
+    a busy machine can delay.)"""
+    if 'PYTEST_XDIST_WORKER' not in os.environ:
+        yield
+        return
+    exclusive = request.node.get_closest_marker('alone') is not None
+    with open(tmp_path_factory.getbasetemp().parent / 'alone.lock', 'a') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
 
 
 @pytest.fixture(scope='session')

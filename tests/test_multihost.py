@@ -11,6 +11,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from launch.local import free_port, process_env
 from tests.runs import (
@@ -131,6 +132,7 @@ def test_reward_dpo_rl_and_comparison_on_two_processes_equal_one(corpus, pipelin
         (pipeline_workdir / 'reward' / 'comparisons' / 'train.jsonl').read_text()
 
 
+@pytest.mark.alone
 def test_a_killed_process_stops_the_others_at_once_with_one_line(corpus, tmp_path):
     """Process 1 killed after step 5: the survivor notices at its next collective (its link is
     closed) or by the watchdog, whichever comes first, and exits 1 with one line, long before

@@ -19,6 +19,7 @@ from gptstack.config import ConfigError, GPTConfig
 from gptstack.data import pretrain as data
 from gptstack.data.sources import specs_from_config
 from gptstack.data.tokenizer import Tokenizer
+from gptstack.evals import copying
 from gptstack.lineage import Workdir
 from gptstack.metrics import train_flops_per_token
 from gptstack.model import GPT, count_params
@@ -50,8 +51,9 @@ def validate(config) -> stage.Setup:
 
 
 def load_data(config, workdir, tokenizer: Tokenizer, batch_sharding):
-    """The tokenized sources, the training iterator and the fixed validation batches of each
-    source (this process's rows of every global batch)."""
+    """The tokenized sources, the training iterator, the fixed validation batches of each
+    source and the copying evaluation's two lists of batches (`gptstack.evals.copying`; empty
+    with `data.copy_batches` 0), this process's rows of every global batch."""
     cache_dir = pathlib.Path(config.data.cache_dir or workdir / 'cache')
     tokenized = [data.tokenize_source(spec, tokenizer, cache_dir,
                                       val_fraction=config.data.val_fraction,
@@ -66,7 +68,15 @@ def load_data(config, workdir, tokenizer: Tokenizer, batch_sharding):
                                                       max_batches=config.data.eval_batches,
                                                       **where)]
                  for s in tokenized}
-    return tokenized, data_iterator, eval_sets
+    copy_sets = ()
+    if config.data.copy_batches:
+        pool = copying.token_pool(tokenized, exclude=list(tokenizer.special_ids.values()))
+        copy_sets = tuple([sharding.global_batch(b, batch_sharding) for b in batches]
+                          for batches in copying.copy_batches(
+                              pool, config.data.seq_len, local_batch_size,
+                              batches=config.data.copy_batches, seed=config.seed,
+                              bos_id=tokenizer.eot_id, **where))
+    return tokenized, data_iterator, eval_sets, copy_sets
 
 
 def make_sample(config, sampler: Sampler, tokenizer: Tokenizer):
@@ -90,7 +100,7 @@ def run(config, workdir: pathlib.Path) -> str:
     tokenizer = stage.obtain_tokenizer(config, Workdir(workdir))
     model_config = model_config_for(config, tokenizer, setup.policy)
     stage.check_seq_len(config.data.seq_len, model_config)
-    tokenized, data_iterator, eval_sets = load_data(config, workdir, tokenizer,
+    tokenized, data_iterator, eval_sets, copy_sets = load_data(config, workdir, tokenizer,
                                                     setup.batch_sharding)
 
     # --- state: restored from the latest checkpoint, or created sharded -----------------------
@@ -120,7 +130,8 @@ def run(config, workdir: pathlib.Path) -> str:
     result = run_.train(
         state, train_step, (sharding.global_batch(b, setup.batch_sharding)
                             for b in data_iterator), data_iterator,
-        meta=run_.meta(tokenizer, model_config), evaluate=lm_evaluator(eval_step, eval_sets),
+        meta=run_.meta(tokenizer, model_config),
+        evaluate=lm_evaluator(eval_step, eval_sets, copy_sets),
         sample=make_sample(config, sampler, tokenizer), tokens_per_step=tokens_per_step,
         flops_per_step=train_flops_per_token(model_config, config.data.seq_len) *
         tokens_per_step)

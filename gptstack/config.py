@@ -280,6 +280,7 @@ KEY_BOUNDS: dict[str, Bounds] = {
     'data.batch_size': _count(1, 'rows or groups per step'),
     'data.seq_len': _count(2, 'a row needs a token and the token it predicts'),
     'data.eval_batches': _count(1, 'the held-out evaluation needs a batch'),
+    'data.copy_batches': _count(0, '0 turns the copying evaluation off'),
     'data.max_new_tokens': _count(1, 'a reply needs a token'),
     'data.max_skips': _count(0),
     'data.val_fraction': _FRACTION,

@@ -44,6 +44,12 @@ def test_two_step_smoke_run(corpus, tmp_path):
                 'experiments.run)') in result.stderr
     assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
     assert 'final validation loss' in (workdir / 'report.md').read_text()
+    # The copying evaluation runs beside the validation sets (gptstack.evals.copying).
+    last_eval = [r for r in metrics(workdir) if 'val_loss' in r][-1]
+    assert last_eval['val/copy_gain'] == pytest.approx(
+        last_eval['val/copy/first'] - last_eval['val/copy/second'])
+    assert 'copy gain' in (workdir / 'report.md').read_text()
+    assert (workdir / 'copying.png').exists()
     # Running the finished command again resumes at the end and does no more steps.
     again = run(command(corpus, tmp_path / 'run'))
     assert again.returncode == 0 and 'resuming from' in again.stderr

@@ -43,6 +43,9 @@ def get_config(arg=None):
     config.data.val_fraction = 0.02
     # Validation batches per source at each evaluation (the same batches every time).
     config.data.eval_batches = 8
+    # Batches of random validation tokens repeated twice at each evaluation: the in-context
+    # copying metrics val/copy/* (gptstack.evals.copying); 0 turns them off.
+    config.data.copy_batches = 2
     # Malformed records that may be skipped (counted and logged) before the run fails.
     config.data.max_skips = 0
     # Where tokenized corpora are cached; None means <workdir>/cache.
@@ -82,6 +85,7 @@ def get_config(arg=None):
         config.data.seq_len = 32
         config.data.batch_size = 8
         config.data.eval_batches = 2
+        config.data.copy_batches = 1
         config.train.total_steps = 2
         config.train.log_every = 1
         config.train.eval_every = 2

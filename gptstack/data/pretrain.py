@@ -247,6 +247,12 @@ def deal_eval_rows(rows: list[dict], batch_size: int, to_batch, *, max_batches: 
             for i in range(0, len(rows), batch_size)]
 
 
+def read_tokens(path: str) -> np.ndarray:
+    """Every token of a cached ArrayRecord file (`train_path`, `val_path`), in order."""
+    return np.concatenate([np.frombuffer(record, np.int32)
+                           for record in grain.sources.ArrayRecordDataSource([path])])
+
+
 def unigram_entropy(sources: list[TokenizedSource], vocab_size: int) -> float:
     """Entropy (nats per token) of the mixture's unigram token distribution: the loss of the
     best model that ignores context, a baseline any language model must beat."""

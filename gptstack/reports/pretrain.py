@@ -29,6 +29,9 @@ def write(workdir, config, model_config, n_params, tokenized, tokenizer, wall_ti
         report.plot(records, {'train': 'loss', **val_series}, workdir / 'loss.png',
                     title='Loss', ylabel='nats per token',
                     hlines={f'unigram entropy {entropy:.2f}': entropy}),
+        report.plot(records, {'seen once': 'val/copy/first', 'seen again': 'val/copy/second'},
+                    workdir / 'copying.png', title='In-context copying (random tokens, repeated)',
+                    ylabel='nats per token'),
         report.plot(records, {'learning rate': 'lr'}, workdir / 'lr.png',
                     title='Learning rate', ylabel='lr'),
         report.plot(records, {'tokens/s': 'tokens_per_sec'}, workdir / 'throughput.png',
@@ -45,6 +48,10 @@ def write(workdir, config, model_config, n_params, tokenized, tokenizer, wall_ti
         ('final validation loss', last_eval.get('val_loss', 'n/a')),
         ('validation bits per byte', last_eval.get('val_bpb', 'n/a')),
         ('unigram entropy of the training mixture', entropy),
+        ('in-context copying: loss of random tokens seen once · seen again (copy gain)',
+         f"{last_eval['val/copy/first']:.3f} · {last_eval['val/copy/second']:.3f} "
+         f"({last_eval['val/copy_gain']:+.3f} nats per token)"
+         if 'val/copy_gain' in last_eval else 'n/a'),
         ('median tokens/s', float(np.median(throughput)) if throughput else 'n/a'),
         ('median MFU', f'{np.median(mfu):.1%} ({peak_source})' if mfu else 'n/a'),
     ]

@@ -28,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from gptstack import losses, sharding
+from gptstack.evals import copying
 from gptstack.optim import accumulate_gradients
 from gptstack.state import TrainState
 
@@ -100,21 +101,30 @@ def make_lm_eval_step(graphdef: nnx.GraphDef, mesh: Mesh, rules: str, param_shar
                    out_shardings=sharding.replicated(mesh))
 
 
-def lm_evaluator(eval_step, eval_sets: dict[str, list]):
+def lm_evaluator(eval_step, eval_sets: dict[str, list], copy_sets: tuple[list, list] = ()):
     """`evaluate(state) -> {val/<name>/loss, val/<name>/bpb, val_loss, val_bpb}` over fixed
-    batches of each named set; the totals weigh every counted token equally."""
+    batches of each named set; the totals weigh every counted token equally. With `copy_sets`
+    (`gptstack.evals.copying.copy_batches`), also the in-context copying metrics
+    `val/copy/first`, `val/copy/second` and `val/copy_gain`."""
+    def sums_of(params, batches) -> np.ndarray:
+        sums = np.zeros(3)
+        for batch in batches:
+            out = jax.device_get(eval_step(params, batch))
+            sums += [out['loss_sum'], out['count'], out['bytes']]
+        return sums
+
     def evaluate(state) -> dict:
         metrics, totals = {}, np.zeros(3)
         for name, batches in eval_sets.items():
-            sums = np.zeros(3)
-            for batch in batches:
-                out = jax.device_get(eval_step(state.params, batch))
-                sums += [out['loss_sum'], out['count'], out['bytes']]
+            sums = sums_of(state.params, batches)
             metrics[f'val/{name}/loss'] = sums[0] / sums[1]
             metrics[f'val/{name}/bpb'] = sums[0] / (math.log(2) * sums[2])
             totals += sums
-        metrics['val_loss'] = totals[0] / totals[1]
-        metrics['val_bpb'] = totals[0] / (math.log(2) * totals[2])
+        if eval_sets:
+            metrics['val_loss'] = totals[0] / totals[1]
+            metrics['val_bpb'] = totals[0] / (math.log(2) * totals[2])
+        if copy_sets:
+            metrics.update(copying.metrics(*(sums_of(state.params, b)[:2] for b in copy_sets)))
         return metrics
 
     return evaluate

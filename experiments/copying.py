@@ -18,12 +18,9 @@ import json
 import pathlib
 import sys
 
-import jax
-import numpy as np
 from absl import app, flags, logging
-from flax import nnx
 
-from gptstack import environment, losses
+from gptstack import environment
 from gptstack.config import ConfigError
 from gptstack.data import sources
 from gptstack.data.sources import DataError
@@ -42,27 +39,11 @@ flags.mark_flag_as_required('policy')
 
 
 def measure(policy, text: str, rows: int, length: int, seed: int) -> dict[str, float]:
-    """`{val/copy/first, val/copy/second, val/copy_gain}` of one model."""
-    tok = policy.tokenizer
-    if 2 * length > policy.config.max_seq_len:
-        raise ConfigError(f'--length={length}: two copies exceed the model\'s context of '
-                          f'{policy.config.max_seq_len} tokens')
-    documents = itertools.islice(sources.EMBEDDED[text](), 200)
-    pool = np.concatenate([np.asarray(ids, np.int32) for ids in tok.encode_batch(list(documents))])
-    pool = pool[~np.isin(pool, list(tok.special_ids.values()))]
-    stacked = {k: np.stack([r[k] for r in copying.repeated_rows(pool, 2 * length, rows,
-                                                                  seed=seed, bos_id=tok.eot_id)])
-               for k in ('tokens', 'tokens_segment_ids', 'tokens_positions')}
-
-    @jax.jit
-    def loss(params, batch):
-        logits = nnx.merge(policy.graphdef, params)(batch['inputs'], batch['positions'],
-                                                    batch['segment_ids'])
-        return losses.next_token_loss(logits, batch['targets'], batch['loss_mask'])
-
-    sums = [tuple(float(x) for x in loss(policy.params, copying.copy_batch(stacked, copy)))
-            for copy in (1, 2)]
-    return copying.metrics(*sums)
+    """`{val/copy/first, val/copy/second, val/copy_gain}` of one model, on tokens of the
+    embedded source `text`."""
+    documents = list(itertools.islice(sources.EMBEDDED[text](), 200))
+    pool = copying.encoded_pool(policy.tokenizer, documents)
+    return copying.measure(policy, pool, rows, length, seed)
 
 
 def main(argv) -> int:

@@ -1,12 +1,17 @@
 """The in-context copying evaluation: rows, loss masks and metrics against NumPy references."""
 
+import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from gptstack.evals import copying
 from gptstack.steps.lm import lm_evaluator
+
+from .runs import ROOT
 
 POOL = np.array([5, 6, 7, 9, 11, 12], np.int32)
 
@@ -71,18 +76,38 @@ def test_the_pool_is_the_validation_text_without_special_tokens(tmp_path):
     np.testing.assert_array_equal(copying.token_pool([source], exclude=[1, 2]), [5, 6, 5, 7])
 
 
-def test_the_command_measures_a_workdir_s_model_and_its_logged_figures_agree(base_workdir):
-    """`experiments.copying` on the quick pipeline's base model: the gain is the difference of
-    its two losses, and a context too short for two copies is refused before any work."""
-    from experiments import copying as command
+def test_a_workdir_s_model_is_measured_and_a_too_long_copy_refused(base_workdir):
+    """`copying.measure` (what `experiments.copying` runs) on the quick pipeline's base model:
+    the gain is the difference of its two losses, and two copies longer than the context are
+    refused before any work."""
+    import itertools
+
     from gptstack.config import ConfigError
+    from gptstack.data import sources
     from gptstack.lineage import load_policy
 
     policy = load_policy(base_workdir)
-    figures = command.measure(policy, 'python_prose', rows=4, length=8, seed=0)
+    pool = copying.encoded_pool(policy.tokenizer,
+                                list(itertools.islice(sources.python_prose_documents(), 5)))
+    assert not np.isin(pool, list(policy.tokenizer.special_ids.values())).any()
+    figures = copying.measure(policy, pool, rows=4, length=8, seed=0)
     assert figures['val/copy_gain'] == pytest.approx(
         figures['val/copy/first'] - figures['val/copy/second'])
     assert 0 < figures['val/copy/first'] < 2 * math.log(policy.config.vocab_size)
     too_long = policy.config.max_seq_len // 2 + 1
     with pytest.raises(ConfigError, match=f'--length={too_long}: two copies exceed'):
-        command.measure(policy, 'python_prose', rows=4, length=too_long, seed=0)
+        copying.measure(policy, pool, rows=4, length=too_long, seed=0)
+
+
+def test_the_command_prints_and_writes_each_model_s_figures(base_workdir, sft_workdir, tmp_path):
+    out = tmp_path / 'copying.json'
+    result = subprocess.run(
+        [sys.executable, '-m', 'experiments.copying', f'--policy={base_workdir}',
+         f'--policy={sft_workdir}', '--rows=4', '--length=8', f'--out={out}'],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    figures = json.loads(out.read_text())
+    assert list(figures) == [str(base_workdir), str(sft_workdir)]
+    for source, r in figures.items():
+        assert f'{source}: seen once {r["val/copy/first"]:.3f}' in result.stdout
+        assert r['val/copy_gain'] == pytest.approx(r['val/copy/first'] - r['val/copy/second'])

@@ -19,8 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import jax
 import numpy as np
+from flax import nnx
 
+from gptstack import losses
+from gptstack.config import ConfigError
 from gptstack.data import pretrain as data
 
 
@@ -79,6 +83,32 @@ def token_pool(sources: Sequence[data.TokenizedSource], exclude: Sequence[int]) 
     follows their frequencies), without `exclude` (special tokens)."""
     tokens = np.concatenate([data.read_tokens(source.val_path) for source in sources])
     return tokens[~np.isin(tokens, np.asarray(exclude, np.int32))]
+
+
+def encoded_pool(tokenizer, documents: Sequence[str]) -> np.ndarray:
+    """The token ids of `documents` under `tokenizer`, special tokens left out."""
+    pool = np.concatenate([np.asarray(ids, np.int32) for ids in tokenizer.encode_batch(documents)])
+    return pool[~np.isin(pool, list(tokenizer.special_ids.values()))]
+
+
+def measure(policy, pool: np.ndarray, rows: int, length: int, seed: int) -> dict[str, float]:
+    """`metrics` of a loaded model (`gptstack.lineage.load_policy`) on `rows` rows of `length`
+    tokens from `pool`, each followed by the same `length` tokens."""
+    if 2 * length > policy.config.max_seq_len:
+        raise ConfigError(f'--length={length}: two copies exceed the model\'s context of '
+                          f'{policy.config.max_seq_len} tokens')
+    drawn = repeated_rows(pool, 2 * length, rows, seed=seed, bos_id=policy.tokenizer.eot_id)
+    stacked = {k: np.stack([r[k] for r in drawn]) for k in drawn[0]}
+
+    @jax.jit
+    def loss(params, batch):
+        logits = nnx.merge(policy.graphdef, params)(batch['inputs'], batch['positions'],
+                                                    batch['segment_ids'])
+        return losses.next_token_loss(logits, batch['targets'], batch['loss_mask'])
+
+    sums = [tuple(float(x) for x in loss(policy.params, copy_batch(stacked, copy)))
+            for copy in (1, 2)]
+    return metrics(*sums)
 
 
 def metrics(first: tuple[float, float], second: tuple[float, float]) -> dict[str, float]:

@@ -77,21 +77,28 @@ class Workdir:
             raise ConfigError(no_checkpoint + hint)
         tokenizer = Tokenizer.load(self.tokenizer_path)
         checkpointer = Checkpointer(self.checkpoints, local=local)
-        step = checkpointer.latest_step()
-        if step is None:
-            raise ConfigError(no_checkpoint)
-        if best:
-            step = checkpointer.best_step() or step
-        meta = checkpointer.read_meta(step)
-        if meta.get('tokenizer_sha256') != tokenizer.sha256:
-            raise ConfigError(f'{key}={self.path}: checkpoint {step} was trained with tokenizer '
-                              f'{meta.get("tokenizer_sha256")}, but {self.tokenizer_path} is '
-                              f'{tokenizer.sha256}')
-        stage = meta.get('config', {}).get('stage')
-        if stages is not None and stage not in stages:
-            raise ConfigError(f'{key}={self.path} is a {stage!r} run, not {_kinds(stages)}')
-        return CheckpointLineage(tokenizer, GPTConfig.from_dict(meta['model']), step, meta,
-                                 checkpointer)
+        try:
+            step = checkpointer.latest_step()
+            if step is None:
+                raise ConfigError(no_checkpoint)
+            if best:
+                step = checkpointer.best_step() or step
+            meta = checkpointer.read_meta(step)
+            if meta.get('tokenizer_sha256') != tokenizer.sha256:
+                raise ConfigError(f'{key}={self.path}: checkpoint {step} was trained with '
+                                  f'tokenizer {meta.get("tokenizer_sha256")}, but '
+                                  f'{self.tokenizer_path} is {tokenizer.sha256}')
+            stage = meta.get('config', {}).get('stage')
+            if stages is not None and stage not in stages:
+                raise ConfigError(f'{key}={self.path} is a {stage!r} run, not {_kinds(stages)}')
+            return CheckpointLineage(tokenizer, GPTConfig.from_dict(meta['model']), step, meta,
+                                     checkpointer)
+        except BaseException:
+            # The checkpointer's background threads must stop before the error ends the
+            # process: left running, they raise at interpreter shutdown ("cannot schedule new
+            # futures after shutdown") under the one-line error.
+            checkpointer.close()
+            raise
 
     def best_step(self) -> int:
         """The step a later stage takes with `best`: of the lowest validation loss (the

@@ -81,14 +81,17 @@ def copy_batches(pool: np.ndarray, seq_len: int, batch_size: int, *, batches: in
 def token_pool(sources: Sequence[data.TokenizedSource], exclude: Sequence[int]) -> np.ndarray:
     """The token ids of the sources' validation text (every occurrence, so drawing from it
     follows their frequencies), without `exclude` (special tokens)."""
-    tokens = np.concatenate([data.read_tokens(source.val_path) for source in sources])
-    return tokens[~np.isin(tokens, np.asarray(exclude, np.int32))]
+    return _without(np.concatenate([data.read_tokens(s.val_path) for s in sources]), exclude)
 
 
 def encoded_pool(tokenizer, documents: Sequence[str]) -> np.ndarray:
     """The token ids of `documents` under `tokenizer`, special tokens left out."""
     pool = np.concatenate([np.asarray(ids, np.int32) for ids in tokenizer.encode_batch(documents)])
-    return pool[~np.isin(pool, list(tokenizer.special_ids.values()))]
+    return _without(pool, list(tokenizer.special_ids.values()))
+
+
+def _without(tokens: np.ndarray, exclude: Sequence[int]) -> np.ndarray:
+    return tokens[~np.isin(tokens, np.asarray(exclude, np.int32))]
 
 
 def measure(policy, pool: np.ndarray, rows: int, length: int, seed: int) -> dict[str, float]:

@@ -17,6 +17,7 @@ import pathlib
 import jax
 
 from gptstack import sharding, stage
+from gptstack.config import ConfigError
 from gptstack.data import sft as sft_data
 from gptstack.data import tasks
 from gptstack.data.sources import DataError, SkipBudget, hold_out, read_records
@@ -35,7 +36,12 @@ STARTS_FROM = ('pretrain', 'sft', 'rl', 'dpo')
 
 
 def validate(config) -> stage.Setup:
-    return stage.setup(config)
+    setup = stage.setup(config)
+    if config.data.copy_drills and config.data.train != tasks.EMBEDDED_TASKS:
+        raise ConfigError(f'data.copy_drills={config.data.copy_drills}: copy drills join the '
+                          f'embedded task suite, not data.train={config.data.train!r} (set '
+                          'data.copy_drills=0)')
+    return setup
 
 
 def conversations(config, split: str):
@@ -45,7 +51,11 @@ def conversations(config, split: str):
     if paths == tasks.EMBEDDED_TASKS:
         n = data.train_tasks if split == 'train' else data.validation_tasks
         drawn = tasks.generate('train' if split == 'train' else 'validation', n, config.seed)
-        return [(f'task {split} {i}', t.messages()) for i, t in enumerate(drawn)], drawn
+        pairs = [(f'task {split} {i}', t.messages()) for i, t in enumerate(drawn)]
+        if split == 'train':  # mixed in by the training stream's shuffle
+            drills = tasks.copy_drills(data.copy_drills, config.seed)
+            pairs += [(f'copy drill {i}', t.messages()) for i, t in enumerate(drills)]
+        return pairs, drawn
     reader = functools.partial(sft_data.read_conversations, prompt_field=data.prompt_field,
                                response_field=data.response_field)
     return read_records(paths, reader, f'sft {split} conversations', data.max_skips), None

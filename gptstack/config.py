@@ -84,6 +84,10 @@ class GPTConfig:
     qkv_bias: bool | None = None
     # Share the token embedding with the output projection (GPT-2 does, LLaMA does not).
     tie_embeddings: bool = True
+    # Smeared keys (Olsson et al., 2022): each head's key mixes in the previous token's key by a
+    # learned weight, so one layer can attend to the token after an earlier copy of the current
+    # one (an induction head) without first learning a previous-token head.
+    smeared_keys: bool = False
     norm_eps: float = 1e-5
     rope_theta: float = 10_000.0
     # Standard deviation of the normal initializer; residual projections get /sqrt(2*n_layer).
@@ -285,6 +289,7 @@ KEY_BOUNDS: dict[str, Bounds] = {
     'data.max_skips': _count(0),
     'data.val_fraction': _FRACTION,
     'data.train_tasks': _count(0),
+    'data.copy_drills': _count(0),
     'data.validation_tasks': _count(1),
     'data.train_prompts': _count(1),
     'data.validation_prompts': _count(1),

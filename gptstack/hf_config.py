@@ -125,6 +125,9 @@ def hf_config(config: GPTConfig, **tokens) -> dict:
         ConfigError: for a config no supported architecture expresses.
     """
     c = config
+    if c.smeared_keys:
+        raise ConfigError('GPTConfig.smeared_keys=True: no Hugging Face architecture smears its '
+                          'keys')
     if c.family == 'gpt':
         if not c.use_bias:
             raise ConfigError('GPTConfig.use_bias=False: GPT2LMHeadModel has biases everywhere')

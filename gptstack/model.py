@@ -8,6 +8,9 @@ Notable features:
   (GPT-2 paper, section 2.3).
 - Attention is causal and can be kept inside documents of a packed row with `segment_ids`; RoPE
   and learned positions read per-token `positions`, which restart at every document.
+- Optional smeared keys (`smeared_keys`, Olsson et al., 2022): a head's key at position t is a
+  learned mix of the keys at t and t-1 (within a document), which lets a single layer match "the
+  token after an earlier copy of this one", the induction head behind in-context copying.
 - Layers are stacked along a leading `layers` axis (`nnx.vmap`) and run with `jax.lax.scan`
   (`scan_layers`, compile time independent of depth) or unrolled over slices of the stack (no
   stacked buffers of saved activations); generation always unrolls them.
@@ -90,6 +93,21 @@ def apply_rope(x_bnth: Array, positions_bt: Array, theta: float) -> Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x_bnth.dtype)
 
 
+def smear_keys(k_bkth: Array, positions_bt: Array, smear_k: Array,
+               previous_bk1h: Array | None = None) -> Array:
+    """Smeared keys: `k'_t = w * k_t + (1 - w) * k_{t-1}` with `w = sigmoid(smear)` per key head.
+
+    At a document's first token (position 0) `k_{t-1}` is `k_t` itself, so nothing leaks across
+    the documents of a packed row or from a prompt's left padding. `previous_bk1h` is the key
+    before the first of these tokens (decoding from a cache); without it the first token's own.
+    """
+    first_bk1h = k_bkth[:, :, :1] if previous_bk1h is None else previous_bk1h.astype(k_bkth.dtype)
+    before_bkth = jnp.concatenate([first_bk1h, k_bkth[:, :, :-1]], axis=2)
+    before_bkth = jnp.where((positions_bt == 0)[:, None, :, None], k_bkth, before_bkth)
+    w_k = jax.nn.sigmoid(smear_k.astype(jnp.float32)).astype(k_bkth.dtype)[None, :, None, None]
+    return w_k * k_bkth + (1 - w_k) * before_bkth
+
+
 def attention_mask(segment_ids_bt: Array) -> Array:
     """`[B, T, S]` boolean mask: causal, and only within the same segment (document)."""
     t = segment_ids_bt.shape[1]
@@ -114,6 +132,9 @@ class Attention(nnx.Module):
             self.v_bias_kh = _zeros((k, h), ('kv_heads', 'head_dim'), dtype)
         if config.use_bias:
             self.o_bias_d = _zeros((d,), ('embed',), dtype)
+        if config.smeared_keys:
+            # Logits of each key head's own-key weight; 0 starts at an even mix.
+            self.key_smear_k = _zeros((k,), ('kv_heads',), dtype)
 
     def __call__(self, x_btd: Array, positions_bt: Array, mask: Array,
                  cache: KVCache | None = None):
@@ -122,8 +143,9 @@ class Attention(nnx.Module):
         cache's `C` slots, theirs included).
 
         Returns:
-            `(y_btd, kv)`: the output and either these tokens' keys and values `(k_bkth, v_bkth)`
-            (the start of a cache) or the updated `cache`.
+            `(y_btd, kv)`: the output and either these tokens' keys and values and the last
+            one's key before smearing `(k_bkth, v_bkth, previous_bk1h)` (the start of a cache)
+            or the updated `cache`.
         """
         c = self.config
         dtype = x_btd.dtype
@@ -138,6 +160,10 @@ class Attention(nnx.Module):
             q = q + self.q_bias_nh[...].astype(dtype)[:, None]
             k = k + self.k_bias_kh[...].astype(dtype)[:, None]
             v = v + self.v_bias_kh[...].astype(dtype)[:, None]
+        last_key_bk1h = k[:, :, -1:]
+        if c.smeared_keys:
+            k = smear_keys(k, positions_bt, self.key_smear_k[...],
+                           None if cache is None else cache.previous_key)
         if c.family == 'llama':
             q = apply_rope(q, positions_bt, c.rope_theta)
             k = apply_rope(k, positions_bt, c.rope_theta)
@@ -147,13 +173,13 @@ class Attention(nnx.Module):
         # Keys and values in the matmul dtype: what attention reads, and so what a cache holds.
         k, v = k.astype(mm), v.astype(mm)
         if cache is None:
-            kv = (k, v)
+            kv = (k, v, last_key_bk1h)
             if c.attention == 'gptstack':
                 out_bnth = dot_product_attention(q, [k], [v], mask, mm)
             else:
                 out_bnth = library_attention(q, k, v, mask, c.attention, mm)
         else:
-            kv = cache.write(k, v)
+            kv = cache.write(k, v)._replace(previous_key=last_key_bk1h)
             out_bnth = dot_product_attention(q, kv.keys, kv.values, mask, mm)
         out_btnh = out_bnth.transpose(0, 2, 1, 3)
         y_btd = matmul('BTNH,NHD->BTD', out_btnh, self.o_weight_nhd[...], mm)
@@ -238,8 +264,9 @@ class Transformer(nnx.Module):
 
     def prefill(self, tokens_bt: Array, positions_bt: Array | None = None,
                 segment_ids_bt: Array | None = None, blocks: Sequence[Block] | None = None):
-        """Hidden states and every layer's keys and values `(k_lbkth, v_lbkth)` (the start of a
-        KV cache; XLA drops them when only the hidden states are used).
+        """Hidden states and every layer's keys, values and last key before smearing
+        `(k_lbkth, v_lbkth, previous_lbk1h)` (the start of a KV cache; XLA drops them when only
+        the hidden states are used).
 
         `blocks` (`unstacked_blocks()`, as generation uses) unrolls the layers over those; by
         default the stacked blocks run as `config.scan_layers` says."""
@@ -331,8 +358,9 @@ class GPT(nnx.Module):
 
     def prefill(self, tokens_bt: Array, positions_bt: Array, segment_ids_bt: Array,
                 blocks: Sequence[Block] | None = None):
-        """`(logits [B, V], (k_lbkth, v_lbkth))`: the logits after a (left-padded) prompt,
-        i.e. at its last position only, and the prompt's KV cache; see `Transformer.prefill`."""
+        """`(logits [B, V], (k_lbkth, v_lbkth, previous_lbk1h))`: the logits after a
+        (left-padded) prompt, i.e. at its last position only, and the prompt's KV cache; see
+        `Transformer.prefill`."""
         h_btd, kv = self.transformer.prefill(tokens_bt, positions_bt, segment_ids_bt, blocks)
         return self.logits(h_btd[:, -1:])[:, 0], kv
 

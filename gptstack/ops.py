@@ -221,11 +221,15 @@ def _transposed_product(a_nqs: Array, b_nqh: Array) -> Array:
 class KVCache(NamedTuple):
     """One layer's cached keys and values for decoding, in blocks `[B, K, S_i, H]` along the
     slot axis. New tokens are written into the last block at slot `index` of that block;
-    earlier blocks are only read (a decoding loop carries just the block it writes)."""
+    earlier blocks are only read (a decoding loop carries just the block it writes).
+
+    `previous_key` `[B, K, 1, H]` is the last written token's key before smearing: what a
+    smeared-key model mixes into the next token's key (other models pass it along unread)."""
 
     keys: Sequence[Array]
     values: Sequence[Array]
     index: Array | int
+    previous_key: Array | None = None
 
     def write(self, k_bkth: Array, v_bkth: Array) -> KVCache:
         """The cache with `T` new keys and values written into its last block at `index`."""
@@ -235,4 +239,4 @@ class KVCache(NamedTuple):
         keys.append(jax.lax.dynamic_update_slice(last_keys, k_bkth.astype(last_keys.dtype), at))
         values.append(jax.lax.dynamic_update_slice(last_values, v_bkth.astype(last_values.dtype),
                                                    at))
-        return KVCache(keys, values, self.index)
+        return KVCache(keys, values, self.index, self.previous_key)

@@ -397,6 +397,7 @@ class DecodeCarry(NamedTuple):
     token_b: Array
     done_b: Array  # rows that have drawn a stop token
     current: list[tuple[Array, Array]]  # per layer, the key and value cache block being written
+    previous_keys: list[Array]  # per layer, the last written key before smearing (`KVCache`)
     out: dict[str, Array]  # the outputs `[B, N]` so far
 
 
@@ -412,7 +413,8 @@ def _generate(model: GPT, tokens_bp: Array, lengths_b: Array, sampling: _Samplin
     pad_b = prompt_len - lengths_b
     slots_c = jnp.arange(slots)
     layout = _Layout(prompt_len, lengths_b, slots_c, slots_c[None, :] >= pad_b[:, None])
-    logits_bv, full, current = _prefill_cache(model, layers, tokens_bp, pad_b, layout)
+    logits_bv, full, current, previous_keys = _prefill_cache(model, layers, tokens_bp, pad_b,
+                                                             layout)
     out = dict(tokens=jnp.full((batch, n_new), sampling.pad_id, jnp.int32),
                logprobs=jnp.zeros((batch, n_new), jnp.float32),
                model_logprobs=jnp.zeros((batch, n_new), jnp.float32),
@@ -421,7 +423,7 @@ def _generate(model: GPT, tokens_bp: Array, lengths_b: Array, sampling: _Samplin
     live_b = jnp.ones((batch,), bool)
     out = _record(out, 0, token_b, sampled_lp, model_lp, live_b, sampling)
     done_b = jnp.isin(token_b, sampling.stop_ids) | _host_stops(sampling, 0, token_b, live_b)
-    carry = DecodeCarry(jnp.int32(1), token_b, done_b, current, out)
+    carry = DecodeCarry(jnp.int32(1), token_b, done_b, current, previous_keys, out)
     block_index = prompt_len // block
     while block_index * block - prompt_len + 1 < n_new:
         end_step = min(n_new, (block_index + 1) * block - prompt_len + 1)
@@ -435,19 +437,20 @@ def _generate(model: GPT, tokens_bp: Array, lengths_b: Array, sampling: _Samplin
 
 
 def _prefill_cache(model: GPT, layers: Sequence[Block], tokens_bp: Array, pad_b: Array,
-                   layout: _Layout) -> tuple[Array, _LayerBlocks, list[tuple[Array, Array]]]:
+                   layout: _Layout):
     """Runs the prompts: the logits after them `[B, V]` and, per layer, the cache they start,
-    as the read-only blocks joined into one and the block that decoding writes next."""
+    as the read-only blocks joined into one, the block that decoding writes next, and the last
+    prompt token's key before smearing."""
     prompt_len = layout.prompt_len
     positions_bp = jnp.maximum(layout.slots_c[None, :prompt_len] - pad_b[:, None], 0)
     segment_ids_bp = layout.valid_bc[:, :prompt_len].astype(jnp.int32)
-    logits_bv, (k_lbkph, v_lbkph) = model.prefill(tokens_bp, positions_bp, segment_ids_bp,
-                                                  layers)
+    logits_bv, (k_lbkph, v_lbkph, previous_lbk1h) = model.prefill(
+        tokens_bp, positions_bp, segment_ids_bp, layers)
     prompt_cache = [(_cache_blocks(k_lbkph[i]), _cache_blocks(v_lbkph[i]))
                     for i in range(len(layers))]
     full = [(_merged(keys[:-1]), _merged(values[:-1])) for keys, values in prompt_cache]
     current = [(keys[-1], values[-1]) for keys, values in prompt_cache]
-    return logits_bv, full, current
+    return logits_bv, full, current, [previous_lbk1h[i] for i in range(len(layers))]
 
 
 def _cache_blocks(kv_bkph: Array) -> list[Array]:
@@ -533,15 +536,17 @@ def _decode_block(model: GPT, layers: Sequence[Block], carry: DecodeCarry, full:
         slot = layout.prompt_len + step - 1  # where the previous token is written
         mask_bc = layout.valid_bc[:, :visible] & (layout.slots_c[None, :visible] <= slot)
         position_b1 = (layout.lengths_b + step - 1)[:, None]
-        caches = [KVCache(keys, values, slot - block_index * CACHE_BLOCK)
-                  for keys, values in _joined(full, carry.current)]
+        caches = [KVCache(keys, values, slot - block_index * CACHE_BLOCK, previous)
+                  for (keys, values), previous in zip(_joined(full, carry.current),
+                                                      carry.previous_keys, strict=True)]
         logits_b1v, caches = model.decode(carry.token_b[:, None], position_b1, layers, caches,
                                           mask_bc[:, None])
         current = [(c.keys[-1], c.values[-1]) for c in caches]
+        previous_keys = [c.previous_key for c in caches]
         next_b, sampled_lp, model_lp = _pick(logits_b1v[:, 0], step, sampling)
         out = _record(carry.out, step, next_b, sampled_lp, model_lp, ~carry.done_b, sampling)
         done_b = (carry.done_b | jnp.isin(next_b, sampling.stop_ids)
                   | _host_stops(sampling, step, next_b, ~carry.done_b))
-        return DecodeCarry(step + 1, next_b, done_b, current, out)
+        return DecodeCarry(step + 1, next_b, done_b, current, previous_keys, out)
 
     return jax.lax.while_loop(cond, body, carry)

@@ -14,14 +14,20 @@ from gptstack.config import GPTConfig
 FAMILIES = ['toy', 'toy-llama']
 
 
-def build(preset, cls=gpt_model.GPT):
+def build(preset, cls=gpt_model.GPT, **overrides):
     with nnx.use_eager_sharding(False):
-        return cls(GPTConfig.preset(preset), rngs=nnx.Rngs(0))
+        return cls(GPTConfig.preset(preset, **overrides), rngs=nnx.Rngs(0))
 
 
-@pytest.fixture(scope='module', params=FAMILIES)
+# Both families, and the GPT layout with smeared keys (which read the token before each one).
+@pytest.fixture(scope='module', params=[*FAMILIES, 'toy-smeared'])
 def lm(request):
-    model = build(request.param)
+    if request.param == 'toy-smeared':
+        model = build('toy', smeared_keys=True)
+        for block_smear in [model.transformer.blocks.attn.key_smear_k]:
+            block_smear.value = jax.random.normal(jax.random.key(1), block_smear.shape)
+    else:
+        model = build(request.param)
     graphdef, params = nnx.split(model)
     apply = jax.jit(lambda p, tok, pos, seg: nnx.merge(graphdef, p)(tok, pos, seg))
     return lambda tok, pos=None, seg=None: np.asarray(apply(params, tok, pos, seg))
@@ -62,6 +68,30 @@ def test_segments_do_not_attend_to_each_other(lm):
     other = row.copy()
     other[:, :10] = random_tokens((1, 10), seed=3)
     np.testing.assert_array_equal(lm(other, positions, segment_ids)[:, 10:], packed[:, 10:])
+
+
+def test_smeared_keys_equal_a_loop_over_positions():
+    """Each head's key is w * its own + (1 - w) * the previous position's, w = sigmoid(smear);
+    a document's first token (position 0) keeps its own key, and the first of a row that
+    continues a document mixes in the key passed from before it (decoding from a cache)."""
+    rng = np.random.default_rng(0)
+    k = rng.normal(size=(2, 3, 7, 4)).astype(np.float32)
+    smear = rng.normal(size=3).astype(np.float32)
+    # Two documents packed in a row; a row that continues a document from a cache.
+    positions = np.array([[0, 1, 2, 3, 0, 1, 2], [5, 6, 7, 0, 1, 2, 3]], np.int32)
+    previous = rng.normal(size=(2, 3, 1, 4)).astype(np.float32)
+    w = 1 / (1 + np.exp(-smear))
+    for before in (None, previous):
+        expected = np.empty_like(k)
+        for b, h, t in np.ndindex(2, 3, 7):
+            if positions[b, t] == 0 or (t == 0 and before is None):
+                earlier = k[b, h, t]
+            else:
+                earlier = k[b, h, t - 1] if t > 0 else before[b, h, 0]
+            expected[b, h, t] = w[h] * k[b, h, t] + (1 - w[h]) * earlier
+        got = gpt_model.smear_keys(jnp.asarray(k), jnp.asarray(positions), jnp.asarray(smear),
+                                   None if before is None else jnp.asarray(before))
+        np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_forward_needs_no_rng_and_is_deterministic(lm):

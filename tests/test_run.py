@@ -248,10 +248,16 @@ def test_sft_refuses_a_bad_base(base_workdir, tmp_path):
     result = run(sft_command(tmp_path / 'c', mixed))
     assert result.returncode == 1
     assert 'was trained with tokenizer' in result.stderr and other.sha256 in result.stderr
-    result = run(sft_command(tmp_path / 'd', base_workdir, '--config.data.train_tasks=0'))
+    result = run(sft_command(tmp_path / 'd', base_workdir, '--config.data.train_tasks=0',
+                             '--config.data.copy_drills=0'))
     assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
     assert ('DataError: SFT has no training conversation to use (0 read; '
             'data.train=embedded:tasks') in result.stderr
+    # Copy drills belong to the embedded task suite, not to a user's conversations.
+    result = run(sft_command(tmp_path / 'e', base_workdir, '--config.data.train=x.jsonl'))
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr[-3000:]
+    assert ("ConfigError: data.copy_drills=50: copy drills join the embedded task suite, not "
+            "data.train='x.jsonl' (set data.copy_drills=0)") in result.stderr
 
 
 def test_sft_refuses_a_reward_model_as_its_start(reward_workdir, tmp_path):

@@ -28,6 +28,9 @@ def build(preset, mesh, **overrides):
     with nnx.use_eager_sharding(False):
         model = gpt_model.GPT(config, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
+    if config.smeared_keys:  # uneven mixes, different in every head and layer
+        smear = params['transformer']['blocks']['attn']['key_smear_k']
+        smear.value = jax.random.normal(jax.random.key(1), smear.shape)
     return config, graphdef, params
 
 
@@ -51,12 +54,15 @@ def reference_greedy(graphdef, params, prompt, n_new, stop, width=128):
 
 # Prompt buckets of 32 (the prompt shares its cache block with the first new tokens) and 64 (the
 # prompt fills whole blocks); 70 new tokens cross from one cache block to the next, 150 (with a
-# longer context) into a third, after the first two were joined into one read-only array.
-@pytest.mark.parametrize('preset,n_new,longest,context', [
-    ('toy', 12, 30, 128), ('toy-llama', 12, 30, 128), ('toy', 70, 30, 128), ('toy', 12, 40, 128),
-    ('toy', 150, 30, 256)])
-def test_greedy_with_cache_equals_full_recompute(preset, n_new, longest, context, mesh_1):
-    config, graphdef, params = build(preset, mesh_1, max_seq_len=context)
+# longer context) into a third, after the first two were joined into one read-only array. Smeared
+# keys carry the previous token's key from the prompt into decoding and across cache blocks.
+@pytest.mark.parametrize('preset,n_new,longest,context,smeared', [
+    ('toy', 12, 30, 128, False), ('toy-llama', 12, 30, 128, False), ('toy', 70, 30, 128, False),
+    ('toy', 12, 40, 128, False), ('toy', 150, 30, 256, False), ('toy', 70, 30, 128, True),
+    ('toy-llama', 12, 30, 128, True)])
+def test_greedy_with_cache_equals_full_recompute(preset, n_new, longest, context, smeared,
+                                                 mesh_1):
+    config, graphdef, params = build(preset, mesh_1, max_seq_len=context, smeared_keys=smeared)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(10, 1000, size=n).tolist() for n in (5, 17, 1, longest)]
     sampler = Sampler(graphdef, config, mesh_1, 'fsdp', batch_size=4, max_new_tokens=n_new,
@@ -75,7 +81,8 @@ def test_greedy_with_cache_equals_full_recompute(preset, n_new, longest, context
         assert (out['tokens'][row, n:] == PAD).all() and (out['mask'][row, n:] == 0).all()
 
 
-@pytest.mark.parametrize('policy,atol', [({}, 2e-5), ({'matmul_dtype': 'bfloat16'}, 2e-3)])
+@pytest.mark.parametrize('policy,atol', [({}, 2e-5), ({'matmul_dtype': 'bfloat16'}, 2e-3),
+                                         ({'smeared_keys': True}, 2e-5)])
 def test_logprobs_equal_a_full_forward_pass(policy, atol, mesh_1):
     config, graphdef, params = build('toy-llama', mesh_1, **policy)
     prompts = [[5, 6, 7], [9, 10, 11, 12, 13, 14, 15]]

@@ -22,6 +22,22 @@ def test_deterministic_by_seed_and_disjoint_splits():
     assert not other_seed & prompts['train']
 
 
+def test_copy_drills_ask_for_their_own_text_back():
+    drills = tasks.copy_drills(400, seed=0)
+    assert drills == tasks.copy_drills(400, seed=0) != tasks.copy_drills(400, seed=1)
+    for drill in drills:
+        assert f'"{drill.answer}"' in drill.prompt and tasks.score(drill, drill.answer) == 1
+        assert 2 <= len(drill.answer.split()) <= 12
+    items = [item for d in drills for item in d.answer.split()]
+    numbers = sum(item.isdigit() for item in items) / len(items)
+    words = sum(item in tasks._WORDS + tasks._FILLER for item in items) / len(items)
+    assert 0.25 < numbers < 0.35 and 0.38 < words < 0.48  # the rest are random letters
+    assert len({d.answer for d in drills}) == len(drills)  # nothing to memorise
+    # No drill is a task of any split.
+    held_out = {t.prompt for split in tasks.SPLITS for t in tasks.generate(split, 300)}
+    assert not held_out & {d.prompt for d in drills}
+
+
 def test_every_family_and_level_appears():
     drawn = tasks.generate('train', 600, seed=0)
     assert set(collections.Counter(t.family for t in drawn)) == set(tasks.FAMILIES)

@@ -18,6 +18,7 @@ from experiments.configs import sft
 def get_config(arg=None):
     config = sft.get_config(arg)
     config.data.train = '../shared/data/dolly15k_open_qa/open_qa.prompt_response.jsonl'
+    config.data.copy_drills = 0
     config.data.validation = ''
     config.data.truncate = True
     return config

@@ -18,6 +18,7 @@ from experiments.configs import sft
 def get_config(arg=None):
     config = sft.get_config(arg)
     config.data.train = '../shared/data/gsm8k/train.jsonl'
+    config.data.copy_drills = 0
     config.data.validation = ''
     config.data.prompt_field = 'question'
     config.data.response_field = 'answer'

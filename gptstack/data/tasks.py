@@ -16,6 +16,11 @@ parameters), level 3 beyond it, and level 2 between, where RL has room:
   word (2), or both (3); credit per satisfied constraint. Judging these is far easier than
   producing them, the property that makes comparisons cheaper than demonstrations.
 
+Besides the six families, `copy_drills` writes training-only conversations that ask for a text
+back verbatim: SFT mixes them among the tasks so that the model learns to take its answer's
+content from the prompt, which every string, sorting and constraint task needs. They are never
+held out or scored.
+
 Answers are "answer only": the scorer compares the completion with surrounding whitespace
 removed. A prompt's split (train 80%, validation 10%, test 10%) is a hash of its text, so the
 splits are disjoint whatever the seed, and `generate(split, n, seed)` is deterministic. Some
@@ -234,6 +239,34 @@ def worked_documents(documents: int = 4000, per_document: int = 16,
     rng = random.Random(f'{seed}-worked')
     return ['\n\n'.join(worked_text(task, rng) for task in drawn[i:i + per_document])
             for i in range(0, len(drawn), per_document)]
+
+
+# --- copy drills ----------------------------------------------------------------------------
+COPY_DRILL = 'copy_drill'
+_COPY_FORMS = ('Repeat exactly: "{}"', 'Copy this text: "{}". Reply with the text only.',
+               'Say "{}" back to me.')
+
+
+def copy_drills(n: int, seed: int = 0) -> list[Task]:
+    """`n` conversations that ask for a text back verbatim, for training only: the text is 2-12
+    items, each a task word (40%), a number up to 999 (30%) or 2-6 random lowercase letters
+    (30%), so most texts are new and only reading the prompt answers them."""
+    rng = random.Random(f'{seed}-{COPY_DRILL}')
+    words = _WORDS + _FILLER
+
+    def item() -> str:
+        kind = rng.random()
+        if kind < 0.4:
+            return rng.choice(words)
+        if kind < 0.7:
+            return str(rng.randint(1, 999))
+        return ''.join(rng.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(rng.randint(2, 6)))
+
+    drills = []
+    for _ in range(n):
+        text = ' '.join(item() for _ in range(rng.randint(2, 12)))
+        drills.append(_exact(COPY_DRILL, 1, rng.choice(_COPY_FORMS).format(text), text))
+    return drills
 
 
 # --- the gold scorer ------------------------------------------------------------------------

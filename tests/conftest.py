@@ -123,6 +123,24 @@ def pipeline_workdir(corpus, tmp_path_factory):
 
 
 @pytest.fixture(scope='session')
+def unsmeared_workdir(corpus, tmp_path_factory):
+    """Runlocal pretraining, SFT and reward runs (`pretrain/`, `sft/`, `reward/`) of a model
+    without the default's smeared keys, which no Hugging Face architecture has: what the export
+    tests write out."""
+    from tests.runs import command, reward_command, run, sft_command
+
+    def build(workdir):
+        for args in (command(corpus, workdir / 'pretrain', '--config.data.seq_len=96',
+                             '--config.model.smeared_keys=False'),
+                     sft_command(workdir / 'sft', workdir / 'pretrain'),
+                     reward_command(workdir / 'reward', workdir / 'sft')):
+            result = run(args)
+            assert result.returncode == 0, result.stderr[-3000:]
+
+    return built_once(tmp_path_factory, 'unsmeared', build)
+
+
+@pytest.fixture(scope='session')
 def base_workdir(pipeline_workdir):
     """A runlocal pretraining run with room for task conversations (96 tokens)."""
     return pipeline_workdir / 'pretrain'

@@ -261,7 +261,8 @@ def test_sft_from_hf_exports_and_loads_back_in_transformers(tmp_path_factory):
     assert chat.returncode == 0 and '--- sample 1 of 1 ---' in chat.stdout, chat.stderr[-2000:]
 
 
-def test_a_reward_model_exports_as_a_sequence_classifier(reward_workdir, tmp_path):
+def test_a_reward_model_exports_as_a_sequence_classifier(unsmeared_workdir, tmp_path):
+    reward_workdir = unsmeared_workdir / 'reward'
     export = subprocess.run([sys.executable, '-m', 'experiments.export',
                              f'--workdir={reward_workdir}', f'--out={tmp_path}'], cwd=ROOT,
                             capture_output=True, text=True, timeout=300)

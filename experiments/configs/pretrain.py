@@ -1,6 +1,6 @@
 """Stage 1: pretrain a GPT on a weighted mixture of corpora (next-token prediction).
 
-COMMAND (the default: embedded corpus, no downloads; 2-core CPU, about 13 minutes):
+COMMAND (the default: embedded corpus, no downloads; 2-core CPU, about 6 minutes):
   python -m experiments.run --config=experiments/configs/pretrain.py --workdir=workdirs/pretrain
 
 Trains a SentencePiece tokenizer (4096 tokens) on the mixture (Python's standard library, the

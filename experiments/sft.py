@@ -51,11 +51,7 @@ def conversations(config, split: str):
     if paths == tasks.EMBEDDED_TASKS:
         n = data.train_tasks if split == 'train' else data.validation_tasks
         drawn = tasks.generate('train' if split == 'train' else 'validation', n, config.seed)
-        pairs = [(f'task {split} {i}', t.messages()) for i, t in enumerate(drawn)]
-        if split == 'train':  # mixed in by the training stream's shuffle
-            drills = tasks.copy_drills(data.copy_drills, config.seed)
-            pairs += [(f'copy drill {i}', t.messages()) for i, t in enumerate(drills)]
-        return pairs, drawn
+        return [(f'task {split} {i}', t.messages()) for i, t in enumerate(drawn)], drawn
     reader = functools.partial(sft_data.read_conversations, prompt_field=data.prompt_field,
                                response_field=data.response_field)
     return read_records(paths, reader, f'sft {split} conversations', data.max_skips), None
@@ -70,6 +66,9 @@ def load_data(config, tokenizer, batch_sharding):
     else:  # hold out a seeded fraction of the training records
         (train_pairs, val_pairs), val_tasks = hold_out(train_pairs, config.data.val_fraction,
                                                        config.seed), None
+    # Copy drills train only (never held out); the training stream's shuffle mixes them in.
+    drills = tasks.copy_drills(config.data.copy_drills, config.seed)
+    train_pairs += [(f'copy drill {i}', t.messages()) for i, t in enumerate(drills)]
     budget = SkipBudget(config.data.max_skips)
     seq_len, truncate = config.data.seq_len, config.data.truncate
     train, train_stats = sft_data.render_examples(tokenizer, train_pairs, seq_len,

@@ -143,9 +143,9 @@ class Attention(nnx.Module):
         cache's `C` slots, theirs included).
 
         Returns:
-            `(y_btd, kv)`: the output and either these tokens' keys and values and the last
-            one's key before smearing `(k_bkth, v_bkth, previous_bk1h)` (the start of a cache)
-            or the updated `cache`.
+            `(y_btd, kv)`: the output and either these tokens' keys and values and, with
+            smeared keys, the last one's key before smearing (None otherwise)
+            `(k_bkth, v_bkth, previous_bk1h)` (the start of a cache), or the updated `cache`.
         """
         c = self.config
         dtype = x_btd.dtype
@@ -160,8 +160,12 @@ class Attention(nnx.Module):
             q = q + self.q_bias_nh[...].astype(dtype)[:, None]
             k = k + self.k_bias_kh[...].astype(dtype)[:, None]
             v = v + self.v_bias_kh[...].astype(dtype)[:, None]
-        last_key_bk1h = k[:, :, -1:]
+        last_key_bk1h = None  # what the next token's key mixes in (smeared keys only)
         if c.smeared_keys:
+            if cache is not None and cache.previous_key is None:
+                raise ValueError("smeared keys: decoding needs the cache's previous_key, the "
+                                 "last written token's key before smearing")
+            last_key_bk1h = k[:, :, -1:]
             k = smear_keys(k, positions_bt, self.key_smear_k[...],
                            None if cache is None else cache.previous_key)
         if c.family == 'llama':

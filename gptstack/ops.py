@@ -223,8 +223,9 @@ class KVCache(NamedTuple):
     slot axis. New tokens are written into the last block at slot `index` of that block;
     earlier blocks are only read (a decoding loop carries just the block it writes).
 
-    `previous_key` `[B, K, 1, H]` is the last written token's key before smearing: what a
-    smeared-key model mixes into the next token's key (other models pass it along unread)."""
+    `previous_key` `[B, K, 1, H]` is the last written token's key before smearing (and before
+    RoPE, in the compute dtype): what a smeared-key model mixes into the next token's key. Other
+    models leave it None."""
 
     keys: Sequence[Array]
     values: Sequence[Array]

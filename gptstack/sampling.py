@@ -397,7 +397,7 @@ class DecodeCarry(NamedTuple):
     token_b: Array
     done_b: Array  # rows that have drawn a stop token
     current: list[tuple[Array, Array]]  # per layer, the key and value cache block being written
-    previous_keys: list[Array]  # per layer, the last written key before smearing (`KVCache`)
+    previous_keys: list[Array | None]  # per layer, the last key before smearing (`KVCache`)
     out: dict[str, Array]  # the outputs `[B, N]` so far
 
 
@@ -437,10 +437,11 @@ def _generate(model: GPT, tokens_bp: Array, lengths_b: Array, sampling: _Samplin
 
 
 def _prefill_cache(model: GPT, layers: Sequence[Block], tokens_bp: Array, pad_b: Array,
-                   layout: _Layout):
+                   layout: _Layout) -> tuple[Array, _LayerBlocks, list[tuple[Array, Array]],
+                                             list[Array | None]]:
     """Runs the prompts: the logits after them `[B, V]` and, per layer, the cache they start,
     as the read-only blocks joined into one, the block that decoding writes next, and the last
-    prompt token's key before smearing."""
+    prompt token's key before smearing (None without smeared keys)."""
     prompt_len = layout.prompt_len
     positions_bp = jnp.maximum(layout.slots_c[None, :prompt_len] - pad_b[:, None], 0)
     segment_ids_bp = layout.valid_bc[:, :prompt_len].astype(jnp.int32)
@@ -450,7 +451,8 @@ def _prefill_cache(model: GPT, layers: Sequence[Block], tokens_bp: Array, pad_b:
                     for i in range(len(layers))]
     full = [(_merged(keys[:-1]), _merged(values[:-1])) for keys, values in prompt_cache]
     current = [(keys[-1], values[-1]) for keys, values in prompt_cache]
-    return logits_bv, full, current, [previous_lbk1h[i] for i in range(len(layers))]
+    previous = [None if previous_lbk1h is None else previous_lbk1h[i] for i in range(len(layers))]
+    return logits_bv, full, current, previous
 
 
 def _cache_blocks(kv_bkph: Array) -> list[Array]:

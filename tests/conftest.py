@@ -96,7 +96,12 @@ def built_once(tmp_path_factory, name, build):
         if not done.exists():
             shutil.rmtree(directory, ignore_errors=True)  # a build that failed before
             directory.mkdir()
-            build(directory)
+            # Session fixtures are built before a test's own fixtures take the `alone` lock:
+            # a build shares it as a test does, so an `alone` test never runs beside one.
+            with open(shared / 'alone.lock', 'a') as alone:
+                if 'PYTEST_XDIST_WORKER' in os.environ:
+                    fcntl.flock(alone, fcntl.LOCK_SH)
+                build(directory)
             done.touch()
     return directory
 

@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import random
 import re
+import string
 from collections.abc import Callable
 
 from gptstack.config import ConfigError
@@ -260,7 +261,7 @@ def copy_drills(n: int, seed: int = 0) -> list[Task]:
             return rng.choice(words)
         if kind < 0.7:
             return str(rng.randint(1, 999))
-        return ''.join(rng.choice('abcdefghijklmnopqrstuvwxyz') for _ in range(rng.randint(2, 6)))
+        return ''.join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(2, 6)))
 
     drills = []
     for _ in range(n):

@@ -94,6 +94,21 @@ def test_smeared_keys_equal_a_loop_over_positions():
         np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
 
 
+def test_a_smeared_model_refuses_a_cache_without_the_previous_key():
+    """Decoding mixes the last cached token's key into the new one's: a cache that does not
+    carry it is an error, not a silent fall back to the new token's own key."""
+    model = build('toy', smeared_keys=True)
+    c = model.config
+    blocks = model.transformer.unstacked_blocks()
+    shape = (1, c.n_kv_head, 8, c.head_dim)
+    cache = ops.KVCache([jnp.zeros(shape, c.matmul_dtype)], [jnp.zeros(shape, c.matmul_dtype)], 0)
+    tokens, positions = random_tokens((1, 1)), jnp.array([[3]])
+    with pytest.raises(ValueError, match="smeared keys: decoding needs the cache's previous_key, "
+                                         "the last written token's key before smearing"):
+        model.transformer.decode(tokens, positions, blocks, [cache] * c.n_layer,
+                                 jnp.ones((1, 1, 8), bool))
+
+
 def test_forward_needs_no_rng_and_is_deterministic(lm):
     tokens = random_tokens((1, 8))
     np.testing.assert_array_equal(lm(tokens), lm(tokens))

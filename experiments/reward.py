@@ -2,8 +2,8 @@
 
 The reward model is the SFT model's transformer with a fresh score head; the reward of a
 completion is the score at the `<|reward|>` token appended after it. It is trained on ranked
-completions of the same prompt with the K-way ranking loss (all pairs of a prompt in one batch
-element).
+completions of the same prompt with the K-way ranking loss (all pairs of a prompt in one step),
+each group one branched sequence, packed whole into rows (`gptstack.data.preference`).
 
 Comparisons come from JSONL files in any of the layouts of `gptstack.data.preference`, or, with
 `data.train='embedded:tasks'`, from the simulated labeler (`gptstack.labeler`), which ranks
@@ -72,9 +72,11 @@ def policy(config, lineage: lineages.Lineage, setup: stage.Setup):
         pad_id=tok.pad_id, vocab_size=tok.vocab_size)
 
 
-def load_comparisons(config, workdir: pathlib.Path, tokenizer, make_sampler, policy_params):
+def load_comparisons(config, workdir: pathlib.Path, tokenizer, make_sampler, policy_params,
+                     max_len: int):
     """The rendered train and held-out comparisons with their statistics, the held-out groups'
-    gold scores (the task suite only) and the labeler's statistics (None for JSONL data)."""
+    gold scores (the task suite only) and the labeler's statistics (None for JSONL data).
+    `max_len`: the model's context, which a prompt and its longest completion must fit."""
     stats, train_paths, val_paths = None, config.data.train, config.data.validation
     if config.data.train == tasks.EMBEDDED_TASKS:
         stats = labeler.comparisons(config, workdir / 'comparisons', make_sampler,
@@ -88,10 +90,9 @@ def load_comparisons(config, workdir: pathlib.Path, tokenizer, make_sampler, pol
     if val is None:  # hold out a seeded fraction of the training records
         train, val = hold_out(train, config.data.val_fraction, config.seed)
     seq_len, k, truncate = config.data.seq_len, config.data.completions, config.data.truncate
-    train_examples, train_stats = preference.render_comparisons(tokenizer, train, seq_len, k,
-                                                                truncate=truncate)
-    val_examples, val_stats = preference.render_comparisons(tokenizer, val, seq_len, k,
-                                                            truncate=truncate)
+    render = lambda comparisons: preference.render_branched(  # noqa: E731
+        tokenizer, comparisons, seq_len, k, max_len=max_len, truncate=truncate)
+    (train_examples, train_stats), (val_examples, val_stats) = render(train), render(val)
     if not train_examples:
         raise DataError(f'{train_paths}: no training comparison has a pair (of {len(train)}, '
                         f'{train_stats.all_tied} with all completions tied): nothing to learn')
@@ -107,28 +108,47 @@ def batches(config, train: list[dict], val: list[dict]):
     """The training iterator and the held-out batches (this process's rows)."""
     local_batch = config.data.batch_size // jax.process_count()
     where = dict(process_index=jax.process_index(), process_count=jax.process_count())
-    data_iterator = iter(preference.make_preference_dataset(train, local_batch, seed=config.seed,
-                                                            **where))
-    return data_iterator, preference.make_preference_eval_batches(
-        val, local_batch, max_batches=config.data.eval_batches, **where)
+    seq_len = config.data.seq_len
+    data_iterator = iter(preference.make_branched_dataset(train, seq_len, local_batch,
+                                                          seed=config.seed, **where))
+    return data_iterator, preference.make_branched_eval_batches(
+        val, seq_len, local_batch, max_batches=config.data.eval_batches, **where)
 
 
-def make_evaluate(config, eval_step, eval_batches: list[dict], placement, val_gold):
+def make_evaluate(config, eval_step, eval_batches: list[dict], placement, val: list[dict],
+                  val_gold):
     """`(evaluate(state) -> ranking metrics, held_out_rewards(params) -> [groups, K], ranks,
-    valid)` over the fixed held-out batches, whole on every process (each holds its slice of
-    every global batch; `held_out_rewards` is a collective)."""
+    valid)` over the held-out groups in the fixed held-out batches (all of them unless
+    `data.eval_batches` cuts them short), whole on every process (each holds its slice of every
+    global batch; `held_out_rewards` is a collective)."""
     eval_device = [sharding.global_batch(b, placement) for b in eval_batches]
-    ranks, valid = (np.concatenate([sharding.to_host(b[k]) for b in eval_device])
-                    for k in ('ranks', 'valid'))
+    k = config.data.completions
+    in_batches = np.unique(np.concatenate([sharding.to_host(b['group']).ravel()
+                                           for b in eval_device]))
+    evaluated = in_batches[in_batches > 0] - 1  # indices of the groups in `val`
+    ranks = np.zeros((len(evaluated), k), np.int32)
+    valid = np.zeros((len(evaluated), k), np.int32)
+    for row, index in enumerate(evaluated):
+        example = val[index]
+        branch_ids = example['branch_ids']
+        last = (branch_ids > 0) & (branch_ids != np.append(branch_ids[1:], -1))
+        branches = branch_ids[last] - 1
+        ranks[row, branches] = example['ranks'][last]
+        valid[row, branches] = 1
+    gold = [val_gold[i] for i in evaluated] if val_gold else None
+    row_of = np.full(len(val) + 1, -1)
+    row_of[evaluated + 1] = np.arange(len(evaluated))
 
     def held_out_rewards(params) -> np.ndarray:
-        return np.concatenate([sharding.to_host(eval_step(params, b)) for b in eval_device])
+        rewards = np.full((len(evaluated), k), np.nan, np.float32)
+        for batch in eval_device:
+            slot_rewards, group = (sharding.to_host(x) for x in eval_step(params, batch))
+            rewards[row_of[group[group > 0]]] = slot_rewards[group > 0]
+        return rewards
 
     def evaluate(state) -> dict:
-        rewards = held_out_rewards(state.params)
-        # Padding groups (valid 0) add no pair; gold covers the groups evaluated.
-        group_gold = val_gold[:len(rewards)] if val_gold else None
-        return ranking.ranking_metrics(rewards, ranks, valid, group_gold, config.loss.margin)
+        return ranking.ranking_metrics(held_out_rewards(state.params), ranks, valid, gold,
+                                       config.loss.margin)
 
     return evaluate, held_out_rewards, ranks, valid
 
@@ -165,11 +185,10 @@ def run(config, workdir: pathlib.Path) -> str:
     lineage = lineages.start_from(config, 'init_from', ('sft', 'rl', 'dpo'),
                                'the SFT workdir to start the reward model from', workdir)
     tokenizer, model_config = lineage.tokenizer, setup.computing(lineage.model_config)
-    stage.check_seq_len(config.data.seq_len, model_config, 'the base model')
     mesh, rules, batch_size = setup.mesh, setup.rules, config.data.batch_size
     policy_params, make_sampler = policy(config, lineage, setup)
     (train, train_stats), (val, val_stats), val_gold, labels = load_comparisons(
-        config, workdir, tokenizer, make_sampler, policy_params)
+        config, workdir, tokenizer, make_sampler, policy_params, model_config.max_seq_len)
     data_iterator, eval_batches = batches(config, train, val)
     placement = batch_shardings(mesh, rules, batch_size)
 
@@ -184,23 +203,24 @@ def run(config, workdir: pathlib.Path) -> str:
 
     # --- compiled functions, evaluation and the loop ------------------------------------------
     reward_id = tokenizer.reward_id
+    k = config.data.completions
     train_step = make_reward_step(trainable.graphdef, trainable.tx, trainable.schedule, mesh,
-                                  rules, trainable.shardings, batch_size, reward_id,
+                                  rules, trainable.shardings, batch_size, k,
                                   accum_steps=setup.optim.accum_steps, margin=config.loss.margin)
     eval_step = make_reward_eval_step(trainable.graphdef, mesh, rules,
-                                      trainable.shardings.params, batch_size, reward_id)
+                                      trainable.shardings.params, batch_size, k)
     evaluate, held_out_rewards, ranks, valid = make_evaluate(config, eval_step, eval_batches,
-                                                             placement, val_gold)
+                                                             placement, val, val_gold)
     if run_.resumed_from is None:  # the untrained head: step 0 of the curves
         run_.metrics().write(0, evaluate(state))
-    seq_len, k = config.data.seq_len, config.data.completions
+    seq_len = config.data.seq_len
     result = run_.train(
         state, train_step, (sharding.global_batch(b, placement) for b in data_iterator),
         data_iterator, meta=run_.meta(tokenizer, model_config, init_from=str(config.init_from),
                                       reward_token='<|reward|>'),
-        evaluate=evaluate, tokens_per_step=batch_size * k * seq_len,
+        evaluate=evaluate, tokens_per_step=batch_size * seq_len,
         flops_per_step=train_flops_per_token(model_config, seq_len, lm_head=False) *
-        batch_size * k * seq_len, keep_open=True)
+        batch_size * seq_len, keep_open=True)
     if result.status == 'finished':
         # Later stages and this report use the checkpoint of the lowest held-out loss.
         best = run_.checkpointer.best_step()
@@ -213,7 +233,8 @@ def run(config, workdir: pathlib.Path) -> str:
             score_fn = make_score_fn(trainable.graphdef, mesh, rules, trainable.shardings.params,
                                      config.best_of_n.batch_size, reward_id)
             scorer = best_of_n.reward_scorer(score_fn, final.params, tokenizer,
-                                             config.best_of_n.batch_size, seq_len)
+                                             config.best_of_n.batch_size,
+                                             min(seq_len, model_config.max_seq_len))
             start = time.perf_counter()
             best_of = best_of_n_curve(config, make_sampler(), policy_params, tokenizer, scorer)
             run_.metrics().write(int(final.step), {

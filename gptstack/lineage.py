@@ -276,14 +276,16 @@ class Policy(LoadedModel):
 class RewardModel(LoadedModel):
     """A reward model, ready to score replies."""
 
-    def scorer(self, batch_size: int) -> ScoreFn:
-        """`scorer(prompts, completions) -> rewards`, rows as long as the model was trained on."""
+    def scorer(self, batch_size: int, fixed_width: bool = False) -> ScoreFn:
+        """`scorer(prompts, completions) -> rewards`, rows at most as long as the model was
+        trained on and its context (`best_of_n.reward_scorer`)."""
         batch_size = sharding.round_to_batch_shards(self.mesh, batch_size)
         shardings = jax.tree.map(lambda x: x.sharding, self.params)
         score_fn = make_score_fn(self.graphdef, self.mesh, 'fsdp', shardings, batch_size,
                                  self.tokenizer.reward_id)
-        return reward_scorer(score_fn, self.params, self.tokenizer, batch_size,
-                             self.meta['config']['data']['seq_len'])
+        seq_len = min(self.meta['config']['data']['seq_len'], self.config.max_seq_len)
+        return reward_scorer(score_fn, self.params, self.tokenizer, batch_size, seq_len,
+                             fixed_width=fixed_width)
 
 
 def load_policy(source: str | os.PathLike, step: int | None = None) -> Policy:

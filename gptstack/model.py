@@ -7,7 +7,10 @@ Notable features:
 - Pre-norm residual blocks; residual output projections initialised with std/sqrt(2*n_layer)
   (GPT-2 paper, section 2.3).
 - Attention is causal and can be kept inside documents of a packed row with `segment_ids`; RoPE
-  and learned positions read per-token `positions`, which restart at every document.
+  and learned positions read per-token `positions`, which restart at every document. With
+  `branch_ids` a document is a shared prefix (branch 0) followed by continuations of it (branches
+  1, 2, ...) that each see the prefix and themselves only: K replies to one prompt scored in one
+  row, each exactly as if it followed the prompt alone.
 - Optional smeared keys (`smeared_keys`, Olsson et al., 2022): a head's key at position t is a
   learned mix of the keys at t and t-1 (within a document), which lets a single layer match "the
   token after an earlier copy of this one", the induction head behind in-context copying.
@@ -94,26 +97,49 @@ def apply_rope(x_bnth: Array, positions_bt: Array, theta: float) -> Array:
 
 
 def smear_keys(k_bkth: Array, positions_bt: Array, smear_k: Array,
-               previous_bk1h: Array | None = None) -> Array:
+               previous_bk1h: Array | None = None,
+               predecessors_bt: Array | None = None) -> Array:
     """Smeared keys: `k'_t = w * k_t + (1 - w) * k_{t-1}` with `w = sigmoid(smear)` per key head.
 
     At a document's first token (position 0) `k_{t-1}` is `k_t` itself, so nothing leaks across
     the documents of a packed row or from a prompt's left padding. `previous_bk1h` is the key
     before the first of these tokens (decoding from a cache); without it the first token's own.
+    `predecessors_bt` (`branch_predecessors`) names each token's predecessor in the row when it is
+    not the token before it, as for the first token of a branch.
     """
-    first_bk1h = k_bkth[:, :, :1] if previous_bk1h is None else previous_bk1h.astype(k_bkth.dtype)
-    before_bkth = jnp.concatenate([first_bk1h, k_bkth[:, :, :-1]], axis=2)
+    if predecessors_bt is not None:
+        before_bkth = jnp.take_along_axis(k_bkth, predecessors_bt[:, None, :, None], axis=2)
+    else:
+        first_bk1h = (k_bkth[:, :, :1] if previous_bk1h is None else
+                      previous_bk1h.astype(k_bkth.dtype))
+        before_bkth = jnp.concatenate([first_bk1h, k_bkth[:, :, :-1]], axis=2)
     before_bkth = jnp.where((positions_bt == 0)[:, None, :, None], k_bkth, before_bkth)
     w_k = jax.nn.sigmoid(smear_k.astype(jnp.float32)).astype(k_bkth.dtype)[None, :, None, None]
     return w_k * k_bkth + (1 - w_k) * before_bkth
 
 
-def attention_mask(segment_ids_bt: Array) -> Array:
-    """`[B, T, S]` boolean mask: causal, and only within the same segment (document)."""
+def attention_mask(segment_ids_bt: Array, branch_ids_bt: Array | None = None) -> Array:
+    """`[B, T, S]` boolean mask: causal, and only within the same segment (document); with
+    `branch_ids_bt`, a token of branch `i > 0` sees only branch 0 (the shared prefix) and branch
+    `i` of its segment."""
     t = segment_ids_bt.shape[1]
     causal_ts = jnp.tril(jnp.ones((t, t), dtype=bool))
-    same_segment_bts = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-    return causal_ts[None] & same_segment_bts
+    mask_bts = causal_ts[None] & (segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :])
+    if branch_ids_bt is not None:
+        mask_bts &= ((branch_ids_bt[:, :, None] == branch_ids_bt[:, None, :]) |
+                     (branch_ids_bt[:, None, :] == 0))
+    return mask_bts
+
+
+def branch_predecessors(branch_ids_bt: Array) -> Array:
+    """`[B, T]` index of the token each token follows in a row of branches: the one before it,
+    except that the first token of a branch `i > 0` follows the last token of the shared prefix
+    (branch 0) before it. Segments are contiguous, each prefix before its branches."""
+    t_bt = jnp.broadcast_to(jnp.arange(branch_ids_bt.shape[1]), branch_ids_bt.shape)
+    prefix_end_bt = jax.lax.cummax(jnp.where(branch_ids_bt == 0, t_bt, 0), axis=1)
+    previous_branch_bt = jnp.pad(branch_ids_bt[:, :-1], ((0, 0), (1, 0)), constant_values=-1)
+    starts_branch_bt = (branch_ids_bt > 0) & (branch_ids_bt != previous_branch_bt)
+    return jnp.where(starts_branch_bt, prefix_end_bt, jnp.maximum(t_bt - 1, 0))
 
 
 class Attention(nnx.Module):
@@ -137,10 +163,10 @@ class Attention(nnx.Module):
             self.key_smear_k = _zeros((k,), ('kv_heads',), dtype)
 
     def __call__(self, x_btd: Array, positions_bt: Array, mask: Array,
-                 cache: KVCache | None = None):
+                 cache: KVCache | None = None, predecessors_bt: Array | None = None):
         """Attention of `T` tokens among themselves (`mask` `[B, T, T]`) or, when decoding, over a
         `cache` into which their keys and values are written first (`mask` `[B, T, C]` over the
-        cache's `C` slots, theirs included).
+        cache's `C` slots, theirs included). `predecessors_bt`: see `smear_keys`.
 
         Returns:
             `(y_btd, kv)`: the output and either these tokens' keys and values and, with
@@ -167,7 +193,7 @@ class Attention(nnx.Module):
                                  "last written token's key before smearing")
             last_key_bk1h = k[:, :, -1:]
             k = smear_keys(k, positions_bt, self.key_smear_k[...],
-                           None if cache is None else cache.previous_key)
+                           None if cache is None else cache.previous_key, predecessors_bt)
         if c.family == 'llama':
             q = apply_rope(q, positions_bt, c.rope_theta)
             k = apply_rope(k, positions_bt, c.rope_theta)
@@ -234,9 +260,11 @@ class Block(nnx.Module):
         self.mlp = MLP(config, rngs=rngs)
 
     def __call__(self, x_btd: Array, positions_bt: Array, mask: Array,
-                 cache: KVCache | None = None):
-        """Returns `(x_btd, kv)`; see `Attention.__call__` for the mask and the cache."""
-        attn_btd, kv = self.attn(self.attn_norm(x_btd), positions_bt, mask, cache)
+                 cache: KVCache | None = None, predecessors_bt: Array | None = None):
+        """Returns `(x_btd, kv)`; see `Attention.__call__` for the mask, the cache and the
+        predecessors."""
+        attn_btd, kv = self.attn(self.attn_norm(x_btd), positions_bt, mask, cache,
+                                 predecessors_bt)
         x_btd = x_btd + attn_btd
         x_btd = x_btd + self.mlp(self.mlp_norm(x_btd))
         return constrain(x_btd, ('batch', 'seq', 'embed')), kv
@@ -262,28 +290,36 @@ class Transformer(nnx.Module):
         self.final_norm = make_norm(config)
 
     def __call__(self, tokens_bt: Array, positions_bt: Array | None = None,
-                 segment_ids_bt: Array | None = None) -> Array:
+                 segment_ids_bt: Array | None = None,
+                 branch_ids_bt: Array | None = None) -> Array:
         """Returns the final hidden states `[B, T, D]` in the compute dtype."""
-        return self.prefill(tokens_bt, positions_bt, segment_ids_bt)[0]
+        return self.prefill(tokens_bt, positions_bt, segment_ids_bt,
+                            branch_ids_bt=branch_ids_bt)[0]
 
     def prefill(self, tokens_bt: Array, positions_bt: Array | None = None,
-                segment_ids_bt: Array | None = None, blocks: Sequence[Block] | None = None):
+                segment_ids_bt: Array | None = None, blocks: Sequence[Block] | None = None,
+                branch_ids_bt: Array | None = None):
         """Hidden states and every layer's keys, values and last key before smearing
         `(k_lbkth, v_lbkth, previous_lbk1h)` (the start of a KV cache; XLA drops them when only
         the hidden states are used).
 
         `blocks` (`unstacked_blocks()`, as generation uses) unrolls the layers over those; by
-        default the stacked blocks run as `config.scan_layers` says."""
+        default the stacked blocks run as `config.scan_layers` says. `branch_ids_bt`: a shared
+        prefix and its continuations (`attention_mask`), whose positions continue the prefix's;
+        its rows are for scoring, not for starting a cache."""
         if positions_bt is None:
             positions_bt = jnp.broadcast_to(jnp.arange(tokens_bt.shape[1]), tokens_bt.shape)
         if segment_ids_bt is None:
             segment_ids_bt = jnp.ones_like(tokens_bt)
         x_btd = self.embed(tokens_bt, positions_bt)
-        mask_btt = attention_mask(segment_ids_bt)
+        mask_btt = attention_mask(segment_ids_bt, branch_ids_bt)
+        predecessors_bt = (None if branch_ids_bt is None or not self.config.smeared_keys else
+                           branch_predecessors(branch_ids_bt))
         block_graphdef, block_params = nnx.split(self.blocks)
 
         def layer(x_btd, params):
-            return nnx.merge(block_graphdef, params)(x_btd, positions_bt, mask_btt)
+            return nnx.merge(block_graphdef, params)(x_btd, positions_bt, mask_btt,
+                                                     predecessors_bt=predecessors_bt)
 
         if self.config.remat:
             layer = jax.checkpoint(layer, prevent_cse=False)
@@ -357,8 +393,10 @@ class GPT(nnx.Module):
                                      ('embed', 'vocab'), config.init_std, config.param_dtype)
 
     def __call__(self, tokens_bt: Array, positions_bt: Array | None = None,
-                 segment_ids_bt: Array | None = None) -> Array:
-        return self.logits(self.transformer(tokens_bt, positions_bt, segment_ids_bt))
+                 segment_ids_bt: Array | None = None,
+                 branch_ids_bt: Array | None = None) -> Array:
+        return self.logits(self.transformer(tokens_bt, positions_bt, segment_ids_bt,
+                                            branch_ids_bt))
 
     def prefill(self, tokens_bt: Array, positions_bt: Array, segment_ids_bt: Array,
                 blocks: Sequence[Block] | None = None):
@@ -413,8 +451,10 @@ class ScoreModel(nnx.Module):
         self.score_head = ScoreHead(config, rngs=rngs)
 
     def __call__(self, tokens_bt: Array, positions_bt: Array | None = None,
-                 segment_ids_bt: Array | None = None) -> Array:
-        return self.score_head(self.transformer(tokens_bt, positions_bt, segment_ids_bt))
+                 segment_ids_bt: Array | None = None,
+                 branch_ids_bt: Array | None = None) -> Array:
+        return self.score_head(self.transformer(tokens_bt, positions_bt, segment_ids_bt,
+                                                branch_ids_bt))
 
 
 def read_at_token(scores_bt: Array, tokens_bt: Array, token_id: int) -> Array:

@@ -212,6 +212,111 @@ def test_eval_batches_pad_with_empty_groups(tokenizer):
             np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), batch[key])
 
 
+def test_a_branched_group_is_its_prompt_then_each_completion_with_the_reward_token(tokenizer):
+    prompt = [{'role': 'user', 'content': 'Say hi.'}]
+    replies = ('hi', 'no', '')
+    comparisons = [
+        preference.Comparison('a', prompt, [[{'role': 'assistant', 'content': c}]
+                                            for c in replies], [1, 2, 2]),
+        preference.Comparison('b', [{'role': 'user', 'content': 'x'}],
+                              [[{'role': 'assistant', 'content': c}] for c in ('u', 'v')], [1, 1]),
+    ]
+    examples, stats = preference.render_branched(tokenizer, comparisons, 64, 4)
+    assert stats.groups == 1 and stats.all_tied == 1 and stats.pairs == 2
+    (example,) = examples
+    assert set(example) == set(preference.BRANCHED_FIELDS)
+    prompt_ids = render_chat(tokenizer, prompt)[0]
+    p = len(prompt_ids)
+    assert example['tokens'][:p].tolist() == prompt_ids
+    assert example['branch_ids'][:p].tolist() == [0] * p
+    assert example['positions'][:p].tolist() == list(range(p))
+    for branch, (reply, expected_rank) in enumerate(zip(replies, (1, 2, 2), strict=True),
+                                                    start=1):
+        on = example['branch_ids'] == branch
+        full = render_chat(tokenizer, [*prompt, {'role': 'assistant', 'content': reply}])[0]
+        # Prompt and branch together are the completion's row as the flat layout renders it.
+        assert [*prompt_ids, *example['tokens'][on]] == [*full, tokenizer.reward_id]
+        assert example['positions'][on].tolist() == list(range(p, p + on.sum()))
+        assert (example['ranks'][on] == expected_rank).all()
+    assert (example['group'] == 1).all() and stats.tokens == len(example['tokens'])
+
+
+def test_over_long_groups_are_an_error_or_lose_the_start_of_the_prompt(tokenizer):
+    long = preference.Comparison('f:5', [{'role': 'user', 'content': 'word ' * 40}],
+                                 [[{'role': 'assistant', 'content': c}] for c in ('ok', 'no')],
+                                 [1, 2])
+    with pytest.raises(DataError, match=r'f:5: the prompt and its 2 completions have \d+ tokens, '
+                                         r'more than data.seq_len=24; shorten them or set '
+                                         r'data.truncate=True'):
+        preference.render_branched(tokenizer, [long], 24, 2)
+    (example,), stats = preference.render_branched(tokenizer, [long], 24, 2, truncate=True)
+    assert stats.truncated == 1 and len(example['tokens']) == 24
+    whole, _ = preference.render_branched(tokenizer, [long], 256, 2)
+    kept = whole[0]['tokens'][-24:]  # the completions whole, the prompt's end
+    np.testing.assert_array_equal(example['tokens'], kept)
+    replies = int((whole[0]['branch_ids'] > 0).sum())
+    assert (example['branch_ids'][:24 - replies] == 0).all()
+    assert example['positions'].tolist()[:24 - replies] == list(range(24 - replies))
+    # Completions too long for the row without the prompt: the longer loses its start first.
+    wordy = preference.Comparison('f:6', [{'role': 'user', 'content': 'hi'}],
+                                  [[{'role': 'assistant', 'content': c}] for c in
+                                   ('ok', 'word ' * 30)], [1, 2])
+    (whole,), _ = preference.render_branched(tokenizer, [wordy], 256, 2)
+    short, long_reply = (whole['tokens'][whole['branch_ids'] == i] for i in (1, 2))
+    (cut,), stats = preference.render_branched(tokenizer, [wordy], len(short) + 6, 2,
+                                               truncate=True)
+    assert stats.truncated == 1 and (cut['branch_ids'] > 0).all()
+    np.testing.assert_array_equal(cut['tokens'], [*short, *long_reply[-6:]])
+    assert cut['positions'].tolist() == [*range(len(short)), *range(6)]
+    (even,), _ = preference.render_branched(tokenizer, [wordy], 4, 2, truncate=True)
+    assert even['tokens'].tolist() == [*short[-2:], *long_reply[-2:]]
+    with pytest.raises(DataError, match=r'f:6: the prompt and its 2 completions have \d+ tokens, '
+                                         r'more than data.seq_len=1 \(a row must hold at least '
+                                         r'the reward token of each\)'):
+        preference.render_branched(tokenizer, [wordy], 1, 2, truncate=True)
+    # The prompt and the longest completion must fit the model's context too.
+    context = len(long_reply) + 1
+    with pytest.raises(DataError, match=r"f:6: the prompt and its longest completion have \d+ "
+                                        rf"tokens, more than the model's max_seq_len={context}; "
+                                        'shorten them or set data.truncate=True'):
+        preference.render_branched(tokenizer, [wordy], 256, 2, max_len=context)
+    (fits,), _ = preference.render_branched(tokenizer, [wordy], 256, 2, max_len=context,
+                                            truncate=True)
+    prompt = fits['tokens'][fits['branch_ids'] == 0]
+    assert len(prompt) == 1 and fits['positions'].max() == context - 1
+
+
+def test_branched_groups_are_packed_whole_and_each_evaluated_once(tokenizer):
+    comparisons = [preference.Comparison(str(i), [{'role': 'user', 'content': 'n ' * i}],
+                                         [[{'role': 'assistant', 'content': 'a'}],
+                                          [{'role': 'assistant', 'content': 'b c'}]], [1, 2])
+                   for i in range(9)]
+    examples, _ = preference.render_branched(tokenizer, comparisons, 32, 3)
+    batches = preference.make_branched_eval_batches(examples, 32, 2, max_batches=10)
+    seen = []
+    for batch in batches:
+        for row in range(2):
+            for segment in np.unique(batch['segment_ids'][row]):
+                if segment == 0:
+                    continue
+                on = batch['segment_ids'][row] == segment
+                (group,) = np.unique(batch['group'][row][on])
+                # A whole group, in one row, its tokens in order.
+                np.testing.assert_array_equal(batch['tokens'][row][on],
+                                              examples[group - 1]['tokens'])
+                seen.append(group)
+    assert sorted(seen) == list(range(1, 10))
+    stream = iter(preference.make_branched_dataset(examples, 32, 2, seed=0))
+    assert next(stream)['tokens'].shape == (2, 32)
+    # On 2 processes each holds its half of the same global batches, in order.
+    halves = [preference.make_branched_eval_batches(examples, 32, 1, max_batches=10,
+                                                    process_index=i, process_count=2)
+              for i in range(2)]
+    for batch, first, second in zip(batches, *halves, strict=True):
+        for key in batch:
+            np.testing.assert_array_equal(np.concatenate([first[key], second[key]]), batch[key])
+
+
 def test_simulated_labeler_ranks_by_gold_and_flips_like_bradley_terry():
     rng = np.random.default_rng(0)
     assert preference.simulated_ranking([0.5, 1.0, 0.0, 0.5], 0.0, rng) == [2, 1, 3, 2]

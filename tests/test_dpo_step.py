@@ -10,17 +10,38 @@ from flax import nnx
 
 from gptstack import losses
 from gptstack.config import GPTConfig
+from gptstack.data.preference import to_model_batch
 from gptstack.model import GPT
 from gptstack.state import create_train_state
 from gptstack.steps import dpo
-from tests.test_reward_step import B, K, ranked_batch
 
 LOSS = dpo.DPOLoss(beta=0.5, nll_coef=0.7)
+REWARD, PAD = 1000, 1001
+B, K, T = 8, 3, 16
+
+
+def ranked_batch(seed):
+    """Padded groups of K completions of random length; the true rank is how many 7s they hold,
+    with some ties and an empty slot."""
+    rng = np.random.default_rng(seed)
+    tokens = np.full((B, K, T), PAD, np.int32)
+    lengths = rng.integers(5, T, size=(B, K))
+    sevens = rng.integers(0, 3, size=(B, K))
+    for b in range(B):
+        for k in range(K):
+            body = rng.integers(8, 900, size=lengths[b, k] - 1)
+            body[rng.choice(len(body), sevens[b, k], replace=False)] = 7
+            tokens[b, k, :lengths[b, k]] = [*body, REWARD]
+    valid = np.ones((B, K), np.int32)
+    valid[0, 2] = 0
+    tokens[0, 2] = PAD  # an empty slot, as the data pipeline leaves it
+    return to_model_batch({'tokens': tokens, 'lengths': np.where(valid, lengths, 0),
+                           'ranks': (3 - sevens).astype(np.int32), 'valid': valid})
 
 
 def dpo_batch(seed):
-    """The reward test's ranked groups, each completion's last half its reply, with made-up
-    reference log-probabilities."""
+    """Ranked padded groups, each completion's last half its reply, with made-up reference
+    log-probabilities."""
     batch = dict(ranked_batch(seed))
     lengths = batch['segment_ids'].sum(axis=2)
     t = np.arange(batch['tokens'].shape[2])

@@ -29,8 +29,9 @@ def lm(request):
     else:
         model = build(request.param)
     graphdef, params = nnx.split(model)
-    apply = jax.jit(lambda p, tok, pos, seg: nnx.merge(graphdef, p)(tok, pos, seg))
-    return lambda tok, pos=None, seg=None: np.asarray(apply(params, tok, pos, seg))
+    apply = jax.jit(lambda p, *rows: nnx.merge(graphdef, p)(*rows))
+    return lambda tok, pos=None, seg=None, branch=None: np.asarray(
+        apply(params, tok, pos, seg, branch))
 
 
 def random_tokens(shape, seed=0):
@@ -68,6 +69,54 @@ def test_segments_do_not_attend_to_each_other(lm):
     other = row.copy()
     other[:, :10] = random_tokens((1, 10), seed=3)
     np.testing.assert_array_equal(lm(other, positions, segment_ids)[:, 10:], packed[:, 10:])
+
+
+def test_each_branch_sees_its_prefix_as_if_it_followed_it_alone(lm):
+    """A row of two documents: a prompt with three continuations as branches, then a prompt with
+    two, then padding. Every token's logits equal those of its prompt and continuation run as a
+    row of their own, whatever the other branches and documents hold."""
+    documents = [
+        (random_tokens((7,), seed=5), [random_tokens((n,), seed=6 + n) for n in (4, 1, 6)]),
+        (random_tokens((5,), seed=9), [random_tokens((n,), seed=10 + n) for n in (3, 2)])]
+    tokens, positions, segments, branches, alone = [], [], [], [], []
+    for segment, (prompt, continuations) in enumerate(documents, start=1):
+        tokens.append(prompt), positions.append(np.arange(len(prompt)))
+        segments.append([segment] * len(prompt)), branches.append([0] * len(prompt))
+        for branch, continuation in enumerate(continuations, start=1):
+            tokens.append(continuation)
+            positions.append(len(prompt) + np.arange(len(continuation)))
+            segments.append([segment] * len(continuation))
+            branches.append([branch] * len(continuation))
+            row = np.concatenate([prompt, continuation])[None]
+            alone.append((lm(row)[0, :len(prompt)], lm(row)[0, len(prompt):]))
+    pad = 3
+    row = [np.concatenate([*x, np.full(pad, value)]).astype(np.int32)[None]
+           for x, value in ((tokens, 0), (positions, 0), (segments, 0), (branches, 0))]
+    branched = lm(*row)[0]
+    start, i = 0, 0
+    for prompt, continuations in documents:
+        np.testing.assert_allclose(branched[start:start + len(prompt)], alone[i][0], atol=1e-5)
+        start += len(prompt)
+        for continuation in continuations:
+            np.testing.assert_allclose(branched[start:start + len(continuation)], alone[i][1],
+                                       atol=1e-5)
+            start += len(continuation)
+            i += 1
+    # A change in one branch moves only that branch's logits.
+    changed = row[0].copy()
+    changed[0, 7 + 4] = (changed[0, 7 + 4] + 1) % 1024  # the second branch's only token
+    moved = lm(changed, *row[1:])[0]
+    np.testing.assert_array_equal(moved[:11], branched[:11])
+    np.testing.assert_array_equal(moved[12:], branched[12:])
+    assert not np.allclose(moved[11], branched[11])
+
+
+def test_branch_predecessors():
+    """The first token of a branch follows the last token of its prefix; every other token
+    the one before it."""
+    branches = np.array([[0, 0, 0, 1, 1, 2, 3, 3, 0, 0, 1, 2, 2, 0]], np.int32)
+    expected = [[0, 0, 1, 2, 3, 2, 2, 6, 7, 8, 9, 9, 11, 12]]
+    np.testing.assert_array_equal(gpt_model.branch_predecessors(jnp.asarray(branches)), expected)
 
 
 def test_smeared_keys_equal_a_loop_over_positions():

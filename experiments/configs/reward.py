@@ -33,22 +33,29 @@ def get_config(arg=None):
     config.data.train = 'embedded:tasks'
     config.data.validation = 'embedded:tasks'
     config.data.val_fraction = 0.1
-    # Task prompts to make comparisons for (embedded:tasks). 8,000 groups and 1,800 steps
-    # against 4,000 and 900: held-out accuracy 0.731 instead of 0.709, gold agreement 0.773
-    # instead of 0.763, best-of-4 +0.025 instead of +0.016; the labeler's 16,000 prompts take
-    # about 3.5 minutes on 2 cores. The held-out groups choose the checkpoint that later stages
-    # take (early stopping): with 256 of them (about 800 pairs) the held-out loss was noisy
-    # enough that one run kept its step-50 model (accuracy 0.66), and with 1,024 the same run
-    # kept step 300 (0.70; docs/results.md).
+    # Task prompts to make comparisons for (embedded:tasks). 8,000 groups against 4,000: held-out
+    # accuracy 0.731 instead of 0.709, gold agreement 0.773 instead of 0.763, best-of-4 +0.025
+    # instead of +0.016; 16,000 gave no more (0.732, 0.778: the model's size limits it, not the
+    # data); the labeler's 16,000 prompts take about 3.5 minutes on 2 cores. The held-out groups
+    # choose the checkpoint that later stages take (early stopping): with 256 of them (about 800
+    # pairs) the held-out loss was noisy enough that one run kept its step-50 model (accuracy
+    # 0.66), and with 1,024 the same run kept step 300 (0.70; docs/results.md).
     config.data.train_prompts = 8000
     config.data.validation_prompts = 1024
-    # K: completions per prompt (at most, for files); all K(K-1)/2 pairs go in one batch element.
+    # K: completions per prompt (at most, for files); all K(K-1)/2 pairs of a prompt are formed
+    # in the step.
     config.data.completions = 4
-    config.data.seq_len = 128
-    # Prompts (groups of K completions) per step.
-    config.data.batch_size = 8
-    # Over-long rows: False is an error naming the record, True drops the start of the prompt.
-    config.data.truncate = False
+    # Rows of `seq_len` tokens per step, each packed with whole groups: a group is its prompt
+    # once and its K completions as branches after it (`gptstack.data.preference`). A task
+    # group takes 80 tokens on average (at most about 250), so a row holds three and a step of
+    # four rows about twelve.
+    config.data.seq_len = 256
+    config.data.batch_size = 4
+    # Over-long groups: False is an error naming the record, True cuts them to fit (the start of
+    # the prompt first; `preference.render_branched`), counted in the log and the report. Four
+    # replies of the labeler's 48 new tokens and a long prompt can pass 256 tokens; none of the
+    # main job's 7,691 ranked groups did.
+    config.data.truncate = True
     config.data.max_skips = 0
     config.data.eval_batches = 128  # every held-out group
 
@@ -74,15 +81,14 @@ def get_config(arg=None):
     # flattens (0: the plain Bradley-Terry loss).
     config.loss.margin = 0.0
 
-    # 1,800 steps of 8 groups (about two passes over the groups that rank): with 900 steps on
-    # half the groups the held-out loss was lowest at step 800 and still falling; here at
-    # 1,400 (docs/results.md).
-    config.train = common.train_config(1800, eval_every=200, sample_every=0,
-                                       checkpoint_every=200)
+    # 1,200 steps of about 12 groups (about two passes over the groups that rank), 2.5 minutes
+    # on 2 cores; the held-out loss was lowest at step 900 (docs/results.md).
+    config.train = common.train_config(1200, eval_every=100, sample_every=0,
+                                       checkpoint_every=100)
     # Later stages take the checkpoint of the lowest held-out loss (one is saved at every
     # evaluation); training stops once five evaluations in a row find no lower one. The loss
-    # wanders while the accuracy climbs: with three, evaluated every 100 steps, a run stopped at
-    # step 400 and kept step 100 (accuracy 0.664), where it would have reached 0.728.
+    # wanders while the accuracy climbs: with three, evaluated every 100 steps of 8 groups, a run
+    # stopped at step 400 and kept step 100 (accuracy 0.664), where it would have reached 0.728.
     config.train.patience = 5
     config.optim = common.optim_config(lr=3e-4, warmup_steps=20, weight_decay=0.0)
     config.optim.total_steps = config.train.get_ref('total_steps')
@@ -105,6 +111,7 @@ def get_config(arg=None):
         config.data.train_prompts = 128
         config.data.validation_prompts = 16
         config.data.seq_len = 64
+        config.data.batch_size = 8  # a row for each of 8 emulated devices
         config.data.truncate = True
         config.data.eval_batches = 4
         config.labeler.max_new_tokens = 8

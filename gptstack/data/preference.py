@@ -5,7 +5,7 @@ Three JSONL layouts, told apart by their fields (extra fields are ignored):
 - pairwise `{prompt, chosen, rejected}`;
 - K-way `{prompt, completions: [...], ranking: [...]}`: `ranking[i]` is the rank of
   `completions[i]`, 1 is best, equal ranks are ties (InstructGPT: all K·(K−1)/2 pairs of one
-  prompt go into one batch element); an optional `gold: [...]` (the simulated labeler's gold
+  prompt are compared with each other); an optional `gold: [...]` (the simulated labeler's gold
   scores) is kept for evaluation;
 - Anthropic HH `{chosen, rejected}`: two full dialogues `"\\n\\nHuman: ...\\n\\nAssistant: ..."`;
   the prompt is their longest common prefix, cut back to the start of the last assistant turn it
@@ -16,10 +16,19 @@ string (the assistant's reply, possibly empty) or a list of messages that contin
 conversation with the assistant's turn.
 
 Each completion is rendered with the chat template after its prompt and followed by the reserved
-`<|reward|>` token: the reward model's score at that token is the reward. Rows are right-padded
-with `<|pad|>` and carry their own positions and segment ids (0 on padding), so the reward does
-not depend on the padding. A group with fewer than `max_completions` completions gets empty
-slots (`valid = 0`); a group whose completions all tie has no pair and is dropped, counted.
+`<|reward|>` token: the reward model's score at that token is the reward. A group whose
+completions all tie has no pair and is dropped, counted. Two layouts:
+
+- **Branched rows** (the reward stage): a group is one sequence, its prompt once (branch 0), then
+  each completion with its `<|reward|>` token as a branch of its own (`branch_ids` 1..K), whose
+  positions continue the prompt's; the model's attention lets each branch see the prompt and
+  itself only (`gptstack.model.attention_mask`), so each reward is the one its completion gets
+  alone after the prompt. Groups are packed whole into rows of `seq_len` tokens (first fit), a
+  step takes a number of rows rather than of groups, and no compute goes to padding or to the
+  K-1 repeats of the prompt: about a sixth of the padded layout's tokens on the task suite.
+- **Padded groups** (DPO): `[K, T]` rows, one per completion, right-padded with `<|pad|>`, with
+  their own positions and segment ids (0 on padding); a group with fewer than `max_completions`
+  completions gets empty slots (`valid = 0`).
 """
 
 from __future__ import annotations
@@ -204,7 +213,8 @@ def simulated_ranking(gold: Sequence[float], noise: float, rng: np.random.Genera
 @dataclasses.dataclass
 class RenderStats:
     """What rendering kept: prompts (groups) and their completions, ranked pairs, completions
-    cut to the row length, groups left out because every completion tied, and tokens."""
+    (padded groups) or groups (branched) cut to the row length, groups left out because every
+    completion tied, and tokens."""
 
     groups: int = 0
     completions: int = 0
@@ -228,6 +238,21 @@ def reply_mask(tokenizer: Tokenizer, prompt: list[dict], completion: list[dict])
     return [0] * prompt_len + mask[prompt_len:] + [0]
 
 
+def _ranked(comparisons: Iterable[Comparison], max_completions: int,
+            stats: RenderStats) -> Iterator[Comparison]:
+    """The comparisons that have a pair, each checked to have at most `max_completions`
+    completions; those whose completions all tie are counted in `stats` and left out."""
+    for comparison in comparisons:
+        k = len(comparison.completions)
+        if k > max_completions:
+            raise DataError(f'{comparison.where}: {k} completions, more than '
+                            f'data.max_completions={max_completions}')
+        if not comparison.pairs:
+            stats.all_tied += 1
+            continue
+        yield comparison
+
+
 def render_comparisons(tokenizer: Tokenizer, comparisons: Iterable[Comparison], seq_len: int,
                        max_completions: int, *, truncate: bool = False,
                        with_reply_mask: bool = False) -> tuple[list[dict], RenderStats]:
@@ -239,14 +264,8 @@ def render_comparisons(tokenizer: Tokenizer, comparisons: Iterable[Comparison], 
     prompt (the completion and the reward token are kept), counted.
     """
     examples, stats = [], RenderStats()
-    for comparison in comparisons:
+    for comparison in _ranked(comparisons, max_completions, stats):
         k = len(comparison.completions)
-        if k > max_completions:
-            raise DataError(f'{comparison.where}: {k} completions, more than '
-                            f'data.max_completions={max_completions}')
-        if not comparison.pairs:
-            stats.all_tied += 1
-            continue
         tokens = np.full((max_completions, seq_len), tokenizer.pad_id, np.int32)
         lengths = np.zeros(max_completions, np.int32)
         masks = np.zeros((max_completions, seq_len), np.int32)
@@ -274,25 +293,150 @@ def render_comparisons(tokenizer: Tokenizer, comparisons: Iterable[Comparison], 
         stats.groups += 1
         stats.completions += k
         stats.pairs += comparison.pairs
+    _log_render_notes(stats, 'completions', seq_len)
+    return examples, stats
+
+
+def _log_render_notes(stats: RenderStats, truncated: str, seq_len: int) -> None:
     notes = []
     if stats.truncated:
-        notes.append(f'truncated {stats.truncated} completions to {seq_len} tokens (from the '
-                     'start of the prompt)')
+        notes.append(f'cut {stats.truncated} {truncated} to fit rows of {seq_len} tokens and the '
+                     "model's context (from the start of the prompt)")
     if stats.all_tied:
         notes.append(f'left out {stats.all_tied} comparisons whose completions all tie (no pair '
                      'to learn from)')
     if notes:
         log.warning('comparisons: %s', '; '.join(notes))
+
+
+# --- branched rows: one group per sequence, packed ---------------------------------------------
+# Per-token fields of a branched group: its tokens, `branch_ids` (0 on the prompt, i + 1 on
+# completion i and its reward token), `positions` (the prompt's 0..P-1, then P, P+1, ... along each
+# completion), `ranks` (a completion's rank on its tokens, 0 on the prompt) and `group` (the
+# group's index in the examples, plus one, on every token).
+BRANCHED_FIELDS = ('tokens', 'branch_ids', 'positions', 'ranks', 'group')
+
+
+def render_branched(tokenizer: Tokenizer, comparisons: Iterable[Comparison], seq_len: int,
+                    max_completions: int, *, max_len: int | None = None,
+                    truncate: bool = False) -> tuple[list[dict], RenderStats]:
+    """Each comparison with a pair as one branched sequence (`BRANCHED_FIELDS`, each `[L]`) of
+    at most `seq_len` tokens (the packed row), whose prompt and longest completion together
+    take at most `max_len` positions (the model's context; `seq_len` if None).
+
+    A group over either limit is an error naming the record, or with `truncate=True` is cut to
+    fit, counted: its prompt loses tokens from its start, and if the completions alone are too
+    long, the prompt goes and the longest completions lose tokens from their start, as few as
+    can be, each keeping at least its end and its reward token (`_fit`).
+    """
+    max_len = seq_len if max_len is None else max_len
+    examples, stats = [], RenderStats()
+    for comparison in _ranked(comparisons, max_completions, stats):
+        k = len(comparison.completions)
+        prompt = render_chat(tokenizer, comparison.prompt)[0]
+        branches = []
+        for completion in comparison.completions:
+            row = completion_row(tokenizer, comparison.prompt, completion)
+            if row[:len(prompt)] != prompt:  # the chat template renders turn by turn
+                raise ValueError(f'{comparison.where}: the rendered conversation does not start '
+                                 'with its rendered prompt')
+            branches.append(row[len(prompt):])
+        length = len(prompt) + sum(map(len, branches))
+        longest = len(prompt) + max(map(len, branches))
+        if length > seq_len or longest > max_len:
+            if length > seq_len:
+                problem = (f'the prompt and its {k} completions have {length} tokens, more '
+                           f'than data.seq_len={seq_len}')
+            else:
+                problem = (f'the prompt and its longest completion have {longest} tokens, more '
+                           f"than the model's max_seq_len={max_len}")
+            if not truncate:
+                raise DataError(f'{comparison.where}: {problem}; shorten them or set '
+                                'data.truncate=True')
+            if k > seq_len:
+                raise DataError(f'{comparison.where}: {problem} (a row must hold at least the '
+                                'reward token of each)')
+            stats.truncated += 1
+            prompt, branches = _fit(prompt, branches, seq_len, max_len)
+        tokens, branch_ids = [prompt], [[0] * len(prompt)]
+        positions, ranks = [range(len(prompt))], [[0] * len(prompt)]
+        for i, (branch, rank) in enumerate(zip(branches, comparison.ranks, strict=True)):
+            tokens.append(branch)
+            branch_ids.append([i + 1] * len(branch))
+            positions.append(range(len(prompt), len(prompt) + len(branch)))
+            ranks.append([rank] * len(branch))
+        fields = [np.fromiter(itertools.chain(*x), np.int32)
+                  for x in (tokens, branch_ids, positions, ranks)]
+        group = np.full(len(fields[0]), len(examples) + 1, np.int32)
+        examples.append(dict(zip(BRANCHED_FIELDS, [*fields, group], strict=True)))
+        stats.groups += 1
+        stats.completions += k
+        stats.pairs += comparison.pairs
+        stats.tokens += len(fields[0])
+    _log_render_notes(stats, 'groups', seq_len)
     return examples, stats
 
 
+def _fit(prompt: list[int], branches: list[list[int]], seq_len: int,
+         max_len: int) -> tuple[list[int], list[list[int]]]:
+    """The group cut to `seq_len` tokens, its prompt and longest completion to `max_len`, from
+    the starts of its prompt, then of its completions: each completion keeps its last
+    `min(len, cap)` tokens, with the largest `cap` that fits."""
+    room = min(seq_len - sum(map(len, branches)), max_len - max(map(len, branches)))
+    if room >= 0:
+        return prompt[len(prompt) - room:], branches
+    cap = max(c for c in range(1, min(max(map(len, branches)), max_len) + 1)
+              if sum(min(len(b), c) for b in branches) <= seq_len)
+    return [], [b[len(b) - min(len(b), cap):] for b in branches]
+
+
+def max_groups_per_row(seq_len: int) -> int:
+    """How many branched groups a row of `seq_len` tokens holds at most: a group with a pair
+    has a prompt and at least two completions, each of at least one token."""
+    return seq_len // 3
+
+
+def _pack_branched(dataset: grain.IterDataset, seq_len: int, seed: int, shuffle: bool):
+    return grain.experimental.FirstFitPackIterDataset(
+        dataset, length_struct={key: seq_len for key in BRANCHED_FIELDS}, num_packing_bins=8,
+        seed=seed, shuffle_bins=shuffle, max_sequences_per_bin=max_groups_per_row(seq_len))
+
+
+def to_branched_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Packed `[B, T]` rows -> the reward batch: `tokens`, `segment_ids` (which group of the row,
+    0 on padding), `positions`, `branch_ids`, `ranks` and `group` (`BRANCHED_FIELDS`)."""
+    return {'segment_ids': rows['tokens_segment_ids'],
+            **{key: rows[key] for key in BRANCHED_FIELDS}}
+
+
+def make_branched_dataset(examples: list[dict], seq_len: int, batch_size: int, *, seed: int,
+                          process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+    """The infinite training stream of branched groups, reshuffled every epoch and packed into
+    rows of `seq_len`: this process's rows of each global batch of `batch_size` rows."""
+    dataset = grain.MapDataset.source(examples).shuffle(seed=seed).repeat().to_iter_dataset()
+    return process_rows(_pack_branched(dataset, seq_len, seed, shuffle=True), batch_size,
+                        process_index, process_count).map(to_branched_batch)
+
+
+def make_branched_eval_batches(examples: list[dict], seq_len: int, batch_size: int, *,
+                               max_batches: int, process_index: int = 0,
+                               process_count: int = 1) -> list[dict[str, np.ndarray]]:
+    """Held-out groups packed in order (one pass), as this process's rows of global batches of
+    `batch_size * process_count` rows, the last padded with empty rows; at most `max_batches`."""
+    dataset = grain.MapDataset.source(examples).to_iter_dataset()
+    rows = list(_pack_branched(dataset, seq_len, 0, shuffle=False))
+    return deal_eval_rows(rows, batch_size, to_branched_batch, max_batches=max_batches,
+                          process_index=process_index, process_count=process_count)
+
+
+# --- padded groups (DPO) --------------------------------------------------------------------------
 # Fields of an example that pass into its batch unchanged when present: DPO's reply mask
 # `[K, T]` and the reference's log-probability of each completion `[K]`.
 DPO_FIELDS = ('reply_mask', 'ref_logp')
 
 
 def to_model_batch(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Stacked examples -> the reward batch: `tokens, segment_ids, positions` `[B, K, T]` and
+    """Stacked padded groups -> the DPO batch: `tokens, segment_ids, positions` `[B, K, T]` and
     `ranks, valid` `[B, K]` (and DPO's fields, when the examples have them)."""
     tokens = rows['tokens']
     positions = np.broadcast_to(np.arange(tokens.shape[-1], dtype=np.int32), tokens.shape)

@@ -26,22 +26,26 @@ from gptstack.evals.overoptimization import best_of_n_kl
 ScoreFn = Callable[[Sequence[list[dict]], Sequence[list[dict]]], np.ndarray]
 
 
-def reward_scorer(score_fn, params, tokenizer: Tokenizer, batch_size: int,
-                  seq_len: int) -> ScoreFn:
+def reward_scorer(score_fn, params, tokenizer: Tokenizer, batch_size: int, seq_len: int, *,
+                  fixed_width: bool = False) -> ScoreFn:
     """`scorer(prompts, completions) -> rewards [n]` over a jitted `score_fn(params, tokens,
     positions, segment_ids)` (see `gptstack.steps.reward.make_score_fn`), in padded batches of
-    `batch_size` rows of `seq_len` tokens; a longer row keeps its last `seq_len` tokens."""
+    `batch_size` rows; a row longer than `seq_len` keeps its last `seq_len` tokens. The rows of
+    one call are as long as its longest, rounded up to a multiple of 32 (a program for each
+    such width), or with `fixed_width` always `seq_len` (one program, as a server wants)."""
     def scorer(prompts, completions) -> np.ndarray:
         rows = [completion_row(tokenizer, p, c)[-seq_len:]
                 for p, c in zip(prompts, completions, strict=True)]
+        width = seq_len if fixed_width else min(
+            seq_len, -(-max(map(len, rows), default=1) // 32) * 32)
         out = []
         for start in range(0, len(rows), batch_size):
             chunk = rows[start:start + batch_size]
-            tokens = np.full((batch_size, seq_len), tokenizer.pad_id, np.int32)
-            segments = np.zeros((batch_size, seq_len), np.int32)
+            tokens = np.full((batch_size, width), tokenizer.pad_id, np.int32)
+            segments = np.zeros((batch_size, width), np.int32)
             for i, row in enumerate(chunk):
                 tokens[i, :len(row)], segments[i, :len(row)] = row, 1
-            positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), tokens.shape)
+            positions = np.broadcast_to(np.arange(width, dtype=np.int32), tokens.shape)
             out.append(sharding.to_host(score_fn(params, tokens, positions,
                                                  segments))[:len(chunk)])
         return np.concatenate(out)

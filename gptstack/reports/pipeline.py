@@ -149,8 +149,9 @@ def stage_table(config, workdir: pathlib.Path, ledger: dict) -> list[tuple]:
     steps = _steps(records)
     rows.append(('3 reward model', f'{rm.data.train_prompts:,} prompts × '
                  f'{rm.data.completions} SFT samples, ranked',
-                 f'{steps * rm.data.batch_size:,} ranked groups ({steps} × '
-                 f'{rm.data.batch_size})', f'{n_params("reward", ScoreModel):,}',
+                 f'{steps} steps × {rm.data.batch_size} rows of {rm.data.seq_len} tokens '
+                 f'(median {_median(records, "prompts")} ranked groups a step)',
+                 f'{n_params("reward", ScoreModel):,}',
                  f'lr {rm.optim.lr:g}', *cost('reward', records)))
     dpo = config.dpo
     records = read_metrics(workdir / 'dpo')

@@ -44,7 +44,7 @@ def write(workdir, config, labeler, train_stats, val_stats, rewards, ranks, vali
         ('initialised from', config.init_from),
         ('train comparisons', f'{train_stats.groups} prompts, {train_stats.pairs} pairs '
                               f'({train_stats.all_tied} all-tied left out, '
-                              f'{train_stats.truncated} completions truncated)'),
+                              f'{train_stats.truncated} cut to fit a row)'),
         ('held-out comparisons', f'{val_stats.groups} prompts, {val_stats.pairs} pairs'),
         ('steps', last.get('step', 'n/a')),
         ('checkpoint kept for PPO and the comparison',

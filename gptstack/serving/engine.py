@@ -255,8 +255,9 @@ class Engine:
         self.generates = isinstance(model, Policy)
         self.batch_size = sharding.round_to_batch_shards(model.mesh, batch_size)
         if not self.generates:
-            self._rewards = model.scorer(self.batch_size)
-            # The rows the reward model was trained on: longer ones are refused, not cut.
+            # Rows as long as the reward model was trained on, within its context: longer ones
+            # are refused, not cut, and every request runs the one program warm-up compiles.
+            self._rewards = model.scorer(self.batch_size, fixed_width=True)
             self.reward_row_tokens = min(self.context, model.meta['config']['data']['seq_len'])
             self.max_new_tokens = self.max_prompt_tokens = 0
         else:

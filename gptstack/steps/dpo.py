@@ -1,7 +1,12 @@
 """The DPO step: the policy learns the comparisons directly, with no reward model and no
 sampling in the loop (Rafailov et al., 2023).
 
-A batch is a reward batch (`gptstack.steps.reward`) of ranked completion groups plus
+A batch is padded groups of ranked completions (`gptstack.data.preference`):
+    tokens      int32   `[B, K, T]`  each completion after its prompt, then `<|reward|>`, padded
+    segment_ids int32   `[B, K, T]`  1 on the row's tokens, 0 on padding
+    positions   int32   `[B, K, T]`  0, 1, 2, ... along the row
+    ranks       int32   `[B, K]`     lower is better; equal ranks tie
+    valid       int32   `[B, K]`     1 where the slot holds a completion
     reply_mask  int32   `[B, K, T]`  1 on the completion's own tokens (`preference.reply_mask`)
     ref_logp    float32 `[B, K]`     the frozen reference's log-probability of each completion
 
@@ -26,7 +31,9 @@ from gptstack.config import ConfigError
 from gptstack.optim import accumulate_gradients
 from gptstack.state import TrainState
 from gptstack.steps.lm import keep_if_finite
-from gptstack.steps.reward import GROUP_KEYS, batch_shardings
+
+# The per-token fields of a batch of padded groups `[B, K, T]` (`gptstack.data.preference`).
+GROUP_KEYS = ('tokens', 'segment_ids', 'positions')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,9 +84,12 @@ def completion_log_probs(graphdef: nnx.GraphDef, params: nnx.State,
 
 
 def dpo_batch_shardings(mesh: Mesh, rules: str, batch_size: int) -> dict[str, NamedSharding]:
-    """The reward batch's shardings plus DPO's fields, split over the batch axes."""
-    shardings = batch_shardings(mesh, rules, batch_size)
-    return {**shardings, 'reply_mask': shardings['tokens'], 'ref_logp': shardings['ranks']}
+    """Shardings of a batch of `batch_size` padded groups: groups split over the batch axes."""
+    sharding.batch_sharding(mesh, rules, batch_size)  # checks divisibility, names the fix
+    groups = sharding.named_sharding(mesh, ('batch', None, None), rules)
+    slots = sharding.named_sharding(mesh, ('batch', None), rules)
+    return {**{key: groups for key in (*GROUP_KEYS, 'reply_mask')}, 'ranks': slots,
+            'valid': slots, 'ref_logp': slots}
 
 
 def make_dpo_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,

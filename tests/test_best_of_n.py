@@ -6,7 +6,8 @@ import jax
 import numpy as np
 import pytest
 
-from gptstack.evals.best_of_n import best_of_n, curve, expected_best_of_n
+from gptstack.data.preference import completion_row
+from gptstack.evals.best_of_n import best_of_n, curve, expected_best_of_n, reward_scorer
 from gptstack.evals.overoptimization import best_of_n_kl
 
 
@@ -74,3 +75,27 @@ def test_best_of_n_returns_the_reply_the_scorer_likes_best(tokenizer):
     # the next one.
     np.testing.assert_array_equal(rewards, [[1.0, 3.0, -1.0], [5.0, 1.0, 3.0]])
     assert picks == [text[1], text[3]]
+
+
+def test_reward_scorer_pads_to_the_longest_row_or_a_fixed_width(tokenizer):
+    """Rows are padded to the call's longest, rounded up to 32, or always to `seq_len` with
+    `fixed_width`; a row longer than `seq_len` keeps its last `seq_len` tokens, the reward
+    token included."""
+    seen = []
+
+    def score_fn(params, tokens, positions, segments):
+        seen.append(tokens.copy())
+        return segments.sum(axis=1).astype(np.float32)  # each row's length
+
+    prompts = [[{'role': 'user', 'content': 'hi'}], [{'role': 'user', 'content': 'word ' * 40}]]
+    replies = [[{'role': 'assistant', 'content': 'ok'}]] * 2
+    short, long_ = (completion_row(tokenizer, p, r) for p, r in zip(prompts, replies,
+                                                                      strict=True))
+    assert len(short) < 32 < len(long_) and len(long_) > 48
+    rewards = reward_scorer(score_fn, None, tokenizer, 4, 64)(prompts[:1], replies[:1])
+    assert seen[-1].shape == (4, 32) and rewards.tolist() == [len(short)]
+    rewards = reward_scorer(score_fn, None, tokenizer, 4, 48)(prompts, replies)
+    assert seen[-1].shape == (4, 48) and rewards.tolist() == [len(short), 48]
+    np.testing.assert_array_equal(seen[-1][1], long_[-48:])
+    reward_scorer(score_fn, None, tokenizer, 4, 256, fixed_width=True)(prompts[:1], replies[:1])
+    assert seen[-1].shape == (4, 256)
